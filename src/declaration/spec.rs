@@ -1,0 +1,176 @@
+//! Validated, internal instance types. Built only by `declaration::parse`;
+//! never serialized to disk (the outside format is the TOML file).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+/// A size in bytes, written by users as `"512MiB"`, `"1GiB"`, `"10G"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub const KIB: u64 = 1024;
+    pub const MIB: u64 = 1024 * 1024;
+    pub const GIB: u64 = 1024 * 1024 * 1024;
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+    pub fn mib(self) -> u64 {
+        self.0 / Self::MIB
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// The largest binary unit that divides the size exactly.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (unit, name) in [(1u64 << 40, "TiB"), (Self::GIB, "GiB"), (Self::MIB, "MiB"), (Self::KIB, "KiB")] {
+            if b >= unit && b % unit == 0 {
+                return write!(f, "{}{name}", b / unit);
+            }
+        }
+        write!(f, "{b}B")
+    }
+}
+
+/// What the user wants an instance to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DesiredState {
+    Running,
+    Standby,
+    Stopped,
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Standby => "standby",
+            DesiredState::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for DesiredState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HypervisorKind {
+    CloudHypervisor,
+    Qemu,
+}
+
+impl HypervisorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HypervisorKind::CloudHypervisor => "cloud-hypervisor",
+            HypervisorKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl fmt::Display for HypervisorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Token-bucket style limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct IoLimit {
+    /// Bytes per second.
+    pub bytes_per_sec: Option<u64>,
+    /// Operations (disk) or packets (network) per second.
+    pub ops_per_sec: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct NetworkSpec {
+    pub enabled: bool,
+    /// Host → guest.
+    pub bandwidth_down: IoLimit,
+    /// Guest → host.
+    pub bandwidth_up: IoLimit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VolumeSpec {
+    /// Host path of a raw disk image.
+    pub source: PathBuf,
+    /// Absolute mount point in the guest.
+    pub mount: String,
+    pub readonly: bool,
+}
+
+/// One validated instance declaration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InstanceSpec {
+    /// The declaration file stem.
+    pub name: String,
+    /// The declaration file it came from.
+    pub source: PathBuf,
+    pub image: String,
+    pub state: DesiredState,
+    /// `None`: the settings' `default_hypervisor`.
+    pub hypervisor: Option<HypervisorKind>,
+    pub vcpus: u32,
+    pub memory: ByteSize,
+    pub hotplug_memory: ByteSize,
+    pub overlay_size: ByteSize,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub network: NetworkSpec,
+    pub disk_io: IoLimit,
+    /// Host PCI devices passed through with VFIO, as sysfs paths or BDFs.
+    pub devices: Vec<String>,
+    pub volumes: Vec<VolumeSpec>,
+}
+
+impl InstanceSpec {
+    /// Everything that needs a restart to take effect, as canonical JSON:
+    /// every field except `state` (applied by the state machine) and the
+    /// file it came from. Stored in metadata when a VM is created, so a
+    /// changed declaration shows up as a pending change naming its fields.
+    pub fn restart_fields(&self, resolved_hypervisor: HypervisorKind) -> serde_json::Value {
+        let limit = |l: &IoLimit| serde_json::json!([l.bytes_per_sec, l.ops_per_sec]);
+        serde_json::json!({
+            "image": self.image,
+            "hypervisor": resolved_hypervisor.as_str(),
+            "vcpus": self.vcpus,
+            "memory": self.memory.0,
+            "hotplug_memory": self.hotplug_memory.0,
+            "overlay_size": self.overlay_size.0,
+            "entrypoint": self.entrypoint,
+            "cmd": self.cmd,
+            "workdir": self.workdir,
+            "env": self.env,
+            "network": [self.network.enabled, limit(&self.network.bandwidth_down), limit(&self.network.bandwidth_up)],
+            "disk_io": limit(&self.disk_io),
+            "devices": self.devices,
+            "volumes": self.volumes.iter().map(|v| serde_json::json!([v.source, v.mount, v.readonly])).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The top-level keys whose values differ between two `restart_fields`.
+pub fn changed_fields(applied: &serde_json::Value, desired: &serde_json::Value) -> Vec<String> {
+    let (Some(a), Some(d)) = (applied.as_object(), desired.as_object()) else {
+        return vec!["(all)".to_string()];
+    };
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(d.keys())
+        .filter(|k| a.get(*k) != d.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
