@@ -4,5 +4,6 @@
 //! holding what is on disk and `watch` noticing changes.
 
 pub mod declaration;
+pub mod hypervisor;
 pub mod settings;
 pub mod state;

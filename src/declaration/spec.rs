@@ -81,7 +81,7 @@ impl fmt::Display for HypervisorKind {
 }
 
 /// Token-bucket style limits; `None` means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub struct IoLimit {
     /// Bytes per second.
     pub bytes_per_sec: Option<u64>,

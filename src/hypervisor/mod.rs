@@ -1,0 +1,207 @@
+//! The hypervisor boundary: one [`Hypervisor`] trait that Cloud Hypervisor,
+//! QEMU and the test fake implement, and the launch configuration they all
+//! consume.
+//!
+//! A backend turns single-hop requests into VMM calls. It owns no policy: it
+//! does not decide which hop comes next (that is `reconcile`), and it does not
+//! touch the store (that is `instances`). VMM processes run detached and
+//! outlive the daemon, so every call names its VMM by a [`VmmHandle`] that can
+//! be persisted and found again.
+
+pub mod fake;
+pub mod process;
+
+use crate::declaration::spec::{HypervisorKind, IoLimit};
+use crate::state::VmState;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A disk attached to the guest, found there by its virtio serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// Virtio serial and device id: `rootfs`, `overlay`, `config`, `vol0`…
+    pub id: String,
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub limit: IoLimit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: String,
+    /// Host → guest.
+    pub limit_down: IoLimit,
+    /// Guest → host.
+    pub limit_up: IoLimit,
+}
+
+/// Everything a backend needs to launch one VM. Built by `instances` from
+/// the declaration, the settings and the prepared disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    /// Boot memory.
+    pub memory_bytes: u64,
+    /// Extra memory that can be plugged through virtio-mem (0: none).
+    pub hotplug_memory_bytes: u64,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    /// In boot order: rootfs, overlay, config, then volumes.
+    pub disks: Vec<DiskConfig>,
+    pub net: Option<NetConfig>,
+    /// Host PCI devices passed through with VFIO (sysfs paths).
+    pub devices: Vec<PathBuf>,
+    /// The serial console's file (`logs/app.log`).
+    pub serial_log: PathBuf,
+}
+
+impl VmConfig {
+    /// A digest of the launch configuration. A snapshot taken under one
+    /// configuration is only restored under the same one.
+    pub fn config_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&json);
+        digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// How to reach one live VMM process. Persisted in metadata so a restarted
+/// daemon adopts the VMM instead of starting a second one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmHandle {
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`; guards against pid reuse.
+    pub pid_start_time: u64,
+    pub socket: PathBuf,
+    pub version: Option<String>,
+}
+
+/// Where one guest's VMM lives, and what was last recorded of it.
+#[derive(Debug, Clone)]
+pub struct GuestVmm {
+    pub guest_dir: PathBuf,
+    pub socket: PathBuf,
+    pub vmm_log: PathBuf,
+    pub recorded: Option<VmmHandle>,
+}
+
+/// What is behind a guest's VMM socket right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// No VMM process: the state is decided by the store (snapshot or not).
+    Absent,
+    /// A VMM answered. `state` is one of Created, Running, Paused, Shutdown.
+    Alive { handle: VmmHandle, state: VmState },
+    /// The socket is there and something holds it, but it does not answer.
+    Unreachable { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmInfo {
+    pub state: VmState,
+    /// Guest memory currently plugged, as the VMM reports it.
+    pub memory_actual_bytes: Option<u64>,
+}
+
+/// Recorded with a snapshot so a restore can refuse a mismatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub hypervisor_version: String,
+    pub config_hash: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("a VMM is already running on {socket}")]
+    AlreadyRunning { socket: PathBuf },
+    #[error("the VMM process {pid} has exited")]
+    VmmGone { pid: u32 },
+    #[error("operation {op} is not valid while the VM is {state}")]
+    WrongState { op: &'static str, state: VmState },
+    #[error("{op} timed out after {secs}s")]
+    Timeout { op: &'static str, secs: u64 },
+    #[error("{backend} does not support {what}")]
+    Unsupported { backend: HypervisorKind, what: &'static str },
+    #[error("snapshot in {dir} is unusable")]
+    BadSnapshot {
+        dir: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("failed to start the VMM ({binary})")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} failed")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Only the fake backend raises this: a test asked for a failure here.
+    #[error("injected fault in {op}")]
+    Injected { op: &'static str },
+}
+
+/// One hypervisor backend. Every method acts on one VMM; none decides what
+/// to do next.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    fn kind(&self) -> HypervisorKind;
+    /// The backend's version string, recorded with snapshots.
+    async fn version(&self) -> Result<String, HypervisorError>;
+    /// Looks behind the guest's socket without changing anything.
+    async fn probe(&self, guest: &GuestVmm) -> Probe;
+    /// Starts a VMM process and creates (not boots) the VM: `Stopped → Created`.
+    /// Refuses when a VMM already answers on the guest's socket.
+    async fn create(&self, guest: &GuestVmm, config: &VmConfig)
+        -> Result<VmmHandle, HypervisorError>;
+    /// `Created → Running`.
+    async fn boot(&self, vmm: &VmmHandle) -> Result<(), HypervisorError>;
+    /// `Running → Paused`.
+    async fn pause(&self, vmm: &VmmHandle) -> Result<(), HypervisorError>;
+    /// `Paused → Running`.
+    async fn resume(&self, vmm: &VmmHandle) -> Result<(), HypervisorError>;
+    /// Asks the guest to power off (ACPI power button). Returns at once; the
+    /// caller watches for `Shutdown` or the VMM's exit.
+    async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError>;
+    /// Writes the paused VM's state and memory into the empty `dir`.
+    async fn snapshot(&self, vmm: &VmmHandle, dir: &Path)
+        -> Result<SnapshotMeta, HypervisorError>;
+    /// Starts a VMM process and restores `dir` into it: `Standby → Paused`.
+    async fn restore(&self, guest: &GuestVmm, config: &VmConfig, dir: &Path)
+        -> Result<VmmHandle, HypervisorError>;
+    /// Ends the VMM process in an orderly way and waits until it is gone.
+    async fn shutdown_vmm(&self, vmm: &VmmHandle) -> Result<(), HypervisorError>;
+    /// Kills the VMM process and waits until it is gone.
+    async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError>;
+    async fn info(&self, vmm: &VmmHandle) -> Result<VmInfo, HypervisorError>;
+    /// Sets the total guest memory through virtio-mem.
+    async fn resize_memory(&self, vmm: &VmmHandle, total_bytes: u64)
+        -> Result<(), HypervisorError>;
+    async fn add_disk(&self, vmm: &VmmHandle, disk: &DiskConfig) -> Result<(), HypervisorError>;
+    async fn remove_disk(&self, vmm: &VmmHandle, id: &str) -> Result<(), HypervisorError>;
+}
+
+/// The backends a daemon can use, picked per instance at runtime.
+#[derive(Clone, Default)]
+pub struct Backends {
+    pub cloud_hypervisor: Option<Arc<dyn Hypervisor>>,
+    pub qemu: Option<Arc<dyn Hypervisor>>,
+}
+
+impl Backends {
+    pub fn get(&self, kind: HypervisorKind) -> Option<Arc<dyn Hypervisor>> {
+        match kind {
+            HypervisorKind::CloudHypervisor => self.cloud_hypervisor.clone(),
+            HypervisorKind::Qemu => self.qemu.clone(),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! VMM processes as the operating system sees them: spawning one detached
+//! from the daemon, telling whether a recorded pid is still that process,
+//! and waiting for it to go. Backend-neutral; no hypervisor protocol here.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot open the VMM log {path}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("process {pid} exited before it could be recorded")]
+    Vanished { pid: u32 },
+}
+
+/// A process identity that survives pid reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessId {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+/// Field 22 (`starttime`) of `/proc/<pid>/stat`, in clock ticks since boot.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; the
+    // fields after the last ')' are unambiguous.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ')' come field 3 (state) onwards; starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `id` still names the same live process. A zombie counts as gone:
+/// it has exited and only waits for its parent to reap it.
+pub fn is_alive(id: ProcessId) -> bool {
+    match start_time(id.pid) {
+        Some(t) if t == id.start_time => !is_zombie(id.pid),
+        _ => false,
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s[s.rfind(')')? + 1..].to_string();
+            rest.split_whitespace().next().map(|st| st == "Z" || st == "X")
+        })
+        .unwrap_or(true)
+}
+
+/// Spawns `binary args…` in its own session so it outlives the daemon and
+/// ignores the daemon's terminal signals; stdout and stderr append to `log`.
+///
+/// The child is reaped by a background thread while this daemon lives;
+/// after a daemon restart it is re-parented to init (or the nearest
+/// subreaper), which reaps it.
+pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> Result<ProcessId, ProcessError> {
+    let open_log = || {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| ProcessError::Log { path: log.to_path_buf(), source })
+    };
+    let (out, err) = (open_log()?, open_log()?);
+    let mut cmd = Command::new(binary);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    // SAFETY: setsid is async-signal-safe and touches no Rust state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| ProcessError::Spawn { binary: binary.to_path_buf(), source })?;
+    let pid = child.id();
+    let start = start_time(pid);
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let _ = child.wait();
+        })
+        .map_err(|source| ProcessError::Spawn { binary: binary.to_path_buf(), source })?;
+    match start {
+        Some(start_time) => Ok(ProcessId { pid, start_time }),
+        None => Err(ProcessError::Vanished { pid }),
+    }
+}
+
+/// Sends `sig` to the process if it is still `id`.
+pub fn signal(id: ProcessId, sig: nix::sys::signal::Signal) -> bool {
+    if !is_alive(id) {
+        return false;
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(id.pid as i32), sig).is_ok()
+}
+
+/// Waits until `id` is gone; `false` if it still lives after `timeout`.
+pub async fn wait_gone(id: ProcessId, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !is_alive(id) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The live process whose command line names `socket`, if any: a VMM that
+/// was started but not yet recorded when the daemon died.
+pub fn find_by_argument(socket: &Path) -> Option<ProcessId> {
+    let needle = socket.as_os_str().as_encoded_bytes();
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let hit = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg.windows(needle.len().max(1)).any(|w| w == needle));
+        if hit {
+            if let Some(start_time) = start_time(pid) {
+                let id = ProcessId { pid, start_time };
+                if is_alive(id) {
+                    return Some(id);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn detached_process_is_tracked_until_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let marker = dir.path().join("marker-socket-path");
+        let id = spawn_detached(
+            Path::new("/bin/sh"),
+            &["-c".into(), format!("echo started; exec sleep 30 # {}", marker.display())],
+            &log,
+        )
+        .unwrap();
+        assert!(is_alive(id));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("started") {
+            assert!(Instant::now() < deadline, "the child never wrote to its log");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Its own session: not in the daemon's process group.
+        let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(id.pid as i32))).unwrap();
+        assert_eq!(sid.as_raw() as u32, id.pid);
+        assert_eq!(find_by_argument(&marker).map(|p| p.pid), Some(id.pid));
+        // A different start time is a different process.
+        assert!(!is_alive(ProcessId { pid: id.pid, start_time: id.start_time + 1 }));
+        assert!(signal(id, nix::sys::signal::Signal::SIGKILL));
+        assert!(wait_gone(id, Duration::from_secs(5)).await);
+        assert!(!is_alive(id));
+        assert!(find_by_argument(&marker).is_none());
+    }
+
+    #[test]
+    fn missing_binary_is_a_spawn_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = spawn_detached(Path::new("/nonexistent/vmm"), &[], &dir.path().join("l")).unwrap_err();
+        assert!(matches!(err, ProcessError::Spawn { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn start_time_of_self_is_stable() {
+        let me = std::process::id();
+        let t = start_time(me).unwrap();
+        assert_eq!(start_time(me), Some(t));
+        assert!(is_alive(ProcessId { pid: me, start_time: t }));
+        assert_eq!(start_time(u32::MAX), None);
+    }
+}
