@@ -168,7 +168,12 @@ mod tests {
         let marker = dir.path().join("marker-socket-path");
         let id = spawn_detached(
             Path::new("/bin/sh"),
-            &["-c".into(), format!("echo started; exec sleep 30 # {}", marker.display())],
+            &[
+                "-c".into(),
+                "echo started; sleep 30; true".into(),
+                "sh".into(),
+                marker.display().to_string(),
+            ],
             &log,
         )
         .unwrap();
