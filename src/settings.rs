@@ -1,9 +1,29 @@
 //! Daemon settings from `<config-dir>/hypeman.toml`: every field optional,
 //! every default sensible. Parsing and validation live below the types.
+//!
+//! This module owns the settings file format, its defaults and the probe
+//! that picks the default hypervisor. It does not check that the files it
+//! names exist (a kernel may be installed after the daemon starts); the
+//! modules that use them report that when they need them.
+//!
+//! Relative paths in the file (`data_dir`, `[guest]` paths, and binaries
+//! written with a `/`) are resolved against the config dir, so a config dir
+//! can be moved or checked in as a unit. A binary written without `/`
+//! (`"qemu-system-x86_64"`) is a command name, looked up on `PATH` when run.
+//! Problems are reported like declarations' (`path:line:column: message`,
+//! see [`Diagnostic`]), all of them at once.
 
 use crate::declaration::spec::{ByteSize, HypervisorKind};
-use std::path::PathBuf;
+use crate::declaration::units::RawQuantity;
+use crate::declaration::RawInt;
+use crate::declaration::{Diagnostic, Problems, MIN_MEMORY, MIN_OVERLAY_SIZE};
+use serde::Deserialize;
+use std::fmt;
+use std::io;
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use toml::Spanned;
 
 /// Which accelerator QEMU uses. `Auto` picks KVM only where it can run a
 /// stock kernel (not under a nested `kvm_pvm`), else TCG.
@@ -14,7 +34,23 @@ pub enum Accel {
     Tcg,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GuestSettings {
     /// bzImage or PVH vmlinux.
     pub kernel: Option<PathBuf>,
@@ -70,4 +106,897 @@ pub struct Settings {
     pub cloud_hypervisor: CloudHypervisorSettings,
     pub limits: Limits,
     pub reconcile: ReconcileSettings,
+}
+
+/// The settings file's name inside the config dir.
+pub const SETTINGS_FILE: &str = "hypeman.toml";
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid settings {}", path.display())]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+impl SettingsError {
+    /// The error as `path:line:column: message` lines.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        match self {
+            SettingsError::Read { path, source } => vec![Diagnostic::whole_file(
+                path,
+                format!("cannot read: {source}"),
+            )],
+            SettingsError::Invalid { diagnostics, .. } => diagnostics.clone(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_vcpus: 32,
+            max_memory: ByteSize(64 * ByteSize::GIB),
+            max_overlay_size: ByteSize(1024 * ByteSize::GIB),
+        }
+    }
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        ReconcileSettings {
+            resync_interval: Duration::from_secs(30),
+            debounce: Duration::from_millis(100),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(5 * 60),
+            stop_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+const DEFAULT_DATA_DIR: &str = "/var/lib/hypeman";
+const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
+const DEFAULT_CH_BINARY: &str = "cloud-hypervisor";
+
+impl Settings {
+    /// Every default, without probing the host: `default_hypervisor` is
+    /// Cloud Hypervisor here, while [`Settings::load`] picks QEMU when no
+    /// Cloud Hypervisor binary is found. For tests and as a base to edit.
+    pub fn defaults() -> Settings {
+        Settings {
+            source: None,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            default_hypervisor: HypervisorKind::CloudHypervisor,
+            insecure_registries: Vec::new(),
+            guest: GuestSettings::default(),
+            qemu: QemuSettings {
+                binary: PathBuf::from(DEFAULT_QEMU_BINARY),
+                accel: Accel::Auto,
+            },
+            cloud_hypervisor: CloudHypervisorSettings {
+                binary: PathBuf::from(DEFAULT_CH_BINARY),
+            },
+            limits: Limits::default(),
+            reconcile: ReconcileSettings::default(),
+        }
+    }
+
+    /// Load `<config_dir>/hypeman.toml`; a missing file means all defaults.
+    /// `data_dir_override` (the `--data-dir` flag) wins over the file's
+    /// `data_dir` and is used as given.
+    pub fn load(
+        config_dir: &Path,
+        data_dir_override: Option<&Path>,
+    ) -> Result<Settings, SettingsError> {
+        Settings::load_with_probe(config_dir, data_dir_override, &|binary| {
+            find_executable(binary).is_some()
+        })
+    }
+
+    /// [`Settings::load`] with the "is this hypervisor binary installed?"
+    /// question answered by `probe`, so tests do not depend on the host.
+    pub fn load_with_probe(
+        config_dir: &Path,
+        data_dir_override: Option<&Path>,
+        probe: &dyn Fn(&Path) -> bool,
+    ) -> Result<Settings, SettingsError> {
+        let path = config_dir.join(SETTINGS_FILE);
+        // Follows symlinks: NixOS links /etc files into the store.
+        let (text, source) = match std::fs::read_to_string(&path) {
+            Ok(text) => (text, Some(path.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (String::new(), None),
+            Err(source) => return Err(SettingsError::Read { path, source }),
+        };
+        let mut settings = Settings::parse(&path, &text, config_dir, data_dir_override, probe)
+            .map_err(|diagnostics| SettingsError::Invalid {
+                path: path.clone(),
+                diagnostics,
+            })?;
+        settings.source = source;
+        Ok(settings)
+    }
+
+    /// Parse and validate settings text. Pure apart from `probe`, which is
+    /// asked only when the file does not set `default_hypervisor`. `path` is
+    /// used in messages and recorded as `source`.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        config_dir: &Path,
+        data_dir_override: Option<&Path>,
+        probe: &dyn Fn(&Path) -> bool,
+    ) -> Result<Settings, Vec<Diagnostic>> {
+        let mut p = Problems::new(path, text);
+        let raw: RawSettings = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                p.push(Diagnostic::from_toml(path, text, &e));
+                return Err(p.into_sorted());
+            }
+        };
+        let defaults = Settings::defaults();
+        let resolve = |p: &mut Problems<'_>, key: &str, raw: &Spanned<String>| -> Option<PathBuf> {
+            check_path(p, key, raw).then(|| config_dir.join(raw.get_ref()))
+        };
+        let binary = |p: &mut Problems<'_>,
+                      key: &str,
+                      raw: &Option<Spanned<String>>,
+                      default: &Path|
+         -> PathBuf {
+            match raw {
+                None => default.to_path_buf(),
+                Some(b) if !b.get_ref().contains('/') => {
+                    check_path(p, key, b);
+                    PathBuf::from(b.get_ref())
+                }
+                Some(b) => resolve(p, key, b).unwrap_or_default(),
+            }
+        };
+
+        let data_dir = match (data_dir_override, &raw.data_dir) {
+            (Some(dir), data_dir) => {
+                // Still checked: the file should be valid on its own.
+                if let Some(d) = data_dir {
+                    check_path(&mut p, "data_dir", d);
+                }
+                dir.to_path_buf()
+            }
+            (None, Some(d)) => resolve(&mut p, "data_dir", d).unwrap_or(defaults.data_dir),
+            (None, None) => defaults.data_dir,
+        };
+        let cloud_hypervisor = CloudHypervisorSettings {
+            binary: binary(
+                &mut p,
+                "cloud_hypervisor.binary",
+                &raw.cloud_hypervisor.binary,
+                &defaults.cloud_hypervisor.binary,
+            ),
+        };
+        let qemu = QemuSettings {
+            binary: binary(
+                &mut p,
+                "qemu.binary",
+                &raw.qemu.binary,
+                &defaults.qemu.binary,
+            ),
+            accel: match &raw.qemu.accel {
+                None => Accel::Auto,
+                Some(a) => match a.get_ref().as_str() {
+                    "auto" => Accel::Auto,
+                    "kvm" => Accel::Kvm,
+                    "tcg" => Accel::Tcg,
+                    _ => {
+                        report(
+                            &mut p,
+                            "qemu.accel",
+                            a,
+                            "expected \"auto\", \"kvm\" or \"tcg\"",
+                        );
+                        Accel::Auto
+                    }
+                },
+            },
+        };
+        let default_hypervisor = match &raw.default_hypervisor {
+            None if probe(&cloud_hypervisor.binary) => HypervisorKind::CloudHypervisor,
+            None => HypervisorKind::Qemu,
+            Some(h) => match h.get_ref().as_str() {
+                "cloud-hypervisor" => HypervisorKind::CloudHypervisor,
+                "qemu" => HypervisorKind::Qemu,
+                _ => {
+                    report(
+                        &mut p,
+                        "default_hypervisor",
+                        h,
+                        "expected \"cloud-hypervisor\" or \"qemu\"",
+                    );
+                    HypervisorKind::Qemu
+                }
+            },
+        };
+        let mut insecure_registries = Vec::new();
+        for (i, r) in raw.insecure_registries.iter().enumerate() {
+            if is_host_port(r.get_ref()) {
+                insecure_registries.push(r.get_ref().clone());
+            } else {
+                report(
+                    &mut p,
+                    &format!("insecure_registries[{i}]"),
+                    r,
+                    "expected host:port, such as \"localhost:5000\" or \"[::1]:5000\"",
+                );
+            }
+        }
+        let guest = GuestSettings {
+            kernel: raw
+                .guest
+                .kernel
+                .as_ref()
+                .and_then(|k| resolve(&mut p, "guest.kernel", k)),
+            modules_dir: raw
+                .guest
+                .modules_dir
+                .as_ref()
+                .and_then(|m| resolve(&mut p, "guest.modules_dir", m)),
+            cmdline: match &raw.guest.cmdline {
+                None => String::new(),
+                Some(c) => {
+                    // The kernel reads its command line as one line.
+                    if c.get_ref().chars().any(char::is_control) {
+                        report(
+                            &mut p,
+                            "guest.cmdline",
+                            c,
+                            "must be one line without control characters",
+                        );
+                    }
+                    c.get_ref().clone()
+                }
+            },
+            init: raw
+                .guest
+                .init
+                .as_ref()
+                .and_then(|i| resolve(&mut p, "guest.init", i)),
+        };
+        let limits = limits(&mut p, &raw.limits);
+        let reconcile = reconcile(&mut p, &raw.reconcile);
+
+        p.finish(Settings {
+            source: Some(path.to_path_buf()),
+            data_dir,
+            default_hypervisor,
+            insecure_registries,
+            guest,
+            qemu,
+            cloud_hypervisor,
+            limits,
+            reconcile,
+        })
+    }
+}
+
+/// Where `binary` would be run from: itself when it names a path (has a
+/// `/`), else the first executable of that name on `PATH`.
+pub fn find_executable(binary: &Path) -> Option<PathBuf> {
+    fn is_executable(path: &Path) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+    if binary.as_os_str().is_empty() {
+        return None;
+    }
+    if binary.components().count() > 1 || binary.is_absolute() {
+        return is_executable(binary).then(|| binary.to_path_buf());
+    }
+    let path_var = std::env::var_os("PATH")?;
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn report(p: &mut Problems<'_>, key: &str, raw: &Spanned<String>, message: impl fmt::Display) {
+    p.value(key, raw.span(), message);
+}
+
+/// A usable path string: not empty, no control characters (which no one
+/// means in a path and which would garble every log line naming it).
+fn check_path(p: &mut Problems<'_>, key: &str, raw: &Spanned<String>) -> bool {
+    let text = raw.get_ref();
+    if text.is_empty() {
+        report(p, key, raw, "must not be empty");
+        false
+    } else if text.chars().any(char::is_control) {
+        report(p, key, raw, "must not contain control characters");
+        false
+    } else {
+        true
+    }
+}
+
+/// `host:port`: a DNS name or IPv4 address, or a bracketed IPv6 address,
+/// then a port 1–65535. The port is required because that is how
+/// registries are named in image references (`localhost:5000/app`).
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+        }
+    };
+    port_ok && host_ok
+}
+
+fn limits(p: &mut Problems<'_>, raw: &RawLimits) -> Limits {
+    let defaults = Limits::default();
+    let max_vcpus = match &raw.max_vcpus {
+        None => defaults.max_vcpus,
+        Some(v) => match u32::try_from(v.get_ref().0) {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                p.value("limits.max_vcpus", v.span(), "must be at least 1");
+                defaults.max_vcpus
+            }
+        },
+    };
+    let mut size =
+        |key: &str, raw: &Option<Spanned<RawQuantity>>, default: ByteSize, min: ByteSize| match raw
+        {
+            None => default,
+            Some(s) => match s.get_ref().size() {
+                Ok(bytes) if bytes >= min.0 => ByteSize(bytes),
+                Ok(_) => {
+                    p.value(
+                        &format!("limits.{key}"),
+                        s.span(),
+                        format!("must be at least {min}"),
+                    );
+                    default
+                }
+                Err(e) => {
+                    p.value(&format!("limits.{key}"), s.span(), e);
+                    default
+                }
+            },
+        };
+    Limits {
+        max_vcpus,
+        max_memory: size(
+            "max_memory",
+            &raw.max_memory,
+            defaults.max_memory,
+            MIN_MEMORY,
+        ),
+        max_overlay_size: size(
+            "max_overlay_size",
+            &raw.max_overlay_size,
+            defaults.max_overlay_size,
+            MIN_OVERLAY_SIZE,
+        ),
+    }
+}
+
+/// A humantime error as one sentence a user can act on: its position
+/// messages ("expected number at 0") mean nothing without the parser's view.
+fn duration_problem(e: &humantime::DurationError) -> String {
+    use humantime::DurationError as E;
+    match e {
+        E::UnknownUnit { .. } => e.to_string(),
+        E::NumberOverflow => "too large".to_string(),
+        E::InvalidCharacter(_) | E::NumberExpected(_) | E::Empty => {
+            "not a duration; write for example \"100ms\", \"30s\", \"5m\" or \"1h 30m\"".to_string()
+        }
+    }
+}
+
+fn reconcile(p: &mut Problems<'_>, raw: &RawReconcile) -> ReconcileSettings {
+    let defaults = ReconcileSettings::default();
+    let mut duration =
+        |key: &str, raw: &Option<Spanned<String>>, default: Duration, nonzero: bool| match raw {
+            None => (default, None),
+            Some(d) => match humantime::parse_duration(d.get_ref()) {
+                Ok(v) if nonzero && v.is_zero() => {
+                    report(p, &format!("reconcile.{key}"), d, "must be more than 0");
+                    (default, None)
+                }
+                Ok(v) => (v, Some(d.span())),
+                Err(e) => {
+                    report(p, &format!("reconcile.{key}"), d, duration_problem(&e));
+                    (default, None)
+                }
+            },
+        };
+    // A zero resync or backoff would spin the reconciler; zero debounce and
+    // zero grace are legitimate ("act at once", "kill at once").
+    let (resync_interval, _) = duration(
+        "resync_interval",
+        &raw.resync_interval,
+        defaults.resync_interval,
+        true,
+    );
+    let (debounce, _) = duration("debounce", &raw.debounce, defaults.debounce, false);
+    let (backoff_initial, initial_span) = duration(
+        "backoff_initial",
+        &raw.backoff_initial,
+        defaults.backoff_initial,
+        true,
+    );
+    let (backoff_max, max_span) =
+        duration("backoff_max", &raw.backoff_max, defaults.backoff_max, true);
+    let (stop_grace, _) = duration("stop_grace", &raw.stop_grace, defaults.stop_grace, false);
+    if backoff_max < backoff_initial {
+        let message = format!(
+            "reconcile.backoff_max ({}) must not be less than reconcile.backoff_initial ({})",
+            humantime::format_duration(backoff_max),
+            humantime::format_duration(backoff_initial)
+        );
+        // Point at whichever of the two the user wrote.
+        match max_span.or(initial_span) {
+            Some(span) => p.at(span, message),
+            None => p.file(message),
+        }
+    }
+    ReconcileSettings {
+        resync_interval,
+        debounce,
+        backoff_initial,
+        backoff_max,
+        stop_grace,
+    }
+}
+
+/// The outside format of `hypeman.toml`; see the module doc.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    data_dir: Option<Spanned<String>>,
+    default_hypervisor: Option<Spanned<String>>,
+    #[serde(default)]
+    insecure_registries: Vec<Spanned<String>>,
+    #[serde(default)]
+    guest: RawGuest,
+    #[serde(default)]
+    qemu: RawQemu,
+    #[serde(default)]
+    cloud_hypervisor: RawCloudHypervisor,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    reconcile: RawReconcile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuest {
+    kernel: Option<Spanned<String>>,
+    modules_dir: Option<Spanned<String>>,
+    cmdline: Option<Spanned<String>>,
+    init: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQemu {
+    binary: Option<Spanned<String>>,
+    accel: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloudHypervisor {
+    binary: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_vcpus: Option<Spanned<RawInt>>,
+    max_memory: Option<Spanned<RawQuantity>>,
+    max_overlay_size: Option<Spanned<RawQuantity>>,
+}
+
+/// Durations are strings in `humantime` syntax: "30s", "100ms", "5m", "1h 30m".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconcile {
+    #[serde(default, deserialize_with = "duration_text")]
+    resync_interval: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    debounce: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    backoff_initial: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    backoff_max: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    stop_grace: Option<Spanned<String>>,
+}
+
+/// A duration string; `stop_grace = 30` is refused with a message that says
+/// what to write instead of "expected a string" (seconds? milliseconds?).
+fn duration_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Spanned<String>>, D::Error> {
+    struct DurationText(String);
+
+    impl<'de> Deserialize<'de> for DurationText {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = DurationText;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a duration string with a unit, such as \"30s\" or \"100ms\"")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DurationText, E> {
+                    Ok(DurationText(v.to_string()))
+                }
+            }
+            deserializer.deserialize_str(V)
+        }
+    }
+
+    let text = Spanned::<DurationText>::deserialize(deserializer)?;
+    let span = text.span();
+    Ok(Some(Spanned::new(span, text.into_inner().0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::fs;
+
+    const CONFIG: &str = "/etc/hypeman";
+
+    fn found(_: &Path) -> bool {
+        true
+    }
+
+    fn not_found(_: &Path) -> bool {
+        false
+    }
+
+    fn parse(text: &str) -> Result<Settings, Vec<Diagnostic>> {
+        Settings::parse(
+            Path::new("/etc/hypeman/hypeman.toml"),
+            text,
+            Path::new(CONFIG),
+            None,
+            &found,
+        )
+    }
+
+    #[test]
+    fn an_empty_file_means_the_documented_defaults() {
+        let settings = parse("").unwrap();
+        assert_eq!(
+            Settings {
+                source: None,
+                ..settings
+            },
+            Settings::defaults()
+        );
+        let d = Settings::defaults();
+        assert_eq!(d.data_dir, Path::new("/var/lib/hypeman"));
+        assert_eq!(
+            d.qemu,
+            QemuSettings {
+                binary: "qemu-system-x86_64".into(),
+                accel: Accel::Auto
+            }
+        );
+        assert_eq!(d.cloud_hypervisor.binary, Path::new("cloud-hypervisor"));
+        assert_eq!(
+            d.guest,
+            GuestSettings {
+                kernel: None,
+                modules_dir: None,
+                cmdline: String::new(),
+                init: None
+            }
+        );
+        assert_eq!(
+            d.limits,
+            Limits {
+                max_vcpus: 32,
+                max_memory: ByteSize(64 << 30),
+                max_overlay_size: ByteSize(1 << 40)
+            }
+        );
+        assert_eq!(
+            d.reconcile,
+            ReconcileSettings {
+                resync_interval: Duration::from_secs(30),
+                debounce: Duration::from_millis(100),
+                backoff_initial: Duration::from_secs(1),
+                backoff_max: Duration::from_secs(300),
+                stop_grace: Duration::from_secs(30),
+            }
+        );
+    }
+
+    #[test]
+    fn default_hypervisor_follows_the_probe_of_the_configured_binary() {
+        let asked = RefCell::new(Vec::new());
+        let probe = |b: &Path| {
+            asked.borrow_mut().push(b.to_path_buf());
+            false
+        };
+        let path = Path::new("/etc/hypeman/hypeman.toml");
+        let s = Settings::parse(
+            path,
+            "[cloud_hypervisor]\nbinary = \"bin/ch\"\n",
+            Path::new(CONFIG),
+            None,
+            &probe,
+        );
+        assert_eq!(s.unwrap().default_hypervisor, HypervisorKind::Qemu);
+        assert_eq!(*asked.borrow(), [PathBuf::from("/etc/hypeman/bin/ch")]);
+
+        assert_eq!(
+            parse("").unwrap().default_hypervisor,
+            HypervisorKind::CloudHypervisor
+        );
+        let s = Settings::parse(path, "", Path::new(CONFIG), None, &not_found).unwrap();
+        assert_eq!(s.default_hypervisor, HypervisorKind::Qemu);
+
+        // An explicit choice is not second-guessed, and the probe not run.
+        asked.borrow_mut().clear();
+        let s = Settings::parse(
+            path,
+            "default_hypervisor = \"cloud-hypervisor\"\n",
+            Path::new(CONFIG),
+            None,
+            &probe,
+        );
+        assert_eq!(
+            s.unwrap().default_hypervisor,
+            HypervisorKind::CloudHypervisor
+        );
+        assert!(asked.borrow().is_empty());
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_config_dir() {
+        let s = parse(
+            r#"
+            data_dir = "state"
+            [guest]
+            kernel = "vmlinux"
+            modules_dir = "/lib/modules/6.12"
+            init = "../libexec/hypeman-init"
+            [qemu]
+            binary = "./qemu/bin/qemu-system-x86_64"
+            [cloud_hypervisor]
+            binary = "cloud-hypervisor-v44"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.data_dir, Path::new("/etc/hypeman/state"));
+        assert_eq!(
+            s.guest.kernel.as_deref(),
+            Some(Path::new("/etc/hypeman/vmlinux"))
+        );
+        assert_eq!(
+            s.guest.modules_dir.as_deref(),
+            Some(Path::new("/lib/modules/6.12"))
+        );
+        assert_eq!(
+            s.guest.init.as_deref(),
+            Some(Path::new("/etc/hypeman/../libexec/hypeman-init"))
+        );
+        assert_eq!(
+            s.qemu.binary,
+            Path::new("/etc/hypeman/./qemu/bin/qemu-system-x86_64")
+        );
+        // No `/`: a command name for PATH, not a file in the config dir.
+        assert_eq!(s.cloud_hypervisor.binary, Path::new("cloud-hypervisor-v44"));
+    }
+
+    #[test]
+    fn the_data_dir_flag_wins_over_the_file() {
+        let path = Path::new("/etc/hypeman/hypeman.toml");
+        let text = "data_dir = \"/srv/hypeman\"\n";
+        let s = Settings::parse(
+            path,
+            text,
+            Path::new(CONFIG),
+            Some(Path::new("/tmp/hm")),
+            &found,
+        )
+        .unwrap();
+        assert_eq!(s.data_dir, Path::new("/tmp/hm"));
+        assert_eq!(parse(text).unwrap().data_dir, Path::new("/srv/hypeman"));
+    }
+
+    #[test]
+    fn the_example_settings_file_is_valid_and_matches_its_snapshot() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let text = fs::read_to_string(dir.join(SETTINGS_FILE)).unwrap();
+        let settings = Settings::parse(
+            Path::new("examples/hypeman.toml"),
+            &text,
+            Path::new("examples"),
+            None,
+            &not_found,
+        );
+        let settings = settings.unwrap_or_else(|d| {
+            panic!("{}", d.iter().map(|d| format!("{d}\n")).collect::<String>())
+        });
+        insta::assert_debug_snapshot!("example_settings", settings);
+        // It documents the defaults: only the values it sets on purpose differ.
+        let defaults = Settings::defaults();
+        assert_eq!(settings.limits, defaults.limits);
+        assert_eq!(settings.reconcile, defaults.reconcile);
+        assert_eq!(settings.qemu, defaults.qemu);
+        assert_eq!(settings.data_dir, defaults.data_dir);
+
+        // And through `load`, from the directory itself.
+        let loaded = Settings::load_with_probe(&dir, None, &not_found).unwrap();
+        assert_eq!(loaded.source, Some(dir.join(SETTINGS_FILE)));
+        assert_eq!(
+            Settings {
+                source: None,
+                ..loaded
+            },
+            Settings {
+                source: None,
+                ..settings
+            }
+        );
+    }
+
+    #[test]
+    fn a_missing_file_means_defaults_and_no_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Settings::load_with_probe(tmp.path(), Some(Path::new("/data")), &found).unwrap();
+        assert_eq!(s.source, None);
+        assert_eq!(
+            s,
+            Settings {
+                data_dir: "/data".into(),
+                ..Settings::defaults()
+            }
+        );
+    }
+
+    #[test]
+    fn load_errors_carry_the_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(SETTINGS_FILE);
+        fs::write(&path, "[limits]\nmax_vcpus = 0\n").unwrap();
+        let err = Settings::load_with_probe(tmp.path(), None, &found).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("invalid settings {}", path.display())
+        );
+        assert_eq!(
+            err.diagnostics()[0].to_string(),
+            format!(
+                "{}:2:13: limits.max_vcpus = 0: must be at least 1",
+                path.display()
+            )
+        );
+
+        // A directory where the file should be: unreadable, not "missing".
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let err = Settings::load_with_probe(tmp.path(), None, &found).unwrap_err();
+        assert!(matches!(err, SettingsError::Read { .. }), "{err:?}");
+    }
+
+    /// One input per distinct message, rendered into one snapshot.
+    #[test]
+    fn every_error_message() {
+        let cases = [
+            ("syntax error", "data_dir = /var/lib/hypeman\n"),
+            ("unknown top-level key", "datadir = \"/srv\"\n"),
+            ("unknown table", "[network]\nbridge = \"br0\"\n"),
+            ("unknown key in [guest]", "[guest]\ninitrd = \"/boot/initrd\"\n"),
+            ("unknown key in [qemu]", "[qemu]\nmachine = \"q35\"\n"),
+            ("unknown key in [cloud_hypervisor]", "[cloud_hypervisor]\npath = \"/bin/ch\"\n"),
+            ("unknown key in [limits]", "[limits]\nmax_cpus = 4\n"),
+            ("unknown key in [reconcile]", "[reconcile]\ninterval = \"1m\"\n"),
+            ("wrong type", "insecure_registries = \"localhost:5000\"\n"),
+            ("duration as a number", "[reconcile]\nstop_grace = 30\n"),
+            ("empty paths", "data_dir = \"\"\n[guest]\nkernel = \"\"\n[qemu]\nbinary = \"\"\n"),
+            ("control characters", "[guest]\ninit = \"/sbin/init\\n\"\ncmdline = \"quiet\\nsplash\"\n"),
+            ("unknown hypervisor", "default_hypervisor = \"kvm\"\n"),
+            ("unknown accel", "[qemu]\naccel = \"hvf\"\n"),
+            (
+                "bad registries",
+                "insecure_registries = [\"localhost\", \"localhost:0\", \"reg:99999\", \"-bad-:5000\", \"::1:5000\", \"[::1]:5000\", \"http://reg:5000\"]\n",
+            ),
+            ("bad limits", "[limits]\nmax_vcpus = -1\nmax_memory = \"32MiB\"\nmax_overlay_size = \"1TB\"\n"),
+            (
+                "bad durations",
+                "[reconcile]\nresync_interval = \"0s\"\ndebounce = \"soon\"\nbackoff_initial = \"10\"\nstop_grace = \"-1s\"\n",
+            ),
+            ("backoff max below initial", "[reconcile]\nbackoff_initial = \"10s\"\nbackoff_max = \"5s\"\n"),
+            ("backoff initial above the default max", "[reconcile]\nbackoff_initial = \"10m\"\n"),
+        ];
+        let mut out = String::new();
+        for (title, text) in cases {
+            let diagnostics = match parse(text) {
+                Ok(s) => panic!("{title}: accepted: {s:?}"),
+                Err(d) => d,
+            };
+            out.push_str(&format!("── {title} ──\n{text}"));
+            for d in diagnostics {
+                out.push_str(&format!("  → {d}\n"));
+            }
+            out.push('\n');
+        }
+        insta::assert_snapshot!("error_messages", out);
+    }
+
+    #[test]
+    fn registries_are_host_and_port() {
+        for ok in [
+            "localhost:5000",
+            "registry.lan:443",
+            "10.0.0.2:5000",
+            "[::1]:5000",
+            "[fe80::1]:1",
+        ] {
+            assert!(is_host_port(ok), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            ":5000",
+            "host:",
+            "host:+1",
+            "host:65536",
+            "a..b:1",
+            "[::1:5000",
+            "a b:1",
+            "[zz]:1",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn find_executable_needs_the_execute_bit() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let exe = tmp.path().join("cloud-hypervisor");
+        let plain = tmp.path().join("notes");
+        fs::write(&exe, "#!/bin/sh\n").unwrap();
+        fs::write(&plain, "").unwrap();
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(find_executable(&exe), Some(exe.clone()));
+        assert_eq!(find_executable(&plain), None);
+        assert_eq!(find_executable(tmp.path()), None);
+        assert_eq!(find_executable(Path::new("")), None);
+        // `sh` is on PATH on every machine these tests run on.
+        assert!(find_executable(Path::new("sh")).is_some());
+        assert_eq!(
+            find_executable(Path::new("hypeman-surely-not-installed")),
+            None
+        );
+    }
 }

@@ -1,4 +1,267 @@
-//! Instance declarations: `<config-dir>/instances/<name>.toml` files parsed
-//! and validated into [`spec::InstanceSpec`].
+//! Instance declarations: `<config-dir>/instances/<name>.toml` files, read,
+//! parsed and validated into [`spec::InstanceSpec`], with every problem
+//! reported as `path:line:column: message`.
+//!
+//! This module owns the file format, the naming rules, and which files in the
+//! instances directory count as declarations. It never acts on what it reads:
+//! deciding what an invalid or missing declaration means for a running
+//! instance is the reconciler's job (a file that does not validate must leave
+//! its instance untouched, so [`scan_dir`] keeps those apart from removed
+//! ones).
+//!
+//! ```text
+//! text ──toml+serde──► raw::RawInstance ──validate──► spec::InstanceSpec
+//!          │ syntax / shape error (one)     │ meaning errors (all of them)
+//!          └────────────► Vec<Diagnostic> ◄─┘
+//! ```
 
+mod diagnostic;
+mod raw;
 pub mod spec;
+pub mod units;
+mod validate;
+
+pub use diagnostic::Diagnostic;
+pub(crate) use diagnostic::Problems;
+pub(crate) use raw::RawInt;
+pub use validate::{
+    DEFAULT_HOTPLUG_MEMORY, DEFAULT_MEMORY, DEFAULT_OVERLAY_SIZE, DEFAULT_VCPUS, HOTPLUG_ALIGN,
+    MEMORY_ALIGN, MIN_MEMORY, MIN_OVERLAY_SIZE,
+};
+
+use crate::settings::Limits;
+use spec::InstanceSpec;
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Why a declaration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DeclarationError {
+    #[error("cannot read declaration {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid declaration {}", path.display())]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+impl DeclarationError {
+    /// The error as `path:line:column: message` lines, for `hypeman validate`
+    /// and the daemon's report of a declaration it is not applying.
+    pub fn diagnostics(&self) -> Vec<Diagnostic> {
+        match self {
+            DeclarationError::Read { path, source } => vec![Diagnostic::whole_file(
+                path,
+                format!("cannot read: {source}"),
+            )],
+            DeclarationError::Invalid { diagnostics, .. } => diagnostics.clone(),
+        }
+    }
+}
+
+/// Whether `name` is a valid instance name: 1 to 63 of `[a-z0-9-]`, starting
+/// and ending with a letter or digit (a DNS label, so it can name a host, a
+/// tap device suffix and a directory without escaping).
+pub fn is_valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    let edge = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    match (b.first(), b.last()) {
+        (Some(first), Some(last)) => {
+            b.len() <= 63 && edge(first) && edge(last) && b.iter().all(|c| edge(c) || *c == b'-')
+        }
+        _ => false,
+    }
+}
+
+fn invalid_name_message(file_name: &str, stem: &str) -> String {
+    format!(
+        "file name {file_name:?}: {stem:?} is not a valid instance name \
+         (1 to 63 of a-z, 0-9 and `-`, starting and ending with a letter or digit)"
+    )
+}
+
+/// Parse and validate one declaration. Pure: `path` is used for the instance
+/// name (its stem) and in messages only.
+pub fn parse_instance(
+    path: &Path,
+    text: &str,
+    limits: &Limits,
+) -> Result<InstanceSpec, Vec<Diagnostic>> {
+    let mut problems = Problems::new(path, text);
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !is_valid_name(&stem) {
+        let file_name = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        problems.file(invalid_name_message(&file_name, &stem));
+    }
+    let raw: raw::RawInstance = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            problems.push(Diagnostic::from_toml(path, text, &e));
+            return Err(problems.into_sorted());
+        }
+    };
+    let spec = validate::validate(&mut problems, stem, path.to_path_buf(), raw, limits);
+    problems.finish(spec)
+}
+
+/// Read, parse and validate one declaration file. Follows symlinks: on NixOS
+/// the files in `/etc` are links into the store.
+pub fn load_instance(path: &Path, limits: &Limits) -> Result<InstanceSpec, DeclarationError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DeclarationError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_instance(path, &text, limits).map_err(|diagnostics| DeclarationError::Invalid {
+        path: path.to_path_buf(),
+        diagnostics,
+    })
+}
+
+/// What a file in the instances directory is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeclFile {
+    /// A declaration of the instance with this name.
+    Instance(String),
+    /// Meant as a declaration (`*.toml`) but its stem is not a valid name;
+    /// holds the file name. Reported, never applied.
+    InvalidName(String),
+    /// Not a declaration: another extension, a dotfile, an editor's swap,
+    /// backup, lock or temporary file.
+    Ignored,
+}
+
+/// Classify a path by its file name alone (no IO), so the watcher can map a
+/// file event to an instance name even after the file is gone.
+///
+/// Only `*.toml` counts. Names starting with `.` (dotfiles, Emacs `.#x.toml`
+/// lock links, vim's `.x.toml.swp`) or `#` (Emacs `#x.toml#` autosaves) are
+/// ignored; `x.toml~`, `x.toml.swp` and `x.toml.tmp` fail the extension
+/// test. Editors write these next to the real file while it is being edited,
+/// and treating them as declarations would create phantom instances.
+pub fn instance_name(path: &Path) -> DeclFile {
+    let Some(file_name) = path.file_name() else {
+        return DeclFile::Ignored;
+    };
+    let file_name = file_name.to_string_lossy();
+    if file_name.starts_with('.') || file_name.starts_with('#') {
+        return DeclFile::Ignored;
+    }
+    match file_name.strip_suffix(".toml") {
+        Some(stem) if is_valid_name(stem) => DeclFile::Instance(stem.to_string()),
+        Some(_) => DeclFile::InvalidName(file_name.into_owned()),
+        None => DeclFile::Ignored,
+    }
+}
+
+/// Everything found in an instances directory.
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    /// Declarations that parsed and validated, by instance name.
+    pub valid: BTreeMap<String, InstanceSpec>,
+    /// Declarations with a valid name whose file could not be read or did
+    /// not validate, by instance name. Their instances exist as far as the
+    /// user is concerned: leave them untouched, never treat them as removed.
+    pub invalid: BTreeMap<String, Vec<Diagnostic>>,
+    /// Problems that belong to no instance: `*.toml` files with invalid
+    /// names, and a directory that could not be listed.
+    pub problems: Vec<Diagnostic>,
+    /// False when the directory could not be listed fully. Then an instance
+    /// missing from `valid` and `invalid` may still be declared: nothing may
+    /// be deleted on the strength of this scan.
+    pub complete: bool,
+}
+
+impl ScanResult {
+    /// Every problem, in file order: what `hypeman validate` prints.
+    pub fn all_diagnostics(&self) -> Vec<Diagnostic> {
+        let mut all: Vec<Diagnostic> = self
+            .invalid
+            .values()
+            .flatten()
+            .chain(&self.problems)
+            .cloned()
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+/// Read every declaration in `instances_dir`. A missing directory is an empty,
+/// complete result: it may simply not have been created yet.
+pub fn scan_dir(instances_dir: &Path, limits: &Limits) -> ScanResult {
+    let mut result = ScanResult {
+        complete: true,
+        ..ScanResult::default()
+    };
+    let entries = match std::fs::read_dir(instances_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return result,
+        Err(e) => {
+            result.complete = false;
+            result.problems.push(Diagnostic::whole_file(
+                instances_dir,
+                format!("cannot list directory: {e}"),
+            ));
+            return result;
+        }
+    };
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                result.complete = false;
+                result.problems.push(Diagnostic::whole_file(
+                    instances_dir,
+                    format!("cannot list directory: {e}"),
+                ));
+                continue;
+            }
+        };
+        let path = entry.path();
+        match instance_name(&path) {
+            DeclFile::Ignored => {}
+            DeclFile::InvalidName(file_name) => {
+                let stem = file_name.strip_suffix(".toml").unwrap_or(&file_name);
+                result.problems.push(Diagnostic::whole_file(
+                    &path,
+                    invalid_name_message(&file_name, stem),
+                ));
+            }
+            DeclFile::Instance(name) => {
+                // `metadata` follows symlinks, so a link to a directory or a
+                // dangling link is caught here, not mistaken for a file.
+                let outcome = match std::fs::metadata(&path) {
+                    Ok(meta) if !meta.is_file() => {
+                        Err(vec![Diagnostic::whole_file(&path, "not a regular file")])
+                    }
+                    Ok(_) | Err(_) => load_instance(&path, limits).map_err(|e| e.diagnostics()),
+                };
+                match outcome {
+                    Ok(spec) => {
+                        result.valid.insert(name, spec);
+                    }
+                    Err(diagnostics) => {
+                        result.invalid.insert(name, diagnostics);
+                    }
+                }
+            }
+        }
+    }
+    result.problems.sort();
+    result
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! The outside format of an instance declaration: serde types that mirror the
+//! TOML file exactly, with spans kept for validation messages. Nothing here
+//! checks meaning; `validate` turns these into an `InstanceSpec`. Unknown keys
+//! are rejected at every level so a typo is an error, not a silent default.
+//!
+//! Values that validation checks are read loosely (`i64` for counts, strings
+//! for enums) so that one bad value is reported with the others instead of
+//! stopping the parse at the first.
+//!
+//! The whole format, with defaults (sizes and rates: see `units`):
+//!
+//! ```toml
+//! image = "docker.io/library/nginx:alpine"  # required; or "oci:/abs/dir[:tag]", "oci-archive:/abs/file[:tag]"
+//! state = "running"            # running | standby | stopped
+//! hypervisor = "qemu"          # cloud-hypervisor | qemu; default: the settings' default_hypervisor
+//! vcpus = 1                    # 1..=limits.max_vcpus
+//! memory = "512MiB"            # >= 64MiB, a multiple of 2MiB
+//! hotplug_memory = "0"         # 0 or a multiple of 128MiB; memory + hotplug_memory <= limits.max_memory
+//! overlay_size = "1GiB"        # 16MiB..=limits.max_overlay_size
+//! entrypoint = ["/bin/sh", "-c"]  # default: the image's
+//! cmd = ["echo hi"]            # default: the image's
+//! workdir = "/srv"             # absolute; default: the image's
+//! devices = ["0000:01:00.0"]   # PCI BDF or /sys/bus/pci/devices/<BDF>, passed through with VFIO
+//!
+//! [env]                        # names: [A-Za-z_][A-Za-z0-9_]*
+//! GREETING = "hello"
+//!
+//! [network]
+//! enabled = false
+//! bandwidth_down = "100Mbit"   # host → guest rate; default: unlimited
+//! bandwidth_up = "10MiB/s"     # guest → host rate; default: unlimited
+//!
+//! [disk_io]                    # applies to every disk of the instance
+//! bytes_per_sec = "50MiB/s"    # a rate; default: unlimited
+//! iops = 1000                  # operations per second; default: unlimited
+//!
+//! [[volumes]]                  # zero or more
+//! source = "/var/lib/data.raw" # absolute host path of a raw disk image
+//! path = "/data"               # absolute guest mount point, not "/"
+//! readonly = false
+//! ```
+//!
+//! `[network]` and `[disk_io]` may also be written inline
+//! (`disk_io = { iops = 1000 }`); TOML treats both spellings alike.
+
+use super::units::RawQuantity;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawInstance {
+    pub image: Option<Spanned<String>>,
+    pub state: Option<Spanned<String>>,
+    pub hypervisor: Option<Spanned<String>>,
+    pub vcpus: Option<Spanned<RawInt>>,
+    pub memory: Option<Spanned<RawQuantity>>,
+    pub hotplug_memory: Option<Spanned<RawQuantity>>,
+    pub overlay_size: Option<Spanned<RawQuantity>>,
+    pub entrypoint: Option<Vec<Spanned<String>>>,
+    pub cmd: Option<Vec<Spanned<String>>>,
+    pub workdir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    pub network: RawNetwork,
+    #[serde(default)]
+    pub disk_io: RawDiskIo,
+    #[serde(default)]
+    pub devices: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub volumes: Vec<Spanned<RawVolume>>,
+}
+
+/// `[network]`: `enabled`, and rates (see `units`) per direction.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNetwork {
+    pub enabled: Option<bool>,
+    pub bandwidth_down: Option<Spanned<RawQuantity>>,
+    pub bandwidth_up: Option<Spanned<RawQuantity>>,
+}
+
+/// `[disk_io]`: `bytes_per_sec` is a rate (see `units`), `iops` a count.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDiskIo {
+    pub bytes_per_sec: Option<Spanned<RawQuantity>>,
+    pub iops: Option<Spanned<RawInt>>,
+}
+
+/// One `[[volumes]]` entry. `source` and `path` are optional here only so a
+/// missing one is reported alongside the file's other problems.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawVolume {
+    pub source: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub readonly: Option<bool>,
+}
+
+/// A TOML integer of any size, saturated into an `i64`: out-of-range values
+/// are then reported by the key's own range check ("must be between 1 and
+/// 32") instead of as a type error naming Rust types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawInt(pub i64);
+
+impl fmt::Display for RawInt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawInt {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IntVisitor;
+
+        impl Visitor<'_> for IntVisitor {
+            type Value = RawInt;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawInt, E> {
+                Ok(RawInt(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawInt, E> {
+                Ok(RawInt(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<RawInt, E> {
+                Ok(RawInt(i64::try_from(v).unwrap_or(if v < 0 {
+                    i64::MIN
+                } else {
+                    i64::MAX
+                })))
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<RawInt, E> {
+                Ok(RawInt(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+
+        deserializer.deserialize_any(IntVisitor)
+    }
+}

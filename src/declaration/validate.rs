@@ -1,0 +1,598 @@
+//! Meaning checks on a parsed declaration: `RawInstance` → `InstanceSpec`.
+//! Owns every rule about what values are allowed and every default. Pure: no
+//! IO, no knowledge of which hypervisor the host defaults to, so a file is
+//! valid or not the same way on every machine.
+//!
+//! Every check reports into `Problems` and carries on with a stand-in value,
+//! so one run shows all of a file's problems.
+
+use super::diagnostic::Problems;
+use super::raw::{RawInstance, RawInt, RawVolume};
+use super::spec::{
+    ByteSize, DesiredState, HypervisorKind, InstanceSpec, IoLimit, NetworkSpec, VolumeSpec,
+};
+use super::units::RawQuantity;
+use crate::settings::Limits;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use toml::Spanned;
+
+const MIB: u64 = ByteSize::MIB;
+
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY: ByteSize = ByteSize(512 * MIB);
+pub const DEFAULT_HOTPLUG_MEMORY: ByteSize = ByteSize(0);
+pub const DEFAULT_OVERLAY_SIZE: ByteSize = ByteSize(ByteSize::GIB);
+
+/// Below this a stock kernel plus hypeman-init does not boot reliably.
+pub const MIN_MEMORY: ByteSize = ByteSize(64 * MIB);
+/// Cloud Hypervisor requires guest RAM in multiples of 2 MiB. Checked for
+/// every instance: validity must not depend on the host's default hypervisor.
+pub const MEMORY_ALIGN: ByteSize = ByteSize(2 * MIB);
+/// Cloud Hypervisor hot-plugs memory only in multiples of 128 MiB.
+pub const HOTPLUG_ALIGN: ByteSize = ByteSize(128 * MIB);
+/// Smallest writable overlay worth formatting.
+pub const MIN_OVERLAY_SIZE: ByteSize = ByteSize(16 * MIB);
+
+const SYSFS_PCI: &str = "/sys/bus/pci/devices/";
+
+/// Names a value in messages: `key = value` exactly as written, or `key
+/// (default value)` when the file left it out.
+struct Field {
+    key: String,
+    span: Option<Range<usize>>,
+    default: String,
+}
+
+impl Field {
+    fn written<T>(key: impl Into<String>, raw: &Spanned<T>) -> Field {
+        Field {
+            key: key.into(),
+            span: Some(raw.span()),
+            default: String::new(),
+        }
+    }
+
+    fn defaulted(key: impl Into<String>, shown: impl std::fmt::Display) -> Field {
+        Field {
+            key: key.into(),
+            span: None,
+            default: shown.to_string(),
+        }
+    }
+
+    fn report(&self, p: &mut Problems<'_>, message: impl std::fmt::Display) {
+        match &self.span {
+            Some(span) => p.value(&self.key, span.clone(), message),
+            None => p.file(format!(
+                "{} (default {}): {message}",
+                self.key, self.default
+            )),
+        }
+    }
+}
+
+pub(crate) fn validate(
+    p: &mut Problems<'_>,
+    name: String,
+    source: PathBuf,
+    raw: RawInstance,
+    limits: &Limits,
+) -> InstanceSpec {
+    let image = image(p, raw.image.as_ref());
+    let state = state(p, raw.state.as_ref());
+    let hypervisor = hypervisor(p, raw.hypervisor.as_ref());
+    let vcpus = vcpus(p, raw.vcpus.as_ref(), limits);
+    let (memory, hotplug_memory) =
+        memory(p, raw.memory.as_ref(), raw.hotplug_memory.as_ref(), limits);
+    let overlay_size = overlay_size(p, raw.overlay_size.as_ref(), limits);
+    let entrypoint = raw
+        .entrypoint
+        .as_deref()
+        .map(|args| argv(p, "entrypoint", args, true));
+    let cmd = raw.cmd.as_deref().map(|args| argv(p, "cmd", args, false));
+    let workdir = raw.workdir.as_ref().map(|w| workdir(p, w));
+    let env = env(p, &raw.env);
+    let network = NetworkSpec {
+        enabled: raw.network.enabled.unwrap_or(false),
+        bandwidth_down: IoLimit {
+            bytes_per_sec: raw
+                .network
+                .bandwidth_down
+                .as_ref()
+                .map(|r| rate(p, "network.bandwidth_down", r)),
+            ops_per_sec: None,
+        },
+        bandwidth_up: IoLimit {
+            bytes_per_sec: raw
+                .network
+                .bandwidth_up
+                .as_ref()
+                .map(|r| rate(p, "network.bandwidth_up", r)),
+            ops_per_sec: None,
+        },
+    };
+    let disk_io = IoLimit {
+        bytes_per_sec: raw
+            .disk_io
+            .bytes_per_sec
+            .as_ref()
+            .map(|r| rate(p, "disk_io.bytes_per_sec", r)),
+        ops_per_sec: raw.disk_io.iops.as_ref().map(|i| iops(p, i)),
+    };
+    let devices = devices(p, &raw.devices);
+    if state == DesiredState::Standby && !devices.is_empty() {
+        if let Some(s) = &raw.state {
+            // A VFIO device's state lives in the hardware, outside any snapshot.
+            Field::written("state", s).report(
+                p,
+                "not possible with passthrough devices, which cannot be snapshotted",
+            );
+        }
+    }
+    let volumes = volumes(p, &raw.volumes);
+
+    InstanceSpec {
+        name,
+        source,
+        image,
+        state,
+        hypervisor,
+        vcpus,
+        memory,
+        hotplug_memory,
+        overlay_size,
+        entrypoint,
+        cmd,
+        workdir,
+        env,
+        network,
+        disk_io,
+        devices,
+        volumes,
+    }
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+fn image(p: &mut Problems<'_>, raw: Option<&Spanned<String>>) -> String {
+    let Some(raw) = raw else {
+        p.file("missing required key `image`");
+        return String::new();
+    };
+    let image = raw.get_ref();
+    let field = Field::written("image", raw);
+    if image.trim().is_empty() {
+        field.report(p, "must not be empty");
+    } else if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        field.report(p, "must not contain spaces or control characters");
+    } else if let Some((transport, rest)) = ["oci-archive:", "oci:"]
+        .iter()
+        .find_map(|t| image.strip_prefix(t).map(|rest| (t, rest)))
+    {
+        // The daemon's working directory is `/`, so a relative layout path
+        // would silently mean something else than where the user wrote it.
+        if !rest.starts_with('/') {
+            field.report(p, format!("the path after `{transport}` must be absolute"));
+        }
+    }
+    image.clone()
+}
+
+fn state(p: &mut Problems<'_>, raw: Option<&Spanned<String>>) -> DesiredState {
+    let Some(raw) = raw else {
+        return DesiredState::Running;
+    };
+    match raw.get_ref().as_str() {
+        "running" => DesiredState::Running,
+        "standby" => DesiredState::Standby,
+        "stopped" => DesiredState::Stopped,
+        _ => {
+            Field::written("state", raw)
+                .report(p, "expected \"running\", \"standby\" or \"stopped\"");
+            DesiredState::Running
+        }
+    }
+}
+
+fn hypervisor(p: &mut Problems<'_>, raw: Option<&Spanned<String>>) -> Option<HypervisorKind> {
+    let raw = raw?;
+    match raw.get_ref().as_str() {
+        "cloud-hypervisor" => Some(HypervisorKind::CloudHypervisor),
+        "qemu" => Some(HypervisorKind::Qemu),
+        _ => {
+            Field::written("hypervisor", raw)
+                .report(p, "expected \"cloud-hypervisor\" or \"qemu\"");
+            None
+        }
+    }
+}
+
+fn vcpus(p: &mut Problems<'_>, raw: Option<&Spanned<RawInt>>, limits: &Limits) -> u32 {
+    let Some(raw) = raw else {
+        if DEFAULT_VCPUS > limits.max_vcpus {
+            Field::defaulted("vcpus", DEFAULT_VCPUS).report(
+                p,
+                format!("exceeds limits.max_vcpus ({})", limits.max_vcpus),
+            );
+        }
+        return DEFAULT_VCPUS;
+    };
+    match u32::try_from(raw.get_ref().0) {
+        Ok(n) if (1..=limits.max_vcpus).contains(&n) => n,
+        _ => {
+            Field::written("vcpus", raw).report(
+                p,
+                format!(
+                    "must be between 1 and {} (limits.max_vcpus)",
+                    limits.max_vcpus
+                ),
+            );
+            DEFAULT_VCPUS
+        }
+    }
+}
+
+/// A size value, or its default; `None` when it did not parse (reported).
+fn size(
+    p: &mut Problems<'_>,
+    key: &str,
+    raw: Option<&Spanned<RawQuantity>>,
+    default: ByteSize,
+) -> (Option<ByteSize>, Field) {
+    let Some(raw) = raw else {
+        return (Some(default), Field::defaulted(key, default));
+    };
+    let field = Field::written(key, raw);
+    match raw.get_ref().size() {
+        Ok(bytes) => (Some(ByteSize(bytes)), field),
+        Err(e) => {
+            field.report(p, e);
+            (None, field)
+        }
+    }
+}
+
+fn memory(
+    p: &mut Problems<'_>,
+    raw_memory: Option<&Spanned<RawQuantity>>,
+    raw_hotplug: Option<&Spanned<RawQuantity>>,
+    limits: &Limits,
+) -> (ByteSize, ByteSize) {
+    let (memory, memory_field) = size(p, "memory", raw_memory, DEFAULT_MEMORY);
+    let (hotplug, hotplug_field) = size(p, "hotplug_memory", raw_hotplug, DEFAULT_HOTPLUG_MEMORY);
+    let mut memory_fits = false;
+    if let Some(m) = memory {
+        if m < MIN_MEMORY {
+            memory_field.report(p, format!("must be at least {MIN_MEMORY}"));
+        } else if m.0 % MEMORY_ALIGN.0 != 0 {
+            memory_field.report(
+                p,
+                format!(
+                    "must be a multiple of {MEMORY_ALIGN} (Cloud Hypervisor's memory granularity)"
+                ),
+            );
+        } else if m > limits.max_memory {
+            memory_field.report(
+                p,
+                format!("exceeds limits.max_memory ({})", limits.max_memory),
+            );
+        } else {
+            memory_fits = true;
+        }
+    }
+    if let Some(h) = hotplug {
+        if h.0 % HOTPLUG_ALIGN.0 != 0 {
+            hotplug_field.report(p, format!("must be 0 or a multiple of {HOTPLUG_ALIGN} (Cloud Hypervisor's hotplug granularity)"));
+        } else if let (true, Some(m)) = (memory_fits, memory) {
+            let total = m.0.checked_add(h.0);
+            if total.is_none_or(|t| t > limits.max_memory.0) {
+                hotplug_field.report(
+                    p,
+                    format!(
+                        "memory + hotplug_memory exceeds limits.max_memory ({})",
+                        limits.max_memory
+                    ),
+                );
+            }
+        }
+    }
+    (
+        memory.unwrap_or(DEFAULT_MEMORY),
+        hotplug.unwrap_or(DEFAULT_HOTPLUG_MEMORY),
+    )
+}
+
+fn overlay_size(
+    p: &mut Problems<'_>,
+    raw: Option<&Spanned<RawQuantity>>,
+    limits: &Limits,
+) -> ByteSize {
+    let (size, field) = size(p, "overlay_size", raw, DEFAULT_OVERLAY_SIZE);
+    if let Some(s) = size {
+        if s < MIN_OVERLAY_SIZE {
+            field.report(p, format!("must be at least {MIN_OVERLAY_SIZE}"));
+        } else if s > limits.max_overlay_size {
+            field.report(
+                p,
+                format!(
+                    "exceeds limits.max_overlay_size ({})",
+                    limits.max_overlay_size
+                ),
+            );
+        }
+    }
+    size.unwrap_or(DEFAULT_OVERLAY_SIZE)
+}
+
+fn argv(
+    p: &mut Problems<'_>,
+    key: &str,
+    args: &[Spanned<String>],
+    first_is_program: bool,
+) -> Vec<String> {
+    for (i, arg) in args.iter().enumerate() {
+        let field = Field::written(format!("{key}[{i}]"), arg);
+        // exec() takes C strings: a NUL would silently cut the argument.
+        if arg.get_ref().contains('\0') {
+            field.report(p, "must not contain a NUL character");
+        } else if i == 0 && first_is_program && arg.get_ref().is_empty() {
+            field.report(p, "the program to run must not be empty");
+        }
+    }
+    args.iter().map(|a| a.get_ref().clone()).collect()
+}
+
+fn workdir(p: &mut Problems<'_>, raw: &Spanned<String>) -> String {
+    let dir = raw.get_ref();
+    if !dir.starts_with('/') {
+        Field::written("workdir", raw).report(p, "must be an absolute path");
+    } else if dir.contains('\0') {
+        Field::written("workdir", raw).report(p, "must not contain a NUL character");
+    }
+    dir.clone()
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn env(
+    p: &mut Problems<'_>,
+    raw: &BTreeMap<Spanned<String>, Spanned<String>>,
+) -> BTreeMap<String, String> {
+    // Report in file order, not key order, so messages read top to bottom.
+    let mut entries: Vec<_> = raw.iter().collect();
+    entries.sort_by_key(|(k, _)| k.span().start);
+    for (key, value) in entries {
+        if !is_env_name(key.get_ref()) {
+            p.at(
+                key.span(),
+                format!(
+                    "env: {:?} is not a valid variable name (letters, digits and `_`, not starting with a digit)",
+                    key.get_ref()
+                ),
+            );
+        } else if value.get_ref().contains('\0') {
+            Field::written(format!("env.{}", key.get_ref()), value)
+                .report(p, "must not contain a NUL character");
+        }
+    }
+    raw.iter()
+        .map(|(k, v)| (k.get_ref().clone(), v.get_ref().clone()))
+        .collect()
+}
+
+fn rate(p: &mut Problems<'_>, key: &str, raw: &Spanned<RawQuantity>) -> u64 {
+    let field = Field::written(key, raw);
+    match raw.get_ref().rate() {
+        Ok(0) => {
+            field.report(p, "must be more than 0; leave it out for no limit");
+            0
+        }
+        Ok(bps) => bps,
+        Err(e) => {
+            field.report(p, e);
+            0
+        }
+    }
+}
+
+fn iops(p: &mut Problems<'_>, raw: &Spanned<RawInt>) -> u64 {
+    match u64::try_from(raw.get_ref().0) {
+        Ok(n) if n > 0 => n,
+        _ => {
+            Field::written("disk_io.iops", raw)
+                .report(p, "must be more than 0; leave it out for no limit");
+            0
+        }
+    }
+}
+
+/// `DDDD:BB:DD.F` with hex digits, device ≤ 0x1f and function ≤ 7, the
+/// form the kernel uses for sysfs names. Returned lower-cased.
+fn pci_address(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let hex = |range: Range<usize>| b[range].iter().all(u8::is_ascii_hexdigit);
+    if b.len() != 12 || b[4] != b':' || b[7] != b':' || b[10] != b'.' {
+        return None;
+    }
+    if !(hex(0..4) && hex(5..7) && hex(8..10) && (b'0'..=b'7').contains(&b[11])) {
+        return None;
+    }
+    let device = u8::from_str_radix(&s[8..10], 16).ok()?;
+    (device <= 0x1f).then(|| s.to_ascii_lowercase())
+}
+
+/// Devices are stored as sysfs paths whichever way they were written, so two
+/// spellings of one device compare equal and do not count as a change.
+fn devices(p: &mut Problems<'_>, raw: &[Spanned<String>]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, dev) in raw.iter().enumerate() {
+        let text = dev.get_ref();
+        let address = text
+            .strip_prefix(SYSFS_PCI)
+            .map(|a| a.trim_end_matches('/'))
+            .unwrap_or(text);
+        let field = Field::written(format!("devices[{i}]"), dev);
+        match pci_address(address) {
+            Some(a) => {
+                let path = format!("{SYSFS_PCI}{a}");
+                if let Some(j) = out.iter().position(|d| *d == path) {
+                    field.report(p, format!("same device as devices[{j}]"));
+                }
+                out.push(path);
+            }
+            None => field.report(
+                p,
+                format!(
+                    "expected a PCI address such as \"0000:01:00.0\" or a path under {SYSFS_PCI}"
+                ),
+            ),
+        }
+    }
+    out
+}
+
+/// `/data//x/` → `/data/x`; `None` for relative paths or `.`/`..` parts,
+/// which would let a mount point mean something other than it reads.
+fn normalize_guest_path(s: &str) -> Option<String> {
+    if !s.starts_with('/') {
+        return None;
+    }
+    let mut out = String::new();
+    for part in s.split('/').filter(|c| !c.is_empty()) {
+        if part == "." || part == ".." {
+            return None;
+        }
+        out.push('/');
+        out.push_str(part);
+    }
+    Some(if out.is_empty() { "/".to_string() } else { out })
+}
+
+fn volumes(p: &mut Problems<'_>, raw: &[Spanned<RawVolume>]) -> Vec<VolumeSpec> {
+    let mut out: Vec<VolumeSpec> = Vec::new();
+    for (i, vol) in raw.iter().enumerate() {
+        let RawVolume {
+            source,
+            path,
+            readonly,
+        } = vol.get_ref();
+        let source = match source {
+            None => {
+                p.at(
+                    vol.span(),
+                    format!("volumes[{i}]: missing required key `source`"),
+                );
+                PathBuf::new()
+            }
+            Some(s) => {
+                let field = Field::written(format!("volumes[{i}].source"), s);
+                let text = s.get_ref();
+                if !text.starts_with('/') {
+                    field.report(p, "must be an absolute host path");
+                } else if has_control(text) {
+                    field.report(p, "must not contain control characters");
+                } else if let Some(j) = out
+                    .iter()
+                    .position(|v| v.source.as_os_str() == text.as_str())
+                {
+                    // Two block devices backed by one file corrupt it.
+                    field.report(p, format!("already attached as volumes[{j}]"));
+                }
+                PathBuf::from(text)
+            }
+        };
+        let mount = match path {
+            None => {
+                p.at(
+                    vol.span(),
+                    format!("volumes[{i}]: missing required key `path`"),
+                );
+                String::new()
+            }
+            Some(m) => {
+                let field = Field::written(format!("volumes[{i}].path"), m);
+                match normalize_guest_path(m.get_ref()) {
+                    None => {
+                        field.report(p, "must be an absolute guest path without `.` or `..`");
+                        m.get_ref().clone()
+                    }
+                    Some(n) if n == "/" => {
+                        field.report(p, "cannot mount over the guest's root");
+                        n
+                    }
+                    Some(n) if has_control(&n) => {
+                        field.report(p, "must not contain control characters");
+                        n
+                    }
+                    Some(n) => {
+                        if let Some(j) = out.iter().position(|v| v.mount == n) {
+                            field.report(p, format!("already used by volumes[{j}]"));
+                        }
+                        n
+                    }
+                }
+            }
+        };
+        out.push(VolumeSpec {
+            source,
+            mount,
+            readonly: readonly.unwrap_or(false),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_addresses() {
+        assert_eq!(pci_address("0000:01:00.0").as_deref(), Some("0000:01:00.0"));
+        assert_eq!(pci_address("0000:AF:1f.7").as_deref(), Some("0000:af:1f.7"));
+        for bad in [
+            "01:00.0",
+            "0000:01:20.0",
+            "0000:01:00.8",
+            "0000:0g:00.0",
+            "0000-01:00.0",
+            "",
+            "0000:01:00.00",
+        ] {
+            assert_eq!(pci_address(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn guest_paths() {
+        assert_eq!(normalize_guest_path("/data").as_deref(), Some("/data"));
+        assert_eq!(
+            normalize_guest_path("//data//x/").as_deref(),
+            Some("/data/x")
+        );
+        assert_eq!(normalize_guest_path("/").as_deref(), Some("/"));
+        assert_eq!(normalize_guest_path("data"), None);
+        assert_eq!(normalize_guest_path("/data/../etc"), None);
+        assert_eq!(normalize_guest_path("/./data"), None);
+    }
+
+    #[test]
+    fn env_names() {
+        for ok in ["A", "_", "PATH", "my_var2", "_1"] {
+            assert!(is_env_name(ok), "{ok}");
+        }
+        for bad in ["", "1A", "A-B", "A B", "A=B", "É"] {
+            assert!(!is_env_name(bad), "{bad}");
+        }
+    }
+}
