@@ -6,3 +6,4 @@
 pub mod declaration;
 pub mod settings;
 pub mod state;
+pub mod store;
