@@ -7,3 +7,4 @@ pub mod declaration;
 pub mod hypervisor;
 pub mod settings;
 pub mod state;
+pub mod store;

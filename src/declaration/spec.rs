@@ -59,7 +59,8 @@ impl fmt::Display for DesiredState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum HypervisorKind {
     CloudHypervisor,
     Qemu,

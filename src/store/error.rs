@@ -1,0 +1,88 @@
+//! The one error type of the store. Context (path, id, name) lives in fields;
+//! the underlying cause is the `#[source]`, printed once by whoever reports
+//! the chain.
+
+use std::path::PathBuf;
+
+use ulid::Ulid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot rename {from} to {to}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not valid JSON of the expected shape")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("cannot encode {path} as JSON")]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("{path} has no numeric \"version\" field")]
+    MissingVersion { path: PathBuf },
+
+    #[error("{path} has format version {found}, this hypeman reads versions up to {supported}")]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u64,
+        supported: u32,
+    },
+
+    #[error("{path} describes guest {found}, not the guest whose directory holds it")]
+    IdMismatch { path: PathBuf, found: Ulid },
+
+    #[error("{path} is not a guest directory")]
+    NotAGuest { path: PathBuf },
+
+    #[error("guest {id} does not exist")]
+    GuestNotFound { id: Ulid },
+
+    #[error("the name {name:?} is already used by guest {id}")]
+    NameTaken { name: String, id: Ulid },
+
+    #[error("no guest matches {query:?}")]
+    NotFound { query: String },
+
+    #[error("{query:?} matches more than one guest: {}", matches.join(", "))]
+    Ambiguous { query: String, matches: Vec<String> },
+
+    #[error("no snapshot is being written at {path}")]
+    NoPartialSnapshot { path: PathBuf },
+
+    #[error("socket path {path} is {len} bytes, longer than the {max}-byte limit of a unix socket address")]
+    SocketPathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { op, path, source }
+    }
+}

@@ -1,0 +1,254 @@
+//! `metadata.json`: the persisted record of one guest, and the versioned
+//! JSON reading shared with the snapshot marker.
+//!
+//! Reading looks at `version` before anything else, so a file written by a
+//! newer hypeman is reported as such rather than as a confusing field error.
+//! When the format changes: bump `CURRENT_VERSION`, keep the old struct,
+//! convert in [`decode_metadata`], and add a fixture of the new version next
+//! to `fixtures/metadata-v1.json` (which must keep parsing forever).
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+use super::error::StoreError;
+use crate::declaration::spec::HypervisorKind;
+
+/// The metadata format this build writes and the newest it reads.
+pub const CURRENT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub version: u32,
+    pub id: Ulid,
+    /// The declaration file stem; unique among guests.
+    pub name: String,
+    /// RFC 3339, UTC, milliseconds.
+    pub created_at: String,
+    pub hypervisor: HypervisorKind,
+    /// The live VMM process, if one was started.
+    pub vmm: Option<VmmRecord>,
+    /// `InstanceSpec::restart_fields` the current VM or snapshot was created with.
+    pub applied: Option<serde_json::Value>,
+    pub last_error: Option<String>,
+    pub network: Option<NetworkLease>,
+    /// RFC 3339; set by `Store::write_metadata` on every write.
+    pub updated_at: String,
+}
+
+/// A started VMM process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmRecord {
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat` (start time in clock ticks since boot):
+    /// a pid with a different start time is some other process.
+    pub pid_start_time: u64,
+    /// The API socket (CH) or QMP socket (QEMU).
+    pub socket: PathBuf,
+    pub version: Option<String>,
+}
+
+/// The guest's address on the host bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkLease {
+    pub ip: String,
+    /// Prefix length.
+    pub cidr: u8,
+    pub gateway: String,
+    pub mac: String,
+    pub tap: String,
+}
+
+impl Metadata {
+    /// A fresh record for a guest that has never run.
+    pub fn new(id: Ulid, name: &str, hypervisor: HypervisorKind) -> Metadata {
+        let now = now_rfc3339();
+        Metadata {
+            version: CURRENT_VERSION,
+            id,
+            name: name.to_string(),
+            created_at: now.clone(),
+            hypervisor,
+            vmm: None,
+            applied: None,
+            last_error: None,
+            network: None,
+            updated_at: now,
+        }
+    }
+}
+
+/// The current time as the store writes it.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Pretty JSON with a trailing newline, as written to disk.
+pub(crate) fn encode<T: Serialize>(value: &T, path: &Path) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|source| StoreError::Encode {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// Parses `bytes` as JSON and returns it with its `version`, refusing
+/// versions this build does not know (0 included: versions start at 1).
+pub(crate) fn versioned_value(
+    bytes: &[u8],
+    path: &Path,
+    supported: u32,
+) -> Result<(u32, serde_json::Value), StoreError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|source| StoreError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let found = value
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| StoreError::MissingVersion {
+            path: path.to_path_buf(),
+        })?;
+    match u32::try_from(found) {
+        Ok(v) if (1..=supported).contains(&v) => Ok((v, value)),
+        _ => Err(StoreError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found,
+            supported,
+        }),
+    }
+}
+
+/// Decodes the bytes of a `metadata.json` read from `path`.
+pub(crate) fn decode_metadata(bytes: &[u8], path: &Path) -> Result<Metadata, StoreError> {
+    let (version, value) = versioned_value(bytes, path, CURRENT_VERSION)?;
+    let parse = |source| StoreError::Parse {
+        path: path.to_path_buf(),
+        source,
+    };
+    match version {
+        1 => serde_json::from_value(value).map_err(parse),
+        // `versioned_value` admits only 1..=CURRENT_VERSION.
+        found => Err(StoreError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            found: u64::from(found),
+            supported: CURRENT_VERSION,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE_V1: &str = include_str!("fixtures/metadata-v1.json");
+
+    fn sample() -> Metadata {
+        let mut m = Metadata::new(Ulid::new(), "web", HypervisorKind::CloudHypervisor);
+        m.vmm = Some(VmmRecord {
+            pid: 4242,
+            pid_start_time: 123456,
+            socket: PathBuf::from("/var/lib/hypeman/guests/01ARZ3NDEKTSV4RRFFQ69G5FAV/ch.sock"),
+            version: Some("v44.0".into()),
+        });
+        m.applied =
+            Some(serde_json::json!({ "image": "docker.io/library/nginx:alpine", "vcpus": 2 }));
+        m.network = Some(NetworkLease {
+            ip: "10.100.0.2".into(),
+            cidr: 16,
+            gateway: "10.100.0.1".into(),
+            mac: "02:00:0a:64:00:02".into(),
+            tap: "hm-01arz3nd".into(),
+        });
+        m
+    }
+
+    #[test]
+    fn fixture_v1_still_parses() {
+        let m = decode_metadata(FIXTURE_V1.as_bytes(), Path::new("metadata-v1.json")).unwrap();
+        assert_eq!(m.version, 1);
+        assert_eq!(m.id.to_string(), "01ARZ3NDEKTSV4RRFFQ69G5FAV");
+        assert_eq!(m.name, "web");
+        assert_eq!(m.hypervisor, HypervisorKind::Qemu);
+        let vmm = m.vmm.expect("fixture has a vmm");
+        assert_eq!((vmm.pid, vmm.pid_start_time), (4242, 987654));
+        assert_eq!(m.network.expect("fixture has a lease").cidr, 16);
+        assert_eq!(m.applied.expect("fixture has applied fields")["vcpus"], 2);
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let m = sample();
+        let bytes = encode(&m, Path::new("m.json")).unwrap();
+        assert_eq!(decode_metadata(&bytes, Path::new("m.json")).unwrap(), m);
+    }
+
+    #[test]
+    fn metadata_json_shape() {
+        insta::assert_json_snapshot!(sample(), {
+            ".id" => "[id]",
+            ".created_at" => "[timestamp]",
+            ".updated_at" => "[timestamp]",
+        });
+    }
+
+    #[test]
+    fn newer_version_is_reported_as_such_even_with_unknown_fields() {
+        let bytes =
+            br#"{ "version": 2, "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "shiny_new_field": true }"#;
+        match decode_metadata(bytes, Path::new("/d/metadata.json")) {
+            Err(
+                e @ StoreError::UnsupportedVersion {
+                    found: 2,
+                    supported: 1,
+                    ..
+                },
+            ) => {
+                assert_eq!(
+                    e.to_string(),
+                    "/d/metadata.json has format version 2, this hypeman reads versions up to 1"
+                );
+            }
+            other => panic!("expected UnsupportedVersion, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn version_zero_missing_or_non_numeric_is_refused() {
+        let p = Path::new("m.json");
+        assert!(matches!(
+            decode_metadata(br#"{"version": 0}"#, p),
+            Err(StoreError::UnsupportedVersion { found: 0, .. })
+        ));
+        assert!(matches!(
+            decode_metadata(br#"{"name": "web"}"#, p),
+            Err(StoreError::MissingVersion { .. })
+        ));
+        assert!(matches!(
+            decode_metadata(br#"{"version": "1"}"#, p),
+            Err(StoreError::MissingVersion { .. })
+        ));
+        assert!(matches!(
+            decode_metadata(b"{ not json", p),
+            Err(StoreError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_fields_in_current_version_are_refused() {
+        let mut value: serde_json::Value = serde_json::from_str(FIXTURE_V1).unwrap();
+        value["surprise"] = serde_json::json!(1);
+        let bytes = serde_json::to_vec(&value).unwrap();
+        assert!(matches!(
+            decode_metadata(&bytes, Path::new("m.json")),
+            Err(StoreError::Parse { .. })
+        ));
+    }
+}

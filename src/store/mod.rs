@@ -1,0 +1,382 @@
+//! The on-disk truth under the data dir: guest directories, their
+//! `metadata.json`, their snapshot, and the top-level `images/` and
+//! `system/` dirs (created here, filled by their own modules).
+//!
+//! ```text
+//!  {data_dir}/guests/{ulid}/            a guest; visible only once complete
+//!  {data_dir}/guests/.{ulid}.tmp/       a create in progress (or crashed)
+//!  {data_dir}/guests/.{ulid}.deleting/  a delete in progress (or crashed)
+//! ```
+//!
+//! Every multi-step operation is safe to re-run after the daemon is killed
+//! at any point, and [`Store::open`] finishes or rolls back whatever a crash
+//! interrupted. The store does no hypervisor calls and holds no policy: it
+//! never decides whether a guest should run, only records what it is told
+//! and reports what is on disk. All IO here is blocking `std::fs`; async
+//! callers should use `spawn_blocking`.
+
+mod atomic;
+mod error;
+mod metadata;
+mod paths;
+mod snapshot;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ulid::Ulid;
+
+pub use error::StoreError;
+pub use metadata::{now_rfc3339, Metadata, NetworkLease, VmmRecord, CURRENT_VERSION};
+pub use paths::{GuestPaths, MAX_SOCKET_PATH};
+pub use snapshot::{SnapshotInfo, SNAPSHOT_VERSION};
+
+const GUESTS_DIR: &str = "guests";
+const TOP_LEVEL_DIRS: [&str; 3] = [GUESTS_DIR, "images", "system"];
+const CREATING_SUFFIX: &str = ".tmp";
+const DELETING_SUFFIX: &str = ".deleting";
+
+/// Handle on the data dir. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Store {
+    data_dir: PathBuf,
+    guests_dir: PathBuf,
+    /// Serializes the name check and the publishing rename of
+    /// `create_guest`, so two creates cannot both take one name.
+    create_lock: Mutex<()>,
+}
+
+/// Every guest on disk. A guest whose metadata cannot be read shows up in
+/// `unreadable` without hiding the others.
+#[derive(Debug)]
+pub struct Listing {
+    /// Sorted by name.
+    pub guests: Vec<Metadata>,
+    pub unreadable: Vec<StoreError>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data dir and repairs what crashes
+    /// left: removes half-created guests, finishes deletions, sweeps temp
+    /// files, and finishes or drops interrupted snapshot commits. A guest
+    /// that cannot be repaired is logged and left for the next open; it
+    /// does not stop the others from being served.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        // Sockets handed to hypervisors must not depend on their cwd.
+        let data_dir =
+            std::path::absolute(data_dir).map_err(StoreError::io("resolve", data_dir))?;
+        fs::create_dir_all(&data_dir).map_err(StoreError::io("create directory", &data_dir))?;
+        let mut created = false;
+        for name in TOP_LEVEL_DIRS {
+            let dir = data_dir.join(name);
+            match fs::create_dir(&dir) {
+                Ok(()) => created = true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        op: "create directory",
+                        path: dir,
+                        source,
+                    })
+                }
+            }
+        }
+        if created {
+            atomic::fsync_dir(&data_dir)?;
+        }
+
+        let store = Store {
+            guests_dir: data_dir.join(GUESTS_DIR),
+            data_dir,
+            create_lock: Mutex::new(()),
+        };
+        // Every guest's socket path has the same length; fail at startup,
+        // not at the first boot.
+        store.guest_paths(Ulid::nil()).check_socket_paths()?;
+        store.repair()?;
+        Ok(store)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn guest_paths(&self, id: Ulid) -> GuestPaths {
+        GuestPaths::new(&self.guests_dir, id)
+    }
+
+    /// Creates a guest with a new ID. The guest directory appears fully
+    /// formed or not at all.
+    pub fn create_guest(
+        &self,
+        name: &str,
+        hypervisor: crate::declaration::spec::HypervisorKind,
+    ) -> Result<Metadata, StoreError> {
+        self.create_guest_with_id(Ulid::new(), name, hypervisor)
+    }
+
+    fn create_guest_with_id(
+        &self,
+        id: Ulid,
+        name: &str,
+        hypervisor: crate::declaration::spec::HypervisorKind,
+    ) -> Result<Metadata, StoreError> {
+        let _guard = self
+            .create_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(existing) = self.find_by_name(name)? {
+            return Err(StoreError::NameTaken {
+                name: name.to_string(),
+                id: existing.id,
+            });
+        }
+
+        let paths = self.guest_paths(id);
+        let staging = self.guests_dir.join(format!(".{id}{CREATING_SUFFIX}"));
+        let m = Metadata::new(id, name, hypervisor);
+        let built = (|| {
+            atomic::create_dir(&staging)?;
+            atomic::create_dir(&staging.join(paths::LOGS_DIR))?;
+            let metadata = staging.join(paths::METADATA_FILE);
+            atomic::write_atomic(&metadata, &metadata::encode(&m, &metadata)?)
+        })();
+        if let Err(e) = built {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        atomic::rename(&staging, &paths.dir)?;
+        atomic::fsync_dir(&self.guests_dir)?;
+        tracing::info!(%id, name, "guest created");
+        Ok(m)
+    }
+
+    pub fn list(&self) -> Result<Listing, StoreError> {
+        let mut guests = Vec::new();
+        let mut unreadable = Vec::new();
+        for entry in self.guest_entries()? {
+            match entry {
+                GuestEntry::Guest(id) => match self.read_metadata(id) {
+                    Ok(m) => guests.push(m),
+                    Err(e) => unreadable.push(e),
+                },
+                GuestEntry::Stray(path) => unreadable.push(StoreError::NotAGuest { path }),
+                GuestEntry::Creating(_) | GuestEntry::Deleting(_) => {}
+            }
+        }
+        guests.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        Ok(Listing { guests, unreadable })
+    }
+
+    pub fn find_by_name(&self, name: &str) -> Result<Option<Metadata>, StoreError> {
+        Ok(self.list()?.guests.into_iter().find(|m| m.name == name))
+    }
+
+    /// Resolves what a user typed: an exact ID, else an exact name, else a
+    /// unique ID prefix (case-insensitive).
+    pub fn lookup(&self, query: &str) -> Result<Metadata, StoreError> {
+        let not_found = || StoreError::NotFound {
+            query: query.to_string(),
+        };
+        if query.is_empty() {
+            return Err(not_found());
+        }
+        if let Ok(id) = Ulid::from_string(query) {
+            if self.guest_paths(id).dir.is_dir() {
+                return self.read_metadata(id);
+            }
+        }
+        let listing = self.list()?;
+        if let Some(m) = listing.guests.iter().find(|m| m.name == query) {
+            return Ok(m.clone());
+        }
+
+        let prefix = query.to_ascii_uppercase();
+        let mut matches: Vec<Ulid> = self
+            .guest_entries()?
+            .into_iter()
+            .filter_map(|e| match e {
+                GuestEntry::Guest(id) if id.to_string().starts_with(&prefix) => Some(id),
+                _ => None,
+            })
+            .collect();
+        matches.sort();
+        match matches.as_slice() {
+            [] => Err(not_found()),
+            [id] => self.read_metadata(*id),
+            many => {
+                let names: HashMap<Ulid, &str> = listing
+                    .guests
+                    .iter()
+                    .map(|m| (m.id, m.name.as_str()))
+                    .collect();
+                let matches = many
+                    .iter()
+                    .map(|id| format!("{id} ({})", names.get(id).copied().unwrap_or("unreadable")))
+                    .collect();
+                Err(StoreError::Ambiguous {
+                    query: query.to_string(),
+                    matches,
+                })
+            }
+        }
+    }
+
+    pub fn read_metadata(&self, id: Ulid) -> Result<Metadata, StoreError> {
+        let paths = self.guest_paths(id);
+        let bytes = match fs::read(&paths.metadata) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !paths.dir.is_dir() => {
+                return Err(StoreError::GuestNotFound { id });
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    op: "read",
+                    path: paths.metadata,
+                    source,
+                })
+            }
+        };
+        let m = metadata::decode_metadata(&bytes, &paths.metadata)?;
+        if m.id != id {
+            return Err(StoreError::IdMismatch {
+                path: paths.metadata,
+                found: m.id,
+            });
+        }
+        Ok(m)
+    }
+
+    /// Atomically replaces the guest's metadata. The file is written with
+    /// the current format version and `updated_at` set to now; the guest
+    /// must exist (a write never resurrects a deleted guest).
+    pub fn write_metadata(&self, m: &Metadata) -> Result<(), StoreError> {
+        let paths = self.guest_paths(m.id);
+        if !paths.dir.is_dir() {
+            return Err(StoreError::GuestNotFound { id: m.id });
+        }
+        let stamped = Metadata {
+            version: CURRENT_VERSION,
+            updated_at: now_rfc3339(),
+            ..m.clone()
+        };
+        atomic::write_atomic(
+            &paths.metadata,
+            &metadata::encode(&stamped, &paths.metadata)?,
+        )
+    }
+
+    /// Removes the guest and everything in its directory. The directory is
+    /// first renamed to a hidden name, so a crash never leaves a half
+    /// deleted guest (or snapshot) visible. Idempotent. Stopping its VMM is
+    /// the caller's job.
+    pub fn delete_guest(&self, id: Ulid) -> Result<(), StoreError> {
+        let paths = self.guest_paths(id);
+        let existed = paths.dir.is_dir();
+        atomic::discard_dir(
+            &paths.dir,
+            &self.guests_dir.join(format!(".{id}{DELETING_SUFFIX}")),
+        )?;
+        if existed {
+            tracing::info!(%id, "guest deleted");
+        }
+        Ok(())
+    }
+
+    fn existing_guest(&self, id: Ulid) -> Result<GuestPaths, StoreError> {
+        let paths = self.guest_paths(id);
+        if paths.dir.is_dir() {
+            Ok(paths)
+        } else {
+            Err(StoreError::GuestNotFound { id })
+        }
+    }
+
+    fn guest_entries(&self) -> Result<Vec<GuestEntry>, StoreError> {
+        let dir = &self.guests_dir;
+        let mut out = Vec::new();
+        for entry in fs::read_dir(dir).map_err(StoreError::io("list", dir))? {
+            let entry = entry.map_err(StoreError::io("list", dir))?;
+            out.push(GuestEntry::classify(
+                &entry.file_name().to_string_lossy(),
+                entry.path(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn repair(&self) -> Result<(), StoreError> {
+        for entry in self.guest_entries()? {
+            let result = match &entry {
+                GuestEntry::Creating(path) => {
+                    tracing::warn!(path = %path.display(), "removing a guest whose creation was interrupted");
+                    atomic::remove_dir_all_if_exists(path)
+                }
+                GuestEntry::Deleting(path) => {
+                    tracing::warn!(path = %path.display(), "finishing an interrupted guest deletion");
+                    atomic::remove_dir_all_if_exists(path)
+                }
+                GuestEntry::Guest(id) => {
+                    let paths = self.guest_paths(*id);
+                    atomic::sweep_temp_files(&paths.dir).and_then(|()| snapshot::recover(&paths))
+                }
+                GuestEntry::Stray(_) => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %ErrorChain(&e), "could not repair the data dir; will retry on next open");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one name in `guests/` is.
+enum GuestEntry {
+    Guest(Ulid),
+    Creating(PathBuf),
+    Deleting(PathBuf),
+    /// Not ours: reported, never removed.
+    Stray(PathBuf),
+}
+
+impl GuestEntry {
+    fn classify(name: &str, path: PathBuf) -> GuestEntry {
+        // Only the canonical (uppercase) spelling is a guest: paths are
+        // always built from `Ulid::to_string`.
+        let is_ulid = |s: &str| Ulid::from_string(s).is_ok_and(|id| id.to_string() == s);
+        if let Some(hidden) = name.strip_prefix('.') {
+            if hidden.strip_suffix(CREATING_SUFFIX).is_some_and(is_ulid) {
+                return GuestEntry::Creating(path);
+            }
+            if hidden.strip_suffix(DELETING_SUFFIX).is_some_and(is_ulid) {
+                return GuestEntry::Deleting(path);
+            }
+        } else if is_ulid(name) && path.is_dir() {
+            if let Ok(id) = Ulid::from_string(name) {
+                return GuestEntry::Guest(id);
+            }
+        }
+        GuestEntry::Stray(path)
+    }
+}
+
+/// Formats an error with its sources, for log lines.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

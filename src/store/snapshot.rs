@@ -1,0 +1,422 @@
+//! A guest's one snapshot, `snapshots/snapshot-latest/`, and how it is
+//! written, published and removed without a crash ever exposing a partial
+//! snapshot as complete.
+//!
+//! ```text
+//!  begin_snapshot ──► snapshot-latest.partial/   (empty; the hypervisor writes here)
+//!  commit_snapshot:   fsync every file and dir in .partial
+//!                     write .partial/snapshot.json atomically    ◄── the commit point
+//!                     snapshot-latest → .snapshot-trash, .partial → snapshot-latest
+//!                     fsync snapshots/, delete .snapshot-trash
+//! ```
+//!
+//! A snapshot is complete iff `snapshot-latest/snapshot.json` exists and
+//! parses. A `.partial` with a valid marker is a commit that crashed before
+//! its rename; `Store::open` finishes it. A `.partial` without one is an
+//! abandoned attempt; `Store::open` deletes it. Anything being deleted is
+//! first renamed to `.snapshot-trash`, so the marker disappears atomically
+//! before any memory file does.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use ulid::Ulid;
+
+use super::atomic;
+use super::error::StoreError;
+use super::metadata::{encode, versioned_value};
+use super::paths::{GuestPaths, SNAPSHOT_MARKER};
+use super::Store;
+use crate::declaration::spec::HypervisorKind;
+
+/// The marker format this build writes and the newest it reads.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// The marker `snapshot.json`, written last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotInfo {
+    pub version: u32,
+    pub hypervisor: HypervisorKind,
+    pub hypervisor_version: String,
+    /// Hash of the launch config; a different hash means the snapshot cannot
+    /// be restored and the guest must cold boot.
+    pub config_hash: String,
+    /// RFC 3339.
+    pub created_at: String,
+    pub memory_bytes: u64,
+}
+
+impl SnapshotInfo {
+    pub fn new(
+        hypervisor: HypervisorKind,
+        hypervisor_version: &str,
+        config_hash: &str,
+        memory_bytes: u64,
+    ) -> SnapshotInfo {
+        SnapshotInfo {
+            version: SNAPSHOT_VERSION,
+            hypervisor,
+            hypervisor_version: hypervisor_version.to_string(),
+            config_hash: config_hash.to_string(),
+            created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            memory_bytes,
+        }
+    }
+}
+
+impl Store {
+    /// Returns a fresh, empty `snapshots/snapshot-latest.partial` for the
+    /// hypervisor to write into, discarding any stale one. The complete
+    /// snapshot, if any, is untouched until [`Store::commit_snapshot`].
+    pub fn begin_snapshot(&self, id: Ulid) -> Result<PathBuf, StoreError> {
+        let paths = self.existing_guest(id)?;
+        match fs::create_dir(&paths.snapshots_dir) {
+            Ok(()) => atomic::fsync_dir(&paths.dir)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(StoreError::Io {
+                    op: "create directory",
+                    path: paths.snapshots_dir,
+                    source,
+                })
+            }
+        }
+        let partial = paths.snapshot_partial();
+        atomic::discard_dir(&partial, &paths.snapshot_trash())?;
+        atomic::create_dir(&partial)?;
+        atomic::fsync_dir(&paths.snapshots_dir)?;
+        Ok(partial)
+    }
+
+    /// Makes what the hypervisor wrote into the `.partial` dir durable,
+    /// writes the marker last, and publishes it as `snapshot-latest`,
+    /// replacing the previous snapshot. The marker is written with the
+    /// current [`SNAPSHOT_VERSION`] whatever `info.version` says.
+    pub fn commit_snapshot(&self, id: Ulid, info: &SnapshotInfo) -> Result<(), StoreError> {
+        let paths = self.guest_paths(id);
+        let partial = paths.snapshot_partial();
+        if !partial.is_dir() {
+            return Err(StoreError::NoPartialSnapshot { path: partial });
+        }
+        atomic::fsync_tree(&partial)?;
+        let marker = partial.join(SNAPSHOT_MARKER);
+        let info = SnapshotInfo {
+            version: SNAPSHOT_VERSION,
+            ..info.clone()
+        };
+        atomic::write_atomic(&marker, &encode(&info, &marker)?)?;
+        publish(&paths)?;
+        tracing::debug!(%id, "snapshot committed");
+        Ok(())
+    }
+
+    /// The marker of the complete snapshot, or `None` if there is none. A
+    /// marker that is missing or does not parse means "not complete"; a
+    /// marker from a newer hypeman is an error, so a downgrade does not
+    /// silently cold boot over a snapshot it cannot read.
+    pub fn snapshot(&self, id: Ulid) -> Result<Option<SnapshotInfo>, StoreError> {
+        read_marker(&self.guest_paths(id).snapshot_latest)
+    }
+
+    /// `snapshots/snapshot-latest`: what a hypervisor restores from.
+    pub fn snapshot_dir(&self, id: Ulid) -> PathBuf {
+        self.guest_paths(id).snapshot_latest
+    }
+
+    /// Removes the snapshot and any snapshot being written. Idempotent.
+    pub fn remove_snapshot(&self, id: Ulid) -> Result<(), StoreError> {
+        let paths = self.guest_paths(id);
+        let trash = paths.snapshot_trash();
+        atomic::discard_dir(&paths.snapshot_latest, &trash)?;
+        atomic::discard_dir(&paths.snapshot_partial(), &trash)
+    }
+}
+
+/// Replaces `snapshot-latest` with the (marked) `.partial`. Re-runnable from
+/// any point: until the final rename, `.partial` still holds a valid marker
+/// and `recover` calls this again.
+fn publish(paths: &GuestPaths) -> Result<(), StoreError> {
+    let trash = paths.snapshot_trash();
+    atomic::remove_dir_all_if_exists(&trash)?;
+    match fs::rename(&paths.snapshot_latest, &trash) {
+        Ok(()) => atomic::fsync_dir(&paths.snapshots_dir)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(StoreError::Rename {
+                from: paths.snapshot_latest.clone(),
+                to: trash,
+                source,
+            })
+        }
+    }
+    atomic::rename(&paths.snapshot_partial(), &paths.snapshot_latest)?;
+    atomic::fsync_dir(&paths.snapshots_dir)?;
+    atomic::remove_dir_all_if_exists(&trash)
+}
+
+/// Brings a guest's snapshots dir back to a clean state after a crash:
+/// finishes a commit whose marker was written, drops an abandoned partial,
+/// and empties the trash.
+pub(crate) fn recover(paths: &GuestPaths) -> Result<(), StoreError> {
+    if !paths.snapshots_dir.is_dir() {
+        return Ok(());
+    }
+    let partial = paths.snapshot_partial();
+    if partial.is_dir() {
+        // Our own marker: a newer-version error cannot happen here, and any
+        // other unreadable marker means the commit never reached its point.
+        if matches!(read_marker(&partial), Ok(Some(_))) {
+            tracing::warn!(guest = %paths.dir.display(), "finishing a snapshot commit interrupted by a crash");
+            publish(paths)?;
+        } else {
+            tracing::warn!(guest = %paths.dir.display(), "removing an unfinished snapshot");
+            atomic::discard_dir(&partial, &paths.snapshot_trash())?;
+        }
+    }
+    atomic::remove_dir_all_if_exists(&paths.snapshot_trash())
+}
+
+fn read_marker(dir: &Path) -> Result<Option<SnapshotInfo>, StoreError> {
+    let path = dir.join(SNAPSHOT_MARKER);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(StoreError::Io {
+                op: "read",
+                path,
+                source,
+            })
+        }
+    };
+    let decoded = versioned_value(&bytes, &path, SNAPSHOT_VERSION).and_then(|(_, value)| {
+        serde_json::from_value::<SnapshotInfo>(value).map_err(|source| StoreError::Parse {
+            path: path.clone(),
+            source,
+        })
+    });
+    match decoded {
+        Ok(info) => Ok(Some(info)),
+        Err(e @ StoreError::UnsupportedVersion { .. }) => Err(e),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "snapshot marker unreadable; treating the snapshot as incomplete");
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::store_with_guest;
+
+    fn info(hash: &str) -> SnapshotInfo {
+        SnapshotInfo::new(HypervisorKind::CloudHypervisor, "v44.0", hash, 1 << 30)
+    }
+
+    /// What a hypervisor leaves in the snapshot dir.
+    fn write_hypervisor_files(dir: &Path, tag: &str) {
+        fs::write(dir.join("config.json"), format!("{{\"tag\":\"{tag}\"}}")).unwrap();
+        fs::create_dir(dir.join("memory")).unwrap();
+        fs::write(dir.join("memory/ranges"), tag).unwrap();
+    }
+
+    fn snapshot_entries(store: &Store, id: Ulid) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(store.guest_paths(id).snapshots_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn begin_commit_replace_remove_lifecycle() {
+        let (_tmp, store, m) = store_with_guest("web");
+        assert_eq!(store.snapshot(m.id).unwrap(), None);
+
+        let partial = store.begin_snapshot(m.id).unwrap();
+        assert!(partial.ends_with("snapshots/snapshot-latest.partial"));
+        assert_eq!(
+            fs::read_dir(&partial).unwrap().count(),
+            0,
+            "begin returns an empty dir"
+        );
+        write_hypervisor_files(&partial, "first");
+        assert_eq!(
+            store.snapshot(m.id).unwrap(),
+            None,
+            "not complete before commit"
+        );
+
+        store.commit_snapshot(m.id, &info("h1")).unwrap();
+        let got = store
+            .snapshot(m.id)
+            .unwrap()
+            .expect("complete after commit");
+        assert_eq!(got.config_hash, "h1");
+        let latest = store.snapshot_dir(m.id);
+        assert_eq!(
+            fs::read_to_string(latest.join("memory/ranges")).unwrap(),
+            "first"
+        );
+        assert_eq!(snapshot_entries(&store, m.id), vec!["snapshot-latest"]);
+
+        // A second snapshot replaces the first only on commit.
+        let partial = store.begin_snapshot(m.id).unwrap();
+        write_hypervisor_files(&partial, "second");
+        assert_eq!(store.snapshot(m.id).unwrap().unwrap().config_hash, "h1");
+        store.commit_snapshot(m.id, &info("h2")).unwrap();
+        assert_eq!(store.snapshot(m.id).unwrap().unwrap().config_hash, "h2");
+        assert_eq!(
+            fs::read_to_string(latest.join("memory/ranges")).unwrap(),
+            "second"
+        );
+        assert_eq!(snapshot_entries(&store, m.id), vec!["snapshot-latest"]);
+
+        store.remove_snapshot(m.id).unwrap();
+        assert_eq!(store.snapshot(m.id).unwrap(), None);
+        assert!(!latest.exists());
+        store.remove_snapshot(m.id).unwrap();
+    }
+
+    #[test]
+    fn begin_discards_a_stale_partial() {
+        let (_tmp, store, m) = store_with_guest("web");
+        let partial = store.begin_snapshot(m.id).unwrap();
+        write_hypervisor_files(&partial, "stale");
+        let again = store.begin_snapshot(m.id).unwrap();
+        assert_eq!(again, partial);
+        assert_eq!(fs::read_dir(&again).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn commit_without_begin_is_an_error() {
+        let (_tmp, store, m) = store_with_guest("web");
+        assert!(matches!(
+            store.commit_snapshot(m.id, &info("h")),
+            Err(StoreError::NoPartialSnapshot { .. })
+        ));
+    }
+
+    #[test]
+    fn begin_for_unknown_guest_is_an_error() {
+        let (_tmp, store, _m) = store_with_guest("web");
+        assert!(matches!(
+            store.begin_snapshot(Ulid::new()),
+            Err(StoreError::GuestNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn latest_without_marker_is_not_complete() {
+        let (_tmp, store, m) = store_with_guest("web");
+        // As if the files were renamed into place without the marker.
+        let latest = store.snapshot_dir(m.id);
+        fs::create_dir_all(&latest).unwrap();
+        write_hypervisor_files(&latest, "x");
+        assert_eq!(store.snapshot(m.id).unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_marker_is_not_complete() {
+        let (_tmp, store, m) = store_with_guest("web");
+        let partial = store.begin_snapshot(m.id).unwrap();
+        write_hypervisor_files(&partial, "x");
+        store.commit_snapshot(m.id, &info("h")).unwrap();
+        let marker = store.snapshot_dir(m.id).join(SNAPSHOT_MARKER);
+
+        fs::write(&marker, b"{\"version\": 1, \"hypervisor\": ").unwrap();
+        assert_eq!(store.snapshot(m.id).unwrap(), None);
+        fs::write(&marker, b"{\"version\": 1}").unwrap();
+        assert_eq!(store.snapshot(m.id).unwrap(), None);
+    }
+
+    #[test]
+    fn marker_from_newer_hypeman_is_an_error_not_a_cold_boot() {
+        let (_tmp, store, m) = store_with_guest("web");
+        let latest = store.snapshot_dir(m.id);
+        fs::create_dir_all(&latest).unwrap();
+        fs::write(latest.join(SNAPSHOT_MARKER), b"{\"version\": 7}").unwrap();
+        assert!(matches!(
+            store.snapshot(m.id),
+            Err(StoreError::UnsupportedVersion { found: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn open_drops_a_partial_that_never_got_its_marker() {
+        let (tmp, store, m) = store_with_guest("web");
+        let partial = store.begin_snapshot(m.id).unwrap();
+        write_hypervisor_files(&partial, "old");
+        store.commit_snapshot(m.id, &info("old")).unwrap();
+        // Crash while the hypervisor was writing the next one.
+        let partial = store.begin_snapshot(m.id).unwrap();
+        write_hypervisor_files(&partial, "new");
+        drop(store);
+
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(snapshot_entries(&store, m.id), vec!["snapshot-latest"]);
+        assert_eq!(store.snapshot(m.id).unwrap().unwrap().config_hash, "old");
+    }
+
+    /// Replays `commit_snapshot` up to each crash point after the marker is
+    /// written, and checks that `open` publishes the new snapshot.
+    #[test]
+    fn open_finishes_a_commit_interrupted_after_its_marker() {
+        for crash_point in ["marker written", "old moved to trash"] {
+            let (tmp, store, m) = store_with_guest("web");
+            let partial = store.begin_snapshot(m.id).unwrap();
+            write_hypervisor_files(&partial, "old");
+            store.commit_snapshot(m.id, &info("old")).unwrap();
+
+            let partial = store.begin_snapshot(m.id).unwrap();
+            write_hypervisor_files(&partial, "new");
+            let marker = partial.join(SNAPSHOT_MARKER);
+            atomic::write_atomic(&marker, &encode(&info("new"), &marker).unwrap()).unwrap();
+            let paths = store.guest_paths(m.id);
+            if crash_point == "old moved to trash" {
+                fs::rename(&paths.snapshot_latest, paths.snapshot_trash()).unwrap();
+                assert_eq!(store.snapshot(m.id).unwrap(), None);
+            }
+            drop(store);
+
+            let store = Store::open(tmp.path()).unwrap();
+            assert_eq!(
+                store.snapshot(m.id).unwrap().unwrap().config_hash,
+                "new",
+                "{crash_point}"
+            );
+            assert_eq!(
+                fs::read_to_string(paths.snapshot_latest.join("memory/ranges")).unwrap(),
+                "new"
+            );
+            assert_eq!(
+                snapshot_entries(&store, m.id),
+                vec!["snapshot-latest"],
+                "{crash_point}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_half_removed_snapshot_is_never_complete() {
+        let (tmp, store, m) = store_with_guest("web");
+        let partial = store.begin_snapshot(m.id).unwrap();
+        write_hypervisor_files(&partial, "x");
+        store.commit_snapshot(m.id, &info("h")).unwrap();
+        // remove_snapshot's first step, then a crash before the deletion.
+        let paths = store.guest_paths(m.id);
+        fs::rename(&paths.snapshot_latest, paths.snapshot_trash()).unwrap();
+        assert_eq!(store.snapshot(m.id).unwrap(), None);
+        drop(store);
+
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.snapshot(m.id).unwrap(), None);
+        assert!(snapshot_entries(&store, m.id).is_empty());
+    }
+}
