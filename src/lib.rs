@@ -4,5 +4,7 @@
 //! holding what is on disk and `watch` noticing changes.
 
 pub mod declaration;
+pub mod logs;
 pub mod settings;
 pub mod state;
+pub mod watch;
