@@ -119,6 +119,13 @@ impl FakeHypervisor {
         FakeHypervisor { kind, world: Arc::new(Mutex::new(world)), changed: Arc::new(Notify::new()) }
     }
 
+    /// Reads the world without waking waiters (a waiter that reads must not
+    /// wake itself, or it spins).
+    fn peek<R>(&self, f: impl FnOnce(&World) -> R) -> R {
+        f(&self.world.lock().expect("fake world poisoned"))
+    }
+
+    /// Changes the world and wakes everything waiting on it.
     fn with<R>(&self, f: impl FnOnce(&mut World) -> R) -> R {
         let r = f(&mut self.world.lock().expect("fake world poisoned"));
         self.changed.notify_waiters();
@@ -184,25 +191,25 @@ impl FakeHypervisor {
     }
 
     pub fn state_of(&self, socket: &Path) -> Option<VmState> {
-        self.with(|w| w.vmms.get(socket).map(|v| v.state))
+        self.peek(|w| w.vmms.get(socket).map(|v| v.state))
     }
 
     pub fn config_of(&self, socket: &Path) -> Option<VmConfig> {
-        self.with(|w| w.vmms.get(socket).map(|v| v.config.clone()))
+        self.peek(|w| w.vmms.get(socket).map(|v| v.config.clone()))
     }
 
     pub fn live_vmms(&self) -> usize {
-        self.with(|w| w.vmms.len())
+        self.peek(|w| w.vmms.len())
     }
 
     /// How many VMM processes were ever started (create + restore).
     pub fn vmms_started(&self) -> usize {
-        self.with(|w| w.started)
+        self.peek(|w| w.started)
     }
 
     /// Every call so far, in order, except probes and version queries.
     pub fn calls(&self) -> Vec<Op> {
-        self.with(|w| {
+        self.peek(|w| {
             w.calls
                 .iter()
                 .map(|(op, _)| *op)
@@ -220,7 +227,7 @@ impl FakeHypervisor {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
-            let n = self.with(|w| w.calls.iter().filter(|(o, _)| *o == op).count());
+            let n = self.peek(|w| w.calls.iter().filter(|(o, _)| *o == op).count());
             if n >= at_least {
                 return true;
             }
@@ -355,7 +362,7 @@ impl Hypervisor for FakeHypervisor {
         if let Err(e) = self.enter(Op::Probe, &guest.socket).await {
             return Probe::Unreachable { reason: e.to_string() };
         }
-        self.with(|w| match w.vmms.get(&guest.socket) {
+        self.peek(|w| match w.vmms.get(&guest.socket) {
             None => Probe::Absent,
             Some(v) if v.unresponsive => Probe::Unreachable { reason: "the VMM does not answer".into() },
             Some(v) => Probe::Alive {
