@@ -11,3 +11,5 @@ pub mod settings;
 pub mod state;
 pub mod store;
 pub mod watch;
+pub mod instances;
+pub mod reconcile;

@@ -91,6 +91,9 @@ pub struct ReconcileSettings {
     pub backoff_max: Duration,
     /// How long a guest gets to shut down before its VMM is killed.
     pub stop_grace: Duration,
+    /// How often an instance with a live VMM is looked at, to notice a VMM
+    /// or guest that went away.
+    pub health_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +161,7 @@ impl Default for ReconcileSettings {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5 * 60),
             stop_grace: Duration::from_secs(30),
+            health_interval: Duration::from_secs(5),
         }
     }
 }
@@ -548,6 +552,12 @@ fn reconcile(p: &mut Problems<'_>, raw: &RawReconcile) -> ReconcileSettings {
     let (backoff_max, max_span) =
         duration("backoff_max", &raw.backoff_max, defaults.backoff_max, true);
     let (stop_grace, _) = duration("stop_grace", &raw.stop_grace, defaults.stop_grace, false);
+    let (health_interval, _) = duration(
+        "health_interval",
+        &raw.health_interval,
+        defaults.health_interval,
+        true,
+    );
     if backoff_max < backoff_initial {
         let message = format!(
             "reconcile.backoff_max ({}) must not be less than reconcile.backoff_initial ({})",
@@ -566,6 +576,7 @@ fn reconcile(p: &mut Problems<'_>, raw: &RawReconcile) -> ReconcileSettings {
         backoff_initial,
         backoff_max,
         stop_grace,
+        health_interval,
     }
 }
 
@@ -633,6 +644,8 @@ struct RawReconcile {
     backoff_max: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "duration_text")]
     stop_grace: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration_text")]
+    health_interval: Option<Spanned<String>>,
 }
 
 /// A duration string; `stop_grace = 30` is refused with a message that says
@@ -734,6 +747,7 @@ mod tests {
                 backoff_initial: Duration::from_secs(1),
                 backoff_max: Duration::from_secs(300),
                 stop_grace: Duration::from_secs(30),
+                health_interval: Duration::from_secs(5),
             }
         );
     }

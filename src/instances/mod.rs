@@ -1,0 +1,389 @@
+//! Instances: observing one instance and carrying out one planned step.
+//!
+//! This is where the store and the hypervisor meet. `observe` derives the
+//! state (never stored): no VMM → `Standby` with a complete snapshot, else
+//! `Stopped`; a VMM that answers → its own state; a socket whose VMM does not
+//! answer → `Unknown`. `execute` checks the step's hop against the state
+//! machine before any side effect and persists what changed after it. It
+//! does not choose steps; that is `reconcile::plan`.
+//!
+//! Every step is safe to run again after the daemon is killed at any point
+//! inside it: VMMs are found again by their socket, snapshots only count
+//! once their marker is written, and metadata is written atomically.
+
+pub mod provision;
+
+use crate::declaration::spec::{HypervisorKind, InstanceSpec};
+use crate::hypervisor::{Backends, GuestVmm, Hypervisor, HypervisorError, Probe, VmmHandle};
+use crate::logs::InstanceLog;
+use crate::reconcile::plan::Step;
+use crate::settings::Settings;
+use crate::state::{StateError, VmState};
+use crate::store::{GuestPaths, Metadata, SnapshotInfo, Store, StoreError, VmmRecord};
+pub use provision::{ProvisionError, Provisioner};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{op} failed")]
+    Hypervisor {
+        op: &'static str,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("preparing the VM's disks failed")]
+    Provision(#[from] ProvisionError),
+    #[error("step refused by the state machine")]
+    State(#[from] StateError),
+    #[error("no {0} backend is available on this host")]
+    NoBackend(HypervisorKind),
+    #[error("instance {0} has no guest record")]
+    NoGuest(String),
+    #[error("{step} needs the declaration")]
+    NoSpec { step: String },
+    #[error("{step} needs a live VMM")]
+    NoVmm { step: String },
+}
+
+/// What one look at an instance found.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub meta: Option<Metadata>,
+    pub state: VmState,
+    pub snapshot: Option<SnapshotInfo>,
+    /// The live VMM, when one answered.
+    pub vmm: Option<VmmHandle>,
+    /// Why the state is `Unknown`, when it is.
+    pub unreachable: Option<String>,
+}
+
+impl Observation {
+    pub fn has_snapshot(&self) -> bool {
+        self.snapshot.is_some()
+    }
+}
+
+/// Observes and acts on instances; cheap to share.
+pub struct Instances {
+    store: Arc<Store>,
+    backends: Backends,
+    settings: Arc<Settings>,
+    provisioner: Arc<dyn Provisioner>,
+}
+
+/// How often a stopping guest is looked at.
+const POLL: Duration = Duration::from_millis(50);
+
+impl Instances {
+    pub fn new(
+        store: Arc<Store>,
+        backends: Backends,
+        settings: Arc<Settings>,
+        provisioner: Arc<dyn Provisioner>,
+    ) -> Instances {
+        Instances { store, backends, settings, provisioner }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The hypervisor an instance uses: its own choice or the default.
+    pub fn resolve_kind(&self, spec: &InstanceSpec) -> HypervisorKind {
+        spec.hypervisor.unwrap_or(self.settings.default_hypervisor)
+    }
+
+    fn backend(&self, kind: HypervisorKind) -> Result<Arc<dyn Hypervisor>, InstanceError> {
+        self.backends.get(kind).ok_or(InstanceError::NoBackend(kind))
+    }
+
+    fn guest_vmm(paths: &GuestPaths, meta: &Metadata) -> GuestVmm {
+        let socket = match meta.hypervisor {
+            HypervisorKind::CloudHypervisor => paths.ch_socket.clone(),
+            HypervisorKind::Qemu => paths.qmp_socket.clone(),
+        };
+        GuestVmm {
+            guest_dir: paths.dir.clone(),
+            socket,
+            vmm_log: paths.vmm_log.clone(),
+            recorded: meta.vmm.as_ref().map(handle_of),
+        }
+    }
+
+    /// Derives the instance's state from the store and its VMM.
+    pub async fn observe(&self, name: &str) -> Result<Observation, InstanceError> {
+        let Some(meta) = self.store.find_by_name(name)? else {
+            return Ok(Observation { meta: None, state: VmState::Stopped, snapshot: None, vmm: None, unreachable: None });
+        };
+        let snapshot = self.store.snapshot(meta.id)?;
+        let backend = self.backend(meta.hypervisor)?;
+        let guest = Self::guest_vmm(&self.store.guest_paths(meta.id), &meta);
+        let (state, vmm, unreachable) = match backend.probe(&guest).await {
+            Probe::Absent if snapshot.is_some() => (VmState::Standby, None, None),
+            Probe::Absent => (VmState::Stopped, None, None),
+            Probe::Alive { handle, state } => (state, Some(handle), None),
+            Probe::Unreachable { reason } => (VmState::Unknown, None, Some(reason)),
+        };
+        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable })
+    }
+
+    /// Carries out one step. `spec` is the current declaration, when valid.
+    pub async fn execute(
+        &self,
+        name: &str,
+        step: &Step,
+        spec: Option<&InstanceSpec>,
+        obs: &Observation,
+    ) -> Result<(), InstanceError> {
+        if let Some(to) = step.hop(obs.state) {
+            obs.state.hop(to)?;
+        }
+        let needs_spec = || spec.ok_or_else(|| InstanceError::NoSpec { step: step.to_string() });
+        if let Step::Provision = step {
+            let spec = needs_spec()?;
+            self.store.create_guest(name, self.resolve_kind(spec))?;
+            return Ok(());
+        }
+        let mut meta = obs.meta.clone().ok_or_else(|| InstanceError::NoGuest(name.to_string()))?;
+        let paths = self.store.guest_paths(meta.id);
+        let log = InstanceLog::open(&paths.hypeman_log).ok();
+        if let Some(log) = &log {
+            let _ = log.append(&format!("{step} (from {})", obs.state));
+        }
+        let result = self.act(step, spec, obs, &mut meta, &paths).await;
+        if let Some(log) = &log {
+            let _ = match &result {
+                Ok(()) => log.append(&format!("{step}: done")),
+                Err(e) => log.append(&format!("{step}: failed: {}", error_chain(e))),
+            };
+        }
+        result
+    }
+
+    async fn act(
+        &self,
+        step: &Step,
+        spec: Option<&InstanceSpec>,
+        obs: &Observation,
+        meta: &mut Metadata,
+        paths: &GuestPaths,
+    ) -> Result<(), InstanceError> {
+        let live = || obs.vmm.clone().ok_or_else(|| InstanceError::NoVmm { step: step.to_string() });
+        let hv = |op: &'static str| move |source| InstanceError::Hypervisor { op, source };
+        match step {
+            Step::Converged | Step::Blocked(_) | Step::WaitUntil(_) | Step::Provision => Ok(()),
+            Step::Create => {
+                let spec = spec.ok_or_else(|| InstanceError::NoSpec { step: step.to_string() })?;
+                let kind = self.resolve_kind(spec);
+                let backend = self.backend(kind)?;
+                meta.hypervisor = kind;
+                let config = self.provisioner.prepare(spec, paths, meta).await?;
+                let guest = Self::guest_vmm(paths, meta);
+                let handle = backend.create(&guest, &config).await.map_err(hv("create"))?;
+                meta.vmm = Some(record_of(&handle));
+                meta.applied = Some(spec.restart_fields(kind));
+                meta.last_error = None;
+                self.store.write_metadata(meta)?;
+                Ok(())
+            }
+            Step::Boot => {
+                let backend = self.backend(meta.hypervisor)?;
+                backend.boot(&live()?).await.map_err(hv("boot"))
+            }
+            Step::Pause => {
+                let backend = self.backend(meta.hypervisor)?;
+                backend.pause(&live()?).await.map_err(hv("pause"))
+            }
+            Step::Resume => {
+                let backend = self.backend(meta.hypervisor)?;
+                backend.resume(&live()?).await.map_err(hv("resume"))
+            }
+            Step::Snapshot => {
+                let backend = self.backend(meta.hypervisor)?;
+                let vmm = live()?;
+                let dir = self.store.begin_snapshot(meta.id)?;
+                let taken = backend.snapshot(&vmm, &dir).await.map_err(hv("snapshot"))?;
+                let memory = backend.info(&vmm).await.ok().and_then(|i| i.memory_actual_bytes).unwrap_or(0);
+                let info = SnapshotInfo::new(meta.hypervisor, &taken.hypervisor_version, &taken.config_hash, memory);
+                self.store.commit_snapshot(meta.id, &info)?;
+                // Only now, with a complete snapshot on disk, may the VMM go.
+                self.end_vmm(backend.as_ref(), &vmm).await?;
+                meta.vmm = None;
+                self.store.write_metadata(meta)?;
+                Ok(())
+            }
+            Step::Restore => self.restore(spec, obs, meta, paths).await,
+            Step::PowerOff => {
+                let backend = self.backend(meta.hypervisor)?;
+                let vmm = live()?;
+                if obs.state == VmState::Created {
+                    // Nothing booted that could hear the power button.
+                    return backend.kill(&vmm).await.map_err(hv("kill"));
+                }
+                backend.power_off(&vmm).await.map_err(hv("power off"))?;
+                let guest = Self::guest_vmm(paths, meta);
+                let deadline = tokio::time::Instant::now() + self.settings.reconcile.stop_grace;
+                while tokio::time::Instant::now() < deadline {
+                    match backend.probe(&guest).await {
+                        Probe::Absent | Probe::Alive { state: VmState::Shutdown, .. } => return Ok(()),
+                        Probe::Alive { .. } | Probe::Unreachable { .. } => tokio::time::sleep(POLL).await,
+                    }
+                }
+                tracing::warn!(instance = %meta.name, grace = ?self.settings.reconcile.stop_grace, "guest did not power off in time; killing its VMM");
+                backend.kill(&vmm).await.map_err(hv("kill"))
+            }
+            Step::StopVmm => {
+                let backend = self.backend(meta.hypervisor)?;
+                self.end_vmm(backend.as_ref(), &live()?).await?;
+                meta.vmm = None;
+                if obs.snapshot.is_none() {
+                    meta.applied = None;
+                }
+                self.store.write_metadata(meta)?;
+                Ok(())
+            }
+            Step::DiscardSnapshot => {
+                self.store.remove_snapshot(meta.id)?;
+                meta.applied = None;
+                meta.vmm = None;
+                self.store.write_metadata(meta)?;
+                Ok(())
+            }
+            Step::DropStaleSnapshot => Ok(self.store.remove_snapshot(meta.id)?),
+            Step::ForceKill => {
+                let backend = self.backend(meta.hypervisor)?;
+                let Some(record) = &meta.vmm else {
+                    return Err(InstanceError::NoVmm { step: step.to_string() });
+                };
+                backend.kill(&handle_of(record)).await.map_err(hv("kill"))?;
+                meta.vmm = None;
+                self.store.write_metadata(meta)?;
+                Ok(())
+            }
+            Step::Remove => Ok(self.store.delete_guest(meta.id)?),
+        }
+    }
+
+    /// Ends a VMM in order, and by force when it will not go.
+    async fn end_vmm(&self, backend: &dyn Hypervisor, vmm: &VmmHandle) -> Result<(), InstanceError> {
+        match backend.shutdown_vmm(vmm).await {
+            Ok(()) => Ok(()),
+            Err(HypervisorError::VmmGone { .. }) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "orderly VMM shutdown failed; killing it");
+                backend.kill(vmm).await.map_err(|source| InstanceError::Hypervisor { op: "kill", source })
+            }
+        }
+    }
+
+    /// `Standby → Paused`, or a clean fall back to `Stopped` when the
+    /// snapshot was taken by another hypervisor version or configuration.
+    async fn restore(
+        &self,
+        spec: Option<&InstanceSpec>,
+        obs: &Observation,
+        meta: &mut Metadata,
+        paths: &GuestPaths,
+    ) -> Result<(), InstanceError> {
+        let spec = spec.ok_or_else(|| InstanceError::NoSpec { step: Step::Restore.to_string() })?;
+        let Some(snap) = &obs.snapshot else {
+            return Err(InstanceError::NoVmm { step: Step::Restore.to_string() });
+        };
+        let backend = self.backend(meta.hypervisor)?;
+        let config = self.provisioner.prepare(spec, paths, meta).await?;
+        let version = backend
+            .version()
+            .await
+            .map_err(|source| InstanceError::Hypervisor { op: "version", source })?;
+        let mismatch = if snap.hypervisor != meta.hypervisor {
+            Some(format!("it was taken with {}, the instance now uses {}", snap.hypervisor, meta.hypervisor))
+        } else if snap.hypervisor_version != version {
+            Some(format!("it was taken with {} {}, this host has {version}", snap.hypervisor, snap.hypervisor_version))
+        } else if snap.config_hash != config.config_hash() {
+            Some("the VM configuration changed since it was taken".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = mismatch {
+            let line = format!("snapshot cannot be restored ({why}); discarding it and cold booting");
+            tracing::warn!(instance = %meta.name, "{line}");
+            if let Ok(log) = InstanceLog::open(&paths.hypeman_log) {
+                let _ = log.append(&line);
+            }
+            self.store.remove_snapshot(meta.id)?;
+            meta.applied = None;
+            self.store.write_metadata(meta)?;
+            return Ok(());
+        }
+        let guest = Self::guest_vmm(paths, meta);
+        match backend.restore(&guest, &config, &paths.snapshot_latest).await {
+            Ok(handle) => {
+                meta.vmm = Some(record_of(&handle));
+                meta.last_error = None;
+                self.store.write_metadata(meta)?;
+                Ok(())
+            }
+            Err(e) => {
+                // Leave the snapshot in place for the next try, but no
+                // half-restored VMM behind.
+                if let Probe::Alive { handle, .. } = backend.probe(&guest).await {
+                    let _ = backend.kill(&handle).await;
+                }
+                Err(InstanceError::Hypervisor { op: "restore", source: e })
+            }
+        }
+    }
+
+    /// Records an error for status; the store keeps it across restarts.
+    pub fn record_error(&self, name: &str, error: Option<String>) -> Result<(), InstanceError> {
+        if let Some(mut meta) = self.store.find_by_name(name)? {
+            if meta.last_error != error {
+                meta.last_error = error;
+                self.store.write_metadata(&meta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adopts a live VMM that the metadata does not name (the daemon died
+    /// between starting it and recording it).
+    pub fn adopt(&self, obs: &Observation) -> Result<(), InstanceError> {
+        if let (Some(meta), Some(vmm)) = (&obs.meta, &obs.vmm) {
+            let record = record_of(vmm);
+            if meta.vmm.as_ref() != Some(&record) {
+                let mut meta = meta.clone();
+                tracing::info!(instance = %meta.name, pid = vmm.pid, "adopting a running VMM");
+                meta.vmm = Some(record);
+                self.store.write_metadata(&meta)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn handle_of(r: &VmmRecord) -> VmmHandle {
+    VmmHandle { pid: r.pid, pid_start_time: r.pid_start_time, socket: r.socket.clone(), version: r.version.clone() }
+}
+
+pub fn record_of(h: &VmmHandle) -> VmmRecord {
+    VmmRecord { pid: h.pid, pid_start_time: h.pid_start_time, socket: h.socket.clone(), version: h.version.clone() }
+}
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

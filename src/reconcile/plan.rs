@@ -1,0 +1,377 @@
+//! The pure planner: given what the declaration wants and what was observed,
+//! the next single hop. No IO, no clock reads, no locks; the time comes in as
+//! an argument. Everything else in `reconcile` exists to feed it and to carry
+//! out what it returns.
+
+use crate::declaration::spec::DesiredState;
+use crate::state::VmState;
+use std::fmt;
+use tokio::time::Instant;
+
+/// What the declaration asks for, read fresh at every reconcile.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Desired {
+    /// No declaration file: the instance and its data are to go.
+    Absent,
+    /// The file exists but does not parse or validate: hands off.
+    Invalid,
+    Present {
+        state: DesiredState,
+        /// `InstanceSpec::restart_fields` of the declaration.
+        restart_fields: serde_json::Value,
+    },
+}
+
+/// What is true right now, as observed through the store and the VMM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// The store holds a guest of this name.
+    pub exists: bool,
+    pub state: VmState,
+    /// A complete snapshot is on disk.
+    pub has_snapshot: bool,
+    /// The restart fields the current VM or snapshot was made from.
+    pub applied: Option<serde_json::Value>,
+    /// No step before this instant (error backoff, crash-loop backoff).
+    pub not_before: Option<Instant>,
+}
+
+/// The next thing to do for one instance. Every variant that acts is a
+/// single hop of the state machine, or bookkeeping outside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do: observed matches desired.
+    Converged,
+    /// Nothing can be done until something outside changes.
+    Blocked(String),
+    /// Backing off; look again at this instant.
+    WaitUntil(Instant),
+    /// Create the guest's record and directory (it stays `Stopped`).
+    Provision,
+    /// `Stopped → Created`: prepare disks, start the VMM, create the VM.
+    Create,
+    /// `Created → Running`.
+    Boot,
+    /// `Running → Paused`.
+    Pause,
+    /// `Paused → Running`.
+    Resume,
+    /// `Paused → Standby`: snapshot, then end the VMM.
+    Snapshot,
+    /// `Standby → Paused`: a new VMM restores the snapshot.
+    Restore,
+    /// `Running|Created → Shutdown`: power button, then a kill after the
+    /// grace period.
+    PowerOff,
+    /// `Shutdown → Stopped`: end the VMM.
+    StopVmm,
+    /// `Standby → Stopped`: remove the snapshot.
+    DiscardSnapshot,
+    /// A running VM restored from a snapshot: the snapshot is stale now.
+    DropStaleSnapshot,
+    /// `Unknown`: kill the unanswering VMM (only on delete).
+    ForceKill,
+    /// `Stopped`, declaration gone: remove the guest and all its data.
+    Remove,
+}
+
+impl Step {
+    /// The hop this step takes, checked against the table before acting.
+    pub fn hop(&self, from: VmState) -> Option<VmState> {
+        use VmState::*;
+        match self {
+            Step::Create => Some(Created),
+            Step::Boot | Step::Resume => Some(Running),
+            Step::Pause | Step::Restore => Some(Paused),
+            Step::Snapshot => Some(Standby),
+            Step::PowerOff => Some(Shutdown),
+            Step::StopVmm | Step::DiscardSnapshot => Some(Stopped),
+            Step::Converged
+            | Step::Blocked(_)
+            | Step::WaitUntil(_)
+            | Step::Provision
+            | Step::DropStaleSnapshot
+            | Step::ForceKill
+            | Step::Remove => {
+                let _ = from;
+                None
+            }
+        }
+    }
+
+    /// Whether the step changes anything (and so is worth a log line).
+    pub fn acts(&self) -> bool {
+        !matches!(self, Step::Converged | Step::Blocked(_) | Step::WaitUntil(_))
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Converged => f.write_str("nothing to do"),
+            Step::Blocked(why) => write!(f, "blocked: {why}"),
+            Step::WaitUntil(_) => f.write_str("backing off after an error"),
+            Step::Provision => f.write_str("provision"),
+            Step::Create => f.write_str("create VM"),
+            Step::Boot => f.write_str("boot"),
+            Step::Pause => f.write_str("pause"),
+            Step::Resume => f.write_str("resume"),
+            Step::Snapshot => f.write_str("snapshot to standby"),
+            Step::Restore => f.write_str("restore from standby"),
+            Step::PowerOff => f.write_str("power off"),
+            Step::StopVmm => f.write_str("stop VMM"),
+            Step::DiscardSnapshot => f.write_str("discard snapshot"),
+            Step::DropStaleSnapshot => f.write_str("drop stale snapshot"),
+            Step::ForceKill => f.write_str("kill unresponsive VMM"),
+            Step::Remove => f.write_str("remove instance data"),
+        }
+    }
+}
+
+/// The next single step from `observed` toward `desired`.
+pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
+    use VmState::*;
+    if let Some(t) = observed.not_before {
+        if now < t && !matches!(desired, Desired::Invalid) {
+            return Step::WaitUntil(t);
+        }
+    }
+    let (want, fields) = match desired {
+        Desired::Invalid => {
+            return if observed.exists {
+                Step::Blocked("the declaration is invalid; the instance is left as it is".into())
+            } else {
+                Step::Blocked("the declaration is invalid".into())
+            };
+        }
+        Desired::Absent => {
+            if !observed.exists {
+                return Step::Converged;
+            }
+            return match observed.state {
+                Unknown => Step::ForceKill,
+                // A paused guest resumes first so it can shut down cleanly
+                // and flush its overlay.
+                Paused => Step::Resume,
+                Running | Created => Step::PowerOff,
+                Shutdown => Step::StopVmm,
+                Standby => Step::DiscardSnapshot,
+                Stopped => Step::Remove,
+            };
+        }
+        Desired::Present { state, restart_fields } => (*state, restart_fields),
+    };
+    if !observed.exists {
+        return Step::Provision;
+    }
+    // A VM made from an older declaration needs a restart to pick it up.
+    let stale = observed.applied.as_ref().is_some_and(|a| a != fields);
+    match (want, observed.state) {
+        (_, Unknown) => Step::Blocked(
+            "the VMM does not answer; only deleting the declaration can clear it".into(),
+        ),
+        (DesiredState::Running, Stopped) => Step::Create,
+        (DesiredState::Running, Created) if stale => Step::PowerOff,
+        (DesiredState::Running, Created) => Step::Boot,
+        (DesiredState::Running, Running) if stale => Step::PowerOff,
+        (DesiredState::Running, Running) if observed.has_snapshot => Step::DropStaleSnapshot,
+        (DesiredState::Running, Running) => Step::Converged,
+        (DesiredState::Running, Paused) => Step::Resume,
+        (DesiredState::Running, Shutdown) => Step::StopVmm,
+        (DesiredState::Running, Standby) if stale => Step::DiscardSnapshot,
+        (DesiredState::Running, Standby) => Step::Restore,
+
+        (DesiredState::Standby, Stopped) => Step::Create,
+        (DesiredState::Standby, Created) if stale => Step::PowerOff,
+        (DesiredState::Standby, Created) => Step::Boot,
+        // Snapshotting a VM of an outdated declaration would only be thrown
+        // away at restore: restart it first.
+        (DesiredState::Standby, Running) if stale => Step::PowerOff,
+        (DesiredState::Standby, Running) => Step::Pause,
+        (DesiredState::Standby, Paused) if stale => Step::Resume,
+        (DesiredState::Standby, Paused) => Step::Snapshot,
+        (DesiredState::Standby, Shutdown) => Step::StopVmm,
+        // A stale snapshot stays until the instance is wanted running; the
+        // pending change shows in status meanwhile.
+        (DesiredState::Standby, Standby) => Step::Converged,
+
+        (DesiredState::Stopped, Stopped) => Step::Converged,
+        (DesiredState::Stopped, Paused) => Step::Resume,
+        (DesiredState::Stopped, Created | Running) => Step::PowerOff,
+        (DesiredState::Stopped, Shutdown) => Step::StopVmm,
+        (DesiredState::Stopped, Standby) => Step::DiscardSnapshot,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ALL_STATES;
+    use serde_json::json;
+    use std::time::Duration;
+    use VmState::*;
+
+    fn present(state: DesiredState) -> Desired {
+        Desired::Present { state, restart_fields: json!({"memory": 1}) }
+    }
+
+    fn observed(state: VmState) -> Observed {
+        Observed {
+            exists: true,
+            state,
+            has_snapshot: state == Standby,
+            applied: Some(json!({"memory": 1})),
+            not_before: None,
+        }
+    }
+
+    /// Follows the plan through a simulated world where every step succeeds,
+    /// returning the path of steps to convergence.
+    fn walk(desired: &Desired, mut obs: Observed) -> Vec<Step> {
+        let now = Instant::now();
+        let mut steps = Vec::new();
+        for _ in 0..20 {
+            let step = plan(desired, &obs, now);
+            if !step.acts() {
+                return steps;
+            }
+            if let Some(to) = step.hop(obs.state) {
+                assert!(obs.state.can_transition_to(to), "{step:?} from {} is not a hop", obs.state);
+                obs.state = to;
+            }
+            match &step {
+                Step::Provision => obs.exists = true,
+                Step::Create => {
+                    if let Desired::Present { restart_fields, .. } = desired {
+                        obs.applied = Some(restart_fields.clone());
+                    }
+                }
+                Step::Snapshot => obs.has_snapshot = true,
+                Step::DiscardSnapshot | Step::DropStaleSnapshot => obs.has_snapshot = false,
+                Step::StopVmm => {
+                    if !obs.has_snapshot {
+                        obs.applied = None
+                    }
+                }
+                // A guest that powers off takes its VMM along on some backends;
+                // the state machine path is the same either way.
+                Step::ForceKill => obs.state = if obs.has_snapshot { Standby } else { Stopped },
+                Step::Remove => obs.exists = false,
+                _ => {}
+            }
+            steps.push(step);
+        }
+        panic!("no convergence: {steps:?}");
+    }
+
+    #[test]
+    fn every_desired_state_converges_from_every_observable_state() {
+        use Step::*;
+        let cases: &[(DesiredState, VmState, &[Step])] = &[
+            (DesiredState::Running, Stopped, &[Create, Boot]),
+            (DesiredState::Running, Created, &[Boot]),
+            (DesiredState::Running, Running, &[]),
+            (DesiredState::Running, Paused, &[Resume]),
+            (DesiredState::Running, Shutdown, &[StopVmm, Create, Boot]),
+            (DesiredState::Running, Standby, &[Restore, Resume, DropStaleSnapshot]),
+            (DesiredState::Standby, Stopped, &[Create, Boot, Pause, Snapshot]),
+            (DesiredState::Standby, Running, &[Pause, Snapshot]),
+            (DesiredState::Standby, Paused, &[Snapshot]),
+            (DesiredState::Standby, Standby, &[]),
+            (DesiredState::Stopped, Running, &[PowerOff, StopVmm]),
+            (DesiredState::Stopped, Paused, &[Resume, PowerOff, StopVmm]),
+            (DesiredState::Stopped, Created, &[PowerOff, StopVmm]),
+            (DesiredState::Stopped, Standby, &[DiscardSnapshot]),
+            (DesiredState::Stopped, Stopped, &[]),
+        ];
+        for (want, from, expected) in cases {
+            let mut obs = observed(*from);
+            if *from == Standby && *want == DesiredState::Running {
+                obs.has_snapshot = true;
+            }
+            let got = walk(&present(*want), obs);
+            assert_eq!(&got, expected, "{want} from {from}");
+        }
+    }
+
+    #[test]
+    fn removal_deletes_from_every_state_but_unknown_is_killed_first() {
+        for from in ALL_STATES {
+            let steps = walk(&Desired::Absent, observed(from));
+            assert_eq!(steps.last(), Some(&Step::Remove), "from {from}: {steps:?}");
+            if from == Unknown {
+                assert_eq!(steps[0], Step::ForceKill);
+            }
+        }
+        let gone = Observed { exists: false, ..observed(Stopped) };
+        assert_eq!(plan(&Desired::Absent, &gone, Instant::now()), Step::Converged);
+    }
+
+    #[test]
+    fn invalid_declaration_touches_nothing_in_any_state() {
+        for from in ALL_STATES {
+            let step = plan(&Desired::Invalid, &observed(from), Instant::now());
+            assert!(matches!(step, Step::Blocked(_)), "{from}: {step:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_is_blocked_unless_deleted() {
+        for want in [DesiredState::Running, DesiredState::Standby, DesiredState::Stopped] {
+            assert!(matches!(plan(&present(want), &observed(Unknown), Instant::now()), Step::Blocked(_)));
+        }
+    }
+
+    #[test]
+    fn a_changed_declaration_restarts_the_vm() {
+        use Step::*;
+        let desired = Desired::Present { state: DesiredState::Running, restart_fields: json!({"memory": 2}) };
+        assert_eq!(walk(&desired, observed(Running)), vec![PowerOff, StopVmm, Create, Boot]);
+        // From standby the old snapshot is useless: cold boot the new spec.
+        let mut obs = observed(Standby);
+        obs.has_snapshot = true;
+        assert_eq!(walk(&desired, obs), vec![DiscardSnapshot, Create, Boot]);
+        // Declared stopped: no restart needed, nothing to do.
+        let stopped = Desired::Present { state: DesiredState::Stopped, restart_fields: json!({"memory": 2}) };
+        assert_eq!(walk(&stopped, Observed { applied: None, ..observed(Stopped) }), vec![]);
+    }
+
+    #[test]
+    fn missing_guest_is_provisioned_first() {
+        let obs = Observed { exists: false, applied: None, ..observed(Stopped) };
+        let steps = walk(&present(DesiredState::Running), obs);
+        assert_eq!(steps, vec![Step::Provision, Step::Create, Step::Boot]);
+    }
+
+    #[test]
+    fn backoff_waits_then_acts() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        let obs = Observed { not_before: Some(later), ..observed(Stopped) };
+        assert_eq!(plan(&present(DesiredState::Running), &obs, now), Step::WaitUntil(later));
+        assert_eq!(plan(&present(DesiredState::Running), &obs, later), Step::Create);
+    }
+
+    #[test]
+    fn every_acting_step_is_a_valid_hop_or_bookkeeping() {
+        let desired = [
+            Desired::Absent,
+            Desired::Invalid,
+            present(DesiredState::Running),
+            present(DesiredState::Standby),
+            present(DesiredState::Stopped),
+            Desired::Present { state: DesiredState::Running, restart_fields: json!({"memory": 9}) },
+        ];
+        for d in &desired {
+            for from in ALL_STATES {
+                for has_snapshot in [false, true] {
+                    let obs = Observed { has_snapshot, ..observed(from) };
+                    let step = plan(d, &obs, Instant::now());
+                    if let Some(to) = step.hop(from) {
+                        assert!(from.can_transition_to(to), "{d:?} {from}: {step:?}");
+                    }
+                }
+            }
+        }
+    }
+}
