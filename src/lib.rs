@@ -4,6 +4,7 @@
 //! holding what is on disk, `watch` noticing changes and `logs` reading the
 //! per-instance logs.
 
+pub mod daemon;
 pub mod declaration;
 pub mod hypervisor;
 pub mod logs;

@@ -218,6 +218,11 @@ impl FakeHypervisor {
         })
     }
 
+    /// Faults armed with [`FakeHypervisor::fail`] that have not fired yet.
+    pub fn pending_faults(&self) -> usize {
+        self.peek(|w| w.armed.len())
+    }
+
     pub fn clear_calls(&self) {
         self.with(|w| w.calls.clear());
     }

@@ -23,7 +23,7 @@ static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 /// A fully written, fsynced temporary file that has not yet replaced its
 /// target. Dropping it without [`Staged::commit`] is exactly what a crash
 /// between write and rename leaves behind: the target is untouched and the
-/// temp file is a stray that `Store::open` sweeps away.
+/// temp file is a stray that `Store::open_and_recover` sweeps away.
 #[derive(Debug)]
 pub(crate) struct Staged {
     temp: PathBuf,

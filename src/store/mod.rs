@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Every multi-step operation is safe to re-run after the daemon is killed
-//! at any point, and [`Store::open`] finishes or rolls back whatever a crash
+//! at any point, and [`Store::open_and_recover`] finishes or rolls back whatever a crash
 //! interrupted. The store does no hypervisor calls and holds no policy: it
 //! never decides whether a guest should run, only records what it is told
 //! and reports what is on disk. All IO here is blocking `std::fs`; async
@@ -64,6 +64,18 @@ impl Store {
     /// files, and finishes or drops interrupted snapshot commits. A guest
     /// that cannot be repaired is logged and left for the next open; it
     /// does not stop the others from being served.
+    ///
+    /// Only the one process that owns the data dir (the daemon, holding its
+    /// lock) may do this: to anyone else, a snapshot being written looks
+    /// exactly like an abandoned one.
+    pub fn open_and_recover(data_dir: &Path) -> Result<Store, StoreError> {
+        let store = Store::open(data_dir)?;
+        store.repair()?;
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) the data dir without repairing anything:
+    /// for readers such as the CLI, and safe while a daemon works in it.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         // Sockets handed to hypervisors must not depend on their cwd.
         let data_dir =
@@ -96,7 +108,6 @@ impl Store {
         // Every guest's socket path has the same length; fail at startup,
         // not at the first boot.
         store.guest_paths(Ulid::nil()).check_socket_paths()?;
-        store.repair()?;
         Ok(store)
     }
 

@@ -12,8 +12,8 @@
 //!
 //! A snapshot is complete iff `snapshot-latest/snapshot.json` exists and
 //! parses. A `.partial` with a valid marker is a commit that crashed before
-//! its rename; `Store::open` finishes it. A `.partial` without one is an
-//! abandoned attempt; `Store::open` deletes it. Anything being deleted is
+//! its rename; `Store::open_and_recover` finishes it. A `.partial` without one is an
+//! abandoned attempt; `Store::open_and_recover` deletes it. Anything being deleted is
 //! first renamed to `.snapshot-trash`, so the marker disappears atomically
 //! before any memory file does.
 
@@ -359,7 +359,7 @@ mod tests {
         write_hypervisor_files(&partial, "new");
         drop(store);
 
-        let store = Store::open(tmp.path()).unwrap();
+        let store = Store::open_and_recover(tmp.path()).unwrap();
         assert_eq!(snapshot_entries(&store, m.id), vec!["snapshot-latest"]);
         assert_eq!(store.snapshot(m.id).unwrap().unwrap().config_hash, "old");
     }
@@ -385,7 +385,7 @@ mod tests {
             }
             drop(store);
 
-            let store = Store::open(tmp.path()).unwrap();
+            let store = Store::open_and_recover(tmp.path()).unwrap();
             assert_eq!(
                 store.snapshot(m.id).unwrap().unwrap().config_hash,
                 "new",
@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(store.snapshot(m.id).unwrap(), None);
         drop(store);
 
-        let store = Store::open(tmp.path()).unwrap();
+        let store = Store::open_and_recover(tmp.path()).unwrap();
         assert_eq!(store.snapshot(m.id).unwrap(), None);
         assert!(snapshot_entries(&store, m.id).is_empty());
     }

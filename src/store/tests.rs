@@ -14,7 +14,7 @@ use crate::declaration::spec::HypervisorKind;
 /// A fresh store holding one guest called `name`.
 pub(crate) fn store_with_guest(name: &str) -> (TempDir, Store, Metadata) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path()).unwrap();
+    let store = Store::open_and_recover(tmp.path()).unwrap();
     let m = store
         .create_guest(name, HypervisorKind::CloudHypervisor)
         .unwrap();
@@ -38,18 +38,18 @@ fn entries(dir: &Path) -> Vec<String> {
 fn open_creates_the_layout() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("var/lib/hypeman");
-    let store = Store::open(&data).unwrap();
+    let store = Store::open_and_recover(&data).unwrap();
     assert_eq!(store.data_dir(), data);
     assert_eq!(entries(&data), vec!["guests", "images", "system"]);
     // Re-opening an existing data dir is fine.
-    Store::open(&data).unwrap();
+    Store::open_and_recover(&data).unwrap();
 }
 
 #[test]
 fn open_refuses_a_data_dir_too_long_for_sockets() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("d".repeat(100));
-    match Store::open(&data) {
+    match Store::open_and_recover(&data) {
         Err(StoreError::SocketPathTooLong { path, .. }) => assert!(path.starts_with(&data)),
         other => panic!("expected SocketPathTooLong, got {other:?}"),
     }
@@ -104,7 +104,7 @@ fn a_crashed_create_is_invisible_and_removed_by_open() {
     ));
     drop(store);
 
-    let store = Store::open(tmp.path()).unwrap();
+    let store = Store::open_and_recover(tmp.path()).unwrap();
     assert!(!staging.exists());
     assert_eq!(entries(&tmp.path().join("guests")), vec![m.id.to_string()]);
     assert_eq!(store.list().unwrap().guests, vec![m]);
@@ -148,7 +148,7 @@ fn a_crashed_delete_is_invisible_and_finished_by_open() {
     assert!(store.list().unwrap().unreadable.is_empty());
     drop(store);
 
-    let store = Store::open(tmp.path()).unwrap();
+    let store = Store::open_and_recover(tmp.path()).unwrap();
     assert!(!deleting.exists());
     assert_eq!(store.list().unwrap().guests, vec![keep]);
 }
@@ -224,7 +224,7 @@ fn a_crash_between_temp_write_and_rename_keeps_the_old_metadata() {
     assert_eq!(store.list().unwrap().guests, vec![before.clone()]);
     drop(store);
 
-    let store = Store::open(tmp.path()).unwrap();
+    let store = Store::open_and_recover(tmp.path()).unwrap();
     assert!(!temp.exists(), "open sweeps the stray temp file");
     assert_eq!(store.read_metadata(m.id).unwrap(), before);
     assert_eq!(
@@ -236,7 +236,7 @@ fn a_crash_between_temp_write_and_rename_keeps_the_old_metadata() {
 #[test]
 fn list_reports_a_corrupt_guest_without_hiding_the_others() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path()).unwrap();
+    let store = Store::open_and_recover(tmp.path()).unwrap();
     let zed = store.create_guest("zed", HypervisorKind::Qemu).unwrap();
     let bad = store.create_guest("bad", HypervisorKind::Qemu).unwrap();
     let api = store
@@ -283,7 +283,7 @@ fn metadata_under_the_wrong_directory_is_refused() {
 /// Three guests whose IDs share prefixes: A and B share "01J0000000", C differs early.
 fn lookup_fixture() -> (TempDir, Store) {
     let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open(tmp.path()).unwrap();
+    let store = Store::open_and_recover(tmp.path()).unwrap();
     store
         .create_guest_with_id(
             id("01J0000000AAAAAAAAAAAAAAAA"),

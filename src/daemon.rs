@@ -1,0 +1,111 @@
+//! The daemon's lifecycle: wire the store, the watcher and the reconciler
+//! together, run until told to stop, and leave every VMM running on the way
+//! out (they are adopted by the next daemon).
+//!
+//! Shutdown is injected (`run(cfg, shutdown)`), so tests stop a daemon with
+//! their own trigger and the binary with SIGTERM/SIGINT.
+
+use crate::hypervisor::Backends;
+use crate::instances::{Instances, Provisioner};
+use crate::reconcile::worker::instances_dir;
+use crate::reconcile::Reconciler;
+use crate::settings::Settings;
+use crate::store::{Store, StoreError};
+use crate::watch::{self, WatchError, WatchReason, Watcher};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+pub struct DaemonConfig {
+    pub config_dir: PathBuf,
+    pub settings: Arc<Settings>,
+    pub backends: Backends,
+    pub provisioner: Arc<dyn Provisioner>,
+    /// Listen for SIGHUP (a full rescan). Off in tests that run several
+    /// daemons in one process.
+    pub handle_sighup: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot open the data directory")]
+    Store(#[from] StoreError),
+    #[error("cannot watch the instances directory")]
+    Watch(#[from] WatchError),
+    #[error("cannot lock {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another hypeman daemon already manages {data_dir}")]
+    AlreadyRunning { data_dir: PathBuf },
+}
+
+/// One daemon per data dir: two would each start VMMs for the same
+/// instances. The lock is released when the daemon's process ends, however
+/// it ends.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let path = data_dir.join("daemon.lock");
+    let io = |source| DaemonError::Lock { path: path.clone(), source };
+    std::fs::create_dir_all(data_dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            DaemonError::AlreadyRunning { data_dir: data_dir.to_path_buf() }
+        } else {
+            io(std::io::Error::from(errno))
+        }
+    })
+}
+
+/// How long in-flight steps get to finish when the daemon stops.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
+    let started = std::time::Instant::now();
+    let _lock = lock_data_dir(&cfg.settings.data_dir)?;
+    let store = Arc::new(Store::open_and_recover(&cfg.settings.data_dir)?);
+    let dir = instances_dir(&cfg.config_dir);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Watch first, list second: nothing written in between is missed.
+    let _watcher = Watcher::start(dir.clone(), tx.clone())?;
+    let _sighup = if cfg.handle_sighup { Some(watch::spawn_sighup(tx.clone())?) } else { None };
+    let instances = Arc::new(Instances::new(store, cfg.backends, cfg.settings.clone(), cfg.provisioner));
+    let mut reconciler = Reconciler::new(instances, dir.clone());
+    reconciler.nudge_all();
+    tracing::info!(
+        instances_dir = %dir.display(),
+        data_dir = %cfg.settings.data_dir.display(),
+        instances = reconciler.worker_count(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "hypeman daemon ready"
+    );
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut resync = tokio::time::interval(cfg.settings.reconcile.resync_interval);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            ev = rx.recv() => match ev {
+                Some(ev) => match (ev.name, ev.reason) {
+                    (Some(name), WatchReason::FileChanged | WatchReason::FileRemoved) => reconciler.nudge(&name),
+                    (_, _) => {
+                        tracing::info!("rescanning all instances");
+                        reconciler.nudge_all();
+                    }
+                },
+                None => break,
+            },
+            _ = resync.tick() => reconciler.nudge_all(),
+        }
+    }
+    tracing::info!("stopping; VMs keep running and will be adopted by the next daemon");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    reconciler.shutdown(STOP_TIMEOUT).await;
+    Ok(())
+}

@@ -1,0 +1,410 @@
+//! The whole daemon (watcher, workers, planner, executor, store) against the
+//! fake hypervisor, through real files in temp directories.
+
+use hypeman::daemon::{self, DaemonConfig};
+use hypeman::declaration::spec::{HypervisorKind, InstanceSpec};
+use hypeman::hypervisor::fake::{FakeHypervisor, Fault, Op};
+use hypeman::hypervisor::{Backends, DiskConfig, VmConfig};
+use hypeman::instances::{Instances, ProvisionError, Provisioner};
+use hypeman::settings::Settings;
+use hypeman::state::VmState;
+use hypeman::store::{GuestPaths, Metadata, Store};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Prepares what a fake VM needs: just the overlay file, once.
+struct TestProvisioner;
+
+#[async_trait::async_trait]
+impl Provisioner for TestProvisioner {
+    async fn prepare(&self, spec: &InstanceSpec, guest: &GuestPaths, _meta: &Metadata) -> Result<VmConfig, ProvisionError> {
+        if !guest.overlay.exists() {
+            let f = std::fs::File::create(&guest.overlay).map_err(|e| ProvisionError::Disk {
+                what: "overlay",
+                path: guest.overlay.clone(),
+                source: e.into(),
+            })?;
+            f.set_len(spec.overlay_size.bytes()).map_err(|e| ProvisionError::Disk {
+                what: "overlay",
+                path: guest.overlay.clone(),
+                source: e.into(),
+            })?;
+        }
+        Ok(VmConfig {
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory.bytes(),
+            hotplug_memory_bytes: spec.hotplug_memory.bytes(),
+            kernel: "/fake/vmlinux".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            disks: vec![DiskConfig { id: "overlay".into(), path: guest.overlay.clone(), readonly: false, limit: Default::default() }],
+            net: None,
+            devices: vec![],
+            serial_log: guest.app_log.clone(),
+        })
+    }
+}
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    config_dir: PathBuf,
+    settings: Arc<Settings>,
+    fake: FakeHypervisor,
+    daemon: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let config_dir = tmp.path().join("etc");
+        std::fs::create_dir_all(config_dir.join("instances")).unwrap();
+        let mut settings = Settings::defaults();
+        settings.data_dir = tmp.path().join("data");
+        settings.default_hypervisor = HypervisorKind::Qemu;
+        settings.reconcile.resync_interval = Duration::from_millis(300);
+        settings.reconcile.debounce = Duration::from_millis(10);
+        settings.reconcile.backoff_initial = Duration::from_millis(20);
+        settings.reconcile.backoff_max = Duration::from_millis(200);
+        settings.reconcile.stop_grace = Duration::from_millis(300);
+        settings.reconcile.health_interval = Duration::from_millis(50);
+        Env {
+            _tmp: tmp,
+            config_dir,
+            settings: Arc::new(settings),
+            fake: FakeHypervisor::new(HypervisorKind::Qemu),
+            daemon: None,
+        }
+    }
+
+    fn backends(&self) -> Backends {
+        Backends { cloud_hypervisor: None, qemu: Some(Arc::new(self.fake.clone())) }
+    }
+
+    fn start(&mut self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let cfg = DaemonConfig {
+            config_dir: self.config_dir.clone(),
+            settings: self.settings.clone(),
+            backends: self.backends(),
+            provisioner: Arc::new(TestProvisioner),
+            handle_sighup: false,
+        };
+        let task = tokio::spawn(async move {
+            daemon::run(cfg, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap()
+        });
+        self.daemon = Some((tx, task));
+    }
+
+    async fn stop(&mut self) {
+        if let Some((tx, task)) = self.daemon.take() {
+            let _ = tx.send(());
+            tokio::time::timeout(WAIT, task).await.expect("daemon stops").unwrap();
+        }
+    }
+
+    /// Kills the daemon like SIGKILL would: no orderly stop of anything.
+    fn kill(&mut self) {
+        if let Some((_tx, task)) = self.daemon.take() {
+            task.abort();
+        }
+    }
+
+    fn write(&self, name: &str, body: &str) {
+        let path = self.config_dir.join("instances").join(format!("{name}.toml"));
+        // Atomic save, like an editor: temp file, then rename over.
+        let tmp = self.config_dir.join("instances").join(format!(".{name}.toml.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+
+    fn remove(&self, name: &str) {
+        std::fs::remove_file(self.config_dir.join("instances").join(format!("{name}.toml"))).unwrap();
+    }
+
+    fn instances(&self) -> Instances {
+        let store = Arc::new(Store::open(&self.settings.data_dir).unwrap());
+        Instances::new(store, self.backends(), self.settings.clone(), Arc::new(TestProvisioner))
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.settings.data_dir).unwrap()
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        let meta = self.store().find_by_name(name).unwrap().expect("guest exists");
+        self.store().guest_paths(meta.id).qmp_socket
+    }
+
+    async fn state(&self, name: &str) -> VmState {
+        self.instances().observe(name).await.unwrap().state
+    }
+
+    async fn wait_for(&self, name: &str, want: VmState) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.state(name).await;
+            if got == want {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let err = self.store().find_by_name(name).ok().flatten().and_then(|m| m.last_error);
+                panic!("{name}: waited for {want}, still {got} (last error: {err:?}); calls {:?}", self.fake.calls());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_gone(&self, name: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.store().find_by_name(name).unwrap().is_some() {
+            assert!(tokio::time::Instant::now() < deadline, "{name} never deleted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn decl(state: &str, memory: &str) -> String {
+    format!("image = \"docker.io/library/busybox:latest\"\nstate = \"{state}\"\nmemory = \"{memory}\"\ncmd = [\"sh\"]\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_standby_restore_stop_delete() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    assert_eq!(env.fake.calls(), vec![Op::Create, Op::Boot]);
+
+    env.fake.clear_calls();
+    env.write("web", &decl("standby", "256MiB"));
+    env.wait_for("web", VmState::Standby).await;
+    assert_eq!(env.fake.live_vmms(), 0, "standby leaves no VMM");
+    let id = env.store().find_by_name("web").unwrap().unwrap().id;
+    assert!(env.store().snapshot(id).unwrap().is_some(), "a complete snapshot");
+    assert_eq!(env.fake.calls(), vec![Op::Pause, Op::Snapshot, Op::Info, Op::ShutdownVmm]);
+
+    env.fake.clear_calls();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    assert_eq!(&env.fake.calls()[..2], &[Op::Restore, Op::Resume]);
+    // Once running, the snapshot is stale and goes.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.store().snapshot(id).unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "stale snapshot kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.fake.vmms_started(), 2);
+
+    env.write("web", &decl("stopped", "256MiB"));
+    env.wait_for("web", VmState::Stopped).await;
+    assert_eq!(env.fake.live_vmms(), 0);
+
+    let dir = env.store().guest_paths(id).dir;
+    assert!(dir.exists());
+    env.remove("web");
+    env.wait_gone("web").await;
+    assert!(!dir.exists(), "removing the file deletes the data");
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_declaration_leaves_the_instance_alone() {
+    let mut env = Env::new();
+    env.start();
+    env.write("db", &decl("running", "256MiB"));
+    env.wait_for("db", VmState::Running).await;
+    let pid = env.instances().observe("db").await.unwrap().vmm.unwrap().pid;
+    env.fake.clear_calls();
+
+    env.write("db", "image = \"busybox\"\nstate = \"sideways\"\n");
+    // Several resyncs pass; nothing may happen to the VM.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(env.fake.calls(), Vec::<Op>::new());
+    let obs = env.instances().observe("db").await.unwrap();
+    assert_eq!(obs.state, VmState::Running);
+    assert_eq!(obs.vmm.unwrap().pid, pid);
+    let err = obs.meta.unwrap().last_error.expect("the error is reported");
+    assert!(err.contains("db.toml:2:"), "error names file and line: {err}");
+
+    // Fixing the file clears the error without touching the VM.
+    env.write("db", &decl("running", "256MiB"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.store().find_by_name("db").unwrap().unwrap().last_error.is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "error never cleared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.fake.calls(), Vec::<Op>::new());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_spec_restarts_gracefully() {
+    let mut env = Env::new();
+    env.start();
+    env.write("app", &decl("running", "256MiB"));
+    env.wait_for("app", VmState::Running).await;
+    let socket = env.socket("app");
+    env.fake.clear_calls();
+    env.write("app", &decl("running", "512MiB"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if env.fake.config_of(&socket).map(|c| c.memory_bytes) == Some(512 << 20)
+            && env.fake.state_of(&socket) == Some(VmState::Running)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never restarted: {:?}", env.fake.calls());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.fake.calls(), vec![Op::PowerOff, Op::ShutdownVmm, Op::Create, Op::Boot]);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_vmm_is_noticed_and_the_instance_brought_back() {
+    let mut env = Env::new();
+    env.start();
+    env.write("svc", &decl("running", "256MiB"));
+    env.wait_for("svc", VmState::Running).await;
+    assert!(env.fake.kill_vmm(&env.socket("svc")));
+    assert!(env.fake.wait_for_calls(Op::Create, 2, WAIT).await, "recreated after death");
+    env.wait_for("svc", VmState::Running).await;
+    assert_eq!(env.fake.live_vmms(), 1);
+
+    // A guest that powers off while declared running is started again.
+    env.fake.guest_exit(&env.socket("svc"));
+    assert!(env.fake.wait_for_calls(Op::Create, 3, WAIT).await, "restarted after guest exit");
+    env.wait_for("svc", VmState::Running).await;
+    // And one declared standby that died keeps its snapshot semantics.
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_daemon_adopts_live_vmms() {
+    let mut env = Env::new();
+    env.start();
+    for n in ["a", "b", "c"] {
+        env.write(n, &decl("running", "256MiB"));
+    }
+    for n in ["a", "b", "c"] {
+        env.wait_for(n, VmState::Running).await;
+    }
+    env.stop().await;
+    assert_eq!(env.fake.live_vmms(), 3, "VMs outlive the daemon");
+    env.fake.clear_calls();
+    env.start();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(env.fake.vmms_started(), 3, "no VMM started twice");
+    assert_eq!(env.fake.calls(), Vec::<Op>::new());
+
+    // Killed (not stopped) in the middle of a standby: the next daemon finishes it.
+    env.fake.set_delay(Op::Snapshot, Duration::from_millis(300));
+    env.write("a", &decl("standby", "256MiB"));
+    assert!(env.fake.wait_for_calls(Op::Snapshot, 1, WAIT).await);
+    env.kill();
+    env.fake.set_delay(Op::Snapshot, Duration::ZERO);
+    env.start();
+    env.wait_for("a", VmState::Standby).await;
+    assert_eq!(env.fake.live_vmms(), 2);
+    assert_eq!(env.fake.vmms_started(), 3);
+    env.stop().await;
+}
+
+/// Every operation of every orchestration fails once (before and after
+/// taking effect); each time the instance still converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fault_at_every_step_converges_after_a_retry() {
+    let scenarios: &[(&str, &str, VmState, &[Op])] = &[
+        ("create", "running", VmState::Running, &[Op::Create, Op::Boot]),
+        ("standby", "standby", VmState::Standby, &[Op::Pause, Op::Snapshot, Op::ShutdownVmm]),
+        ("restore", "running", VmState::Running, &[Op::Restore, Op::Resume]),
+        ("stop", "stopped", VmState::Stopped, &[Op::PowerOff, Op::ShutdownVmm]),
+    ];
+    for fault in [Fault::Error, Fault::ErrorAfter, Fault::KillVmm] {
+        for (scenario, _, _, ops) in scenarios {
+            for op in *ops {
+                let mut env = Env::new();
+                env.start();
+                // Bring the instance to where the scenario starts.
+                let (start, setup): (&str, VmState) = match *scenario {
+                    "create" => ("stopped", VmState::Stopped),
+                    "standby" | "stop" => ("running", VmState::Running),
+                    _ => ("standby", VmState::Standby),
+                };
+                env.write("x", &decl(start, "256MiB"));
+                if *scenario == "create" {
+                    let deadline = tokio::time::Instant::now() + WAIT;
+                    while env.store().find_by_name("x").unwrap().is_none() {
+                        assert!(tokio::time::Instant::now() < deadline);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                env.wait_for("x", setup).await;
+                env.fake.fail(*op, 0, fault);
+                let (_, want_str, want, _) = scenarios.iter().find(|s| s.0 == *scenario).unwrap();
+                env.write("x", &decl(want_str, "256MiB"));
+                env.wait_for("x", *want).await;
+                // Settled: the state holds and exactly the right VMMs live.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert_eq!(env.state("x").await, *want, "{scenario} with {fault:?} at {op:?}");
+                assert_eq!(env.fake.pending_faults(), 0, "the fault at {op:?} fired");
+                let expect_vmms = usize::from(want.requires_vmm());
+                assert_eq!(env.fake.live_vmms(), expect_vmms, "{scenario} with {fault:?} at {op:?}");
+                env.stop().await;
+            }
+        }
+    }
+    // Delete, with a fault in its VMM shutdown.
+    let mut env = Env::new();
+    env.start();
+    env.write("x", &decl("running", "256MiB"));
+    env.wait_for("x", VmState::Running).await;
+    env.fake.fail(Op::ShutdownVmm, 0, Fault::Error);
+    env.fake.fail(Op::PowerOff, 0, Fault::Error);
+    env.remove("x");
+    env.wait_gone("x").await;
+    assert_eq!(env.fake.live_vmms(), 0);
+    assert_eq!(env.fake.pending_faults(), 0);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_ignoring_the_power_button_is_killed_after_the_grace() {
+    let mut env = Env::new();
+    env.fake.set_guest_ignores_power_off(true);
+    env.start();
+    env.write("stubborn", &decl("running", "256MiB"));
+    env.wait_for("stubborn", VmState::Running).await;
+    env.fake.clear_calls();
+    env.write("stubborn", &decl("stopped", "256MiB"));
+    env.wait_for("stubborn", VmState::Stopped).await;
+    assert_eq!(env.fake.calls(), vec![Op::PowerOff, Op::Kill]);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresponsive_vmm_is_unknown_and_only_delete_clears_it() {
+    let mut env = Env::new();
+    env.start();
+    env.write("hung", &decl("running", "256MiB"));
+    env.wait_for("hung", VmState::Running).await;
+    let socket = env.socket("hung");
+    env.fake.make_unresponsive(&socket, true);
+    env.wait_for("hung", VmState::Unknown).await;
+    env.write("hung", &decl("stopped", "256MiB"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.state("hung").await, VmState::Unknown, "only delete is allowed");
+    env.remove("hung");
+    env.wait_gone("hung").await;
+    assert_eq!(env.fake.live_vmms(), 0);
+    env.stop().await;
+}
