@@ -2,51 +2,19 @@
 //! fake hypervisor, through real files in temp directories.
 
 use hypeman::daemon::{self, DaemonConfig};
-use hypeman::declaration::spec::{HypervisorKind, InstanceSpec};
+use hypeman::declaration::spec::HypervisorKind;
 use hypeman::hypervisor::fake::{FakeHypervisor, Fault, Op};
-use hypeman::hypervisor::{Backends, DiskConfig, VmConfig};
-use hypeman::instances::{Instances, ProvisionError, Provisioner};
+use hypeman::hypervisor::Backends;
+use hypeman::instances::provision::FakeProvisioner;
+use hypeman::instances::Instances;
 use hypeman::settings::Settings;
 use hypeman::state::VmState;
-use hypeman::store::{GuestPaths, Metadata, Store};
+use hypeman::store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-
-/// Prepares what a fake VM needs: just the overlay file, once.
-struct TestProvisioner;
-
-#[async_trait::async_trait]
-impl Provisioner for TestProvisioner {
-    async fn prepare(&self, spec: &InstanceSpec, guest: &GuestPaths, _meta: &Metadata) -> Result<VmConfig, ProvisionError> {
-        if !guest.overlay.exists() {
-            let f = std::fs::File::create(&guest.overlay).map_err(|e| ProvisionError::Disk {
-                what: "overlay",
-                path: guest.overlay.clone(),
-                source: e.into(),
-            })?;
-            f.set_len(spec.overlay_size.bytes()).map_err(|e| ProvisionError::Disk {
-                what: "overlay",
-                path: guest.overlay.clone(),
-                source: e.into(),
-            })?;
-        }
-        Ok(VmConfig {
-            vcpus: spec.vcpus,
-            memory_bytes: spec.memory.bytes(),
-            hotplug_memory_bytes: spec.hotplug_memory.bytes(),
-            kernel: "/fake/vmlinux".into(),
-            initrd: None,
-            cmdline: "console=ttyS0".into(),
-            disks: vec![DiskConfig { id: "overlay".into(), path: guest.overlay.clone(), readonly: false, limit: Default::default() }],
-            net: None,
-            devices: vec![],
-            serial_log: guest.app_log.clone(),
-        })
-    }
-}
 
 struct Env {
     _tmp: tempfile::TempDir,
@@ -91,7 +59,7 @@ impl Env {
             config_dir: self.config_dir.clone(),
             settings: self.settings.clone(),
             backends: self.backends(),
-            provisioner: Arc::new(TestProvisioner),
+            provisioner: Arc::new(FakeProvisioner),
             handle_sighup: false,
         };
         let task = tokio::spawn(async move {
@@ -132,7 +100,7 @@ impl Env {
 
     fn instances(&self) -> Instances {
         let store = Arc::new(Store::open(&self.settings.data_dir).unwrap());
-        Instances::new(store, self.backends(), self.settings.clone(), Arc::new(TestProvisioner))
+        Instances::new(store, self.backends(), self.settings.clone(), Arc::new(FakeProvisioner))
     }
 
     fn store(&self) -> Store {

@@ -95,7 +95,10 @@ struct World {
     vmms: BTreeMap<PathBuf, FakeVmm>,
     next_pid: u32,
     started: usize,
-    calls: Vec<(Op, PathBuf)>,
+    calls: Vec<(Op, PathBuf, std::time::Instant)>,
+    /// The same calls indexed, so benchmarks can poll them cheaply.
+    by_target: HashMap<(Op, PathBuf), Vec<std::time::Instant>>,
+    counts: HashMap<Op, usize>,
     armed: Vec<Armed>,
     delays: HashMap<Op, Duration>,
     /// Held operations and the calls let through so far.
@@ -212,15 +215,26 @@ impl FakeHypervisor {
         self.peek(|w| {
             w.calls
                 .iter()
-                .map(|(op, _)| *op)
+                .map(|(op, _, _)| *op)
                 .filter(|op| !matches!(op, Op::Probe | Op::Version))
                 .collect()
         })
     }
 
+    /// When each call of `op` on `socket` was made, in order.
+    pub fn call_times(&self, op: Op, socket: &Path) -> Vec<std::time::Instant> {
+        self.peek(|w| w.by_target.get(&(op, socket.to_path_buf())).cloned().unwrap_or_default())
+    }
+
     /// Faults armed with [`FakeHypervisor::fail`] that have not fired yet.
     pub fn pending_faults(&self) -> usize {
         self.peek(|w| w.armed.len())
+    }
+
+    /// How many calls of `op` were made since the start (not reset by
+    /// [`FakeHypervisor::clear_calls`]).
+    pub fn call_count(&self, op: Op) -> usize {
+        self.peek(|w| w.counts.get(&op).copied().unwrap_or(0))
     }
 
     pub fn clear_calls(&self) {
@@ -232,7 +246,7 @@ impl FakeHypervisor {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
-            let n = self.peek(|w| w.calls.iter().filter(|(o, _)| *o == op).count());
+            let n = self.call_count(op);
             if n >= at_least {
                 return true;
             }
@@ -245,7 +259,10 @@ impl FakeHypervisor {
     /// Records the call, applies delay and hold, and fires an armed fault.
     async fn enter(&self, op: Op, socket: &Path) -> Result<Option<Fault>, HypervisorError> {
         let delay = self.with(|w| {
-            w.calls.push((op, socket.to_path_buf()));
+            let now = std::time::Instant::now();
+            w.calls.push((op, socket.to_path_buf(), now));
+            w.by_target.entry((op, socket.to_path_buf())).or_default().push(now);
+            *w.counts.entry(op).or_default() += 1;
             w.delays.get(&op).copied()
         });
         if let Some(d) = delay {

@@ -40,3 +40,45 @@ pub trait Provisioner: Send + Sync + 'static {
         meta: &Metadata,
     ) -> Result<VmConfig, ProvisionError>;
 }
+
+/// The provisioner paired with the fake hypervisor in tests and benchmarks:
+/// it makes only the sparse overlay (once, never again while it exists)
+/// and a launch config from the declaration, with no image or kernel.
+pub struct FakeProvisioner;
+
+#[async_trait]
+impl Provisioner for FakeProvisioner {
+    async fn prepare(
+        &self,
+        spec: &InstanceSpec,
+        guest: &GuestPaths,
+        _meta: &Metadata,
+    ) -> Result<VmConfig, ProvisionError> {
+        let disk_err = |e: std::io::Error| ProvisionError::Disk {
+            what: "overlay",
+            path: guest.overlay.clone(),
+            source: e.into(),
+        };
+        if !guest.overlay.exists() {
+            let f = std::fs::File::create(&guest.overlay).map_err(disk_err)?;
+            f.set_len(spec.overlay_size.bytes()).map_err(disk_err)?;
+        }
+        Ok(VmConfig {
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory.bytes(),
+            hotplug_memory_bytes: spec.hotplug_memory.bytes(),
+            kernel: "/fake/vmlinux".into(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            disks: vec![crate::hypervisor::DiskConfig {
+                id: "overlay".into(),
+                path: guest.overlay.clone(),
+                readonly: false,
+                limit: Default::default(),
+            }],
+            net: None,
+            devices: vec![],
+            serial_log: guest.app_log.clone(),
+        })
+    }
+}

@@ -1,0 +1,121 @@
+//! The daemon against the fake hypervisor at 1, 100 and 1000 declared
+//! instances: startup time, time from a declaration write to the first
+//! backend call (median, p99), and resident memory. All sizes run in one
+//! process, one after another, so the figures are comparable.
+//!
+//! Run: `cargo bench --bench daemon_fake`
+
+use hypeman::daemon::{self, DaemonConfig};
+use hypeman::declaration::spec::HypervisorKind;
+use hypeman::hypervisor::fake::{FakeHypervisor, Op};
+use hypeman::hypervisor::Backends;
+use hypeman::instances::provision::FakeProvisioner;
+use hypeman::settings::Settings;
+use hypeman::store::Store;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn write_atomic(dir: &Path, name: &str, state: &str) {
+    let body = format!("image = \"docker.io/library/busybox:latest\"\nstate = \"{state}\"\nmemory = \"128MiB\"\n");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, body).unwrap();
+    std::fs::rename(&tmp, dir.join(format!("{name}.toml"))).unwrap();
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+async fn run(n: usize, samples: usize) {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_dir = tmp.path().join("etc");
+    let dir = config_dir.join("instances");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..n {
+        write_atomic(&dir, &format!("vm{i}"), "running");
+    }
+    let mut settings = Settings::defaults();
+    settings.data_dir = tmp.path().join("data");
+    settings.default_hypervisor = HypervisorKind::Qemu;
+    settings.reconcile.debounce = Duration::ZERO;
+    let settings = Arc::new(settings);
+    let fake = FakeHypervisor::new(HypervisorKind::Qemu);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = DaemonConfig {
+        config_dir: config_dir.clone(),
+        settings: settings.clone(),
+        backends: Backends { cloud_hypervisor: None, qemu: Some(Arc::new(fake.clone())) },
+        provisioner: Arc::new(FakeProvisioner),
+        handle_sighup: false,
+    };
+    let rss_before = rss_mib();
+    let started = Instant::now();
+    let task = tokio::spawn(daemon::run(cfg, async {
+        let _ = rx.await;
+    }));
+    // Startup: until every declared instance is running.
+    while fake.call_count(Op::Boot) < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let startup = started.elapsed();
+    let rss_up = rss_mib();
+
+    let store = Store::open(&settings.data_dir).unwrap();
+    let mut lat = Vec::with_capacity(samples);
+    for s in 0..samples {
+        let name = format!("vm{}", s % n);
+        let socket = store.guest_paths(store.find_by_name(&name).unwrap().unwrap().id).qmp_socket;
+        // Alternate stop / start; the first acting call is power-off or create.
+        let (state, op) = if (s / n) % 2 == 0 { ("stopped", Op::PowerOff) } else { ("running", Op::Create) };
+        let before = fake.call_times(op, &socket).len();
+        let t0 = Instant::now();
+        write_atomic(&dir, &name, state);
+        let first = loop {
+            let times = fake.call_times(op, &socket);
+            if times.len() > before {
+                break times[before];
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        };
+        lat.push(first.duration_since(t0));
+        // Let that instance settle before the next sample.
+        let done = if op == Op::PowerOff { Op::ShutdownVmm } else { Op::Boot };
+        while fake.call_times(done, &socket).len() <= before {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    lat.sort();
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+    println!(
+        "{n:>5} instances | startup to all running {:>8.1} ms | write→first call median {:>6.2} ms  p99 {:>6.2} ms ({} samples) | RSS {:>6.1} MiB (+{:.1} MiB)",
+        startup.as_secs_f64() * 1e3,
+        percentile(&lat, 0.5).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.len(),
+        rss_up,
+        rss_up - rss_before,
+    );
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!("hypeman daemon against the fake hypervisor ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    rt.block_on(async {
+        run(1, 100).await;
+        run(100, 200).await;
+        run(1000, 400).await;
+    });
+}
