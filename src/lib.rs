@@ -2,8 +2,9 @@
 //!
 //! `declaration` → `reconcile` → `instances` → `hypervisor`, with `store`
 //! holding what is on disk, `watch` noticing changes and `logs` reading the
-//! per-instance logs.
+//! per-instance logs. `cli` is the command line over all of it.
 
+pub mod cli;
 pub mod daemon;
 pub mod declaration;
 pub mod hypervisor;

@@ -58,6 +58,13 @@ pub enum LogsError {
 /// newline counts as a line. Reads backwards from the end in blocks, so the
 /// cost is the size of the answer, not of the file.
 pub async fn tail(path: &Path, n: usize) -> Result<Vec<u8>, LogsError> {
+    tail_with_end(path, n).await.map(|(bytes, _)| bytes)
+}
+
+/// [`tail`], and the file length it read up to: where a [`follow`] that
+/// continues the tail without a gap or a repeat starts
+/// ([`FollowStart::FromOffset`]).
+pub async fn tail_with_end(path: &Path, n: usize) -> Result<(Vec<u8>, u64), LogsError> {
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|source| LogsError::Open {
@@ -69,7 +76,8 @@ pub async fn tail(path: &Path, n: usize) -> Result<Vec<u8>, LogsError> {
         source,
     };
     let len = file.metadata().await.map_err(read_err)?.len();
-    tail_of(&mut file, len, n, BLOCK).await.map_err(read_err)
+    let bytes = tail_of(&mut file, len, n, BLOCK).await.map_err(read_err)?;
+    Ok((bytes, len))
 }
 
 /// The last `n` lines of the first `len` bytes of `r`.

@@ -175,25 +175,32 @@ async fn run_worker(name: String, ctx: Arc<Ctx>, mut rx: mpsc::Receiver<()>, mut
     }
 }
 
-/// What the declaration wants, read fresh from disk.
-fn read_desired(ctx: &Ctx, name: &str) -> (Desired, Option<crate::declaration::spec::InstanceSpec>, Option<String>) {
-    let path = ctx.instances_dir.join(format!("{name}.toml"));
-    let limits = &ctx.instances.settings().limits;
+/// What the declaration wants, read fresh from disk: the desired state,
+/// the spec when it is valid, and why it is not applied when it is not.
+/// Shared with the CLI, so `status` and `plan` read declarations exactly as
+/// the daemon does.
+pub(crate) fn read_desired(
+    instances: &Instances,
+    instances_dir: &Path,
+    name: &str,
+) -> (Desired, Option<crate::declaration::spec::InstanceSpec>, Option<String>) {
+    let path = instances_dir.join(format!("{name}.toml"));
+    let limits = &instances.settings().limits;
     match declaration::load_instance(&path, limits) {
         Ok(spec) => {
-            let kind = ctx.instances.resolve_kind(&spec);
+            let kind = instances.resolve_kind(&spec);
             let restart_fields = spec.restart_fields(kind);
             (Desired::Present { state: spec.state, restart_fields }, Some(spec), None)
         }
         Err(DeclarationError::Read { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(&path).is_err() =>
         {
-            if ctx.instances_dir.is_dir() {
+            if instances_dir.is_dir() {
                 (Desired::Absent, None, None)
             } else {
                 // A vanished directory is more likely a rebuild in progress or
                 // a mistake than an order to delete every instance.
-                (Desired::Invalid, None, Some(format!("{} is missing; instances are left as they are", ctx.instances_dir.display())))
+                (Desired::Invalid, None, Some(format!("{} is missing; instances are left as they are", instances_dir.display())))
             }
         }
         Err(e) => {
@@ -221,7 +228,7 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
         if *stop.borrow() {
             return None;
         }
-        let (desired, spec, invalid) = read_desired(ctx, name);
+        let (desired, spec, invalid) = read_desired(&ctx.instances, &ctx.instances_dir, name);
         let obs = match ctx.instances.observe(name).await {
             Ok(o) => o,
             Err(e) => {

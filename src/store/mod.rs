@@ -47,6 +47,9 @@ pub struct Store {
     /// Serializes the name check and the publishing rename of
     /// `create_guest`, so two creates cannot both take one name.
     create_lock: Mutex<()>,
+    /// Opened with [`Store::open_read_only`]: a missing `guests/` reads as
+    /// no guests instead of an error.
+    read_only: bool,
 }
 
 /// Every guest on disk. A guest whose metadata cannot be read shows up in
@@ -104,11 +107,28 @@ impl Store {
             guests_dir: data_dir.join(GUESTS_DIR),
             data_dir,
             create_lock: Mutex::new(()),
+            read_only: false,
         };
         // Every guest's socket path has the same length; fail at startup,
         // not at the first boot.
         store.guest_paths(Ulid::nil()).check_socket_paths()?;
         Ok(store)
+    }
+
+    /// Opens the data dir for reading only: nothing is created and nothing
+    /// is repaired. For the CLI, which runs beside a live daemon: repair
+    /// would take a snapshot the daemon is writing for an abandoned one and
+    /// remove it, and a half-created guest for a crashed create. A data dir
+    /// that does not exist yet holds no guests.
+    pub fn open_read_only(data_dir: &Path) -> Result<Store, StoreError> {
+        let data_dir =
+            std::path::absolute(data_dir).map_err(StoreError::io("resolve", data_dir))?;
+        Ok(Store {
+            guests_dir: data_dir.join(GUESTS_DIR),
+            data_dir,
+            create_lock: Mutex::new(()),
+            read_only: true,
+        })
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -309,7 +329,18 @@ impl Store {
     fn guest_entries(&self) -> Result<Vec<GuestEntry>, StoreError> {
         let dir = &self.guests_dir;
         let mut out = Vec::new();
-        for entry in fs::read_dir(dir).map_err(StoreError::io("list", dir))? {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if self.read_only && e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    op: "list",
+                    path: dir.clone(),
+                    source,
+                })
+            }
+        };
+        for entry in entries {
             let entry = entry.map_err(StoreError::io("list", dir))?;
             out.push(GuestEntry::classify(
                 &entry.file_name().to_string_lossy(),

@@ -1,0 +1,86 @@
+//! `hypeman plan`: the next step the daemon would take for each instance,
+//! from the same `reconcile::plan` the daemon runs, fed with the same
+//! declaration and observation. Only the next hop is shown: later hops
+//! depend on how this one turns out.
+//!
+//! The daemon's error backoff lives in its memory, not on disk, so a plan
+//! here never says "backing off"; it says what the next attempt would be.
+
+use super::status::desired_label;
+use super::view::{self, View};
+use super::{CliError, Context};
+use crate::reconcile::plan::{plan, Observed};
+use crate::state::VmState;
+use std::io::{self, Write};
+use tokio::time::Instant;
+
+/// One line of `hypeman plan`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRow {
+    pub name: String,
+    pub state: VmState,
+    /// As in `status`: running, standby, stopped, absent or invalid.
+    pub desired: String,
+    /// The step (`create VM`, `nothing to do`, `blocked: …`), or why the
+    /// instance cannot even be looked at.
+    pub action: String,
+}
+
+/// What the daemon would do next for every instance, sorted by name.
+pub async fn plan_rows(ctx: &Context) -> Result<Vec<PlanRow>, CliError> {
+    let mut rows = Vec::new();
+    for (name, listed) in view::names(ctx)? {
+        let view = view::look(ctx, &name, listed.as_ref()).await;
+        rows.push(row(&view, Instant::now()));
+    }
+    Ok(rows)
+}
+
+fn row(view: &View, now: Instant) -> PlanRow {
+    let obs = &view.observation;
+    let action = match &view.observe_error {
+        // The daemon fails the same observation and retries later.
+        Some(e) => format!("cannot observe: {e}"),
+        None => {
+            let observed = Observed {
+                exists: obs.meta.is_some(),
+                state: obs.state,
+                has_snapshot: obs.has_snapshot(),
+                applied: obs.meta.as_ref().and_then(|m| m.applied.clone()),
+                not_before: None,
+            };
+            plan(&view.desired, &observed, now).to_string()
+        }
+    };
+    PlanRow {
+        name: view.name.clone(),
+        state: obs.state,
+        desired: desired_label(&view.desired).to_string(),
+        action,
+    }
+}
+
+/// `web  Stopped -> running: create VM`, names and states aligned.
+pub(crate) fn write_plan(out: &mut impl Write, rows: &[PlanRow]) -> io::Result<()> {
+    let name_w = rows
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    let state_w = rows
+        .iter()
+        .map(|r| r.state.as_str().len())
+        .max()
+        .unwrap_or(0);
+    for r in rows {
+        writeln!(
+            out,
+            "{:<name_w$}  {:<state_w$} -> {}: {}",
+            r.name,
+            r.state.as_str(),
+            r.desired,
+            r.action
+        )?;
+    }
+    Ok(())
+}

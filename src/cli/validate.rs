@@ -1,0 +1,52 @@
+//! `hypeman validate`: checks the settings and every declaration without
+//! touching the data dir or any VM.
+//!
+//! Problems go to stderr, one `path:line:column: message` line each and
+//! nothing else, sorted by file and position, so editors and CI can parse
+//! them; exit 1. When all is well, `ok: N instances` goes to stdout; exit 0.
+
+use super::CliError;
+use crate::declaration::{scan_dir, Diagnostic};
+use crate::settings::Settings;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Validates `config_dir`, writing the verdict to `out` and problems to
+/// `err`. Every problem is reported in one run: invalid settings do not
+/// stop the declarations from being checked (against the default limits).
+pub fn validate(
+    config_dir: &Path,
+    data_dir: Option<&Path>,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> Result<ExitCode, CliError> {
+    let mut problems: Vec<Diagnostic> = Vec::new();
+    // A mistyped --config-dir would otherwise be "ok: 0 instances".
+    if !config_dir.is_dir() {
+        problems.push(Diagnostic::whole_file(config_dir, "not a directory"));
+    }
+    let limits = match Settings::load(config_dir, data_dir) {
+        Ok(settings) => settings.limits,
+        Err(e) => {
+            problems.extend(e.diagnostics());
+            Settings::defaults().limits
+        }
+    };
+    let scan = scan_dir(
+        &crate::reconcile::worker::instances_dir(config_dir),
+        &limits,
+    );
+    problems.extend(scan.all_diagnostics());
+    if problems.is_empty() {
+        let n = scan.valid.len();
+        let noun = if n == 1 { "instance" } else { "instances" };
+        writeln!(out, "ok: {n} {noun}").map_err(CliError::Output)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    problems.sort();
+    for p in &problems {
+        writeln!(err, "{p}").map_err(CliError::Output)?;
+    }
+    Ok(ExitCode::FAILURE)
+}

@@ -1,0 +1,114 @@
+//! One look at an instance, as the daemon would take it: its declaration
+//! read with the reconciler's own `read_desired`, and its state observed
+//! through `Instances::observe`. `status` and `plan` are renderings of this.
+//!
+//! Owns which names exist (declared ∪ stored) and how a NAME typed by a user
+//! resolves. Must not act on anything it sees.
+
+use super::{CliError, Context};
+use crate::declaration::spec::InstanceSpec;
+use crate::declaration::{self, DeclFile};
+use crate::instances::{error_chain, Observation};
+use crate::reconcile::plan::Desired;
+use crate::reconcile::worker::read_desired;
+use crate::state::VmState;
+use crate::store::{Metadata, StoreError};
+use std::collections::BTreeMap;
+
+/// What one instance is and what its declaration wants.
+#[derive(Debug, Clone)]
+pub(crate) struct View {
+    pub name: String,
+    pub desired: Desired,
+    /// The declaration, when it is valid.
+    pub spec: Option<InstanceSpec>,
+    /// Why the declaration is not applied, when it is invalid.
+    pub invalid: Option<String>,
+    /// Always filled: when observing failed, the state is `Unknown` and
+    /// the metadata is what the store listing held.
+    pub observation: Observation,
+    /// Why the state could not be observed (no backend for its hypervisor,
+    /// an unreadable store entry).
+    pub observe_error: Option<String>,
+}
+
+/// Looks at the instance `name`. `listed` is its metadata from a listing
+/// taken just before, used only when observing fails.
+pub(crate) async fn look(ctx: &Context, name: &str, listed: Option<&Metadata>) -> View {
+    let (desired, spec, invalid) = read_desired(&ctx.instances, &ctx.instances_dir, name);
+    let (observation, observe_error) = match ctx.instances.observe(name).await {
+        Ok(observation) => (observation, None),
+        Err(e) => {
+            let store = ctx.instances.store();
+            let meta = listed.cloned();
+            let snapshot = meta
+                .as_ref()
+                .and_then(|m| store.snapshot(m.id).ok().flatten());
+            let observation = Observation {
+                meta,
+                state: VmState::Unknown,
+                snapshot,
+                vmm: None,
+                unreachable: None,
+            };
+            (observation, Some(error_chain(&e)))
+        }
+    };
+    View {
+        name: name.to_string(),
+        desired,
+        spec,
+        invalid,
+        observation,
+        observe_error,
+    }
+}
+
+/// Every instance name worth showing: each declaration file with a valid
+/// name (valid content or not) and each guest in the store, with its
+/// metadata when it has a guest. Sorted by name.
+pub(crate) fn names(ctx: &Context) -> Result<BTreeMap<String, Option<Metadata>>, CliError> {
+    let mut all: BTreeMap<String, Option<Metadata>> = BTreeMap::new();
+    // A missing directory declares nothing; `read_desired` reports it for
+    // every stored instance.
+    if let Ok(entries) = std::fs::read_dir(&ctx.instances_dir) {
+        for entry in entries.flatten() {
+            if let DeclFile::Instance(name) = declaration::instance_name(&entry.path()) {
+                all.insert(name, None);
+            }
+        }
+    }
+    let listing = ctx
+        .instances
+        .store()
+        .list()
+        .map_err(|e| ctx.store_error(e))?;
+    for unreadable in &listing.unreadable {
+        tracing::warn!(error = %error_chain(unreadable), "skipping a guest that cannot be read");
+    }
+    for meta in listing.guests {
+        all.insert(meta.name.clone(), Some(meta));
+    }
+    Ok(all)
+}
+
+/// Resolves what a user typed to an instance name: a guest's name, ID or
+/// unique ID prefix (the store's lookup), or the name of a declaration
+/// whose guest does not exist yet. A declared name wins over an ID prefix
+/// it happens to share.
+pub(crate) fn resolve(ctx: &Context, query: &str) -> Result<String, CliError> {
+    let declared = declaration::is_valid_name(query)
+        && std::fs::symlink_metadata(ctx.instances_dir.join(format!("{query}.toml"))).is_ok();
+    match ctx.instances.store().lookup(query) {
+        Ok(meta) => Ok(meta.name),
+        Err(StoreError::NotFound { .. } | StoreError::Ambiguous { .. }) if declared => {
+            Ok(query.to_string())
+        }
+        Err(StoreError::NotFound { .. }) => Err(CliError::NotFound {
+            query: query.to_string(),
+            instances_dir: ctx.instances_dir.clone(),
+        }),
+        Err(e @ StoreError::Ambiguous { .. }) => Err(CliError::Lookup(e)),
+        Err(e) => Err(ctx.store_error(e)),
+    }
+}

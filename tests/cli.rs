@@ -1,0 +1,267 @@
+//! The `hypeman` binary as a user runs it: exit codes, where output goes,
+//! and which of `--data-dir`, `HYPEMAN_DATA_DIR` and the settings file
+//! wins. Computations are tested in-process in `src/cli/tests.rs`.
+
+use anyhow::{Context as _, Result};
+use hypeman::declaration::spec::HypervisorKind;
+use hypeman::store::Store;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn hypeman() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hypeman"));
+    // The caller's environment must not leak into what is tested.
+    cmd.env_remove("HYPEMAN_CONFIG_DIR")
+        .env_remove("HYPEMAN_DATA_DIR")
+        .env_remove("RUST_LOG");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<(i32, String, String)> {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().context("run hypeman")?;
+    Ok((
+        status.code().context("killed by a signal")?,
+        String::from_utf8(stdout)?,
+        String::from_utf8(stderr)?,
+    ))
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+#[test]
+fn validate_accepts_the_examples() -> Result<()> {
+    let (code, out, err) = run(hypeman()
+        .arg("validate")
+        .arg("--config-dir")
+        .arg(examples()))?;
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (0, "ok: 3 instances\n", "")
+    );
+    Ok(())
+}
+
+#[test]
+fn validate_reads_the_config_dir_from_the_environment() -> Result<()> {
+    let (code, out, _) = run(hypeman()
+        .arg("validate")
+        .env("HYPEMAN_CONFIG_DIR", examples()))?;
+    assert_eq!((code, out.as_str()), (0, "ok: 3 instances\n"));
+    Ok(())
+}
+
+#[test]
+fn validate_prints_one_located_line_per_problem_and_fails() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let instances = tmp.path().join("instances");
+    std::fs::create_dir(&instances)?;
+    std::fs::write(instances.join("ok.toml"), "image = \"busybox\"\n")?;
+    std::fs::write(
+        instances.join("bad.toml"),
+        "image = \"busybox\"\nvcpus = 0\nmemory = \"lots\"\n",
+    )?;
+    std::fs::write(instances.join("Bad_Name.toml"), "image = \"busybox\"\n")?;
+    let (code, out, err) = run(hypeman()
+        .arg("validate")
+        .arg("--config-dir")
+        .arg(tmp.path()))?;
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(out, "");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    let dir = instances.display().to_string();
+    assert!(
+        lines[0].starts_with(&format!("{dir}/Bad_Name.toml:1:1: ")),
+        "{err}"
+    );
+    assert!(lines[1].starts_with(&format!("{dir}/bad.toml:2:")), "{err}");
+    assert!(lines[2].starts_with(&format!("{dir}/bad.toml:3:")), "{err}");
+    Ok(())
+}
+
+#[test]
+fn validate_fails_on_a_missing_config_dir() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let missing = tmp.path().join("nope");
+    let (code, _, err) = run(hypeman().arg("validate").arg("--config-dir").arg(&missing))?;
+    assert_eq!(code, 1);
+    assert_eq!(err, format!("{}:1:1: not a directory\n", missing.display()));
+    Ok(())
+}
+
+#[test]
+fn status_json_on_an_empty_data_dir_is_an_empty_array() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let (code, out, err) = run(hypeman()
+        .args(["status", "--json", "--config-dir"])
+        .arg(tmp.path())
+        .arg("--data-dir")
+        .arg(&data))?;
+    assert_eq!((code, out.trim(), err.as_str()), (0, "[]", ""));
+    assert!(!data.exists(), "status must not create the data dir");
+    Ok(())
+}
+
+/// A config dir with no declarations whose settings point at `file/`, and
+/// three data dirs each holding one guest named for where it is.
+fn three_data_dirs(tmp: &Path) -> Result<PathBuf> {
+    let config = tmp.join("config");
+    std::fs::create_dir_all(config.join("instances"))?;
+    std::fs::write(
+        config.join("hypeman.toml"),
+        format!(
+            "data_dir = {:?}\ndefault_hypervisor = \"qemu\"\n",
+            tmp.join("file")
+        ),
+    )?;
+    for which in ["flag", "env", "file"] {
+        Store::open(&tmp.join(which))?
+            .create_guest(&format!("from-{which}"), HypervisorKind::Qemu)?;
+    }
+    Ok(config)
+}
+
+fn names_in(status_json: &str) -> Result<Vec<String>> {
+    let value: serde_json::Value = serde_json::from_str(status_json)?;
+    let list = value.as_array().context("an array")?;
+    Ok(list
+        .iter()
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect())
+}
+
+#[test]
+fn data_dir_flag_beats_environment_beats_settings_file() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let config = three_data_dirs(tmp.path())?;
+    let status = || {
+        let mut cmd = hypeman();
+        cmd.args(["status", "--json", "--config-dir"]).arg(&config);
+        cmd
+    };
+
+    let (code, out, err) = run(status()
+        .env("HYPEMAN_DATA_DIR", tmp.path().join("env"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("flag")))?;
+    assert_eq!(
+        (code, names_in(&out)?),
+        (0, vec!["from-flag".to_string()]),
+        "{err}"
+    );
+
+    let (_, out, _) = run(status().env("HYPEMAN_DATA_DIR", tmp.path().join("env")))?;
+    assert_eq!(names_in(&out)?, ["from-env"]);
+
+    let (_, out, _) = run(&mut status())?;
+    assert_eq!(names_in(&out)?, ["from-file"]);
+    Ok(())
+}
+
+#[test]
+fn a_guest_whose_backend_is_missing_is_unknown_not_a_failure() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let config = three_data_dirs(tmp.path())?;
+    let (code, out, err) = run(hypeman()
+        .args(["status", "from-file", "--json", "--config-dir"])
+        .arg(&config))?;
+    assert_eq!(code, 0, "{err}");
+    let value: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(value["state"], "Unknown");
+    assert_eq!(value["desired_state"], "absent");
+    assert_eq!(
+        value["last_error"],
+        "no qemu backend is available on this host"
+    );
+    let keys: Vec<&str> = value
+        .as_object()
+        .context("an object")?
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut expected = [
+        "name",
+        "id",
+        "desired_state",
+        "state",
+        "hypervisor",
+        "ip",
+        "pid",
+        "has_snapshot",
+        "last_error",
+        "pending_change",
+    ];
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    Ok(())
+}
+
+#[test]
+fn unknown_names_and_invalid_settings_fail_with_one_message() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let (code, out, err) = run(hypeman()
+        .args(["status", "nope", "--config-dir"])
+        .arg(tmp.path())
+        .arg("--data-dir")
+        .arg(&data))?;
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert!(
+        err.starts_with("hypeman: no instance matches \"nope\""),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    std::fs::write(tmp.path().join("hypeman.toml"), "colour = \"red\"\n")?;
+    let (code, _, err) = run(hypeman().arg("plan").arg("--config-dir").arg(tmp.path()))?;
+    assert_eq!(code, 1);
+    let settings = tmp.path().join("hypeman.toml");
+    assert!(
+        err.contains(&format!("\n{}:1:1: ", settings.display())),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn wait_times_out_with_the_last_state() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    std::fs::create_dir(tmp.path().join("instances"))?;
+    std::fs::write(
+        tmp.path().join("instances/web.toml"),
+        "image = \"busybox\"\n",
+    )?;
+    let (code, _, err) = run(hypeman()
+        .args([
+            "wait",
+            "web",
+            "--state",
+            "running",
+            "--timeout",
+            "200ms",
+            "--config-dir",
+        ])
+        .arg(tmp.path())
+        .arg("--data-dir")
+        .arg(tmp.path().join("data")))?;
+    assert_eq!(code, 1);
+    assert_eq!(
+        err,
+        "hypeman: web did not become Running within 200ms: it is Stopped, last error: none\n"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_usage_error_exits_2() -> Result<()> {
+    let (code, _, err) = run(hypeman().args(["wait", "web", "--state", "asleep"]))?;
+    assert_eq!(code, 2, "{err}");
+    Ok(())
+}
