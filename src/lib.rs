@@ -10,4 +10,5 @@ pub mod logs;
 pub mod settings;
 pub mod state;
 pub mod store;
+pub mod system;
 pub mod watch;
