@@ -58,10 +58,14 @@ fn make_rootfs(work: &Path) -> PathBuf {
     std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
     std::fs::create_dir_all(root.join("etc")).expect("mkdir etc");
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
-    for applet in ["sh", "sleep", "echo", "cat", "ls"] {
+    for applet in ["sh", "sleep", "echo", "cat", "ls", "id"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .expect("passwd");
     let image = work.join("rootfs.erofs");
     run(Command::new("mkfs.erofs")
         .arg("--quiet")
@@ -344,21 +348,25 @@ fn a_missing_program_is_a_fatal_line_and_a_poweroff() {
 }
 
 #[test]
-fn an_app_failure_is_reported_with_its_status() {
+fn the_app_runs_as_its_user_and_its_failure_status_is_reported() {
     let Some((kernel_dir, init)) = prerequisites() else {
         return;
     };
     let mut config = counter_config();
+    config.user = Some("app".to_owned());
+    config.workdir = "/home/app".to_owned();
     config.cmd = vec![
         "sh".into(),
         "-c".into(),
-        "echo \"$GREETING from $(cat /proc/sys/kernel/hostname)\"; exit 3".into(),
+        "echo \"$GREETING from $(cat /proc/sys/kernel/hostname) as $(id -u):$(id -g) home=$HOME pwd=$(pwd)\"; exit 3"
+            .into(),
     ];
     let boot = boot(&kernel_dir, &init, &config, true);
     assert_clean_poweroff(&boot);
     assert!(
-        boot.console.contains("hello from counter"),
-        "env or hostname missing"
+        boot.console
+            .contains("hello from counter as 1000:1000 home=/home/app pwd=/home/app"),
+        "env, hostname, user or workdir wrong"
     );
     assert!(
         boot.console
