@@ -12,6 +12,7 @@ pub mod logs;
 pub mod settings;
 pub mod state;
 pub mod store;
+pub mod system;
 pub mod watch;
 pub mod instances;
 pub mod reconcile;

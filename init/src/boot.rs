@@ -1,0 +1,332 @@
+//! The boot sequence, phase by phase, from the initramfs to the running app.
+//! Every phase announces itself on the console, so a boot that stops shows
+//! where. This module decides what goes where; the syscalls live in
+//! `mounts`, `net`, `modules` and `supervise`.
+//!
+//! ```text
+//!  initramfs /            newroot (overlayfs)
+//!  ├─ /proc /sys /dev ──MS_MOVE──► /proc /sys /dev
+//!  ├─ /mnt/config   (erofs, ro)   config.json, unmounted after reading
+//!  ├─ /mnt/rootfs   (erofs|ext4, ro) ─┐ lowerdir
+//!  ├─ /mnt/overlay  (ext4, rw)      ──┼ upperdir=upper, workdir=work
+//!  └─ /newroot ◄──────────────────────┘ ──switch_root──► /
+//! ```
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::command;
+use crate::config::{
+    GuestConfig, CONFIG_FILE, MODULE_LOAD_ORDER, OVERLAY_UPPER, OVERLAY_WORK, SERIAL_CONFIG,
+};
+use crate::console::say;
+use crate::disks;
+use crate::error::InitError;
+use crate::modules::{self, LoadOutcome};
+use crate::mounts;
+use crate::net;
+use crate::supervise::{self, AppExit, Launch};
+use crate::user::{self, Identity};
+
+/// How long to wait for the expected disks to show up in sysfs.
+const DISK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the NIC with the configured MAC.
+const NIC_TIMEOUT: Duration = Duration::from_secs(5);
+
+const CONFIG_MNT: &str = "/mnt/config";
+const ROOTFS_MNT: &str = "/mnt/rootfs";
+const OVERLAY_MNT: &str = "/mnt/overlay";
+const NEW_ROOT: &str = "/newroot";
+
+fn mkdir(path: impl AsRef<Path>) -> Result<(), InitError> {
+    let path = path.as_ref();
+    std::fs::create_dir_all(path).map_err(|e| InitError::io("create directory", path, e))
+}
+
+/// `path` (absolute, as the app sees it) under `root`.
+fn under(root: &str, path: &str) -> PathBuf {
+    Path::new(root).join(path.trim_start_matches('/'))
+}
+
+/// Runs the whole boot and the app; returns how the app ended.
+pub fn boot(started: Instant) -> Result<AppExit, InitError> {
+    mount_kernel_filesystems()?;
+    say(&format!(
+        "mounted /proc /sys /dev ({} ms)",
+        started.elapsed().as_millis()
+    ));
+
+    load_modules()?;
+    say(&format!(
+        "modules loaded ({} ms)",
+        started.elapsed().as_millis()
+    ));
+
+    let sys = Path::new("/sys");
+    let dev = Path::new("/dev");
+    let found = disks::wait_for(sys, dev, &[SERIAL_CONFIG.to_owned()], DISK_TIMEOUT)?;
+    let config = read_config(&found[SERIAL_CONFIG])?;
+    let wanted = config.required_serials();
+    let disks = disks::wait_for(sys, dev, &wanted, DISK_TIMEOUT)?;
+    say(&format!(
+        "disks: {} ({} ms)",
+        disks
+            .iter()
+            .map(|(serial, dev)| format!("{serial}={}", dev.display()))
+            .collect::<Vec<_>>()
+            .join(" "),
+        started.elapsed().as_millis()
+    ));
+
+    mount_root(&config, &disks)?;
+    say(&format!(
+        "root filesystem ready ({} ms)",
+        started.elapsed().as_millis()
+    ));
+
+    set_hostname(&config.hostname)?;
+    setup_network(&config)?;
+
+    let identity = match &config.user {
+        Some(spec) => user::resolve(spec, Path::new(NEW_ROOT))?,
+        None => Identity::root(),
+    };
+    mounts::switch_root(Path::new(NEW_ROOT))?;
+    mkdir(&config.workdir)?;
+    std::env::set_current_dir(&config.workdir)
+        .map_err(|e| InitError::io("enter workdir", &config.workdir, e))?;
+
+    let launch = prepare_launch(&config, &identity)?;
+    say(&format!(
+        "starting {:?} as {}:{} in {} ({} ms)",
+        command::argv(&config),
+        identity.uid,
+        identity.gid,
+        config.workdir,
+        started.elapsed().as_millis()
+    ));
+    supervise::run(&launch, |sig| {
+        say(&format!(
+            "forwarding {} to the app",
+            supervise::signal_name(sig)
+        ));
+    })
+}
+
+fn mount_kernel_filesystems() -> Result<(), InitError> {
+    let nosuid_noexec_nodev = libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_NODEV;
+    for (fstype, target, flags) in [
+        ("proc", "/proc", nosuid_noexec_nodev),
+        ("sysfs", "/sys", nosuid_noexec_nodev),
+        ("devtmpfs", "/dev", libc::MS_NOSUID),
+    ] {
+        mkdir(target)?;
+        match mounts::mount(fstype, Path::new(target), fstype, flags, None) {
+            Ok(()) => {}
+            // Already mounted (CONFIG_DEVTMPFS_MOUNT, or a re-exec): fine.
+            Err(InitError::Mount { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    crate::console::attach("/dev/console").map_err(|e| InitError::io("open", "/dev/console", e))?;
+    // Ctrl-Alt-Del then arrives as SIGINT, which is forwarded to the app,
+    // instead of an immediate hard reboot.
+    // SAFETY: reboot(2) with a command that takes no argument.
+    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
+    Ok(())
+}
+
+fn load_modules() -> Result<(), InitError> {
+    let list = match std::fs::read_to_string(MODULE_LOAD_ORDER) {
+        Ok(text) => modules::parse_load_order(&text),
+        // A kernel with every driver built in needs no list.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(InitError::io("read", MODULE_LOAD_ORDER, e)),
+    };
+    for path in &list {
+        match modules::load(path) {
+            LoadOutcome::Loaded | LoadOutcome::AlreadyLoaded => {}
+            LoadOutcome::Failed(e) => say(&format!(
+                "warning: cannot load module {}: {e}",
+                path.display()
+            )),
+        }
+    }
+    Ok(())
+}
+
+fn read_config(device: &Path) -> Result<GuestConfig, InitError> {
+    mkdir(CONFIG_MNT)?;
+    let dev = device.to_string_lossy();
+    mounts::mount_any(
+        &dev,
+        Path::new(CONFIG_MNT),
+        &["erofs", "ext4"],
+        libc::MS_RDONLY,
+    )?;
+    let path = Path::new(CONFIG_MNT).join(CONFIG_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| InitError::io("read", &path, e))?;
+    let config = GuestConfig::parse(&bytes).map_err(|source| InitError::Config { path, source })?;
+    // SAFETY: unmounting our own mount point; failure only leaks the mount.
+    unsafe {
+        if let Ok(target) = CString::new(CONFIG_MNT) {
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+    Ok(config)
+}
+
+fn mount_root(
+    config: &GuestConfig,
+    disks: &std::collections::BTreeMap<String, PathBuf>,
+) -> Result<(), InitError> {
+    let rootfs = disks[crate::config::SERIAL_ROOTFS]
+        .to_string_lossy()
+        .into_owned();
+    let overlay_dev = &disks[crate::config::SERIAL_OVERLAY];
+
+    mkdir(ROOTFS_MNT)?;
+    let fstype = mounts::mount_any(
+        &rootfs,
+        Path::new(ROOTFS_MNT),
+        &["erofs", "ext4"],
+        libc::MS_RDONLY,
+    )?;
+    say(&format!("rootfs {rootfs} mounted read-only ({fstype})"));
+
+    if !mounts::has_ext_filesystem(overlay_dev)? {
+        return Err(InitError::OverlayUnformatted {
+            device: overlay_dev.clone(),
+        });
+    }
+    mkdir(OVERLAY_MNT)?;
+    mounts::mount(
+        &overlay_dev.to_string_lossy(),
+        Path::new(OVERLAY_MNT),
+        "ext4",
+        0,
+        None,
+    )?;
+    let upper = under(OVERLAY_MNT, OVERLAY_UPPER);
+    let work = under(OVERLAY_MNT, OVERLAY_WORK);
+    mkdir(&upper)?;
+    mkdir(&work)?;
+
+    mkdir(NEW_ROOT)?;
+    let options = format!(
+        "lowerdir={ROOTFS_MNT},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    mounts::mount("overlay", Path::new(NEW_ROOT), "overlay", 0, Some(&options))?;
+
+    for dir in ["/proc", "/sys", "/dev"] {
+        let target = under(NEW_ROOT, dir);
+        mkdir(&target)?;
+        mounts::move_mount(Path::new(dir), &target)?;
+    }
+    // devtmpfs has no /dev/pts or /dev/shm; apps (and shells) expect both.
+    for (fstype, dir, data) in [
+        ("devpts", "/dev/pts", "gid=5,mode=620,ptmxmode=666"),
+        ("tmpfs", "/dev/shm", "mode=1777"),
+    ] {
+        let target = under(NEW_ROOT, dir);
+        mkdir(&target)?;
+        if let Err(e) = mounts::mount(
+            fstype,
+            &target,
+            fstype,
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            Some(data),
+        ) {
+            say(&format!("warning: {}", crate::error::chain(&e)));
+        }
+    }
+
+    for vol in &config.volumes {
+        let device = disks[&vol.serial].to_string_lossy().into_owned();
+        let target = under(NEW_ROOT, &vol.mount);
+        mkdir(&target)?;
+        let flags = if vol.readonly { libc::MS_RDONLY } else { 0 };
+        let fstype = mounts::mount_any(&device, &target, &["ext4", "erofs"], flags)?;
+        say(&format!(
+            "volume {} ({device}, {fstype}) mounted on {}{}",
+            vol.serial,
+            vol.mount,
+            if vol.readonly { " read-only" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+fn set_hostname(hostname: &str) -> Result<(), InitError> {
+    // SAFETY: pointer and length describe a live byte slice.
+    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
+        return Err(InitError::last_os("set the hostname"));
+    }
+    Ok(())
+}
+
+fn setup_network(config: &GuestConfig) -> Result<(), InitError> {
+    net::loopback_up()?;
+    let Some(network) = &config.network else {
+        return Ok(());
+    };
+    let mac = crate::config::parse_mac(&network.mac).map_err(|source| InitError::Config {
+        path: PathBuf::from(CONFIG_FILE),
+        source,
+    })?;
+    let sys = under(NEW_ROOT, "/sys");
+    let start = Instant::now();
+    let interface = loop {
+        if let Some(name) = net::interface_by_mac(&sys, &mac)? {
+            break name;
+        }
+        if start.elapsed() >= NIC_TIMEOUT {
+            return Err(InitError::NoInterface {
+                mac: network.mac.clone(),
+                found: net::interface_names(&sys),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    net::configure(&interface, network.ip, network.prefix_len, network.gateway)?;
+
+    // An image's resolv.conf may be a symlink into /run; replace, never follow.
+    let resolv = under(NEW_ROOT, "/etc/resolv.conf");
+    mkdir(under(NEW_ROOT, "/etc"))?;
+    match std::fs::remove_file(&resolv) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(InitError::io("replace", resolv, e)),
+    }
+    std::fs::write(&resolv, net::resolv_conf(&network.dns))
+        .map_err(|e| InitError::io("write", &resolv, e))?;
+    say(&format!(
+        "network: {interface} {}/{} via {}",
+        network.ip, network.prefix_len, network.gateway
+    ));
+    Ok(())
+}
+
+fn prepare_launch(config: &GuestConfig, identity: &Identity) -> Result<Launch, InitError> {
+    let argv = command::argv(config);
+    let env = command::environment(config, identity);
+    let path_var = env
+        .get("PATH")
+        .map(String::as_str)
+        .unwrap_or(crate::config::DEFAULT_PATH);
+    let program = command::resolve_program(&argv[0], path_var, Path::new("/"))?;
+    let c = |s: &str| CString::new(s).map_err(|_| InitError::Nul { what: s.to_owned() });
+    Ok(Launch {
+        program: c(&program.to_string_lossy())?,
+        argv: argv.iter().map(|a| c(a)).collect::<Result<_, _>>()?,
+        envp: env
+            .iter()
+            .map(|(k, v)| c(&format!("{k}={v}")))
+            .collect::<Result<_, _>>()?,
+        uid: identity.uid,
+        gid: identity.gid,
+    })
+}
