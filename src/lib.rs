@@ -6,6 +6,7 @@
 
 pub mod declaration;
 pub mod hypervisor;
+pub mod images;
 pub mod logs;
 pub mod settings;
 pub mod state;
