@@ -83,9 +83,17 @@ pub fn lookup(path: Option<&Path>, registry: &str) -> Result<Credentials, AuthEr
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Credentials::Anonymous),
-        Err(source) => return Err(AuthError::Read { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(AuthError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     };
-    let invalid = |reason: String| AuthError::Invalid { path: path.to_path_buf(), reason };
+    let invalid = |reason: String| AuthError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
     let config: DockerConfig = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     let want = canonical_host(registry);
     let Some((key, entry)) = config.auths.iter().find(|(k, _)| canonical_host(k) == want) else {
@@ -100,13 +108,22 @@ pub fn lookup(path: Option<&Path>, registry: &str) -> Result<Credentials, AuthEr
         let (username, password) = decoded
             .split_once(':')
             .ok_or_else(|| invalid(format!("`auths.{key}.auth` is not `user:password`")))?;
-        return Ok(Credentials::Basic { username: username.to_string(), password: password.to_string() });
+        return Ok(Credentials::Basic {
+            username: username.to_string(),
+            password: password.to_string(),
+        });
     }
     if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
-        return Ok(Credentials::Basic { username: username.clone(), password: password.clone() });
+        return Ok(Credentials::Basic {
+            username: username.clone(),
+            password: password.clone(),
+        });
     }
     if entry.identity_token.is_some() {
-        tracing::debug!(registry, "identity tokens are not supported; pulling anonymously");
+        tracing::debug!(
+            registry,
+            "identity tokens are not supported; pulling anonymously"
+        );
     }
     Ok(Credentials::Anonymous)
 }
@@ -119,7 +136,9 @@ fn canonical_host(key: &str) -> String {
         .unwrap_or(key);
     let host = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
     match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => "docker.io".into(),
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
         _ => host,
     }
 }
@@ -144,20 +163,47 @@ mod tests {
             ),
         )
         .unwrap();
-        let basic = |u: &str, p: &str| Credentials::Basic { username: u.into(), password: p.into() };
-        assert_eq!(lookup(Some(&path), "docker.io").unwrap(), basic("alice", "s3cr:et"));
-        assert_eq!(lookup(Some(&path), "127.0.0.1:5000").unwrap(), basic("bob", "pw"));
-        assert_eq!(lookup(Some(&path), "token.example").unwrap(), Credentials::Anonymous);
-        assert_eq!(lookup(Some(&path), "ghcr.io").unwrap(), Credentials::Anonymous);
-        assert_eq!(lookup(Some(&dir.path().join("none.json")), "docker.io").unwrap(), Credentials::Anonymous);
-        assert_eq!(format!("{:?}", basic("a", "secret")), "Basic(a, <redacted>)");
+        let basic = |u: &str, p: &str| Credentials::Basic {
+            username: u.into(),
+            password: p.into(),
+        };
+        assert_eq!(
+            lookup(Some(&path), "docker.io").unwrap(),
+            basic("alice", "s3cr:et")
+        );
+        assert_eq!(
+            lookup(Some(&path), "127.0.0.1:5000").unwrap(),
+            basic("bob", "pw")
+        );
+        assert_eq!(
+            lookup(Some(&path), "token.example").unwrap(),
+            Credentials::Anonymous
+        );
+        assert_eq!(
+            lookup(Some(&path), "ghcr.io").unwrap(),
+            Credentials::Anonymous
+        );
+        assert_eq!(
+            lookup(Some(&dir.path().join("none.json")), "docker.io").unwrap(),
+            Credentials::Anonymous
+        );
+        assert_eq!(
+            format!("{:?}", basic("a", "secret")),
+            "Basic(a, <redacted>)"
+        );
 
         std::fs::write(&path, r#"{"auths": {"docker.io": {"auth": "%%%"}}}"#).unwrap();
-        assert!(matches!(lookup(Some(&path), "docker.io"), Err(AuthError::Invalid { .. })));
+        assert!(matches!(
+            lookup(Some(&path), "docker.io"),
+            Err(AuthError::Invalid { .. })
+        ));
     }
 
     #[test]
     fn explicit_path_wins() {
-        assert_eq!(config_path(Some(Path::new("/x/config.json"))), Some(PathBuf::from("/x/config.json")));
+        assert_eq!(
+            config_path(Some(Path::new("/x/config.json"))),
+            Some(PathBuf::from("/x/config.json"))
+        );
     }
 }

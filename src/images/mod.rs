@@ -38,11 +38,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use self::auth::{AuthError, Credentials};
 pub use self::reference::{ImageRef, ReferenceError, RegistryRef};
 pub use self::rootfs::{RootfsError, RootfsFormat};
-pub use self::unpack::{UnpackError, UnpackLimits, UnpackOptions, UnpackStats};
-use self::auth::{AuthError, Credentials};
 use self::source::{Resolved, Source};
+pub use self::unpack::{UnpackError, UnpackLimits, UnpackOptions, UnpackStats};
 
 /// What the guest needs from the image config to run the app.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,13 +109,23 @@ pub enum ImageError {
     #[error("invalid manifest for {reference}: {reason}")]
     Manifest { reference: String, reason: String },
     #[error("{reference} has no manifest for linux/{arch}")]
-    NoPlatform { reference: String, arch: &'static str },
+    NoPlatform {
+        reference: String,
+        arch: &'static str,
+    },
     #[error("{reference}: {}", match tag { Some(t) => format!("no manifest tagged `{t}`"), None => "several manifests and no tag given".to_string() })]
-    TagNotFound { reference: String, tag: Option<String> },
+    TagNotFound {
+        reference: String,
+        tag: Option<String>,
+    },
     #[error("digest mismatch: expected {expected}, got {actual}")]
     Digest { expected: String, actual: String },
     #[error("blob {digest} has {actual} bytes, the manifest says {expected}")]
-    Size { digest: String, expected: u64, actual: u64 },
+    Size {
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("invalid image config {digest}: {reason}")]
     Config { digest: String, reason: String },
     #[error(transparent)]
@@ -235,14 +245,21 @@ impl ImageStore {
         }
         sweep_temp_dirs(&dir);
         let config = oci_client::client::ClientConfig {
-            protocol: oci_client::client::ClientProtocol::HttpsExcept(options.insecure_registries.clone()),
+            protocol: oci_client::client::ClientProtocol::HttpsExcept(
+                options.insecure_registries.clone(),
+            ),
             // Index resolution is ours (source.rs), so it is verified like the rest.
             platform_resolver: None,
             connect_timeout: Some(Duration::from_secs(30)),
             read_timeout: Some(Duration::from_secs(300)),
             ..Default::default()
         };
-        Ok(ImageStore { dir, options, client: oci_client::Client::new(config), conversions: AtomicU64::new(0) })
+        Ok(ImageStore {
+            dir,
+            options,
+            client: oci_client::Client::new(config),
+            conversions: AtomicU64::new(0),
+        })
     }
 
     /// Returns the cached image for `reference`, pulling and converting it
@@ -251,8 +268,10 @@ impl ImageStore {
     /// the last known digest is used.
     #[tracing::instrument(skip(self), fields(digest))]
     pub async fn ensure(&self, reference: &str) -> Result<ImageInfo, ImageError> {
-        let parsed = ImageRef::parse(reference)
-            .map_err(|source| ImageError::Reference { reference: reference.to_string(), source })?;
+        let parsed = ImageRef::parse(reference).map_err(|source| ImageError::Reference {
+            reference: reference.to_string(),
+            source,
+        })?;
         let parsed = absolutize(parsed)?;
         let canonical = parsed.canonical();
         match &parsed {
@@ -262,12 +281,21 @@ impl ImageStore {
                         return Ok(info);
                     }
                 }
-                let creds = auth::lookup(auth::config_path(self.options.docker_config.as_deref()).as_deref(), &r.registry)?;
+                let creds = auth::lookup(
+                    auth::config_path(self.options.docker_config.as_deref()).as_deref(),
+                    &r.registry,
+                )?;
                 let auth = match creds {
                     Credentials::Anonymous => oci_client::secrets::RegistryAuth::Anonymous,
-                    Credentials::Basic { username, password } => oci_client::secrets::RegistryAuth::Basic(username, password),
+                    Credentials::Basic { username, password } => {
+                        oci_client::secrets::RegistryAuth::Basic(username, password)
+                    }
                 };
-                let source = Source::Registry { client: &self.client, reference: r.clone(), auth };
+                let source = Source::Registry {
+                    client: &self.client,
+                    reference: r.clone(),
+                    auth,
+                };
                 let resolved = match source.resolve(&canonical, None).await {
                     Ok(resolved) => resolved,
                     Err(e) if e.is_unreachable() => {
@@ -288,7 +316,8 @@ impl ImageStore {
                 }
                 let source = Source::Layout { dir: dir.clone() };
                 let resolved = source.resolve(&canonical, tag.as_deref()).await?;
-                self.materialize(&source, resolved, &canonical, fingerprint).await
+                self.materialize(&source, resolved, &canonical, fingerprint)
+                    .await
             }
             ImageRef::Archive { file, tag } => {
                 let fingerprint = Fingerprint::of(file);
@@ -301,7 +330,8 @@ impl ImageStore {
                 blocking(move || source::extract_archive(&archive, &dest)).await?;
                 let source = Source::Layout { dir: layout };
                 let resolved = source.resolve(&canonical, tag.as_deref()).await?;
-                self.materialize(&source, resolved, &canonical, fingerprint).await
+                self.materialize(&source, resolved, &canonical, fingerprint)
+                    .await
             }
         }
     }
@@ -370,7 +400,11 @@ impl ImageStore {
 
     /// The cached image `reference` last resolved to, if it is still
     /// complete and (for local sources) the source is unchanged.
-    fn cached_ref(&self, canonical: &str, fingerprint: Option<Fingerprint>) -> Result<Option<ImageInfo>, ImageError> {
+    fn cached_ref(
+        &self,
+        canonical: &str,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Option<ImageInfo>, ImageError> {
         let path = self.ref_path(canonical);
         let Ok(bytes) = fs::read(&path) else {
             return Ok(None);
@@ -416,7 +450,12 @@ impl ImageStore {
         Ok(info)
     }
 
-    async fn convert(&self, source: &Source<'_>, resolved: &Resolved, canonical: &str) -> Result<ImageInfo, ImageError> {
+    async fn convert(
+        &self,
+        source: &Source<'_>,
+        resolved: &Resolved,
+        canonical: &str,
+    ) -> Result<ImageInfo, ImageError> {
         let digest = resolved.manifest_digest.clone();
         self.conversions.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
@@ -424,7 +463,9 @@ impl ImageStore {
         let blobs = work.path.join("blobs");
         fs::create_dir(&blobs).map_err(ImageError::io("create directory", &blobs))?;
 
-        let config_bytes = source.fetch_small_blob(&resolved.config, &blobs.join("config")).await?;
+        let config_bytes = source
+            .fetch_small_blob(&resolved.config, &blobs.join("config"))
+            .await?;
         let config = parse_config(&config_bytes, &resolved.config.digest)?;
         let mut layer_files = Vec::new();
         let mut blob_bytes = 0;
@@ -439,12 +480,18 @@ impl ImageStore {
         let format = self.options.format;
         let root = work.path.join("rootfs");
         let disk = work.path.join(format.file_name());
-        let options = UnpackOptions { limits: self.options.limits, ..UnpackOptions::default() };
+        let options = UnpackOptions {
+            limits: self.options.limits,
+            ..UnpackOptions::default()
+        };
         let (stats, d) = (digest.clone(), digest.clone());
         let (root2, disk2) = (root.clone(), disk.clone());
         let stats = blocking(move || -> Result<UnpackStats, ImageError> {
             fs::create_dir(&root2).map_err(ImageError::io("create directory", &root2))?;
-            let unpack_err = |source| ImageError::Unpack { digest: stats.clone(), source };
+            let unpack_err = |source| ImageError::Unpack {
+                digest: stats.clone(),
+                source,
+            };
             let mut unpacker = unpack::Unpacker::new(&root2, options).map_err(unpack_err)?;
             for path in &layer_files {
                 let file = fs::File::open(path).map_err(ImageError::io("open", path))?;
@@ -453,15 +500,20 @@ impl ImageStore {
                 let _ = fs::remove_file(path);
             }
             let stats = unpacker.finish().map_err(unpack_err)?;
-            rootfs::build(&root2, &disk2, format).map_err(|source| ImageError::Rootfs { digest: d, source })?;
-            fs::File::open(&disk2).and_then(|f| f.sync_all()).map_err(ImageError::io("sync", &disk2))?;
+            rootfs::build(&root2, &disk2, format)
+                .map_err(|source| ImageError::Rootfs { digest: d, source })?;
+            fs::File::open(&disk2)
+                .and_then(|f| f.sync_all())
+                .map_err(ImageError::io("sync", &disk2))?;
             fs::remove_dir_all(&root2).map_err(ImageError::io("remove", &root2))?;
             Ok(stats)
         })
         .await?;
         let _ = fs::remove_dir(&blobs);
 
-        let size_bytes = fs::metadata(&disk).map(|m| m.blocks() * 512).map_err(ImageError::io("inspect", &disk))?;
+        let size_bytes = fs::metadata(&disk)
+            .map(|m| m.blocks() * 512)
+            .map_err(ImageError::io("inspect", &disk))?;
         let record = ImageRecord {
             version: RECORD_VERSION,
             digest: digest.clone(),
@@ -501,7 +553,8 @@ impl ImageStore {
             record.references.sort();
             write_atomic(&path, &to_json(&record))?;
         }
-        self.load(digest)?.ok_or(ImageError::NotFound(digest.to_string()))
+        self.load(digest)?
+            .ok_or(ImageError::NotFound(digest.to_string()))
     }
 
     fn load(&self, digest: &str) -> Result<Option<ImageInfo>, ImageError> {
@@ -527,7 +580,10 @@ impl ImageStore {
     /// through a separate open conflicts even within one process, so this
     /// serialises tasks of this daemon and a concurrent CLI alike.
     async fn lock(&self, digest: &str) -> Result<nix::fcntl::Flock<fs::File>, ImageError> {
-        let path = self.dir.join("locks").join(format!("{}.lock", hex_of(digest)));
+        let path = self
+            .dir
+            .join("locks")
+            .join(format!("{}.lock", hex_of(digest)));
         blocking(move || {
             let file = fs::OpenOptions::new()
                 .create(true)
@@ -554,7 +610,9 @@ impl ImageStore {
 
     fn ref_path(&self, canonical: &str) -> PathBuf {
         let hash = source::sha256_digest(canonical.as_bytes());
-        self.dir.join("refs").join(format!("{}.json", hex_of(&hash)))
+        self.dir
+            .join("refs")
+            .join(format!("{}.json", hex_of(&hash)))
     }
 }
 
@@ -582,10 +640,14 @@ impl Drop for TempDir {
 
 /// Removes `.tmp-<pid>-<n>` directories whose process is gone.
 fn sweep_temp_dirs(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(".tmp-") else { continue };
+        let Some(rest) = name.strip_prefix(".tmp-") else {
+            continue;
+        };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
         if !alive {
@@ -598,8 +660,14 @@ fn sweep_temp_dirs(dir: &Path) {
 fn absolutize(r: ImageRef) -> Result<ImageRef, ImageError> {
     let abs = |p: PathBuf| std::path::absolute(&p).map_err(ImageError::io("resolve", &p));
     Ok(match r {
-        ImageRef::Layout { dir, tag } => ImageRef::Layout { dir: abs(dir)?, tag },
-        ImageRef::Archive { file, tag } => ImageRef::Archive { file: abs(file)?, tag },
+        ImageRef::Layout { dir, tag } => ImageRef::Layout {
+            dir: abs(dir)?,
+            tag,
+        },
+        ImageRef::Archive { file, tag } => ImageRef::Archive {
+            file: abs(file)?,
+            tag,
+        },
         other @ ImageRef::Registry(_) => other,
     })
 }
@@ -626,8 +694,10 @@ struct RawRuntime {
 }
 
 fn parse_config(bytes: &[u8], digest: &str) -> Result<ImageConfig, ImageError> {
-    let raw: RawConfig = serde_json::from_slice(bytes)
-        .map_err(|e| ImageError::Config { digest: digest.to_string(), reason: e.to_string() })?;
+    let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ImageError::Config {
+        digest: digest.to_string(),
+        reason: e.to_string(),
+    })?;
     let Some(rt) = raw.config else {
         return Ok(ImageConfig::default());
     };
@@ -651,7 +721,10 @@ fn read_record(path: &Path) -> Result<ImageRecord, ImageError> {
         return Err(ImageError::Io {
             op: "parse",
             path: path.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidData, format!("unknown version {}", record.version)),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown version {}", record.version),
+            ),
         });
     }
     Ok(record)
@@ -667,7 +740,10 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), ImageError> {
     use std::io::Write;
     let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let parent = target.parent().unwrap_or(Path::new("."));
     let temp = parent.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
     let result = fs::File::create(&temp).and_then(|mut f| {
@@ -682,7 +758,9 @@ fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), ImageError> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), ImageError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(ImageError::io("sync", dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ImageError::io("sync", dir))
 }
 
 fn hex_of(digest: &str) -> &str {
@@ -690,13 +768,18 @@ fn hex_of(digest: &str) -> &str {
 }
 
 fn is_hex_digest(name: &str) -> bool {
-    name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
 ) -> Result<T, ImageError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ImageError::Task(e.to_string()))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ImageError::Task(e.to_string()))?
 }
 
 #[cfg(test)]

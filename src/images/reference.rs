@@ -228,7 +228,8 @@ fn valid_registry(r: &str) -> bool {
         && host
             .split('.')
             .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     host_ok && port_ok
 }
 
@@ -274,7 +275,9 @@ fn valid_tag(t: &str) -> bool {
 /// `sha256:` and 64 lowercase hex digits: the only algorithm hypeman verifies.
 pub(crate) fn valid_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -290,13 +293,25 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("alpine", "docker.io/library/alpine:latest"),
             ("alpine:3.20", "docker.io/library/alpine:3.20"),
-            ("docker.io/library/alpine:3.20", "docker.io/library/alpine:3.20"),
+            (
+                "docker.io/library/alpine:3.20",
+                "docker.io/library/alpine:3.20",
+            ),
             ("docker://alpine", "docker.io/library/alpine:latest"),
-            ("index.docker.io/library/nginx:alpine", "docker.io/library/nginx:alpine"),
+            (
+                "index.docker.io/library/nginx:alpine",
+                "docker.io/library/nginx:alpine",
+            ),
             ("user/app", "docker.io/user/app:latest"),
-            ("ghcr.io/org/team/app:v1.2-rc_3", "ghcr.io/org/team/app:v1.2-rc_3"),
+            (
+                "ghcr.io/org/team/app:v1.2-rc_3",
+                "ghcr.io/org/team/app:v1.2-rc_3",
+            ),
             ("localhost/app", "localhost/app:latest"),
-            ("127.0.0.1:5000/test/busybox:1", "127.0.0.1:5000/test/busybox:1"),
+            (
+                "127.0.0.1:5000/test/busybox:1",
+                "127.0.0.1:5000/test/busybox:1",
+            ),
             ("registry:5000/app", "registry:5000/app:latest"),
             ("docker://127.0.0.1:5000/app:1", "127.0.0.1:5000/app:1"),
             ("my_repo/a.b__c--d", "docker.io/my_repo/a.b__c--d:latest"),
@@ -318,7 +333,10 @@ mod tests {
         );
         assert_eq!(r.canonical(), with_digest);
         let both = ImageRef::parse(&format!("alpine:3.20@{d}")).unwrap();
-        assert_eq!(both.canonical(), format!("docker.io/library/alpine:3.20@{d}"));
+        assert_eq!(
+            both.canonical(),
+            format!("docker.io/library/alpine:3.20@{d}")
+        );
     }
 
     #[test]
@@ -326,23 +344,38 @@ mod tests {
         let cases: &[(&str, ImageRef)] = &[
             (
                 "oci:/srv/layout",
-                ImageRef::Layout { dir: "/srv/layout".into(), tag: None },
+                ImageRef::Layout {
+                    dir: "/srv/layout".into(),
+                    tag: None,
+                },
             ),
             (
                 "oci:/srv/layout:v1",
-                ImageRef::Layout { dir: "/srv/layout".into(), tag: Some("v1".into()) },
+                ImageRef::Layout {
+                    dir: "/srv/layout".into(),
+                    tag: Some("v1".into()),
+                },
             ),
             (
                 "oci:rel/dir:latest",
-                ImageRef::Layout { dir: "rel/dir".into(), tag: Some("latest".into()) },
+                ImageRef::Layout {
+                    dir: "rel/dir".into(),
+                    tag: Some("latest".into()),
+                },
             ),
             (
                 "oci-archive:/tmp/img.tar",
-                ImageRef::Archive { file: "/tmp/img.tar".into(), tag: None },
+                ImageRef::Archive {
+                    file: "/tmp/img.tar".into(),
+                    tag: None,
+                },
             ),
             (
                 "oci-archive:img.tar:1.0",
-                ImageRef::Archive { file: "img.tar".into(), tag: Some("1.0".into()) },
+                ImageRef::Archive {
+                    file: "img.tar".into(),
+                    tag: Some("1.0".into()),
+                },
             ),
         ];
         for (input, want) in cases {
@@ -358,18 +391,45 @@ mod tests {
             ("", ReferenceError::Empty),
             ("   ", ReferenceError::Empty),
             ("oci:", ReferenceError::MissingPath("oci")),
-            ("oci-archive::tag", ReferenceError::MissingPath("oci-archive")),
+            (
+                "oci-archive::tag",
+                ReferenceError::MissingPath("oci-archive"),
+            ),
             ("oci:/x:", ReferenceError::InvalidTag("".into())),
-            ("Alpine", ReferenceError::InvalidRepository("library/Alpine".into())),
+            (
+                "Alpine",
+                ReferenceError::InvalidRepository("library/Alpine".into()),
+            ),
             ("alpine:", ReferenceError::InvalidTag("".into())),
             ("alpine:-x", ReferenceError::InvalidTag("-x".into())),
-            ("alpine@sha256:abc", ReferenceError::InvalidDigest("sha256:abc".into())),
-            ("alpine@md5:0123", ReferenceError::InvalidDigest("md5:0123".into())),
-            ("reg.io//app", ReferenceError::InvalidRepository("/app".into())),
-            ("reg.io/app/", ReferenceError::InvalidRepository("app/".into())),
-            ("bad_host.io/app", ReferenceError::InvalidRegistry("bad_host.io".into())),
-            ("reg.io:port/app", ReferenceError::InvalidRegistry("reg.io:port".into())),
-            ("dir:/some/dir", ReferenceError::UnsupportedTransport("dir".into())),
+            (
+                "alpine@sha256:abc",
+                ReferenceError::InvalidDigest("sha256:abc".into()),
+            ),
+            (
+                "alpine@md5:0123",
+                ReferenceError::InvalidDigest("md5:0123".into()),
+            ),
+            (
+                "reg.io//app",
+                ReferenceError::InvalidRepository("/app".into()),
+            ),
+            (
+                "reg.io/app/",
+                ReferenceError::InvalidRepository("app/".into()),
+            ),
+            (
+                "bad_host.io/app",
+                ReferenceError::InvalidRegistry("bad_host.io".into()),
+            ),
+            (
+                "reg.io:port/app",
+                ReferenceError::InvalidRegistry("reg.io:port".into()),
+            ),
+            (
+                "dir:/some/dir",
+                ReferenceError::UnsupportedTransport("dir".into()),
+            ),
             (
                 "docker-archive:/x.tar",
                 ReferenceError::UnsupportedTransport("docker-archive".into()),

@@ -161,23 +161,41 @@ fn build_ext4(dir: &Path, out: &Path) -> Result<(), RootfsError> {
         .write(true)
         .create_new(true)
         .open(out)
-        .map_err(|source| RootfsError::Measure { path: out.to_path_buf(), source })?;
-    file.set_len(bytes)
-        .map_err(|source| RootfsError::Measure { path: out.to_path_buf(), source })?;
+        .map_err(|source| RootfsError::Measure {
+            path: out.to_path_buf(),
+            source,
+        })?;
+    file.set_len(bytes).map_err(|source| RootfsError::Measure {
+        path: out.to_path_buf(),
+        source,
+    })?;
     drop(file);
     let mut cmd = Command::new("mkfs.ext4");
     // No journal and no reserved blocks: the disk is attached read-only.
-    cmd.args(["-q", "-F", "-b", "4096", "-I", "256", "-m", "0", "-O", "^has_journal"])
-        .arg("-N")
-        .arg(inodes.to_string())
-        .arg("-d")
-        .arg(dir)
-        .arg(out);
+    cmd.args([
+        "-q",
+        "-F",
+        "-b",
+        "4096",
+        "-I",
+        "256",
+        "-m",
+        "0",
+        "-O",
+        "^has_journal",
+    ])
+    .arg("-N")
+    .arg(inodes.to_string())
+    .arg("-d")
+    .arg(dir)
+    .arg(out);
     run("mkfs.ext4", &mut cmd)
 }
 
 fn run(program: &'static str, cmd: &mut Command) -> Result<(), RootfsError> {
-    let output = cmd.output().map_err(|source| RootfsError::Spawn { program, source })?;
+    let output = cmd
+        .output()
+        .map_err(|source| RootfsError::Spawn { program, source })?;
     if output.status.success() {
         return Ok(());
     }
@@ -190,7 +208,11 @@ fn run(program: &'static str, cmd: &mut Command) -> Result<(), RootfsError> {
         }
         stderr.truncate(cut);
     }
-    Err(RootfsError::Failed { program, status: output.status, stderr })
+    Err(RootfsError::Failed {
+        program,
+        status: output.status,
+        stderr,
+    })
 }
 
 #[cfg(test)]
@@ -209,7 +231,10 @@ mod tests {
 
     #[test]
     fn ext4_geometry_grows_with_files_not_just_bytes() {
-        let small_files = TreeUsage { block_bytes: 20_000 * BLOCK, inodes: 20_001 };
+        let small_files = TreeUsage {
+            block_bytes: 20_000 * BLOCK,
+            inodes: 20_001,
+        };
         let (bytes, inodes) = ext4_geometry(small_files);
         assert!(inodes >= 24_000, "{inodes}");
         assert!(bytes >= 20_000 * BLOCK * 13 / 10 + inodes * 256, "{bytes}");
@@ -241,7 +266,12 @@ mod tests {
         let started = std::time::Instant::now();
         build(&root, &ext4, RootfsFormat::Ext4).unwrap();
         eprintln!("ext4, 20k files: {:?}", started.elapsed());
-        let out = Command::new("debugfs").arg("-R").arg("cat /d19/f0999").arg(&ext4).output().unwrap();
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg("cat /d19/f0999")
+            .arg(&ext4)
+            .output()
+            .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "file 19 999\n");
 
         let erofs = tmp.path().join("rootfs.erofs");
@@ -250,7 +280,11 @@ mod tests {
         eprintln!("erofs, 20k files: {:?}", started.elapsed());
         assert!(fs::metadata(&erofs).unwrap().len() > 0);
         let out = Command::new("fsck.erofs").arg(&erofs).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
@@ -259,7 +293,21 @@ mod tests {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        let err = build(&tmp.path().join("missing"), &tmp.path().join("out"), RootfsFormat::Erofs).unwrap_err();
-        assert!(matches!(err, RootfsError::Failed { program: "mkfs.erofs", .. }), "{err}");
+        let err = build(
+            &tmp.path().join("missing"),
+            &tmp.path().join("out"),
+            RootfsFormat::Erofs,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RootfsError::Failed {
+                    program: "mkfs.erofs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

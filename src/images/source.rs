@@ -79,7 +79,9 @@ pub(crate) enum Source<'a> {
         reference: RegistryRef,
         auth: RegistryAuth,
     },
-    Layout { dir: PathBuf },
+    Layout {
+        dir: PathBuf,
+    },
 }
 
 /// The OCI platform architecture name of this host.
@@ -95,11 +97,22 @@ pub(crate) fn host_arch() -> &'static str {
 
 impl Source<'_> {
     /// Resolves the reference (registry) or tag (layout) to a manifest.
-    pub(crate) async fn resolve(&self, display: &str, tag: Option<&str>) -> Result<Resolved, ImageError> {
+    pub(crate) async fn resolve(
+        &self,
+        display: &str,
+        tag: Option<&str>,
+    ) -> Result<Resolved, ImageError> {
         let (bytes, digest) = match self {
             Source::Registry { reference, .. } => {
                 let wanted = reference.digest.clone();
-                let bytes = self.fetch_manifest(wanted.as_deref().or(reference.tag.as_deref()).unwrap_or("latest")).await?;
+                let bytes = self
+                    .fetch_manifest(
+                        wanted
+                            .as_deref()
+                            .or(reference.tag.as_deref())
+                            .unwrap_or("latest"),
+                    )
+                    .await?;
                 let digest = sha256_digest(&bytes);
                 if let Some(wanted) = wanted {
                     check_digest(&wanted, &digest)?;
@@ -109,10 +122,11 @@ impl Source<'_> {
             Source::Layout { dir } => {
                 let index_path = dir.join("index.json");
                 let index_bytes = read_document(&index_path)?;
-                let index: Document = serde_json::from_slice(&index_bytes).map_err(|e| ImageError::Manifest {
-                    reference: display.to_string(),
-                    reason: format!("index.json: {e}"),
-                })?;
+                let index: Document =
+                    serde_json::from_slice(&index_bytes).map_err(|e| ImageError::Manifest {
+                        reference: display.to_string(),
+                        reason: format!("index.json: {e}"),
+                    })?;
                 let entries = index.manifests.unwrap_or_default();
                 let entry = pick_tagged(&entries, tag).ok_or_else(|| ImageError::TagNotFound {
                     reference: display.to_string(),
@@ -127,8 +141,15 @@ impl Source<'_> {
             let arch = host_arch();
             let entry = entries
                 .iter()
-                .find(|e| e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch))
-                .ok_or_else(|| ImageError::NoPlatform { reference: display.to_string(), arch })?;
+                .find(|e| {
+                    e.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                })
+                .ok_or_else(|| ImageError::NoPlatform {
+                    reference: display.to_string(),
+                    arch,
+                })?;
             let inner = self.fetch_manifest(&entry.digest).await?;
             let inner_doc = parse_document(&inner, display)?;
             return into_resolved(inner_doc, entry.digest.clone(), Some(digest), display);
@@ -139,16 +160,31 @@ impl Source<'_> {
     /// Fetches a manifest by digest (verified) or, for a registry, by tag.
     async fn fetch_manifest(&self, tag_or_digest: &str) -> Result<Vec<u8>, ImageError> {
         let bytes = match self {
-            Source::Registry { client, reference, auth } => {
+            Source::Registry {
+                client,
+                reference,
+                auth,
+            } => {
                 let r = if tag_or_digest.contains(':') {
-                    oci_client::Reference::with_digest(reference.registry.clone(), reference.repository.clone(), tag_or_digest.to_string())
+                    oci_client::Reference::with_digest(
+                        reference.registry.clone(),
+                        reference.repository.clone(),
+                        tag_or_digest.to_string(),
+                    )
                 } else {
-                    oci_client::Reference::with_tag(reference.registry.clone(), reference.repository.clone(), tag_or_digest.to_string())
+                    oci_client::Reference::with_tag(
+                        reference.registry.clone(),
+                        reference.repository.clone(),
+                        tag_or_digest.to_string(),
+                    )
                 };
                 let (bytes, _) = client
                     .pull_manifest_raw(&r, auth, ACCEPTED_MANIFESTS)
                     .await
-                    .map_err(|source| ImageError::Registry { reference: reference.to_string(), source: Box::new(source) })?;
+                    .map_err(|source| ImageError::Registry {
+                        reference: reference.to_string(),
+                        source: Box::new(source),
+                    })?;
                 bytes.to_vec()
             }
             Source::Layout { dir } => read_document(&blob_path(dir, tag_or_digest)?)?,
@@ -160,7 +196,11 @@ impl Source<'_> {
     }
 
     /// Reads a small blob (the image config) into memory, verified.
-    pub(crate) async fn fetch_small_blob(&self, desc: &Descriptor, scratch: &Path) -> Result<Vec<u8>, ImageError> {
+    pub(crate) async fn fetch_small_blob(
+        &self,
+        desc: &Descriptor,
+        scratch: &Path,
+    ) -> Result<Vec<u8>, ImageError> {
         if desc.size > MAX_DOCUMENT {
             return Err(ImageError::Manifest {
                 reference: desc.digest.clone(),
@@ -174,23 +214,48 @@ impl Source<'_> {
     }
 
     /// Copies a blob to `dest`, checking its size and sha256 digest as it is written.
-    pub(crate) async fn fetch_blob(&self, desc: &Descriptor, dest: &Path) -> Result<(), ImageError> {
+    pub(crate) async fn fetch_blob(
+        &self,
+        desc: &Descriptor,
+        dest: &Path,
+    ) -> Result<(), ImageError> {
         if !valid_digest(&desc.digest) {
-            return Err(ImageError::Manifest { reference: desc.digest.clone(), reason: "blob digest is not sha256".into() });
+            return Err(ImageError::Manifest {
+                reference: desc.digest.clone(),
+                reason: "blob digest is not sha256".into(),
+            });
         }
         let (digest, size) = match self {
-            Source::Registry { client, reference, auth } => {
-                let r = oci_client::Reference::with_digest(reference.registry.clone(), reference.repository.clone(), desc.digest.clone());
-                let reg_err = |source| ImageError::Registry { reference: reference.to_string(), source: Box::new(source) };
-                client.store_auth_if_needed(r.resolve_registry(), auth).await;
+            Source::Registry {
+                client,
+                reference,
+                auth,
+            } => {
+                let r = oci_client::Reference::with_digest(
+                    reference.registry.clone(),
+                    reference.repository.clone(),
+                    desc.digest.clone(),
+                );
+                let reg_err = |source| ImageError::Registry {
+                    reference: reference.to_string(),
+                    source: Box::new(source),
+                };
+                client
+                    .store_auth_if_needed(r.resolve_registry(), auth)
+                    .await;
                 let oci_desc = OciDescriptor {
                     media_type: desc.media_type.clone(),
                     digest: desc.digest.clone(),
                     size: i64::try_from(desc.size).unwrap_or(i64::MAX),
                     ..Default::default()
                 };
-                let mut stream = client.pull_blob_stream(&r, &oci_desc).await.map_err(reg_err)?;
-                let mut file = tokio::fs::File::create(dest).await.map_err(ImageError::io("create", dest))?;
+                let mut stream = client
+                    .pull_blob_stream(&r, &oci_desc)
+                    .await
+                    .map_err(reg_err)?;
+                let mut file = tokio::fs::File::create(dest)
+                    .await
+                    .map_err(ImageError::io("create", dest))?;
                 let mut hasher = Sha256::new();
                 let mut size = 0u64;
                 while let Some(chunk) = stream.next().await {
@@ -200,7 +265,9 @@ impl Source<'_> {
                         break;
                     }
                     hasher.update(&chunk);
-                    file.write_all(&chunk).await.map_err(ImageError::io("write", dest))?;
+                    file.write_all(&chunk)
+                        .await
+                        .map_err(ImageError::io("write", dest))?;
                 }
                 file.flush().await.map_err(ImageError::io("write", dest))?;
                 (format!("sha256:{:x}", hasher.finalize()), size)
@@ -215,7 +282,11 @@ impl Source<'_> {
             }
         };
         if size != desc.size {
-            return Err(ImageError::Size { digest: desc.digest.clone(), expected: desc.size, actual: size });
+            return Err(ImageError::Size {
+                digest: desc.digest.clone(),
+                expected: desc.size,
+                actual: size,
+            });
         }
         check_digest(&desc.digest, &digest)
     }
@@ -238,7 +309,8 @@ fn copy_hashing(src: &Path, dest: &Path, limit: u64) -> Result<(String, u64), Im
             Err(e) => return Err(ImageError::io("read", src)(e)),
         };
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(ImageError::io("write", dest))?;
+        out.write_all(&buf[..n])
+            .map_err(ImageError::io("write", dest))?;
         size += n as u64;
     }
     Ok((format!("sha256:{:x}", hasher.finalize()), size))
@@ -246,7 +318,10 @@ fn copy_hashing(src: &Path, dest: &Path, limit: u64) -> Result<(String, u64), Im
 
 fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     if !valid_digest(digest) {
-        return Err(ImageError::Manifest { reference: dir.display().to_string(), reason: format!("bad digest `{digest}`") });
+        return Err(ImageError::Manifest {
+            reference: dir.display().to_string(),
+            reason: format!("bad digest `{digest}`"),
+        });
     }
     let (alg, hex) = digest.split_at(6);
     Ok(dir.join("blobs").join(alg).join(&hex[1..]))
@@ -255,9 +330,14 @@ fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
 fn read_document(path: &Path) -> Result<Vec<u8>, ImageError> {
     let file = std::fs::File::open(path).map_err(ImageError::io("open", path))?;
     let mut bytes = Vec::new();
-    file.take(MAX_DOCUMENT + 1).read_to_end(&mut bytes).map_err(ImageError::io("read", path))?;
+    file.take(MAX_DOCUMENT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ImageError::io("read", path))?;
     if bytes.len() as u64 > MAX_DOCUMENT {
-        return Err(ImageError::Manifest { reference: path.display().to_string(), reason: "document too large".into() });
+        return Err(ImageError::Manifest {
+            reference: path.display().to_string(),
+            reason: "document too large".into(),
+        });
     }
     Ok(bytes)
 }
@@ -267,27 +347,46 @@ fn read_document(path: &Path) -> Result<Vec<u8>, ImageError> {
 fn pick_tagged<'a>(entries: &'a [Descriptor], tag: Option<&str>) -> Option<&'a Descriptor> {
     const REF_NAME: &str = "org.opencontainers.image.ref.name";
     match tag {
-        Some(tag) => entries.iter().find(|e| e.annotations.get(REF_NAME).is_some_and(|n| n == tag)),
+        Some(tag) => entries
+            .iter()
+            .find(|e| e.annotations.get(REF_NAME).is_some_and(|n| n == tag)),
         None if entries.len() == 1 => entries.first(),
-        None => entries.iter().find(|e| e.annotations.get(REF_NAME).is_some_and(|n| n == "latest")),
+        None => entries
+            .iter()
+            .find(|e| e.annotations.get(REF_NAME).is_some_and(|n| n == "latest")),
     }
 }
 
 fn parse_document(bytes: &[u8], display: &str) -> Result<Document, ImageError> {
-    let doc: Document = serde_json::from_slice(bytes)
-        .map_err(|e| ImageError::Manifest { reference: display.to_string(), reason: e.to_string() })?;
+    let doc: Document = serde_json::from_slice(bytes).map_err(|e| ImageError::Manifest {
+        reference: display.to_string(),
+        reason: e.to_string(),
+    })?;
     if doc.media_type.contains("schema1") || doc.media_type.contains("v1+prettyjws") {
-        return Err(ImageError::Manifest { reference: display.to_string(), reason: "Docker schema 1 manifests are not supported".into() });
+        return Err(ImageError::Manifest {
+            reference: display.to_string(),
+            reason: "Docker schema 1 manifests are not supported".into(),
+        });
     }
     Ok(doc)
 }
 
-fn into_resolved(doc: Document, manifest_digest: String, index_digest: Option<String>, display: &str) -> Result<Resolved, ImageError> {
+fn into_resolved(
+    doc: Document,
+    manifest_digest: String,
+    index_digest: Option<String>,
+    display: &str,
+) -> Result<Resolved, ImageError> {
     let config = doc.config.ok_or_else(|| ImageError::Manifest {
         reference: display.to_string(),
         reason: "manifest has no config".into(),
     })?;
-    Ok(Resolved { manifest_digest, index_digest, config, layers: doc.layers })
+    Ok(Resolved {
+        manifest_digest,
+        index_digest,
+        config,
+        layers: doc.layers,
+    })
 }
 
 pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
@@ -298,7 +397,10 @@ fn check_digest(expected: &str, actual: &str) -> Result<(), ImageError> {
     if expected == actual {
         Ok(())
     } else {
-        Err(ImageError::Digest { expected: expected.to_string(), actual: actual.to_string() })
+        Err(ImageError::Digest {
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        })
     }
 }
 
@@ -342,18 +444,36 @@ mod tests {
     fn desc(digest: &str, tag: Option<&str>) -> Descriptor {
         let mut annotations = HashMap::new();
         if let Some(t) = tag {
-            annotations.insert("org.opencontainers.image.ref.name".to_string(), t.to_string());
+            annotations.insert(
+                "org.opencontainers.image.ref.name".to_string(),
+                t.to_string(),
+            );
         }
-        Descriptor { media_type: String::new(), digest: digest.into(), size: 1, platform: None, annotations }
+        Descriptor {
+            media_type: String::new(),
+            digest: digest.into(),
+            size: 1,
+            platform: None,
+            annotations,
+        }
     }
 
     #[test]
     fn layout_tags_pick_entries() {
         let one = [desc("a", None)];
-        assert_eq!(pick_tagged(&one, None).map(|d| d.digest.as_str()), Some("a"));
+        assert_eq!(
+            pick_tagged(&one, None).map(|d| d.digest.as_str()),
+            Some("a")
+        );
         let two = [desc("a", Some("1")), desc("b", Some("latest"))];
-        assert_eq!(pick_tagged(&two, Some("1")).map(|d| d.digest.as_str()), Some("a"));
-        assert_eq!(pick_tagged(&two, None).map(|d| d.digest.as_str()), Some("b"));
+        assert_eq!(
+            pick_tagged(&two, Some("1")).map(|d| d.digest.as_str()),
+            Some("a")
+        );
+        assert_eq!(
+            pick_tagged(&two, None).map(|d| d.digest.as_str()),
+            Some("b")
+        );
         assert!(pick_tagged(&two, Some("2")).is_none());
     }
 
@@ -367,7 +487,9 @@ mod tests {
         // A blob whose contents do not match its name.
         let lying = sha256_digest(b"other");
         std::fs::write(blobs.join(&lying[7..]), b"tampered").unwrap();
-        let src = Source::Layout { dir: dir.path().to_path_buf() };
+        let src = Source::Layout {
+            dir: dir.path().to_path_buf(),
+        };
         let out = dir.path().join("out");
         let mut d = desc(&good, None);
         d.size = 5;
@@ -375,8 +497,14 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), b"hello");
         let mut bad = desc(&lying, None);
         bad.size = 8;
-        assert!(matches!(src.fetch_blob(&bad, &out).await, Err(ImageError::Digest { .. })));
+        assert!(matches!(
+            src.fetch_blob(&bad, &out).await,
+            Err(ImageError::Digest { .. })
+        ));
         d.size = 4;
-        assert!(matches!(src.fetch_blob(&d, &out).await, Err(ImageError::Size { .. })));
+        assert!(matches!(
+            src.fetch_blob(&d, &out).await,
+            Err(ImageError::Size { .. })
+        ));
     }
 }

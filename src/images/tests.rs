@@ -25,7 +25,11 @@ fn tar_of(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(*kind);
         h.set_size(data.len() as u64);
-        h.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+        h.set_mode(if *kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
         h.set_mtime(1_700_000_000);
         match link {
             Some(l) => b.append_link(&mut h, name, l).unwrap(),
@@ -68,7 +72,11 @@ fn image_manifest(dir: &Path, marker: &str) -> serde_json::Value {
             blob(dir, "application/vnd.oci.image.layer.v1.tar", &l2),
         ],
     });
-    blob(dir, "application/vnd.oci.image.manifest.v1+json", manifest.to_string().as_bytes())
+    blob(
+        dir,
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.to_string().as_bytes(),
+    )
 }
 
 fn write_index(dir: &Path, entries: Vec<serde_json::Value>) {
@@ -89,7 +97,11 @@ fn erofs_extract(image: &Path, into: &Path) {
         .arg(image)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn temp_names(store: &ImageStore) -> Vec<String> {
@@ -114,7 +126,7 @@ async fn layout_image_is_converted_once_and_then_served_from_cache() {
 
     let info = store.ensure(&reference).await.unwrap();
     assert_eq!(info.digest, manifest["digest"]);
-    assert_eq!(info.references, [reference.clone()]);
+    assert_eq!(info.references, std::slice::from_ref(&reference));
     assert_eq!(info.format, RootfsFormat::Erofs);
     assert_eq!(
         info.config,
@@ -126,7 +138,13 @@ async fn layout_image_is_converted_once_and_then_served_from_cache() {
             user: Some("1000".into()),
         }
     );
-    assert_eq!(info.rootfs, tmp.path().join("data/images").join(hex_of(&info.digest)).join("rootfs.erofs"));
+    assert_eq!(
+        info.rootfs,
+        tmp.path()
+            .join("data/images")
+            .join(hex_of(&info.digest))
+            .join("rootfs.erofs")
+    );
     assert_eq!(info.unpacked_bytes, 5 + 3);
     let extracted = tmp.path().join("x");
     erofs_extract(&info.rootfs, &extracted);
@@ -142,11 +160,21 @@ async fn layout_image_is_converted_once_and_then_served_from_cache() {
 
     // A changed index.json is re-read, but the digest is cached: no blob needed.
     let manifest_again = image_manifest(&layout, "hello");
-    write_index(&layout, vec![tagged(manifest_again, "v1"), tagged(manifest.clone(), "other")]);
+    write_index(
+        &layout,
+        vec![
+            tagged(manifest_again, "v1"),
+            tagged(manifest.clone(), "other"),
+        ],
+    );
     let blobs_dir = layout.join("blobs/sha256");
     for entry in fs::read_dir(&blobs_dir).unwrap() {
         let path = entry.unwrap().path();
-        if !manifest["digest"].as_str().unwrap().ends_with(&*path.file_name().unwrap().to_string_lossy()) {
+        if !manifest["digest"]
+            .as_str()
+            .unwrap()
+            .ends_with(&*path.file_name().unwrap().to_string_lossy())
+        {
             fs::remove_file(path).unwrap();
         }
     }
@@ -157,7 +185,10 @@ async fn layout_image_is_converted_once_and_then_served_from_cache() {
     store.remove(&info.digest).unwrap();
     assert!(store.list().unwrap().is_empty());
     assert!(!info.rootfs.exists());
-    assert!(matches!(store.remove(&info.digest), Err(ImageError::NotFound(_))));
+    assert!(matches!(
+        store.remove(&info.digest),
+        Err(ImageError::NotFound(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,10 +199,17 @@ async fn concurrent_ensures_convert_once() {
     let tmp = tempfile::tempdir().unwrap();
     let layout = tmp.path().join("layout");
     let manifest = image_manifest(&layout, "x");
-    write_index(&layout, vec![tagged(manifest.clone(), "a"), tagged(manifest, "b")]);
-    let store = std::sync::Arc::new(ImageStore::open(tmp.path(), ImageStoreOptions::default()).unwrap());
+    write_index(
+        &layout,
+        vec![tagged(manifest.clone(), "a"), tagged(manifest, "b")],
+    );
+    let store =
+        std::sync::Arc::new(ImageStore::open(tmp.path(), ImageStoreOptions::default()).unwrap());
     let (s1, s2) = (store.clone(), store.clone());
-    let (r1, r2) = (format!("oci:{}:a", layout.display()), format!("oci:{}:b", layout.display()));
+    let (r1, r2) = (
+        format!("oci:{}:a", layout.display()),
+        format!("oci:{}:b", layout.display()),
+    );
     let (a, b) = tokio::join!(
         tokio::spawn(async move { s1.ensure(&r1).await }),
         tokio::spawn(async move { s2.ensure(&r2).await }),
@@ -200,7 +238,10 @@ async fn tampered_blob_is_rejected_and_leaves_nothing() {
     bytes[last] ^= 0xff;
     fs::write(&victim, bytes).unwrap();
     let store = ImageStore::open(tmp.path(), ImageStoreOptions::default()).unwrap();
-    let err = store.ensure(&format!("oci:{}", layout.display())).await.unwrap_err();
+    let err = store
+        .ensure(&format!("oci:{}", layout.display()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ImageError::Digest { .. }), "{err}");
     assert!(store.list().unwrap().is_empty());
     assert!(temp_names(&store).is_empty());
@@ -219,13 +260,21 @@ async fn index_picks_the_host_platform_and_archives_work() {
         d["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
         d
     };
-    let (host, other) = if source::host_arch() == "arm64" { (arm64, amd64) } else { (amd64, arm64) };
+    let (host, other) = if source::host_arch() == "arm64" {
+        (arm64, amd64)
+    } else {
+        (amd64, arm64)
+    };
     let index = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": [platform(other, "s390x"), platform(host.clone(), source::host_arch())],
     });
-    let index_desc = blob(&layout, "application/vnd.oci.image.index.v1+json", index.to_string().as_bytes());
+    let index_desc = blob(
+        &layout,
+        "application/vnd.oci.image.index.v1+json",
+        index.to_string().as_bytes(),
+    );
     write_index(&layout, vec![tagged(index_desc, "multi")]);
 
     // The layout as an archive, with a hostile extra entry that must be ignored.
@@ -242,17 +291,31 @@ async fn index_picks_the_host_platform_and_archives_work() {
     b.append(&h, &b"x"[..]).unwrap();
     b.finish().unwrap();
 
-    let options = ImageStoreOptions { format: RootfsFormat::Ext4, ..ImageStoreOptions::default() };
+    let options = ImageStoreOptions {
+        format: RootfsFormat::Ext4,
+        ..ImageStoreOptions::default()
+    };
     let store = ImageStore::open(&tmp.path().join("data"), options).unwrap();
-    let info = store.ensure(&format!("oci-archive:{}:multi", archive.display())).await.unwrap();
+    let info = store
+        .ensure(&format!("oci-archive:{}:multi", archive.display()))
+        .await
+        .unwrap();
     assert_eq!(info.digest, host["digest"]);
     assert_eq!(info.format, RootfsFormat::Ext4);
     assert!(info.rootfs.ends_with("rootfs.ext4"));
-    let out = Command::new("debugfs").arg("-R").arg("cat /etc/motd").arg(&info.rootfs).output().unwrap();
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg("cat /etc/motd")
+        .arg(&info.rootfs)
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), source::host_arch());
     assert!(!tmp.path().join("escaped-from-archive").exists());
     assert!(!tmp.path().join("data/escaped-from-archive").exists());
-    let err = store.ensure(&format!("oci-archive:{}:nope", archive.display())).await.unwrap_err();
+    let err = store
+        .ensure(&format!("oci-archive:{}:nope", archive.display()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ImageError::TagNotFound { .. }), "{err}");
 }
 
@@ -260,10 +323,21 @@ async fn index_picks_the_host_platform_and_archives_work() {
 async fn bad_references_and_unknown_digests() {
     let tmp = tempfile::tempdir().unwrap();
     let store = ImageStore::open(tmp.path(), ImageStoreOptions::default()).unwrap();
-    assert!(matches!(store.ensure("Bad Ref").await, Err(ImageError::Reference { .. })));
-    assert!(matches!(store.ensure("dir:/x").await, Err(ImageError::Reference { .. })));
+    assert!(matches!(
+        store.ensure("Bad Ref").await,
+        Err(ImageError::Reference { .. })
+    ));
+    assert!(matches!(
+        store.ensure("dir:/x").await,
+        Err(ImageError::Reference { .. })
+    ));
     assert_eq!(store.get("sha256:nothex").unwrap(), None);
-    assert!(matches!(store.remove("sha256:00"), Err(ImageError::NotFound(_))));
-    let missing = store.ensure(&format!("oci:{}", tmp.path().join("none").display())).await;
+    assert!(matches!(
+        store.remove("sha256:00"),
+        Err(ImageError::NotFound(_))
+    ));
+    let missing = store
+        .ensure(&format!("oci:{}", tmp.path().join("none").display()))
+        .await;
     assert!(matches!(missing, Err(ImageError::Io { .. })), "{missing:?}");
 }

@@ -25,6 +25,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
+use nix::fcntl::AtFlags;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{
     fchmod, fchmodat, fstatat, futimens, mkdirat, mknodat, utimensat, FchmodatFlags, FileStat,
@@ -32,7 +33,6 @@ use nix::sys::stat::{
 };
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
-use nix::fcntl::AtFlags;
 use tar::EntryType;
 
 /// Bounds on what a stack of layers may unpack to.
@@ -191,9 +191,34 @@ impl Unpacker {
     pub fn apply_tar<R: Read>(&mut self, tar: R) -> Result<(), UnpackError> {
         self.layer_paths.clear();
         self.stats.layers += 1;
-        let mut archive = tar::Archive::new(tar);
+        let progress = std::rc::Rc::new(std::cell::Cell::new((0u64, false)));
+        let counted = Counting {
+            inner: tar,
+            progress: progress.clone(),
+        };
+        let mut archive = tar::Archive::new(counted);
+        // Where the last entry's data ended in the stream.
+        let mut data_end = 0u64;
         for entry in archive.entries().map_err(UnpackError::Read)? {
-            let mut entry = entry.map_err(UnpackError::Read)?;
+            let mut entry = match entry {
+                Ok(entry) => entry,
+                // A stream that stops right after an entry's data, without
+                // padding or the end-of-archive blocks, is complete to Go's
+                // archive/tar (so to containerd and Docker), and some
+                // writers (umoci 0.4) produce it. Anything else truncated
+                // is still an error.
+                Err(e) => {
+                    let (read, eof) = progress.get();
+                    if eof && read == data_end {
+                        tracing::debug!(bytes = read, "layer ends without tar padding");
+                        break;
+                    }
+                    return Err(UnpackError::Read(e));
+                }
+            };
+            data_end = entry
+                .raw_file_position()
+                .saturating_add(entry.header().entry_size().map_err(UnpackError::Read)?);
             self.stats.entries += 1;
             if self.stats.entries > self.options.limits.max_entries {
                 return Err(UnpackError::TooManyEntries {
@@ -209,13 +234,17 @@ impl Unpacker {
     pub fn finish(self) -> Result<UnpackStats, UnpackError> {
         let mut dirs: Vec<_> = self.dirs.iter().collect();
         // Deepest first, so setting a parent's mtime is the last change to it.
-        dirs.sort_by_key(|(path, _)| std::cmp::Reverse(path.iter().filter(|&&b| b == b'/').count()));
+        dirs.sort_by_key(|(path, _)| {
+            std::cmp::Reverse(path.iter().filter(|&&b| b == b'/').count())
+        });
         for (path, meta) in dirs {
             let comps = split(path);
             let fd = match self.open_dir(&comps, false) {
                 Ok(fd) => fd,
                 // Replaced by a later layer with something that is not a directory.
-                Err(UnpackError::ThroughSymlink { .. } | UnpackError::NotADirectory { .. }) => continue,
+                Err(UnpackError::ThroughSymlink { .. } | UnpackError::NotADirectory { .. }) => {
+                    continue
+                }
                 Err(UnpackError::Fs { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                     continue
                 }
@@ -239,7 +268,9 @@ impl Unpacker {
     fn apply_entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
         let raw_path = entry.path_bytes().into_owned();
         let shown = show(&raw_path);
-        let comps = normalize(&raw_path).ok_or_else(|| UnpackError::Escape { path: shown.clone() })?;
+        let comps = normalize(&raw_path).ok_or_else(|| UnpackError::Escape {
+            path: shown.clone(),
+        })?;
         let kind = entry.header().entry_type();
         let meta = read_meta(entry).map_err(UnpackError::Read)?;
 
@@ -270,12 +301,17 @@ impl Unpacker {
                 let fd = openat(
                     &parent,
                     *name,
-                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
                     Mode::from_bits_truncate(0o600),
                 )
                 .map_err(fs_err("create", &shown))?;
                 let mut file = File::from(fd);
-                let written = io::copy(&mut entry.take(size), &mut file).map_err(UnpackError::Read)?;
+                let written =
+                    io::copy(&mut entry.take(size), &mut file).map_err(UnpackError::Read)?;
                 if written != size {
                     return Err(UnpackError::Read(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -298,7 +334,10 @@ impl Unpacker {
             EntryType::Symlink => {
                 let target = entry
                     .link_name_bytes()
-                    .ok_or_else(|| UnpackError::UnsupportedEntry { path: shown.clone(), kind })?
+                    .ok_or_else(|| UnpackError::UnsupportedEntry {
+                        path: shown.clone(),
+                        kind,
+                    })?
                     .into_owned();
                 let parent = self.open_dir(parents, true)?;
                 self.clear_slot(&parent, name, false, &shown)?;
@@ -306,8 +345,14 @@ impl Unpacker {
                 symlinkat(OsStr::from_bytes(&target), &parent, *name)
                     .map_err(fs_err("create symlink", &shown))?;
                 self.chown_at(&parent, name, &meta, &shown)?;
-                utimensat(&parent, *name, &meta.mtime, &meta.mtime, UtimensatFlags::NoFollowSymlink)
-                    .map_err(fs_err("set times of", &shown))?;
+                utimensat(
+                    &parent,
+                    *name,
+                    &meta.mtime,
+                    &meta.mtime,
+                    UtimensatFlags::NoFollowSymlink,
+                )
+                .map_err(fs_err("set times of", &shown))?;
                 if !meta.xattrs.is_empty() {
                     self.stats.xattrs_skipped += meta.xattrs.len() as u64;
                 }
@@ -315,7 +360,10 @@ impl Unpacker {
             EntryType::Link => {
                 let target = entry
                     .link_name_bytes()
-                    .ok_or_else(|| UnpackError::UnsupportedEntry { path: shown.clone(), kind })?
+                    .ok_or_else(|| UnpackError::UnsupportedEntry {
+                        path: shown.clone(),
+                        kind,
+                    })?
                     .into_owned();
                 self.hardlink(parents, name, &full, &target, &shown)?;
             }
@@ -326,25 +374,49 @@ impl Unpacker {
                     return Ok(());
                 }
                 let (major, minor) = device_numbers(entry.header()).map_err(UnpackError::Read)?;
-                let sflag = if kind == EntryType::Char { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
+                let sflag = if kind == EntryType::Char {
+                    SFlag::S_IFCHR
+                } else {
+                    SFlag::S_IFBLK
+                };
                 let parent = self.open_dir(parents, true)?;
                 self.clear_slot(&parent, name, false, &shown)?;
-                mknodat(&parent, *name, sflag, Mode::from_bits_truncate(0o600), libc::makedev(major, minor))
-                    .map_err(fs_err("create device", &shown))?;
+                mknodat(
+                    &parent,
+                    *name,
+                    sflag,
+                    Mode::from_bits_truncate(0o600),
+                    libc::makedev(major, minor),
+                )
+                .map_err(fs_err("create device", &shown))?;
                 self.special_meta(&parent, name, &meta, &shown)?;
             }
             EntryType::Fifo => {
                 let parent = self.open_dir(parents, true)?;
                 self.clear_slot(&parent, name, false, &shown)?;
-                mknodat(&parent, *name, SFlag::S_IFIFO, Mode::from_bits_truncate(0o600), 0)
-                    .map_err(fs_err("create fifo", &shown))?;
+                mknodat(
+                    &parent,
+                    *name,
+                    SFlag::S_IFIFO,
+                    Mode::from_bits_truncate(0o600),
+                    0,
+                )
+                .map_err(fs_err("create fifo", &shown))?;
                 self.special_meta(&parent, name, &meta, &shown)?;
             }
             // Consumed by the tar reader as metadata of the next entry.
-            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink => {
+            EntryType::XGlobalHeader
+            | EntryType::XHeader
+            | EntryType::GNULongName
+            | EntryType::GNULongLink => {
                 return Ok(());
             }
-            other => return Err(UnpackError::UnsupportedEntry { path: shown, kind: other }),
+            other => {
+                return Err(UnpackError::UnsupportedEntry {
+                    path: shown,
+                    kind: other,
+                })
+            }
         }
         self.layer_paths.insert(full);
         Ok(())
@@ -352,7 +424,12 @@ impl Unpacker {
 
     /// `.wh.<name>` deletes `<name>` from lower layers; `.wh..wh..opq`
     /// empties its directory of lower layers' contents.
-    fn apply_whiteout(&mut self, parents: &[&[u8]], name: &[u8], shown: &str) -> Result<(), UnpackError> {
+    fn apply_whiteout(
+        &mut self,
+        parents: &[&[u8]],
+        name: &[u8],
+        shown: &str,
+    ) -> Result<(), UnpackError> {
         if name == OPAQUE_MARKER {
             let dir = self.open_dir(parents, true)?;
             let prefix = join(parents);
@@ -377,11 +454,15 @@ impl Unpacker {
             return Ok(());
         }
         if victim.is_empty() || victim == b"." || victim == b".." {
-            return Err(UnpackError::Whiteout { path: shown.to_string() });
+            return Err(UnpackError::Whiteout {
+                path: shown.to_string(),
+            });
         }
         let parent = match self.open_dir(parents, false) {
             Ok(fd) => fd,
-            Err(UnpackError::Fs { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(UnpackError::Fs { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Ok(())
+            }
             Err(e) => return Err(e),
         };
         let mut victim_path = parents.to_vec();
@@ -416,9 +497,11 @@ impl Unpacker {
         }
         let tparent = match self.open_dir(tparents, false) {
             Ok(fd) => fd,
-            Err(UnpackError::Fs { .. } | UnpackError::ThroughSymlink { .. } | UnpackError::NotADirectory { .. }) => {
-                return Err(bad_target())
-            }
+            Err(
+                UnpackError::Fs { .. }
+                | UnpackError::ThroughSymlink { .. }
+                | UnpackError::NotADirectory { .. },
+            ) => return Err(bad_target()),
             Err(e) => return Err(e),
         };
         match lstat_at(&tparent, tname) {
@@ -437,10 +520,11 @@ impl Unpacker {
     /// time, refusing symlinks. With `create`, missing directories are made
     /// (layers may omit parents).
     fn open_dir(&self, comps: &[&[u8]], create: bool) -> Result<OwnedFd, UnpackError> {
-        let mut fd = self
-            .root
-            .try_clone()
-            .map_err(|e| UnpackError::Fs { op: "open", path: ".".into(), source: e })?;
+        let mut fd = self.root.try_clone().map_err(|e| UnpackError::Fs {
+            op: "open",
+            path: ".".into(),
+            source: e,
+        })?;
         for (i, comp) in comps.iter().enumerate() {
             let shown = || show(&join(&comps[..=i]));
             let next = match openat(&fd, *comp, DIR_FLAGS, Mode::empty()) {
@@ -450,7 +534,8 @@ impl Unpacker {
                         Ok(()) | Err(Errno::EEXIST) => {}
                         Err(e) => return Err(fs_err("create directory", &shown())(e)),
                     }
-                    openat(&fd, *comp, DIR_FLAGS, Mode::empty()).map_err(|e| classify(&fd, comp, e, shown()))?
+                    openat(&fd, *comp, DIR_FLAGS, Mode::empty())
+                        .map_err(|e| classify(&fd, comp, e, shown()))?
                 }
                 Err(e) => return Err(classify(&fd, comp, e, shown())),
             };
@@ -461,7 +546,13 @@ impl Unpacker {
 
     /// Makes `name` in `parent` free for a new entry. Returns whether an
     /// existing directory was kept (only when `keep_dir`).
-    fn clear_slot(&self, parent: &OwnedFd, name: &[u8], keep_dir: bool, shown: &str) -> Result<bool, UnpackError> {
+    fn clear_slot(
+        &self,
+        parent: &OwnedFd,
+        name: &[u8],
+        keep_dir: bool,
+        shown: &str,
+    ) -> Result<bool, UnpackError> {
         match lstat_at(parent, name).map_err(fs_err("inspect", shown))? {
             None => Ok(false),
             Some(st) if is_dir(&st) && keep_dir => Ok(true),
@@ -472,10 +563,20 @@ impl Unpacker {
         }
     }
 
-    fn apply_meta(&mut self, fd: BorrowedFd<'_>, meta: &Meta, shown: &str, mode_now: bool) -> Result<(), UnpackError> {
+    fn apply_meta(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        meta: &Meta,
+        shown: &str,
+        mode_now: bool,
+    ) -> Result<(), UnpackError> {
         if self.options.privileged {
-            fchown(fd, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))
-                .map_err(fs_err("chown", shown))?;
+            fchown(
+                fd,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+            )
+            .map_err(fs_err("chown", shown))?;
         } else if meta.uid != 0 || meta.gid != 0 {
             self.stats.ownership_skipped += 1;
         }
@@ -487,13 +588,20 @@ impl Unpacker {
         }
         // After chown, which clears setuid/setgid bits.
         if mode_now {
-            fchmod(fd, Mode::from_bits_truncate(meta.mode & 0o7777)).map_err(fs_err("chmod", shown))?;
+            fchmod(fd, Mode::from_bits_truncate(meta.mode & 0o7777))
+                .map_err(fs_err("chmod", shown))?;
             futimens(fd, &meta.mtime, &meta.mtime).map_err(fs_err("set times of", shown))?;
         }
         Ok(())
     }
 
-    fn chown_at(&mut self, parent: &OwnedFd, name: &[u8], meta: &Meta, shown: &str) -> Result<(), UnpackError> {
+    fn chown_at(
+        &mut self,
+        parent: &OwnedFd,
+        name: &[u8],
+        meta: &Meta,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
         if self.options.privileged {
             fchownat(
                 parent,
@@ -510,14 +618,31 @@ impl Unpacker {
     }
 
     /// Metadata of a device node or fifo, which must not be opened.
-    fn special_meta(&mut self, parent: &OwnedFd, name: &[u8], meta: &Meta, shown: &str) -> Result<(), UnpackError> {
+    fn special_meta(
+        &mut self,
+        parent: &OwnedFd,
+        name: &[u8],
+        meta: &Meta,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
         self.chown_at(parent, name, meta, shown)?;
         // `name` was just created by us as a non-symlink in a directory reached
         // without symlinks, so following is moot; the flag keeps the kernel honest.
-        fchmodat(parent, name, Mode::from_bits_truncate(meta.mode & 0o7777), FchmodatFlags::FollowSymlink)
-            .map_err(fs_err("chmod", shown))?;
-        utimensat(parent, name, &meta.mtime, &meta.mtime, UtimensatFlags::NoFollowSymlink)
-            .map_err(fs_err("set times of", shown))
+        fchmodat(
+            parent,
+            name,
+            Mode::from_bits_truncate(meta.mode & 0o7777),
+            FchmodatFlags::FollowSymlink,
+        )
+        .map_err(fs_err("chmod", shown))?;
+        utimensat(
+            parent,
+            name,
+            &meta.mtime,
+            &meta.mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(fs_err("set times of", shown))
     }
 
     fn forget_dirs_under(&mut self, path: &[u8]) {
@@ -527,19 +652,39 @@ impl Unpacker {
     }
 }
 
+/// Counts bytes read and notes end of stream, to tell a tar that merely
+/// lacks its trailer from one cut short.
+struct Counting<R> {
+    inner: R,
+    progress: std::rc::Rc<std::cell::Cell<(u64, bool)>>,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let (read, eof) = self.progress.get();
+        self.progress
+            .set((read + n as u64, eof || (n == 0 && !buf.is_empty())));
+        Ok(n)
+    }
+}
+
 const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
     .union(OFlag::O_NOFOLLOW)
     .union(OFlag::O_RDONLY)
     .union(OFlag::O_CLOEXEC);
 
 fn open_child_dir(parent: &OwnedFd, name: &[u8], shown: &str) -> Result<OwnedFd, UnpackError> {
-    openat(parent, name, DIR_FLAGS, Mode::empty()).map_err(|e| classify(parent, name, e, shown.to_string()))
+    openat(parent, name, DIR_FLAGS, Mode::empty())
+        .map_err(|e| classify(parent, name, e, shown.to_string()))
 }
 
 /// Turns an `openat` failure on a path component into the error a user needs.
 fn classify(parent: &OwnedFd, comp: &[u8], e: Errno, shown: String) -> UnpackError {
     match lstat_at(parent, comp) {
-        Ok(Some(st)) if (st.st_mode & libc::S_IFMT) == libc::S_IFLNK => UnpackError::ThroughSymlink { path: shown },
+        Ok(Some(st)) if (st.st_mode & libc::S_IFMT) == libc::S_IFLNK => {
+            UnpackError::ThroughSymlink { path: shown }
+        }
         Ok(Some(st)) if !is_dir(&st) => UnpackError::NotADirectory { path: shown },
         _ => fs_err("open", &shown)(e),
     }
@@ -558,7 +703,11 @@ fn is_dir(st: &FileStat) -> bool {
 }
 
 fn list_dir(dir: &OwnedFd, shown: &str) -> Result<Vec<Vec<u8>>, UnpackError> {
-    let fd = dir.try_clone().map_err(|e| UnpackError::Fs { op: "list", path: shown.into(), source: e })?;
+    let fd = dir.try_clone().map_err(|e| UnpackError::Fs {
+        op: "list",
+        path: shown.into(),
+        source: e,
+    })?;
     let mut d = nix::dir::Dir::from_fd(fd).map_err(fs_err("list", shown))?;
     let mut names = Vec::new();
     for entry in d.iter() {
@@ -590,11 +739,18 @@ fn remove_tree(parent: &OwnedFd, name: &[u8], shown: &str) -> Result<(), UnpackE
 
 fn set_xattr(fd: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let key = std::ffi::CString::new(key).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let key =
+        std::ffi::CString::new(key).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `key` is NUL-terminated, `value` is a valid buffer of its length,
     // and `fd` is a live descriptor borrowed for the call.
     let rc = unsafe {
-        libc::fsetxattr(fd.as_raw_fd(), key.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            key.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
     if rc == 0 {
         Ok(())
@@ -619,7 +775,9 @@ fn normalize(raw: &[u8]) -> Option<Vec<&[u8]>> {
 }
 
 fn split(path: &[u8]) -> Vec<&[u8]> {
-    path.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect()
+    path.split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .collect()
 }
 
 fn join(comps: &[&[u8]]) -> Vec<u8> {
@@ -653,7 +811,14 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
         // An id too large for Linux becomes `nobody`, never root.
         uid: header.uid().map_or(0, id_or_nobody),
         gid: header.gid().map_or(0, id_or_nobody),
-        mtime: TimeSpec::new(header.mtime().ok().and_then(|v| i64::try_from(v).ok()).unwrap_or(0), 0),
+        mtime: TimeSpec::new(
+            header
+                .mtime()
+                .ok()
+                .and_then(|v| i64::try_from(v).ok())
+                .unwrap_or(0),
+            0,
+        ),
         xattrs: Vec::new(),
     };
     if let Some(pax) = entry.pax_extensions()? {
@@ -678,7 +843,10 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
 }
 
 fn id_or_nobody(id: u64) -> u32 {
-    u32::try_from(id).ok().filter(|&v| v != u32::MAX).unwrap_or(65534)
+    u32::try_from(id)
+        .ok()
+        .filter(|&v| v != u32::MAX)
+        .unwrap_or(65534)
 }
 
 /// PAX times are decimal seconds with an optional fraction: `1700000000.25`.

@@ -12,7 +12,14 @@ impl Layer {
         Layer(tar::Builder::new(Vec::new()))
     }
 
-    fn entry(mut self, name: &[u8], kind: EntryType, data: &[u8], link: Option<&[u8]>, mode: u32) -> Layer {
+    fn entry(
+        mut self,
+        name: &[u8],
+        kind: EntryType,
+        data: &[u8],
+        link: Option<&[u8]>,
+        mode: u32,
+    ) -> Layer {
         let mut h = tar::Header::new_gnu();
         {
             let gnu = h.as_gnu_mut().expect("gnu header");
@@ -39,10 +46,22 @@ impl Layer {
         self.entry(name.as_bytes(), EntryType::Directory, b"", None, 0o755)
     }
     fn symlink(self, name: &str, target: &str) -> Layer {
-        self.entry(name.as_bytes(), EntryType::Symlink, b"", Some(target.as_bytes()), 0o777)
+        self.entry(
+            name.as_bytes(),
+            EntryType::Symlink,
+            b"",
+            Some(target.as_bytes()),
+            0o777,
+        )
     }
     fn hardlink(self, name: &str, target: &str) -> Layer {
-        self.entry(name.as_bytes(), EntryType::Link, b"", Some(target.as_bytes()), 0o644)
+        self.entry(
+            name.as_bytes(),
+            EntryType::Link,
+            b"",
+            Some(target.as_bytes()),
+            0o644,
+        )
     }
     fn bytes(self) -> Vec<u8> {
         self.0.into_inner().expect("finish tar")
@@ -70,7 +89,11 @@ impl Fixture {
     fn unpack(&self, layers: &[Vec<u8>]) -> Result<UnpackStats, UnpackError> {
         self.unpack_with(layers, UnpackOptions::default())
     }
-    fn unpack_with(&self, layers: &[Vec<u8>], options: UnpackOptions) -> Result<UnpackStats, UnpackError> {
+    fn unpack_with(
+        &self,
+        layers: &[Vec<u8>],
+        options: UnpackOptions,
+    ) -> Result<UnpackStats, UnpackError> {
         let mut u = Unpacker::new(&self.root(), options)?;
         for layer in layers {
             u.apply_layer(layer.as_slice())?;
@@ -99,7 +122,11 @@ impl Fixture {
 #[test]
 fn hostile_layers_are_rejected_and_nothing_escapes() {
     let sentinel_target = |f: &Fixture| f.sentinel().to_string_lossy().into_owned();
-    type Case = (&'static str, fn(&Fixture, String) -> Vec<Vec<u8>>, fn(&UnpackError) -> bool);
+    type Case = (
+        &'static str,
+        fn(&Fixture, String) -> Vec<Vec<u8>>,
+        fn(&UnpackError) -> bool,
+    );
     let cases: Vec<Case> = vec![
         (
             "dotdot file",
@@ -108,12 +135,22 @@ fn hostile_layers_are_rejected_and_nothing_escapes() {
         ),
         (
             "dotdot in the middle",
-            |_, _| vec![Layer::new().dir("a").file("a/../../sentinel/escaped", b"x").bytes()],
+            |_, _| {
+                vec![Layer::new()
+                    .dir("a")
+                    .file("a/../../sentinel/escaped", b"x")
+                    .bytes()]
+            },
             |e| matches!(e, UnpackError::Escape { .. }),
         ),
         (
             "absolute symlink then write through it",
-            |_, s| vec![Layer::new().symlink("a", &s).file("a/escaped", b"x").bytes()],
+            |_, s| {
+                vec![Layer::new()
+                    .symlink("a", &s)
+                    .file("a/escaped", b"x")
+                    .bytes()]
+            },
             |e| matches!(e, UnpackError::ThroughSymlink { .. }),
         ),
         (
@@ -137,7 +174,10 @@ fn hostile_layers_are_rejected_and_nothing_escapes() {
             |_, s| {
                 vec![
                     Layer::new().dir("etc").bytes(),
-                    Layer::new().symlink("etc", &s).file("etc/escaped", b"x").bytes(),
+                    Layer::new()
+                        .symlink("etc", &s)
+                        .file("etc/escaped", b"x")
+                        .bytes(),
                 ]
             },
             |e| matches!(e, UnpackError::ThroughSymlink { .. }),
@@ -149,12 +189,23 @@ fn hostile_layers_are_rejected_and_nothing_escapes() {
         ),
         (
             "hardlink through a symlink",
-            |_, s| vec![Layer::new().symlink("s", &s).hardlink("stolen", "s/victim").bytes()],
+            |_, s| {
+                vec![Layer::new()
+                    .symlink("s", &s)
+                    .hardlink("stolen", "s/victim")
+                    .bytes()]
+            },
             |e| matches!(e, UnpackError::HardlinkTarget { .. }),
         ),
         (
             "hardlink placed through a symlink",
-            |_, s| vec![Layer::new().file("f", b"x").symlink("s", &s).hardlink("s/escaped", "f").bytes()],
+            |_, s| {
+                vec![Layer::new()
+                    .file("f", b"x")
+                    .symlink("s", &s)
+                    .hardlink("s/escaped", "f")
+                    .bytes()]
+            },
             |e| matches!(e, UnpackError::ThroughSymlink { .. }),
         ),
         (
@@ -169,12 +220,22 @@ fn hostile_layers_are_rejected_and_nothing_escapes() {
         ),
         (
             "whiteout through a symlink",
-            |_, s| vec![Layer::new().symlink("s", &s).file("s/.wh.victim", b"").bytes()],
+            |_, s| {
+                vec![Layer::new()
+                    .symlink("s", &s)
+                    .file("s/.wh.victim", b"")
+                    .bytes()]
+            },
             |e| matches!(e, UnpackError::ThroughSymlink { .. }),
         ),
         (
             "opaque marker through a symlink",
-            |_, s| vec![Layer::new().symlink("s", &s).file("s/.wh..wh..opq", b"").bytes()],
+            |_, s| {
+                vec![Layer::new()
+                    .symlink("s", &s)
+                    .file("s/.wh..wh..opq", b"")
+                    .bytes()]
+            },
             |e| matches!(e, UnpackError::ThroughSymlink { .. }),
         ),
     ];
@@ -185,7 +246,11 @@ fn hostile_layers_are_rejected_and_nothing_escapes() {
         let err = f.unpack(&layers).expect_err(name);
         assert!(expected(&err), "{name}: unexpected error {err:?}");
         assert_eq!(f.sentinel_names(), ["victim"], "{name}: sentinel changed");
-        assert_eq!(fs::read(f.sentinel().join("victim")).unwrap(), b"keep", "{name}");
+        assert_eq!(
+            fs::read(f.sentinel().join("victim")).unwrap(),
+            b"keep",
+            "{name}"
+        );
         f.assert_nothing_outside();
     }
 }
@@ -193,7 +258,10 @@ fn hostile_layers_are_rejected_and_nothing_escapes() {
 #[test]
 fn absolute_paths_land_inside_the_root() {
     let f = Fixture::new();
-    let layer = Layer::new().file("/abs/path", b"inside").file("./dot/x", b"y").bytes();
+    let layer = Layer::new()
+        .file("/abs/path", b"inside")
+        .file("./dot/x", b"y")
+        .bytes();
     f.unpack(&[layer]).unwrap();
     assert_eq!(fs::read(f.root().join("abs/path")).unwrap(), b"inside");
     assert_eq!(fs::read(f.root().join("dot/x")).unwrap(), b"y");
@@ -204,7 +272,10 @@ fn absolute_paths_land_inside_the_root() {
 #[test]
 fn writing_a_file_over_a_hardlink_does_not_change_the_other_name() {
     let f = Fixture::new();
-    let lower = Layer::new().file("a", b"original").hardlink("b", "a").bytes();
+    let lower = Layer::new()
+        .file("a", b"original")
+        .hardlink("b", "a")
+        .bytes();
     let upper = Layer::new().file("b", b"replaced").bytes();
     f.unpack(&[lower, upper]).unwrap();
     assert_eq!(fs::read(f.root().join("a")).unwrap(), b"original");
@@ -252,7 +323,13 @@ fn links_modes_and_times_are_kept() {
     let f = Fixture::new();
     let layer = Layer::new()
         .dir("bin")
-        .entry(b"bin/busybox", EntryType::Regular, b"#!binary", None, 0o4755)
+        .entry(
+            b"bin/busybox",
+            EntryType::Regular,
+            b"#!binary",
+            None,
+            0o4755,
+        )
         .hardlink("bin/sh", "bin/busybox")
         .hardlink("bin/ls", "/bin/busybox")
         .symlink("bin/abs", "/nonexistent/target")
@@ -269,13 +346,22 @@ fn links_modes_and_times_are_kept() {
     assert_eq!(fs::metadata(root.join("bin/sh")).unwrap().ino(), bb.ino());
     assert_eq!(fs::metadata(root.join("bin/ls")).unwrap().ino(), bb.ino());
     assert_eq!(bb.nlink(), 3);
-    assert_eq!(fs::read_link(root.join("bin/abs")).unwrap(), Path::new("/nonexistent/target"));
-    assert_eq!(fs::read_link(root.join("bin/rel")).unwrap(), Path::new("../etc/passwd"));
+    assert_eq!(
+        fs::read_link(root.join("bin/abs")).unwrap(),
+        Path::new("/nonexistent/target")
+    );
+    assert_eq!(
+        fs::read_link(root.join("bin/rel")).unwrap(),
+        Path::new("../etc/passwd")
+    );
     let ro = fs::metadata(root.join("ro")).unwrap();
     assert_eq!(ro.permissions().mode() & 0o7777, 0o555);
     // Applied after its child was created.
     assert_eq!(ro.mtime(), 1_600_000_000);
-    assert_eq!(fs::metadata(root.join("bin")).unwrap().mtime(), 1_600_000_000);
+    assert_eq!(
+        fs::metadata(root.join("bin")).unwrap().mtime(),
+        1_600_000_000
+    );
     let fifo = fs::symlink_metadata(root.join("fifo")).unwrap();
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()));
     assert_eq!(fifo.permissions().mode() & 0o777, 0o640);
@@ -305,7 +391,10 @@ fn ownership_and_devices_depend_on_privilege() {
     };
 
     let f = Fixture::new();
-    let unprivileged = UnpackOptions { privileged: false, ..UnpackOptions::default() };
+    let unprivileged = UnpackOptions {
+        privileged: false,
+        ..UnpackOptions::default()
+    };
     let stats = f.unpack_with(&[layer()], unprivileged).unwrap();
     assert_eq!(stats.devices_skipped, 1);
     assert_eq!(stats.ownership_skipped, 1);
@@ -314,13 +403,18 @@ fn ownership_and_devices_depend_on_privilege() {
 
     if nix::unistd::geteuid().is_root() {
         let f = Fixture::new();
-        let privileged = UnpackOptions { privileged: true, ..UnpackOptions::default() };
+        let privileged = UnpackOptions {
+            privileged: true,
+            ..UnpackOptions::default()
+        };
         let stats = f.unpack_with(&[layer()], privileged).unwrap();
         assert_eq!(stats.devices_skipped, 0);
         let owned = fs::metadata(f.root().join("owned")).unwrap();
         assert_eq!((owned.uid(), owned.gid()), (1234, 5678));
         let dev = fs::symlink_metadata(f.root().join("dev/null")).unwrap();
-        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&dev.file_type()));
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+            &dev.file_type()
+        ));
         assert_eq!(dev.rdev(), libc::makedev(1, 3));
     }
 }
@@ -328,7 +422,8 @@ fn ownership_and_devices_depend_on_privilege() {
 #[test]
 fn pax_xattrs_are_applied_or_counted() {
     let mut b = tar::Builder::new(Vec::new());
-    b.append_pax_extensions([("SCHILY.xattr.user.hypeman", &b"yes"[..])]).unwrap();
+    b.append_pax_extensions([("SCHILY.xattr.user.hypeman", &b"yes"[..])])
+        .unwrap();
     let mut h = tar::Header::new_ustar();
     h.set_entry_type(EntryType::Regular);
     h.set_size(1);
@@ -340,7 +435,14 @@ fn pax_xattrs_are_applied_or_counted() {
     let path = std::ffi::CString::new(f.root().join("tagged").as_os_str().as_bytes()).unwrap();
     let mut buf = [0u8; 16];
     // SAFETY: valid NUL-terminated strings and a buffer of the given size.
-    let n = unsafe { libc::getxattr(path.as_ptr(), c"user.hypeman".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            c"user.hypeman".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if stats.xattrs_skipped == 0 {
         assert_eq!(&buf[..n as usize], b"yes");
     } else {
@@ -352,19 +454,39 @@ fn pax_xattrs_are_applied_or_counted() {
 fn size_and_entry_limits_stop_unpacking() {
     let f = Fixture::new();
     let small = UnpackOptions {
-        limits: UnpackLimits { max_bytes: 10, max_entries: 100 },
+        limits: UnpackLimits {
+            max_bytes: 10,
+            max_entries: 100,
+        },
         ..UnpackOptions::default()
     };
-    let big = Layer::new().file("a", b"123456").file("b", b"123456").bytes();
-    assert!(matches!(f.unpack_with(&[big], small), Err(UnpackError::TooLarge { limit: 10 })));
+    let big = Layer::new()
+        .file("a", b"123456")
+        .file("b", b"123456")
+        .bytes();
+    assert!(matches!(
+        f.unpack_with(&[big], small),
+        Err(UnpackError::TooLarge { limit: 10 })
+    ));
 
     let f = Fixture::new();
     let few = UnpackOptions {
-        limits: UnpackLimits { max_bytes: 1 << 20, max_entries: 3 },
+        limits: UnpackLimits {
+            max_bytes: 1 << 20,
+            max_entries: 3,
+        },
         ..UnpackOptions::default()
     };
-    let many = Layer::new().file("1", b"").file("2", b"").file("3", b"").file("4", b"").bytes();
-    assert!(matches!(f.unpack_with(&[many], few), Err(UnpackError::TooManyEntries { limit: 3 })));
+    let many = Layer::new()
+        .file("1", b"")
+        .file("2", b"")
+        .file("3", b"")
+        .file("4", b"")
+        .bytes();
+    assert!(matches!(
+        f.unpack_with(&[many], few),
+        Err(UnpackError::TooManyEntries { limit: 3 })
+    ));
 }
 
 #[test]
@@ -377,11 +499,18 @@ fn compressed_layers_are_detected() {
     for (name, layer) in [("tar", tar.clone()), ("gzip", gz), ("zstd", zst)] {
         let f = Fixture::new();
         f.unpack(&[layer]).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(fs::read(f.root().join("hello")).unwrap(), b"world", "{name}");
+        assert_eq!(
+            fs::read(f.root().join("hello")).unwrap(),
+            b"world",
+            "{name}"
+        );
     }
     let f = Fixture::new();
     let xz = [0xfd, b'7', b'z', b'X', b'Z', 0, 0, 0].to_vec();
-    assert!(matches!(f.unpack(&[xz]), Err(UnpackError::Compression("xz"))));
+    assert!(matches!(
+        f.unpack(&[xz]),
+        Err(UnpackError::Compression("xz"))
+    ));
 }
 
 #[test]
@@ -395,10 +524,31 @@ fn normalize_table() {
         ("a/..b/c..", &["a", "..b", "c.."]),
     ];
     for (input, want) in ok {
-        let got: Vec<_> = normalize(input.as_bytes()).unwrap().iter().map(|c| show(c)).collect();
+        let got: Vec<_> = normalize(input.as_bytes())
+            .unwrap()
+            .iter()
+            .map(|c| show(c))
+            .collect();
         assert_eq!(&got, want, "{input}");
     }
     for bad in ["..", "../a", "a/../b", "a/..", "/../etc"] {
         assert!(normalize(bad.as_bytes()).is_none(), "{bad}");
     }
+}
+
+#[test]
+fn a_tar_without_trailer_is_complete_but_a_cut_one_is_not() {
+    let full = Layer::new()
+        .dir("d")
+        .file("d/a", b"12345")
+        .file("d/b", b"kept\n")
+        .bytes();
+    // 4 headers/blocks: d, d/a header + data block, d/b header, then "kept\n".
+    let no_trailer = full[..512 * 4 + 5].to_vec();
+    let f = Fixture::new();
+    f.unpack(&[no_trailer]).unwrap();
+    assert_eq!(fs::read(f.root().join("d/b")).unwrap(), b"kept\n");
+    let cut = full[..512 * 4 + 3].to_vec();
+    let f = Fixture::new();
+    assert!(matches!(f.unpack(&[cut]), Err(UnpackError::Read(_))));
 }
