@@ -8,6 +8,7 @@ pub mod cli;
 pub mod daemon;
 pub mod declaration;
 pub mod hypervisor;
+pub mod images;
 pub mod logs;
 pub mod settings;
 pub mod state;

@@ -1,0 +1,786 @@
+//! OCI images to read-only root disks, cached by manifest digest.
+//!
+//! ```text
+//!  "alpine:3.20" ─parse─► ImageRef ─resolve─► manifest digest ─┬─ cached? ─► ImageInfo
+//!  "oci:dir:tag"           (reference)        (source: registry │
+//!  "oci-archive:f"                             or layout dir)   └─ lock digest, fetch + verify
+//!                                                                  blobs, unpack (unpack.rs),
+//!                                                                  mkfs (rootfs.rs), publish
+//! ```
+//!
+//! This module owns `<data_dir>/images/`:
+//!
+//! ```text
+//! images/<hex>/            complete only once image.json exists; published by
+//!   rootfs.erofs|.ext4     renaming a finished temp dir, so never half-written
+//!   image.json
+//! images/refs/<sha256(reference)>.json   reference → digest, for cache hits
+//!                                        without a registry round trip
+//! images/locks/<hex>.lock  flock: one conversion per digest, across processes
+//! images/.tmp-<pid>-<n>/   work in progress; swept on open if <pid> is gone
+//! ```
+//!
+//! It must not know about instances: which images are in use, and whether
+//! one may be removed, is decided by its callers.
+
+pub mod auth;
+pub mod reference;
+pub mod rootfs;
+mod source;
+pub mod unpack;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use self::auth::{AuthError, Credentials};
+pub use self::reference::{ImageRef, ReferenceError, RegistryRef};
+pub use self::rootfs::{RootfsError, RootfsFormat};
+use self::source::{Resolved, Source};
+pub use self::unpack::{UnpackError, UnpackLimits, UnpackOptions, UnpackStats};
+
+/// What the guest needs from the image config to run the app.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// A cached image, ready to attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The platform manifest's digest, `sha256:<hex>`.
+    pub digest: String,
+    /// Canonical references that resolved to this image.
+    pub references: Vec<String>,
+    pub rootfs: PathBuf,
+    pub format: RootfsFormat,
+    pub config: ImageConfig,
+    /// Bytes the root disk occupies on the host.
+    pub size_bytes: u64,
+    /// Bytes of file contents in the unpacked layers.
+    pub unpacked_bytes: u64,
+}
+
+/// How the store pulls and converts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageStoreOptions {
+    /// `host:port` registries spoken to over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// A Docker `config.json` with `auths`; default `$DOCKER_CONFIG/config.json`
+    /// or `~/.docker/config.json`.
+    pub docker_config: Option<PathBuf>,
+    pub format: RootfsFormat,
+    pub limits: UnpackLimits,
+}
+
+impl ImageStoreOptions {
+    pub fn from_settings(settings: &crate::settings::Settings) -> ImageStoreOptions {
+        ImageStoreOptions {
+            insecure_registries: settings.insecure_registries.clone(),
+            ..ImageStoreOptions::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("invalid image reference `{reference}`")]
+    Reference {
+        reference: String,
+        #[source]
+        source: ReferenceError,
+    },
+    #[error("registry request for {reference} failed")]
+    Registry {
+        reference: String,
+        #[source]
+        source: Box<oci_client::errors::OciDistributionError>,
+    },
+    #[error("invalid manifest for {reference}: {reason}")]
+    Manifest { reference: String, reason: String },
+    #[error("{reference} has no manifest for linux/{arch}")]
+    NoPlatform {
+        reference: String,
+        arch: &'static str,
+    },
+    #[error("{reference}: {}", match tag { Some(t) => format!("no manifest tagged `{t}`"), None => "several manifests and no tag given".to_string() })]
+    TagNotFound {
+        reference: String,
+        tag: Option<String>,
+    },
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    Digest { expected: String, actual: String },
+    #[error("blob {digest} has {actual} bytes, the manifest says {expected}")]
+    Size {
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid image config {digest}: {reason}")]
+    Config { digest: String, reason: String },
+    #[error(transparent)]
+    Credentials(#[from] AuthError),
+    #[error("cannot unpack {digest}")]
+    Unpack {
+        digest: String,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("cannot build the root disk of {digest}")]
+    Rootfs {
+        digest: String,
+        #[source]
+        source: RootfsError,
+    },
+    #[error("no cached image {0}")]
+    NotFound(String),
+    #[error("cannot {op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl ImageError {
+    fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io { op, path, source }
+    }
+
+    /// The registry could not be reached at all (as opposed to answering no).
+    fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ImageError::Registry { source, .. }
+                if matches!(**source, oci_client::errors::OciDistributionError::RequestError(_))
+        )
+    }
+}
+
+/// `image.json`, the last file written into an image directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageRecord {
+    version: u32,
+    digest: String,
+    #[serde(default)]
+    index_digest: Option<String>,
+    references: Vec<String>,
+    format: RootfsFormat,
+    rootfs: String,
+    config: ImageConfig,
+    layers: Vec<String>,
+    size_bytes: u64,
+    unpacked_bytes: u64,
+    blob_bytes: u64,
+}
+
+const RECORD_VERSION: u32 = 1;
+const RECORD_FILE: &str = "image.json";
+
+/// `refs/<sha256(reference)>.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefRecord {
+    version: u32,
+    reference: String,
+    digest: String,
+    /// For local sources: the source file as it was when resolved. A match
+    /// means the digest is still right without reading the source.
+    #[serde(default)]
+    source: Option<Fingerprint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fingerprint {
+    len: u64,
+    mtime_ns: i128,
+    ino: u64,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Option<Fingerprint> {
+        let m = fs::metadata(path).ok()?;
+        Some(Fingerprint {
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ino: m.ino(),
+        })
+    }
+}
+
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// The image cache. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct ImageStore {
+    dir: PathBuf,
+    options: ImageStoreOptions,
+    client: oci_client::Client,
+    /// Layer sets unpacked and converted by this store (not cache hits).
+    conversions: AtomicU64,
+}
+
+impl ImageStore {
+    /// Opens (creating) `<data_dir>/images` and sweeps work left by dead processes.
+    pub fn open(data_dir: &Path, options: ImageStoreOptions) -> Result<ImageStore, ImageError> {
+        let dir = data_dir.join("images");
+        for sub in ["refs", "locks"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(ImageError::io("create directory", &p))?;
+        }
+        sweep_temp_dirs(&dir);
+        let config = oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::HttpsExcept(
+                options.insecure_registries.clone(),
+            ),
+            // Index resolution is ours (source.rs), so it is verified like the rest.
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(30)),
+            read_timeout: Some(Duration::from_secs(300)),
+            ..Default::default()
+        };
+        Ok(ImageStore {
+            dir,
+            options,
+            client: oci_client::Client::new(config),
+            conversions: AtomicU64::new(0),
+        })
+    }
+
+    /// Returns the cached image for `reference`, pulling and converting it
+    /// first when needed. Registry tags are re-resolved (one manifest
+    /// request, no blobs) unless the registry is unreachable, in which case
+    /// the last known digest is used.
+    #[tracing::instrument(skip(self), fields(digest))]
+    pub async fn ensure(&self, reference: &str) -> Result<ImageInfo, ImageError> {
+        let parsed = ImageRef::parse(reference).map_err(|source| ImageError::Reference {
+            reference: reference.to_string(),
+            source,
+        })?;
+        let parsed = absolutize(parsed)?;
+        let canonical = parsed.canonical();
+        match &parsed {
+            ImageRef::Registry(r) => {
+                if r.digest.is_some() {
+                    if let Some(info) = self.cached_ref(&canonical, None)? {
+                        return Ok(info);
+                    }
+                }
+                let creds = auth::lookup(
+                    auth::config_path(self.options.docker_config.as_deref()).as_deref(),
+                    &r.registry,
+                )?;
+                let auth = match creds {
+                    Credentials::Anonymous => oci_client::secrets::RegistryAuth::Anonymous,
+                    Credentials::Basic { username, password } => {
+                        oci_client::secrets::RegistryAuth::Basic(username, password)
+                    }
+                };
+                let source = Source::Registry {
+                    client: &self.client,
+                    reference: r.clone(),
+                    auth,
+                };
+                let resolved = match source.resolve(&canonical, None).await {
+                    Ok(resolved) => resolved,
+                    Err(e) if e.is_unreachable() => {
+                        if let Some(info) = self.cached_ref(&canonical, None)? {
+                            tracing::warn!(reference = %canonical, error = %e, "registry unreachable; using the cached image");
+                            return Ok(info);
+                        }
+                        return Err(e);
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.materialize(&source, resolved, &canonical, None).await
+            }
+            ImageRef::Layout { dir, tag } => {
+                let fingerprint = Fingerprint::of(&dir.join("index.json"));
+                if let Some(info) = self.cached_ref(&canonical, fingerprint)? {
+                    return Ok(info);
+                }
+                let source = Source::Layout { dir: dir.clone() };
+                let resolved = source.resolve(&canonical, tag.as_deref()).await?;
+                self.materialize(&source, resolved, &canonical, fingerprint)
+                    .await
+            }
+            ImageRef::Archive { file, tag } => {
+                let fingerprint = Fingerprint::of(file);
+                if let Some(info) = self.cached_ref(&canonical, fingerprint)? {
+                    return Ok(info);
+                }
+                let work = self.temp_dir()?;
+                let layout = work.path.join("layout");
+                let (archive, dest) = (file.clone(), layout.clone());
+                blocking(move || source::extract_archive(&archive, &dest)).await?;
+                let source = Source::Layout { dir: layout };
+                let resolved = source.resolve(&canonical, tag.as_deref()).await?;
+                self.materialize(&source, resolved, &canonical, fingerprint)
+                    .await
+            }
+        }
+    }
+
+    /// How many images this store has converted since it was opened; cache
+    /// hits do not count. For progress reporting and tests.
+    pub fn conversions(&self) -> u64 {
+        self.conversions.load(Ordering::Relaxed)
+    }
+
+    /// Every complete cached image.
+    pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(ImageError::io("list", &self.dir))? {
+            let entry = entry.map_err(ImageError::io("list", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !is_hex_digest(&name) {
+                continue;
+            }
+            if let Some(info) = self.load(&format!("sha256:{name}"))? {
+                out.push(info);
+            }
+        }
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        Ok(out)
+    }
+
+    /// One cached image by digest, if complete.
+    pub fn get(&self, digest: &str) -> Result<Option<ImageInfo>, ImageError> {
+        if !reference::valid_digest(digest) {
+            return Ok(None);
+        }
+        self.load(digest)
+    }
+
+    /// Removes a cached image and the references pointing at it.
+    pub fn remove(&self, digest: &str) -> Result<(), ImageError> {
+        if !reference::valid_digest(digest) {
+            return Err(ImageError::NotFound(digest.to_string()));
+        }
+        let image_dir = self.image_dir(digest);
+        if !image_dir.exists() {
+            return Err(ImageError::NotFound(digest.to_string()));
+        }
+        let refs = self.dir.join("refs");
+        for entry in fs::read_dir(&refs).map_err(ImageError::io("list", &refs))? {
+            let entry = entry.map_err(ImageError::io("list", &refs))?;
+            let path = entry.path();
+            let points_here = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<RefRecord>(&b).ok())
+                .is_some_and(|r| r.digest == digest);
+            if points_here {
+                fs::remove_file(&path).map_err(ImageError::io("remove", &path))?;
+            }
+        }
+        // Renamed away first so a crash never leaves a half-deleted image
+        // under its real name.
+        let trash = self.temp_dir()?;
+        let doomed = trash.path.join("doomed");
+        fs::rename(&image_dir, &doomed).map_err(ImageError::io("rename", &image_dir))?;
+        fsync_dir(&self.dir)?;
+        drop(trash);
+        Ok(())
+    }
+
+    /// The cached image `reference` last resolved to, if it is still
+    /// complete and (for local sources) the source is unchanged.
+    fn cached_ref(
+        &self,
+        canonical: &str,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<Option<ImageInfo>, ImageError> {
+        let path = self.ref_path(canonical);
+        let Ok(bytes) = fs::read(&path) else {
+            return Ok(None);
+        };
+        let Ok(record) = serde_json::from_slice::<RefRecord>(&bytes) else {
+            tracing::warn!(path = %path.display(), "ignoring unreadable reference record");
+            return Ok(None);
+        };
+        if record.reference != canonical || record.source != fingerprint {
+            return Ok(None);
+        }
+        self.load(&record.digest)
+    }
+
+    /// Converts `resolved` unless its digest is already cached, under the
+    /// digest's lock, and records `canonical` as pointing at it.
+    async fn materialize(
+        &self,
+        source: &Source<'_>,
+        resolved: Resolved,
+        canonical: &str,
+        fingerprint: Option<Fingerprint>,
+    ) -> Result<ImageInfo, ImageError> {
+        let digest = resolved.manifest_digest.clone();
+        tracing::Span::current().record("digest", digest.as_str());
+        let _lock = self.lock(&digest).await?;
+        let info = match self.load(&digest)? {
+            Some(info) => info,
+            None => self.convert(source, &resolved, canonical).await?,
+        };
+        let info = if info.references.iter().any(|r| r == canonical) {
+            info
+        } else {
+            self.add_reference(&digest, canonical)?
+        };
+        let record = RefRecord {
+            version: RECORD_VERSION,
+            reference: canonical.to_string(),
+            digest: digest.clone(),
+            source: fingerprint,
+        };
+        write_atomic(&self.ref_path(canonical), &to_json(&record))?;
+        Ok(info)
+    }
+
+    async fn convert(
+        &self,
+        source: &Source<'_>,
+        resolved: &Resolved,
+        canonical: &str,
+    ) -> Result<ImageInfo, ImageError> {
+        let digest = resolved.manifest_digest.clone();
+        self.conversions.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let work = self.temp_dir()?;
+        let blobs = work.path.join("blobs");
+        fs::create_dir(&blobs).map_err(ImageError::io("create directory", &blobs))?;
+
+        let config_bytes = source
+            .fetch_small_blob(&resolved.config, &blobs.join("config"))
+            .await?;
+        let config = parse_config(&config_bytes, &resolved.config.digest)?;
+        let mut layer_files = Vec::new();
+        let mut blob_bytes = 0;
+        for (i, layer) in resolved.layers.iter().enumerate() {
+            let path = blobs.join(format!("layer-{i}"));
+            source.fetch_blob(layer, &path).await?;
+            blob_bytes += layer.size;
+            layer_files.push(path);
+        }
+        let fetched = started.elapsed();
+
+        let format = self.options.format;
+        let root = work.path.join("rootfs");
+        let disk = work.path.join(format.file_name());
+        let options = UnpackOptions {
+            limits: self.options.limits,
+            ..UnpackOptions::default()
+        };
+        let (stats, d) = (digest.clone(), digest.clone());
+        let (root2, disk2) = (root.clone(), disk.clone());
+        let stats = blocking(move || -> Result<UnpackStats, ImageError> {
+            fs::create_dir(&root2).map_err(ImageError::io("create directory", &root2))?;
+            let unpack_err = |source| ImageError::Unpack {
+                digest: stats.clone(),
+                source,
+            };
+            let mut unpacker = unpack::Unpacker::new(&root2, options).map_err(unpack_err)?;
+            for path in &layer_files {
+                let file = fs::File::open(path).map_err(ImageError::io("open", path))?;
+                unpacker.apply_layer(file).map_err(unpack_err)?;
+                // The blob is no longer needed; free its space early.
+                let _ = fs::remove_file(path);
+            }
+            let stats = unpacker.finish().map_err(unpack_err)?;
+            rootfs::build(&root2, &disk2, format)
+                .map_err(|source| ImageError::Rootfs { digest: d, source })?;
+            fs::File::open(&disk2)
+                .and_then(|f| f.sync_all())
+                .map_err(ImageError::io("sync", &disk2))?;
+            fs::remove_dir_all(&root2).map_err(ImageError::io("remove", &root2))?;
+            Ok(stats)
+        })
+        .await?;
+        let _ = fs::remove_dir(&blobs);
+
+        let size_bytes = fs::metadata(&disk)
+            .map(|m| m.blocks() * 512)
+            .map_err(ImageError::io("inspect", &disk))?;
+        let record = ImageRecord {
+            version: RECORD_VERSION,
+            digest: digest.clone(),
+            index_digest: resolved.index_digest.clone(),
+            references: vec![canonical.to_string()],
+            format,
+            rootfs: format.file_name().to_string(),
+            config,
+            layers: resolved.layers.iter().map(|l| l.digest.clone()).collect(),
+            size_bytes,
+            unpacked_bytes: stats.bytes,
+            blob_bytes,
+        };
+        write_atomic(&work.path.join(RECORD_FILE), &to_json(&record))?;
+        fsync_dir(&work.path)?;
+        let final_dir = self.image_dir(&digest);
+        fs::rename(&work.path, &final_dir).map_err(ImageError::io("publish", &final_dir))?;
+        fsync_dir(&self.dir)?;
+        work.disarm();
+        tracing::info!(
+            reference = canonical,
+            digest = %digest,
+            fetch_ms = fetched.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            unpacked_bytes = stats.bytes,
+            disk_bytes = size_bytes,
+            "image converted"
+        );
+        self.load(&digest)?.ok_or(ImageError::NotFound(digest))
+    }
+
+    fn add_reference(&self, digest: &str, canonical: &str) -> Result<ImageInfo, ImageError> {
+        let path = self.image_dir(digest).join(RECORD_FILE);
+        let mut record = read_record(&path)?;
+        if !record.references.iter().any(|r| r == canonical) {
+            record.references.push(canonical.to_string());
+            record.references.sort();
+            write_atomic(&path, &to_json(&record))?;
+        }
+        self.load(digest)?
+            .ok_or(ImageError::NotFound(digest.to_string()))
+    }
+
+    fn load(&self, digest: &str) -> Result<Option<ImageInfo>, ImageError> {
+        let dir = self.image_dir(digest);
+        let path = dir.join(RECORD_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let record = read_record(&path)?;
+        let rootfs = dir.join(record.format.file_name());
+        Ok(Some(ImageInfo {
+            digest: record.digest,
+            references: record.references,
+            rootfs,
+            format: record.format,
+            config: record.config,
+            size_bytes: record.size_bytes,
+            unpacked_bytes: record.unpacked_bytes,
+        }))
+    }
+
+    /// Holds an exclusive flock on the digest's lock file. A flock taken
+    /// through a separate open conflicts even within one process, so this
+    /// serialises tasks of this daemon and a concurrent CLI alike.
+    async fn lock(&self, digest: &str) -> Result<nix::fcntl::Flock<fs::File>, ImageError> {
+        let path = self
+            .dir
+            .join("locks")
+            .join(format!("{}.lock", hex_of(digest)));
+        blocking(move || {
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(ImageError::io("open", &path))?;
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| ImageError::io("lock", &path)(e.into()))
+        })
+        .await
+    }
+
+    fn temp_dir(&self) -> Result<TempDir, ImageError> {
+        let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!(".tmp-{}-{seq}", std::process::id()));
+        fs::create_dir(&path).map_err(ImageError::io("create directory", &path))?;
+        Ok(TempDir { path, armed: true })
+    }
+
+    fn image_dir(&self, digest: &str) -> PathBuf {
+        self.dir.join(hex_of(digest))
+    }
+
+    fn ref_path(&self, canonical: &str) -> PathBuf {
+        let hash = source::sha256_digest(canonical.as_bytes());
+        self.dir
+            .join("refs")
+            .join(format!("{}.json", hex_of(&hash)))
+    }
+}
+
+/// A work directory removed on drop unless published.
+struct TempDir {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl TempDir {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove image work directory");
+            }
+        }
+    }
+}
+
+/// Removes `.tmp-<pid>-<n>` directories whose process is gone.
+fn sweep_temp_dirs(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".tmp-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            tracing::debug!(path = %entry.path().display(), "removing image work left by a dead process");
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn absolutize(r: ImageRef) -> Result<ImageRef, ImageError> {
+    let abs = |p: PathBuf| std::path::absolute(&p).map_err(ImageError::io("resolve", &p));
+    Ok(match r {
+        ImageRef::Layout { dir, tag } => ImageRef::Layout {
+            dir: abs(dir)?,
+            tag,
+        },
+        ImageRef::Archive { file, tag } => ImageRef::Archive {
+            file: abs(file)?,
+            tag,
+        },
+        other @ ImageRef::Registry(_) => other,
+    })
+}
+
+/// The fields of an OCI/Docker image config that hypeman uses.
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    config: Option<RawRuntime>,
+}
+
+#[derive(Deserialize)]
+struct RawRuntime {
+    #[serde(rename = "Entrypoint", default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    cmd: Option<Vec<String>>,
+    #[serde(rename = "Env", default)]
+    env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    working_dir: Option<String>,
+    #[serde(rename = "User", default)]
+    user: Option<String>,
+}
+
+fn parse_config(bytes: &[u8], digest: &str) -> Result<ImageConfig, ImageError> {
+    let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ImageError::Config {
+        digest: digest.to_string(),
+        reason: e.to_string(),
+    })?;
+    let Some(rt) = raw.config else {
+        return Ok(ImageConfig::default());
+    };
+    Ok(ImageConfig {
+        entrypoint: rt.entrypoint.unwrap_or_default(),
+        cmd: rt.cmd.unwrap_or_default(),
+        env: rt.env.unwrap_or_default(),
+        workdir: rt.working_dir.filter(|w| !w.is_empty()),
+        user: rt.user.filter(|u| !u.is_empty()),
+    })
+}
+
+fn read_record(path: &Path) -> Result<ImageRecord, ImageError> {
+    let bytes = fs::read(path).map_err(ImageError::io("read", path))?;
+    let record: ImageRecord = serde_json::from_slice(&bytes).map_err(|e| ImageError::Io {
+        op: "parse",
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })?;
+    if record.version != RECORD_VERSION {
+        return Err(ImageError::Io {
+            op: "parse",
+            path: path.to_path_buf(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown version {}", record.version),
+            ),
+        });
+    }
+    Ok(record)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    use std::io::Write;
+    let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = target.parent().unwrap_or(Path::new("."));
+    let temp = parent.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
+    let result = fs::File::create(&temp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = result.and_then(|()| fs::rename(&temp, target)) {
+        let _ = fs::remove_file(&temp);
+        return Err(ImageError::io("write", target)(e));
+    }
+    fsync_dir(parent)
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), ImageError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ImageError::io("sync", dir))
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+fn is_hex_digest(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ImageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ImageError::Task(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests;
