@@ -80,9 +80,12 @@ impl Env {
     }
 
     /// Kills the daemon like SIGKILL would: no orderly stop of anything.
-    fn kill(&mut self) {
+    /// Waits until the task is gone, as the kernel releases a killed
+    /// process's lock before anyone can start the next daemon.
+    async fn kill(&mut self) {
         if let Some((_tx, task)) = self.daemon.take() {
             task.abort();
+            let _ = task.await;
         }
     }
 
@@ -278,7 +281,7 @@ async fn restarted_daemon_adopts_live_vmms() {
     env.fake.set_delay(Op::Snapshot, Duration::from_millis(300));
     env.write("a", &decl("standby", "256MiB"));
     assert!(env.fake.wait_for_calls(Op::Snapshot, 1, WAIT).await);
-    env.kill();
+    env.kill().await;
     env.fake.set_delay(Op::Snapshot, Duration::ZERO);
     env.start();
     env.wait_for("a", VmState::Standby).await;

@@ -1,0 +1,10 @@
+#!/bin/sh
+# The whole test suite, including the real-VM boots under QEMU and the pulls
+# from a real local registry. Installs what it needs first (see setup.sh).
+set -eu
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export HYPEMAN_REAL_VM=1
+HYPEMAN_GUEST_KERNEL_DIR=$(realpath target/guest-kernel)
+export HYPEMAN_GUEST_KERNEL_DIR
+cargo test --workspace -- --test-threads=2
