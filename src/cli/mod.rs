@@ -203,7 +203,7 @@ pub enum CliError {
     Runtime(#[source] io::Error),
     #[error("cannot listen for signals")]
     Signals(#[source] io::Error),
-    #[error("the daemon is not part of this build")]
+    #[error("this build has no hypervisor backend yet (QEMU and Cloud Hypervisor land with issues 4 and 5); the daemon cannot boot instances")]
     NoDaemon,
 }
 
