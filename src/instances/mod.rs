@@ -11,6 +11,7 @@
 //! inside it: VMMs are found again by their socket, snapshots only count
 //! once their marker is written, and metadata is written atomically.
 
+pub mod image_provisioner;
 pub mod provision;
 
 use crate::declaration::spec::{HypervisorKind, InstanceSpec};

@@ -135,42 +135,39 @@ async fn run_worker(name: String, ctx: Arc<Ctx>, mut rx: mpsc::Receiver<()>, mut
     let mut mem = Memory::default();
     let settings = ctx.instances.settings().reconcile.clone();
     let mut last_nudged_pass: Option<Instant> = None;
+    // A worker is started with a nudge already queued.
+    if rx.recv().await.is_none() {
+        return;
+    }
     loop {
-        // Wait for a nudge (or the requeue timer, set by the pass before).
-        let _ = rx.recv().await;
-        'pass: loop {
-            if *stop.borrow() {
-                return;
-            }
-            // Debounce: passes caused by nudges are at least `debounce` apart.
-            if let Some(t) = last_nudged_pass {
-                let ready = t + settings.debounce;
-                if Instant::now() < ready {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(ready) => {}
-                        _ = stop.changed() => return,
-                    }
+        if *stop.borrow() {
+            return;
+        }
+        // Debounce: passes caused by nudges are at least `debounce` apart.
+        if let Some(t) = last_nudged_pass {
+            let ready = t + settings.debounce;
+            if Instant::now() < ready {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(ready) => {}
+                    _ = stop.changed() => return,
                 }
             }
-            while rx.try_recv().is_ok() {}
-            last_nudged_pass = Some(Instant::now());
-            let requeue = reconcile_pass(&name, &ctx, &mut mem, &stop)
-                .instrument(tracing::info_span!("reconcile", instance = %name))
-                .await;
-            let Some(requeue) = requeue else { return };
-            tokio::select! {
-                biased;
-                _ = stop.changed() => return,
-                msg = rx.recv() => match msg {
-                    Some(()) => continue 'pass,
-                    // Let go by the reconciler: finish quietly.
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(requeue) => {
-                    last_nudged_pass = None;
-                    continue 'pass;
-                }
-            }
+        }
+        while rx.try_recv().is_ok() {}
+        last_nudged_pass = Some(Instant::now());
+        let requeue = reconcile_pass(&name, &ctx, &mut mem, &stop)
+            .instrument(tracing::info_span!("reconcile", instance = %name))
+            .await;
+        let Some(requeue) = requeue else { return };
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            msg = rx.recv() => match msg {
+                Some(()) => {}
+                // Let go by the reconciler: finish quietly.
+                None => return,
+            },
+            _ = tokio::time::sleep_until(requeue) => last_nudged_pass = None,
         }
     }
 }

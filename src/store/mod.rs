@@ -47,6 +47,13 @@ pub struct Store {
     /// Serializes the name check and the publishing rename of
     /// `create_guest`, so two creates cannot both take one name.
     create_lock: Mutex<()>,
+    /// Name → ID as last seen, so finding one guest by name reads one
+    /// metadata file, not all of them. Only a hint: every hit is checked
+    /// against the metadata it names, and a miss falls back to a full scan.
+    names: Mutex<std::collections::HashMap<String, Ulid>>,
+    /// Set for the data dir's owner (the daemon): only it creates guests,
+    /// so a name missing from `names` is missing from disk too.
+    authoritative: bool,
     /// Opened with [`Store::open_read_only`]: a missing `guests/` reads as
     /// no guests instead of an error.
     read_only: bool,
@@ -72,8 +79,15 @@ impl Store {
     /// lock) may do this: to anyone else, a snapshot being written looks
     /// exactly like an abandoned one.
     pub fn open_and_recover(data_dir: &Path) -> Result<Store, StoreError> {
-        let store = Store::open(data_dir)?;
+        let mut store = Store::open(data_dir)?;
         store.repair()?;
+        let listing = store.list()?;
+        if let Ok(mut names) = store.names.lock() {
+            names.extend(listing.guests.iter().map(|m| (m.name.clone(), m.id)));
+        }
+        // A guest whose metadata cannot be read might hold any name; only a
+        // complete picture may answer "absent" without looking.
+        store.authoritative = listing.unreadable.is_empty();
         Ok(store)
     }
 
@@ -107,6 +121,8 @@ impl Store {
             guests_dir: data_dir.join(GUESTS_DIR),
             data_dir,
             create_lock: Mutex::new(()),
+            names: Mutex::new(std::collections::HashMap::new()),
+            authoritative: false,
             read_only: false,
         };
         // Every guest's socket path has the same length; fail at startup,
@@ -127,6 +143,8 @@ impl Store {
             guests_dir: data_dir.join(GUESTS_DIR),
             data_dir,
             create_lock: Mutex::new(()),
+            names: Mutex::new(std::collections::HashMap::new()),
+            authoritative: false,
             read_only: true,
         })
     }
@@ -181,6 +199,9 @@ impl Store {
         }
         atomic::rename(&staging, &paths.dir)?;
         atomic::fsync_dir(&self.guests_dir)?;
+        if let Ok(mut names) = self.names.lock() {
+            names.insert(name.to_string(), id);
+        }
         tracing::info!(%id, name, "guest created");
         Ok(m)
     }
@@ -203,7 +224,24 @@ impl Store {
     }
 
     pub fn find_by_name(&self, name: &str) -> Result<Option<Metadata>, StoreError> {
-        Ok(self.list()?.guests.into_iter().find(|m| m.name == name))
+        let hint = self.names.lock().ok().and_then(|n| n.get(name).copied());
+        match hint {
+            Some(id) => {
+                if let Ok(m) = self.read_metadata(id) {
+                    if m.name == name {
+                        return Ok(Some(m));
+                    }
+                }
+            }
+            None if self.authoritative => return Ok(None),
+            None => {}
+        }
+        let listing = self.list()?;
+        if let Ok(mut names) = self.names.lock() {
+            names.clear();
+            names.extend(listing.guests.iter().map(|m| (m.name.clone(), m.id)));
+        }
+        Ok(listing.guests.into_iter().find(|m| m.name == name))
     }
 
     /// Resolves what a user typed: an exact ID, else an exact name, else a

@@ -1,0 +1,260 @@
+//! The real provisioner: everything a declared instance needs on disk before
+//! a hypervisor can boot it — the image's root disk (cached by digest), a
+//! sparse ext4 overlay (formatted once, never recreated while it exists),
+//! the read-only config disk that `hypeman-init` reads, and the initrd.
+//!
+//! The merge of image config and declaration is [`guest_config`], a pure
+//! function; the rest is IO, each piece written to a temp name and renamed
+//! into place so a crash never leaves a half-made disk under its real name.
+
+use super::provision::{ProvisionError, Provisioner};
+use crate::declaration::spec::InstanceSpec;
+use crate::hypervisor::{DiskConfig, VmConfig};
+use crate::images::{ImageConfig, ImageStore, ImageStoreOptions};
+use crate::settings::Settings;
+use crate::store::{GuestPaths, Metadata};
+use async_trait::async_trait;
+use hypeman_init::config::{
+    GuestConfig, VolumeConfig, CONFIG_FILE, CONFIG_VERSION, SERIAL_CONFIG, SERIAL_OVERLAY, SERIAL_ROOTFS,
+    SERIAL_VOLUME_PREFIX,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+/// The kernel arguments hypeman always passes; `[guest] cmdline` follows.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+pub struct ImageProvisioner {
+    images: Arc<ImageStore>,
+    settings: Arc<Settings>,
+    init_binary: PathBuf,
+}
+
+impl ImageProvisioner {
+    pub fn new(settings: Arc<Settings>) -> Result<ImageProvisioner, ProvisionError> {
+        let images = ImageStore::open(&settings.data_dir, ImageStoreOptions::from_settings(&settings))
+            .map_err(|e| ProvisionError::Other(format!("cannot open the image store: {}", super::error_chain(&e))))?;
+        let init_binary = match &settings.guest.init {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join("hypeman-init")))
+                .unwrap_or_else(|| PathBuf::from("hypeman-init")),
+        };
+        Ok(ImageProvisioner { images: Arc::new(images), settings, init_binary })
+    }
+}
+
+/// The guest's runtime config: the declaration overrides the image, with
+/// Docker's rule that a declared entrypoint drops the image's cmd.
+pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig) -> GuestConfig {
+    let entrypoint = spec.entrypoint.clone().unwrap_or_else(|| image.entrypoint.clone());
+    let cmd = match (&spec.cmd, &spec.entrypoint) {
+        (Some(cmd), _) => cmd.clone(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => image.cmd.clone(),
+    };
+    let mut env: std::collections::BTreeMap<String, String> = image
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    GuestConfig {
+        version: CONFIG_VERSION,
+        entrypoint,
+        cmd,
+        env,
+        workdir: spec.workdir.clone().or_else(|| image.workdir.clone().filter(|w| !w.is_empty())).unwrap_or_else(|| "/".into()),
+        user: image.user.clone().filter(|u| !u.is_empty()),
+        hostname: spec.name.clone(),
+        network: None,
+        volumes: spec
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| VolumeConfig { serial: format!("{SERIAL_VOLUME_PREFIX}{i}"), mount: v.mount.clone(), readonly: v.readonly })
+            .collect(),
+    }
+}
+
+fn disk_error<'a>(what: &'static str, path: &'a Path) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> ProvisionError + 'a {
+    move |source| ProvisionError::Disk { what, path: path.to_path_buf(), source }
+}
+
+fn run(cmd: &mut Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let out = cmd.output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{:?} failed ({}): {}", cmd, out.status, String::from_utf8_lossy(&out.stderr).trim()).into())
+    }
+}
+
+/// A sparse ext4 overlay of `size` bytes, made once. An existing overlay is
+/// the guest's data and is never touched.
+pub fn ensure_overlay(path: &Path, size: u64) -> Result<bool, ProvisionError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let err = disk_error("overlay", path);
+    let tmp = path.with_extension("raw.tmp");
+    let f = std::fs::File::create(&tmp).map_err(|e| err(e.into()))?;
+    f.set_len(size).map_err(|e| err(e.into()))?;
+    drop(f);
+    run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]).arg(&tmp))
+        .map_err(&err)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| err(e.into()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.into()))?;
+    Ok(true)
+}
+
+/// Writes the config disk: an erofs image holding `config.json`.
+pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), ProvisionError> {
+    let err = disk_error("config disk", path);
+    let json = config.to_json().map_err(|e| err(e.into()))?;
+    let staging = path.with_extension("d.tmp");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| err(e.into()))?;
+    std::fs::write(staging.join(CONFIG_FILE), json).map_err(|e| err(e.into()))?;
+    let tmp = path.with_extension("erofs.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let built = run(Command::new("mkfs.erofs").arg("--quiet").arg(&tmp).arg(&staging));
+    let _ = std::fs::remove_dir_all(&staging);
+    built.map_err(&err)?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.into()))?;
+    Ok(())
+}
+
+#[async_trait]
+impl Provisioner for ImageProvisioner {
+    async fn prepare(&self, spec: &InstanceSpec, guest: &GuestPaths, _meta: &Metadata) -> Result<VmConfig, ProvisionError> {
+        let kernel = self.settings.guest.kernel.clone().ok_or(ProvisionError::NoKernel)?;
+        let image = self
+            .images
+            .ensure(&spec.image)
+            .await
+            .map_err(|e| ProvisionError::Image { reference: spec.image.clone(), source: e.into() })?;
+        let (overlay, config_disk, size) = (guest.overlay.clone(), guest.config_disk.clone(), spec.overlay_size.bytes());
+        let config = guest_config(spec, &image.config);
+        let data_dir = self.settings.data_dir.clone();
+        let init = self.init_binary.clone();
+        let modules = self.settings.guest.modules_dir.clone();
+        let initrd = tokio::task::spawn_blocking(move || -> Result<PathBuf, ProvisionError> {
+            ensure_overlay(&overlay, size)?;
+            write_config_disk(&config_disk, &config)?;
+            let initrd = crate::system::cached_initrd(&data_dir, &init, modules.as_deref())
+                .map_err(|e| ProvisionError::Disk { what: "initrd", path: init.clone(), source: e.into() })?;
+            Ok(initrd.path)
+        })
+        .await
+        .map_err(|e| ProvisionError::Other(format!("provisioning task failed: {e}")))??;
+        let mut cmdline = BASE_CMDLINE.to_string();
+        if !self.settings.guest.cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&self.settings.guest.cmdline);
+        }
+        let disk = |id: &str, path: &Path, readonly: bool| DiskConfig { id: id.to_string(), path: path.to_path_buf(), readonly, limit: spec.disk_io };
+        let mut disks = vec![
+            disk(SERIAL_ROOTFS, &image.rootfs, true),
+            disk(SERIAL_OVERLAY, &guest.overlay, false),
+            disk(SERIAL_CONFIG, &guest.config_disk, true),
+        ];
+        for (i, v) in spec.volumes.iter().enumerate() {
+            disks.push(disk(&format!("{SERIAL_VOLUME_PREFIX}{i}"), &v.source, v.readonly));
+        }
+        Ok(VmConfig {
+            vcpus: spec.vcpus,
+            memory_bytes: spec.memory.bytes(),
+            hotplug_memory_bytes: spec.hotplug_memory.bytes(),
+            kernel,
+            initrd: Some(initrd),
+            cmdline,
+            disks,
+            net: None,
+            devices: spec.devices.iter().map(PathBuf::from).collect(),
+            serial_log: guest.app_log.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::declaration::parse_instance;
+    use crate::settings::Limits;
+
+    fn spec(text: &str) -> InstanceSpec {
+        parse_instance(Path::new("instances/web.toml"), text, &Limits::default()).expect("valid")
+    }
+
+    fn image() -> ImageConfig {
+        ImageConfig {
+            entrypoint: vec!["/docker-entrypoint.sh".into()],
+            cmd: vec!["nginx".into(), "-g".into(), "daemon off;".into()],
+            env: vec!["PATH=/usr/bin:/bin".into(), "NGINX_VERSION=1.27".into()],
+            workdir: Some("/srv".into()),
+            user: Some("101:101".into()),
+        }
+    }
+
+    #[test]
+    fn declaration_overrides_the_image_config() {
+        let merged = guest_config(
+            &spec("image = \"nginx\"\ncmd = [\"nginx\", \"-T\"]\n[env]\nNGINX_VERSION = \"pinned\"\nEXTRA = \"1\"\n[[volumes]]\nsource = \"/var/lib/d.raw\"\npath = \"/data\"\nreadonly = true\n"),
+            &image(),
+        );
+        insta::assert_json_snapshot!("config_disk_contents", merged);
+    }
+
+    #[test]
+    fn a_declared_entrypoint_drops_the_image_cmd() {
+        let merged = guest_config(&spec("image = \"nginx\"\nentrypoint = [\"/bin/sh\"]\n"), &image());
+        assert_eq!(merged.entrypoint, vec!["/bin/sh"]);
+        assert!(merged.cmd.is_empty());
+        let kept = guest_config(&spec("image = \"nginx\"\n"), &image());
+        assert_eq!(kept.cmd, image().cmd);
+        assert_eq!(kept.workdir, "/srv");
+    }
+
+    fn have(tool: &str) -> bool {
+        Command::new(tool).arg("--help").output().is_ok()
+    }
+
+    #[test]
+    fn overlay_is_made_once_and_never_recreated() {
+        if !have("mkfs.ext4") {
+            eprintln!("skipped: mkfs.ext4 is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("overlay.raw");
+        assert!(ensure_overlay(&p, 64 << 20).unwrap());
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.len(), 64 << 20);
+        // Sparse: far less allocated than its size.
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 32 << 20, "allocated {}", meta.blocks() * 512);
+        std::fs::write(&p, b"guest data").unwrap();
+        assert!(!ensure_overlay(&p, 64 << 20).unwrap());
+        assert_eq!(std::fs::read(&p).unwrap(), b"guest data");
+    }
+
+    #[test]
+    fn config_disk_holds_the_config() {
+        if !have("mkfs.erofs") || !have("fsck.erofs") {
+            eprintln!("skipped: erofs-utils is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.erofs");
+        let config = guest_config(&spec("image = \"nginx\"\n"), &image());
+        write_config_disk(&p, &config).unwrap();
+        let out = dir.path().join("out");
+        let status = Command::new("fsck.erofs").arg(format!("--extract={}", out.display())).arg(&p).status().unwrap();
+        assert!(status.success());
+        let back = GuestConfig::parse(&std::fs::read(out.join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(back, config);
+    }
+}
