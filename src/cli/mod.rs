@@ -203,8 +203,10 @@ pub enum CliError {
     Runtime(#[source] io::Error),
     #[error("cannot listen for signals")]
     Signals(#[source] io::Error),
-    #[error("this build has no hypervisor backend yet (QEMU and Cloud Hypervisor land with issues 4 and 5); the daemon cannot boot instances")]
-    NoDaemon,
+    #[error("cannot set up provisioning")]
+    Provision(#[source] ProvisionError),
+    #[error("the daemon failed")]
+    Daemon(#[source] crate::daemon::DaemonError),
 }
 
 fn lines(diagnostics: &[Diagnostic]) -> String {
@@ -348,15 +350,19 @@ pub fn backends(_settings: &Settings) -> Backends {
     Backends::default()
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-///
-/// The daemon module is not part of this build; this is the one place that
-/// will call `hypeman::daemon::run` with a `DaemonConfig` built from
-/// `config_dir`, `settings`, [`backends`] and a provisioner, and
-/// [`shutdown_signal`] as its shutdown future.
+/// Runs the daemon until SIGTERM or SIGINT. VMs keep running after it stops.
 pub async fn run_daemon(config_dir: PathBuf, settings: Arc<Settings>) -> Result<(), CliError> {
-    let _ = (config_dir, settings);
-    Err(CliError::NoDaemon)
+    let shutdown = shutdown_signal()?;
+    let provisioner = crate::instances::image_provisioner::ImageProvisioner::new(settings.clone())
+        .map_err(CliError::Provision)?;
+    let cfg = crate::daemon::DaemonConfig {
+        config_dir,
+        backends: backends(&settings),
+        settings,
+        provisioner: Arc::new(provisioner),
+        handle_sighup: true,
+    };
+    crate::daemon::run(cfg, shutdown).await.map_err(CliError::Daemon)
 }
 
 /// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM. The handlers

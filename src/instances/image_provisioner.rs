@@ -130,6 +130,13 @@ pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), Provis
 #[async_trait]
 impl Provisioner for ImageProvisioner {
     async fn prepare(&self, spec: &InstanceSpec, guest: &GuestPaths, _meta: &Metadata) -> Result<VmConfig, ProvisionError> {
+        if spec.network.enabled {
+            // Refused rather than ignored: a guest that silently has no
+            // network is worse than one that does not start.
+            return Err(ProvisionError::Other(
+                "[network] enabled = true is not supported yet (no bridge/TAP setup in this build)".into(),
+            ));
+        }
         let kernel = self.settings.guest.kernel.clone().ok_or(ProvisionError::NoKernel)?;
         let image = self
             .images
