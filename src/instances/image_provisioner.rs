@@ -225,6 +225,33 @@ mod tests {
         assert_eq!(kept.workdir, "/srv");
     }
 
+    #[tokio::test]
+    async fn networking_is_refused_not_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut settings = Settings::defaults();
+        settings.data_dir = tmp.path().join("data");
+        settings.guest.kernel = Some("/nonexistent/vmlinuz".into());
+        let store = crate::store::Store::open(&settings.data_dir).unwrap();
+        let meta = store.create_guest("web", crate::declaration::spec::HypervisorKind::Qemu).unwrap();
+        let provisioner = ImageProvisioner::new(Arc::new(settings)).unwrap();
+        let spec = spec("image = \"nginx\"\n[network]\nenabled = true\n");
+        let err = provisioner.prepare(&spec, &store.guest_paths(meta.id), &meta).await.unwrap_err();
+        assert!(err.to_string().contains("[network] enabled = true is not supported yet"), "{err}");
+        assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
+    }
+
+    #[tokio::test]
+    async fn a_missing_kernel_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut settings = Settings::defaults();
+        settings.data_dir = tmp.path().join("data");
+        let store = crate::store::Store::open(&settings.data_dir).unwrap();
+        let meta = store.create_guest("web", crate::declaration::spec::HypervisorKind::Qemu).unwrap();
+        let provisioner = ImageProvisioner::new(Arc::new(settings)).unwrap();
+        let err = provisioner.prepare(&spec("image = \"nginx\"\n"), &store.guest_paths(meta.id), &meta).await.unwrap_err();
+        assert!(matches!(err, ProvisionError::NoKernel), "{err}");
+    }
+
     fn have(tool: &str) -> bool {
         Command::new(tool).arg("--help").output().is_ok()
     }
