@@ -265,3 +265,67 @@ fn a_usage_error_exits_2() -> Result<()> {
     assert_eq!(code, 2, "{err}");
     Ok(())
 }
+
+/// `image pull|ls|rm|prune` on an OCI layout built with umoci: pull prints
+/// the digest, ls names the instance using it, rm refuses while it is used,
+/// prune removes it once unused.
+#[test]
+fn image_cache_commands() -> Result<()> {
+    if Command::new("umoci").arg("--version").output().is_err() || !Path::new("/bin/busybox").exists() {
+        eprintln!("skipped: umoci or busybox-static is not installed");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let t = tmp.path();
+    let layout = t.join("oci");
+    let sh = |args: &[&str]| -> Result<()> {
+        let out = Command::new("umoci").args(args).output()?;
+        anyhow::ensure!(out.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    sh(&["init", "--layout", layout.to_str().context("utf8")?])?;
+    let image = format!("{}:bb", layout.display());
+    sh(&["new", "--image", &image])?;
+    sh(&["insert", "--image", &image, "/bin/busybox", "/bin/busybox"])?;
+    let config = t.join("etc");
+    std::fs::create_dir_all(config.join("instances"))?;
+    let args = |cmd: &mut Command| {
+        cmd.arg("--config-dir").arg(&config).arg("--data-dir").arg(t.join("data"));
+    };
+    let reference = format!("oci:{image}");
+    let mut pull = hypeman();
+    pull.args(["image", "pull", &reference]);
+    args(&mut pull);
+    let (code, out, err) = run(&mut pull)?;
+    assert_eq!(code, 0, "{err}");
+    let digest = out.trim().to_string();
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{out}");
+
+    std::fs::write(config.join("instances/one.toml"), format!("image = \"{reference}\"\nstate = \"stopped\"\n"))?;
+    let mut ls = hypeman();
+    ls.args(["image", "ls", "--json"]);
+    args(&mut ls);
+    let (code, out, _) = run(&mut ls)?;
+    assert_eq!(code, 0);
+    let rows: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(rows[0]["digest"], digest.as_str());
+    assert_eq!(rows[0]["used_by"], serde_json::json!(["one"]));
+
+    let mut rm = hypeman();
+    rm.args(["image", "rm", &digest[..15]]);
+    args(&mut rm);
+    let (code, _, err) = run(&mut rm)?;
+    assert_ne!(code, 0);
+    assert!(err.contains("is used by one; not removed"), "{err}");
+
+    std::fs::remove_file(config.join("instances/one.toml"))?;
+    let mut prune = hypeman();
+    prune.args(["image", "prune"]);
+    args(&mut prune);
+    let (code, out, err) = run(&mut prune)?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("removed {digest}")), "{out}");
+    let (_, out, _) = run(&mut ls)?;
+    assert_eq!(out.trim(), "[]");
+    Ok(())
+}

@@ -20,6 +20,7 @@
 //! Errors are one [`CliError`]; `main` prints its chain once. `validate`
 //! reports problems through its exit code and output, not as an error.
 
+mod image;
 mod logs;
 mod plan;
 mod status;
@@ -146,6 +147,33 @@ pub enum Command {
     /// One line each: `NAME  STATE -> DESIRED: STEP`. Only the next step is
     /// shown; later ones depend on how it turns out.
     Plan,
+    /// Manage the image cache.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Pull an image into the cache (registry, oci:DIR[:TAG] or
+    /// oci-archive:FILE[:TAG]) and print its digest.
+    Pull {
+        /// The image, spelled as in a declaration's `image`.
+        reference: String,
+    },
+    /// List cached images with their size and the instances using them.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a cached image; refused while an instance uses it.
+    Rm {
+        /// A reference it was pulled as, its digest, or a unique digest prefix.
+        image: String,
+    },
+    /// Remove every cached image that no instance uses.
+    Prune,
 }
 
 fn parse_state(s: &str) -> Result<VmState, String> {
@@ -203,6 +231,8 @@ pub enum CliError {
     Runtime(#[source] io::Error),
     #[error("cannot listen for signals")]
     Signals(#[source] io::Error),
+    #[error("{0}")]
+    Image(String),
     #[error("cannot set up provisioning")]
     Provision(#[source] ProvisionError),
     #[error("the daemon failed")]
@@ -239,7 +269,8 @@ fn init_tracing(command: &Command) {
         | Command::Status { .. }
         | Command::Wait { .. }
         | Command::Logs { .. }
-        | Command::Plan => "warn",
+        | Command::Plan
+        | Command::Image { .. } => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -269,6 +300,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     if let Command::Daemon = cli.command {
         run_daemon(config_dir, settings).await?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Image { command } = &cli.command {
+        return image_command(&config_dir, &settings, command).await;
     }
     let backends = backends(&settings);
     let ctx = Context::open(&config_dir, settings, backends)?;
@@ -319,8 +353,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             let rows = plan_rows(&ctx).await?;
             plan::write_plan(&mut stdout.lock(), &rows).map_err(CliError::Output)?;
         }
-        // Both returned above: they need no store.
-        Command::Validate | Command::Daemon => {}
+        // Returned above: they need no guest store.
+        Command::Validate | Command::Daemon | Command::Image { .. } => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn image_command(config_dir: &Path, settings: &Settings, command: &ImageCommand) -> Result<ExitCode, CliError> {
+    let store = crate::images::ImageStore::open(&settings.data_dir, crate::images::ImageStoreOptions::from_settings(settings))
+        .map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
+    let (stdout, stderr) = (io::stdout(), io::stderr());
+    let mut out = stdout.lock();
+    match command {
+        ImageCommand::Pull { reference } => image::pull(&store, reference, &mut out, &mut stderr.lock()).await?,
+        ImageCommand::Ls { json } => image::ls(&store, &image::image_users(config_dir, settings), *json, &mut out)?,
+        ImageCommand::Rm { image: query } => image::rm(&store, &image::image_users(config_dir, settings), query, &mut out)?,
+        ImageCommand::Prune => image::prune(&store, &image::image_users(config_dir, settings), &mut out)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -629,6 +629,13 @@ fn help_texts() {
         }
         // What `hypeman NAME --help` prints.
         insta::assert_snapshot!(format!("help_{name}"), sub.render_long_help().to_string());
+        for subsub in sub.get_subcommands_mut() {
+            let inner = subsub.get_name().to_string();
+            if inner == "help" {
+                continue;
+            }
+            insta::assert_snapshot!(format!("help_{name}_{inner}"), subsub.render_long_help().to_string());
+        }
     }
 }
 

@@ -1,0 +1,205 @@
+//! `hypeman image pull|ls|rm|prune`: the image cache under `<data-dir>/images`.
+//!
+//! An image is "in use" when a declaration names it or a guest on disk was
+//! made from it; `rm` refuses those and `prune` keeps them. The cache itself
+//! (pulling, verifying, converting) is `crate::images`; this module only
+//! decides what to show and what may go.
+
+use super::CliError;
+use crate::declaration::scan_dir;
+use crate::images::reference::ImageRef;
+use crate::images::{ImageInfo, ImageStore};
+use crate::settings::Settings;
+use crate::store::Store;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// What references each instance uses: declared ones first, then what the
+/// guests on disk were made from (an instance being deleted still counts).
+pub fn image_users(config_dir: &Path, settings: &Settings) -> BTreeMap<String, String> {
+    let mut users = BTreeMap::new();
+    let scan = scan_dir(&config_dir.join("instances"), &settings.limits);
+    for (name, spec) in &scan.valid {
+        users.insert(name.clone(), canonical(&spec.image));
+    }
+    if let Ok(store) = Store::open_read_only(&settings.data_dir) {
+        if let Ok(listing) = store.list() {
+            for m in listing.guests {
+                let image = m.applied.as_ref().and_then(|a| a.get("image")).and_then(|i| i.as_str()).map(canonical);
+                if let Some(image) = image {
+                    users.entry(m.name).or_insert(image);
+                }
+            }
+        }
+    }
+    users
+}
+
+fn canonical(reference: &str) -> String {
+    ImageRef::parse(reference).map(|r| r.canonical()).unwrap_or_else(|_| reference.to_string())
+}
+
+/// The instances using `info`, by name.
+pub fn users_of(info: &ImageInfo, users: &BTreeMap<String, String>) -> Vec<String> {
+    users
+        .iter()
+        .filter(|(_, image)| info.references.contains(image) || image.ends_with(&format!("@{}", info.digest)))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// The cached image `query` names: a digest (`sha256:…`, or its hex, or a
+/// unique hex prefix) or a reference it was pulled as.
+pub fn find(images: &[ImageInfo], query: &str) -> Result<ImageInfo, CliError> {
+    let hex = query.strip_prefix("sha256:").unwrap_or(query);
+    let want = canonical(query);
+    let hits: Vec<&ImageInfo> = images
+        .iter()
+        .filter(|i| {
+            i.references.contains(&want)
+                || (!hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()) && i.digest["sha256:".len()..].starts_with(hex))
+        })
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(CliError::Image(format!("no cached image matches {query:?}"))),
+        many => Err(CliError::Image(format!(
+            "{query:?} matches {} images: {}",
+            many.len(),
+            many.iter().map(|i| i.digest.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+fn list(store: &ImageStore) -> Result<Vec<ImageInfo>, CliError> {
+    store.list().map_err(|e| CliError::Image(crate::instances::error_chain(&e)))
+}
+
+pub async fn pull(store: &ImageStore, reference: &str, out: &mut impl Write, err: &mut impl Write) -> Result<(), CliError> {
+    let _ = writeln!(err, "pulling {reference} …");
+    let started = std::time::Instant::now();
+    let info = store.ensure(reference).await.map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
+    let _ = writeln!(
+        err,
+        "{} ({}, {} on disk) in {:.2}s",
+        info.rootfs.display(),
+        info.format.as_str(),
+        human(info.size_bytes),
+        started.elapsed().as_secs_f64()
+    );
+    writeln!(out, "{}", info.digest).map_err(CliError::Output)
+}
+
+#[derive(serde::Serialize)]
+struct Row {
+    digest: String,
+    references: Vec<String>,
+    format: String,
+    size_bytes: u64,
+    unpacked_bytes: u64,
+    used_by: Vec<String>,
+}
+
+pub fn ls(store: &ImageStore, users: &BTreeMap<String, String>, json: bool, out: &mut impl Write) -> Result<(), CliError> {
+    let rows: Vec<Row> = list(store)?
+        .into_iter()
+        .map(|i| Row {
+            used_by: users_of(&i, users),
+            digest: i.digest,
+            references: i.references,
+            format: i.format.as_str().to_string(),
+            size_bytes: i.size_bytes,
+            unpacked_bytes: i.unpacked_bytes,
+        })
+        .collect();
+    if json {
+        let text = serde_json::to_string_pretty(&rows).map_err(CliError::Json)?;
+        return writeln!(out, "{text}").map_err(CliError::Output);
+    }
+    let w = |out: &mut dyn Write, a: &str, b: &str, c: &str, d: &str| writeln!(out, "{a:<45} {b:<19} {c:>9}  {d}");
+    w(out, "REFERENCE", "DIGEST", "SIZE", "USED BY").map_err(CliError::Output)?;
+    for r in &rows {
+        let reference = r.references.first().cloned().unwrap_or_else(|| "-".into());
+        let short = &r.digest[..r.digest.len().min(19)];
+        let used = if r.used_by.is_empty() { "-".to_string() } else { r.used_by.join(",") };
+        w(out, &reference, short, &human(r.size_bytes), &used).map_err(CliError::Output)?;
+    }
+    Ok(())
+}
+
+pub fn rm(store: &ImageStore, users: &BTreeMap<String, String>, query: &str, out: &mut impl Write) -> Result<(), CliError> {
+    let info = find(&list(store)?, query)?;
+    let using = users_of(&info, users);
+    if !using.is_empty() {
+        return Err(CliError::Image(format!("{} is used by {}; not removed", info.digest, using.join(", "))));
+    }
+    store.remove(&info.digest).map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
+    writeln!(out, "removed {}", info.digest).map_err(CliError::Output)
+}
+
+pub fn prune(store: &ImageStore, users: &BTreeMap<String, String>, out: &mut impl Write) -> Result<(), CliError> {
+    let mut freed = 0;
+    for info in list(store)? {
+        if users_of(&info, users).is_empty() {
+            store.remove(&info.digest).map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
+            freed += info.size_bytes;
+            writeln!(out, "removed {}", info.digest).map_err(CliError::Output)?;
+        }
+    }
+    writeln!(out, "freed {}", human(freed)).map_err(CliError::Output)
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::images::{ImageConfig, RootfsFormat};
+
+    fn info(digest_hex: &str, reference: &str) -> ImageInfo {
+        ImageInfo {
+            digest: format!("sha256:{digest_hex}"),
+            references: vec![canonical(reference)],
+            rootfs: "/x".into(),
+            format: RootfsFormat::Erofs,
+            config: ImageConfig { entrypoint: vec![], cmd: vec![], env: vec![], workdir: None, user: None },
+            size_bytes: 1,
+            unpacked_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn find_by_reference_digest_and_prefix() {
+        let a = "a".repeat(64);
+        let b = format!("ab{}", "c".repeat(62));
+        let images = vec![info(&a, "busybox:1"), info(&b, "docker.io/library/nginx:alpine")];
+        assert_eq!(find(&images, "nginx:alpine").unwrap().digest, format!("sha256:{b}"));
+        assert_eq!(find(&images, &format!("sha256:{a}")).unwrap().digest, format!("sha256:{a}"));
+        assert_eq!(find(&images, "abc").unwrap().digest, format!("sha256:{b}"));
+        assert!(find(&images, "a").unwrap_err().to_string().contains("matches 2 images"));
+        assert!(find(&images, "redis").unwrap_err().to_string().contains("no cached image"));
+    }
+
+    #[test]
+    fn users_match_canonical_references() {
+        let i = info(&"a".repeat(64), "busybox:1");
+        let mut users = BTreeMap::new();
+        users.insert("web".to_string(), canonical("docker.io/library/busybox:1"));
+        users.insert("db".to_string(), canonical("postgres:16"));
+        assert_eq!(users_of(&i, &users), vec!["web".to_string()]);
+    }
+}
