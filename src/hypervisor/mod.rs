@@ -10,6 +10,7 @@
 
 pub mod fake;
 pub mod process;
+pub mod qemu;
 
 use crate::declaration::spec::{HypervisorKind, IoLimit};
 use crate::state::VmState;

@@ -1,0 +1,247 @@
+//! The QEMU command line for one VM, as a pure function of its launch
+//! configuration. No IO here: the backend resolves the accelerator and the
+//! TSC rate first and passes them in, so the argv is reproducible, which a
+//! restore depends on (QEMU restores only into an identical command line).
+//!
+//! Machine choice: `microvm` (virtio-mmio, fastest boot) unless the VM has
+//! hotplug memory, which needs virtio-mem and therefore `q35` (microvm has
+//! no device-memory region; reference/this-machine.md §4).
+
+use crate::hypervisor::{DiskConfig, VmConfig};
+use std::path::PathBuf;
+
+/// The accelerator after `auto` has been decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accelerator {
+    Tcg,
+    Kvm,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Tcg => "tcg",
+            Accelerator::Kvm => "kvm",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    Microvm,
+    Q35,
+}
+
+impl Machine {
+    pub fn for_config(config: &VmConfig) -> Machine {
+        if config.hotplug_memory_bytes > 0 || !config.devices.is_empty() {
+            Machine::Q35
+        } else {
+            Machine::Microvm
+        }
+    }
+}
+
+/// Host paths the command line names besides the configuration's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchPaths {
+    pub qmp_socket: PathBuf,
+    /// The serial console's file.
+    pub app_log: PathBuf,
+}
+
+/// The id of the virtio-mem device, for `qom-set` on its `requested-size`.
+pub const VIRTIO_MEM_ID: &str = "vm0";
+
+/// A size as QEMU's `-m`/`size=` parse it.
+fn size(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes % MIB == 0 {
+        format!("{}M", bytes / MIB)
+    } else {
+        format!("{bytes}B")
+    }
+}
+
+/// Commas in a QemuOpts value are escaped by doubling them.
+fn opt(value: &std::path::Path) -> String {
+    value.display().to_string().replace(',', ",,")
+}
+
+fn drive(disk: &DiskConfig) -> String {
+    let mut s = format!("id={},file={},format=raw,if=none", disk.id, opt(&disk.path));
+    if disk.readonly {
+        s.push_str(",readonly=on");
+    } else {
+        s.push_str(",discard=unmap");
+    }
+    if let Some(bps) = disk.limit.bytes_per_sec {
+        s.push_str(&format!(",throttling.bps-total={bps}"));
+    }
+    if let Some(iops) = disk.limit.ops_per_sec {
+        s.push_str(&format!(",throttling.iops-total={iops}"));
+    }
+    s
+}
+
+/// The full argument list (without the binary). `incoming` adds
+/// `-incoming defer` for a restore; everything else is identical.
+pub fn argv(
+    config: &VmConfig,
+    paths: &LaunchPaths,
+    accel: Accelerator,
+    tsc_khz: Option<u64>,
+    incoming: bool,
+) -> Vec<String> {
+    let machine = Machine::for_config(config);
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |args: &[&str]| a.extend(args.iter().map(|s| s.to_string()));
+    match machine {
+        Machine::Microvm => push(&["-M", "microvm"]),
+        Machine::Q35 => push(&["-M", "q35"]),
+    }
+    push(&["-accel", accel.as_str()]);
+    push(&["-cpu", match accel {
+        Accelerator::Tcg => "max",
+        Accelerator::Kvm => "host",
+    }]);
+    push(&["-smp", &config.vcpus.to_string()]);
+    let boot_mem = size(config.memory_bytes);
+    match machine {
+        Machine::Q35 if config.hotplug_memory_bytes > 0 => {
+            let max = size(config.memory_bytes + config.hotplug_memory_bytes);
+            push(&["-m", &format!("{boot_mem},maxmem={max}")]);
+        }
+        _ => push(&["-m", &boot_mem]),
+    }
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-kernel", &config.kernel.display().to_string()]);
+    if let Some(initrd) = &config.initrd {
+        push(&["-initrd", &initrd.display().to_string()]);
+    }
+    let mut cmdline = config.cmdline.clone();
+    let mut arg = |s: String| {
+        if !cmdline.is_empty() {
+            cmdline.push(' ');
+        }
+        cmdline.push_str(&s);
+    };
+    // Under TCG microvm has nothing to calibrate the TSC against and hangs
+    // about every other boot without it (reference/this-machine.md §2).
+    if let (Machine::Microvm, Accelerator::Tcg, Some(khz)) = (machine, accel, tsc_khz) {
+        arg(format!("tsc_early_khz={khz}"));
+    }
+    if config.hotplug_memory_bytes > 0 {
+        // Plugged blocks must be movable to be unpluggable again.
+        arg("memhp_default_state=online_movable".to_string());
+    }
+    push(&["-append", &cmdline]);
+    if machine == Machine::Q35 && config.hotplug_memory_bytes > 0 {
+        push(&[
+            "-object",
+            &format!("memory-backend-ram,id=vmem0,size={}", size(config.hotplug_memory_bytes)),
+            "-device",
+            &format!("virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=vmem0,block-size=2M,requested-size=0"),
+        ]);
+    }
+    let (blk, net_dev) = match machine {
+        Machine::Microvm => ("virtio-blk-device", "virtio-net-device"),
+        Machine::Q35 => ("virtio-blk-pci", "virtio-net-pci"),
+    };
+    for disk in &config.disks {
+        push(&["-drive", &drive(disk)]);
+        push(&["-device", &format!("{blk},drive={id},serial={id}", id = disk.id)]);
+    }
+    if let Some(net) = &config.net {
+        push(&[
+            "-netdev",
+            &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+            "-device",
+            &format!("{net_dev},netdev=net0,mac={}", net.mac),
+        ]);
+    }
+    for dev in &config.devices {
+        push(&["-device", &format!("vfio-pci,sysfsdev={}", opt(dev))]);
+    }
+    push(&[
+        "-chardev",
+        &format!("file,id=con,path={},append=on", opt(&paths.app_log)),
+        "-serial",
+        "chardev:con",
+    ]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", opt(&paths.qmp_socket))]);
+    // Created, not booted: `cont` boots.
+    push(&["-S"]);
+    if incoming {
+        push(&["-incoming", "defer"]);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::declaration::spec::IoLimit;
+
+    fn config() -> VmConfig {
+        let disk = |id: &str, path: &str, readonly: bool| DiskConfig {
+            id: id.into(),
+            path: path.into(),
+            readonly,
+            limit: IoLimit::default(),
+        };
+        VmConfig {
+            vcpus: 2,
+            memory_bytes: 256 << 20,
+            hotplug_memory_bytes: 0,
+            kernel: "/k/vmlinuz".into(),
+            initrd: Some("/d/initrd.cpio.gz".into()),
+            cmdline: "console=ttyS0 panic=-1 quiet".into(),
+            disks: vec![
+                disk("rootfs", "/img/rootfs.erofs", true),
+                disk("overlay", "/g/overlay.raw", false),
+                disk("config", "/g/config,1.erofs", true),
+            ],
+            net: None,
+            devices: vec![],
+            serial_log: "/g/logs/app.log".into(),
+        }
+    }
+
+    fn paths() -> LaunchPaths {
+        LaunchPaths { qmp_socket: "/g/qmp.sock".into(), app_log: "/g/logs/app.log".into() }
+    }
+
+    #[test]
+    fn microvm_under_tcg() {
+        let mut c = config();
+        c.disks[1].limit = IoLimit { bytes_per_sec: Some(10 << 20), ops_per_sec: Some(500) };
+        insta::assert_snapshot!(argv(&c, &paths(), Accelerator::Tcg, Some(2_100_000), false).join("\n"));
+    }
+
+    #[test]
+    fn q35_with_virtio_mem_under_kvm_restoring() {
+        let mut c = config();
+        c.hotplug_memory_bytes = 768 << 20;
+        insta::assert_snapshot!(argv(&c, &paths(), Accelerator::Kvm, Some(2_100_000), true).join("\n"));
+    }
+
+    #[test]
+    fn restore_adds_only_incoming_defer() {
+        let c = config();
+        let create = argv(&c, &paths(), Accelerator::Tcg, Some(1), false);
+        let mut restore = argv(&c, &paths(), Accelerator::Tcg, Some(1), true);
+        assert_eq!(restore.split_off(create.len()), vec!["-incoming", "defer"]);
+        assert_eq!(restore, create);
+    }
+
+    #[test]
+    fn tsc_rate_only_for_tcg_microvm() {
+        let has_tsc = |c: &VmConfig, a| argv(c, &paths(), a, Some(5), false).iter().any(|s| s.contains("tsc_early_khz=5"));
+        let mut q35 = config();
+        q35.hotplug_memory_bytes = 1 << 30;
+        assert!(has_tsc(&config(), Accelerator::Tcg));
+        assert!(!has_tsc(&config(), Accelerator::Kvm));
+        assert!(!has_tsc(&q35, Accelerator::Tcg));
+    }
+}

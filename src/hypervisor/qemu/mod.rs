@@ -1,0 +1,665 @@
+//! The QEMU backend: one detached `qemu-system-x86_64` per VM, driven over
+//! its QMP socket.
+//!
+//! ```text
+//!   create ──► prelaunch ──cont──► running ──stop──► paused ──cont──► running
+//!   (argv + -S)  (Created)          (Running)        (Paused)
+//!                                        │ system_powerdown: guest powers off,
+//!                                        ▼ QEMU exits (-no-reboot)
+//!   paused ──migrate exec:cat > memory──► postmigrate ──quit──► gone (Standby)
+//!   restore: same argv + -incoming defer ──migrate-incoming──► paused
+//! ```
+//!
+//! Every call connects to QMP, acts and disconnects: QMP serves one client at
+//! a time and the CLI probes the same socket. The command line a VM was
+//! created with is persisted as `launch.json` in the guest directory and
+//! copied into each snapshot, because QEMU restores only into an identical
+//! command line. This module maps QMP to the [`Hypervisor`] trait; it does
+//! not decide which hop comes next and does not touch the store.
+
+pub mod argv;
+pub mod qmp;
+
+use self::argv::{argv, Accelerator, LaunchPaths, Machine, VIRTIO_MEM_ID};
+use self::qmp::{QmpClient, QmpError};
+use super::process::{self, ProcessId};
+use super::{
+    DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
+    VmmHandle,
+};
+use crate::declaration::spec::HypervisorKind;
+use crate::settings::Accel;
+use crate::state::VmState;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+
+/// The launch record's file name, in the guest directory and in snapshots.
+pub const LAUNCH_FILE: &str = "launch.json";
+/// The migration stream's file name in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+const LAUNCH_VERSION: u32 = 1;
+/// Per QMP call, and for a probe's whole exchange.
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a freshly spawned QEMU may take to open its QMP socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// `migrate-set-parameters max-bandwidth`: 10 GiB/s, so a local save is
+/// not throttled to QEMU's default 32 MiB/s.
+const MAX_BANDWIDTH: u64 = 10 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("QMP call failed")]
+    Qmp(#[from] QmpError),
+    #[error("QEMU exited during start-up; its log ends with: {log_tail}")]
+    ExitedEarly { log_tail: String },
+    #[error("QEMU reports the unexpected run state {status:?} after {op}")]
+    UnexpectedStatus { op: &'static str, status: String },
+    #[error("migration {status}: {reason}")]
+    Migration { status: String, reason: String },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a launch record")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the launch record of {path} names another configuration")]
+    ConfigMismatch { path: PathBuf },
+    #[error("cannot run {binary} --version")]
+    VersionRun {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unrecognised version output {0:?}")]
+    VersionParse(String),
+    #[error("the socket has no parent directory")]
+    NoGuestDir,
+}
+
+/// What a VM was launched with: persisted in the guest directory at create
+/// and copied into each snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRecord {
+    pub version: u32,
+    pub config: VmConfig,
+    /// Without `-incoming defer`; a restore adds it.
+    pub argv: Vec<String>,
+}
+
+impl LaunchRecord {
+    fn read(path: &Path) -> Result<LaunchRecord, QemuError> {
+        let bytes = std::fs::read(path).map_err(|source| QemuError::Read { path: path.to_path_buf(), source })?;
+        serde_json::from_slice(&bytes).map_err(|source| QemuError::Parse { path: path.to_path_buf(), source })
+    }
+
+    /// Temp file, fsync, rename: a crash leaves the old record or the new.
+    fn write(&self, path: &Path) -> Result<(), QemuError> {
+        use std::io::Write;
+        let err = |source| QemuError::Write { path: path.to_path_buf(), source };
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(&json).and_then(|()| f.sync_all()).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+}
+
+/// QEMU's run states, as far as hypeman distinguishes them.
+fn vm_state(status: &str) -> Option<VmState> {
+    match status {
+        "prelaunch" => Some(VmState::Created),
+        "running" => Some(VmState::Running),
+        "paused" | "postmigrate" | "inmigrate" | "finish-migrate" => Some(VmState::Paused),
+        "shutdown" => Some(VmState::Shutdown),
+        _ => None,
+    }
+}
+
+/// `/dev/kvm` that opens read-write, and not the kvm_pvm module, which runs
+/// stock guest kernels into an emulation failure (reference/this-machine.md §1).
+pub fn resolve_accel(accel: Accel) -> Accelerator {
+    match accel {
+        Accel::Kvm => Accelerator::Kvm,
+        Accel::Tcg => Accelerator::Tcg,
+        Accel::Auto => {
+            let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+            if kvm && !Path::new("/sys/module/kvm_pvm").exists() {
+                Accelerator::Kvm
+            } else {
+                Accelerator::Tcg
+            }
+        }
+    }
+}
+
+/// "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)" → "7.2.22".
+pub fn parse_version(output: &str) -> Option<String> {
+    let rest = output.split("QEMU emulator version ").nth(1)?;
+    let v: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    (!v.is_empty()).then_some(v)
+}
+
+/// Quotes `s` for `/bin/sh`, which runs QEMU's `exec:` migration URIs.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn backend(op: &'static str) -> impl Fn(QemuError) -> HypervisorError {
+    move |e| HypervisorError::Backend { op, source: Box::new(e) }
+}
+
+fn pid_of(vmm: &VmmHandle) -> ProcessId {
+    ProcessId { pid: vmm.pid, start_time: vmm.pid_start_time }
+}
+
+fn guest_dir(socket: &Path) -> Result<&Path, QemuError> {
+    socket.parent().ok_or(QemuError::NoGuestDir)
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+pub struct QemuBackend {
+    binary: PathBuf,
+    accel: Accelerator,
+    tsc_khz: Option<u64>,
+    version: OnceCell<String>,
+}
+
+impl QemuBackend {
+    /// Decides the accelerator and reads the host's TSC rate once.
+    pub fn new(binary: PathBuf, accel: Accel) -> QemuBackend {
+        QemuBackend {
+            binary,
+            accel: resolve_accel(accel),
+            tsc_khz: crate::system::host_tsc_khz().ok(),
+            version: OnceCell::new(),
+        }
+    }
+
+    pub fn accelerator(&self) -> Accelerator {
+        self.accel
+    }
+
+    async fn connect(&self, vmm: &VmmHandle) -> Result<QmpClient, HypervisorError> {
+        match QmpClient::connect(&vmm.socket, QMP_TIMEOUT).await {
+            Ok(c) => Ok(c),
+            Err(_) if !process::is_alive(pid_of(vmm)) => Err(HypervisorError::VmmGone { pid: vmm.pid }),
+            Err(QmpError::Timeout { .. }) => Err(HypervisorError::Timeout { op: "QMP connect", secs: QMP_TIMEOUT.as_secs() }),
+            Err(e) => Err(backend("QMP connect")(e.into())),
+        }
+    }
+
+    /// Runs one command; a dead VMM is `VmmGone` whatever QMP said.
+    async fn call(&self, vmm: &VmmHandle, op: &'static str, cmd: &str, args: Option<Value>) -> Result<Value, HypervisorError> {
+        let mut c = self.connect(vmm).await?;
+        self.call_on(&mut c, vmm, op, cmd, args).await
+    }
+
+    async fn call_on(
+        &self,
+        c: &mut QmpClient,
+        vmm: &VmmHandle,
+        op: &'static str,
+        cmd: &str,
+        args: Option<Value>,
+    ) -> Result<Value, HypervisorError> {
+        match c.execute(cmd, args).await {
+            Ok(v) => Ok(v),
+            Err(_) if !process::is_alive(pid_of(vmm)) => Err(HypervisorError::VmmGone { pid: vmm.pid }),
+            Err(QmpError::Timeout { .. }) => Err(HypervisorError::Timeout { op, secs: QMP_TIMEOUT.as_secs() }),
+            Err(e) => Err(backend(op)(e.into())),
+        }
+    }
+
+    async fn status_on(&self, c: &mut QmpClient, vmm: &VmmHandle, op: &'static str) -> Result<(String, Option<VmState>), HypervisorError> {
+        let ret = self.call_on(c, vmm, op, "query-status", None).await?;
+        let status = ret.get("status").and_then(Value::as_str).unwrap_or("").to_string();
+        let state = vm_state(&status);
+        Ok((status, state))
+    }
+
+    /// Checks the run state, then sends `cmd`: one hop of the state machine.
+    async fn transition(&self, vmm: &VmmHandle, op: &'static str, from: &[VmState], cmd: &str) -> Result<(), HypervisorError> {
+        let mut c = self.connect(vmm).await?;
+        let (status, state) = self.status_on(&mut c, vmm, op).await?;
+        match state {
+            Some(s) if from.contains(&s) => {}
+            Some(s) => return Err(HypervisorError::WrongState { op, state: s }),
+            None => return Err(backend(op)(QemuError::UnexpectedStatus { op, status })),
+        }
+        self.call_on(&mut c, vmm, op, cmd, None).await?;
+        Ok(())
+    }
+
+    /// Spawns QEMU with `args` and waits until its QMP socket answers.
+    /// A QEMU that fails to come up is killed, so nothing is left behind.
+    async fn launch(&self, guest: &GuestVmm, args: &[String], op: &'static str) -> Result<(VmmHandle, QmpClient), HypervisorError> {
+        match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
+            Err(e) if e.is_not_listening() => {}
+            _ => return Err(HypervisorError::AlreadyRunning { socket: guest.socket.clone() }),
+        }
+        let _ = std::fs::remove_file(&guest.socket);
+        let version = self.version().await.ok();
+        let id = process::spawn_detached(&self.binary, args, &guest.vmm_log)
+            .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: std::io::Error::other(e) })?;
+        let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if !process::is_alive(id) {
+                return Err(backend(op)(QemuError::ExitedEarly { log_tail: log_tail(&guest.vmm_log) }));
+            }
+            match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
+                Ok(c) => return Ok((handle, c)),
+                Err(e) if Instant::now() >= deadline => {
+                    self.kill_quietly(id).await;
+                    tracing::warn!(error = %e, "QEMU did not open its QMP socket");
+                    return Err(HypervisorError::Timeout { op, secs: START_TIMEOUT.as_secs() });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    async fn kill_quietly(&self, id: ProcessId) {
+        process::signal(id, nix::sys::signal::Signal::SIGKILL);
+        process::wait_gone(id, EXIT_TIMEOUT).await;
+    }
+
+    /// Polls `query-migrate` until it completes or fails.
+    async fn wait_migration(&self, c: &mut QmpClient, vmm: &VmmHandle, op: &'static str) -> Result<(), HypervisorError> {
+        let deadline = Instant::now() + MIGRATE_TIMEOUT;
+        loop {
+            let ret = self.call_on(c, vmm, op, "query-migrate", None).await?;
+            let status = ret.get("status").and_then(Value::as_str).unwrap_or("").to_string();
+            match status.as_str() {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let reason = ret.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given").to_string();
+                    return Err(backend(op)(QemuError::Migration { status, reason }));
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(HypervisorError::Timeout { op, secs: MIGRATE_TIMEOUT.as_secs() })
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn launch_record(socket: &Path) -> Result<LaunchRecord, QemuError> {
+        LaunchRecord::read(&guest_dir(socket)?.join(LAUNCH_FILE))
+    }
+
+    async fn restore_into(&self, c: &mut QmpClient, vmm: &VmmHandle, dir: &Path) -> Result<(), HypervisorError> {
+        let op = "restore";
+        let uri = format!("exec:cat {}", shell_quote(&dir.join(MEMORY_FILE).display().to_string()));
+        self.call_on(c, vmm, op, "migrate-incoming", Some(json!({ "uri": uri }))).await?;
+        self.wait_migration(c, vmm, op).await?;
+        let (status, _) = self.status_on(c, vmm, op).await?;
+        if status != "paused" {
+            return Err(backend(op)(QemuError::UnexpectedStatus { op, status }));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuBackend {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::Qemu
+    }
+
+    async fn version(&self) -> Result<String, HypervisorError> {
+        self.version
+            .get_or_try_init(|| async {
+                let out = tokio::process::Command::new(&self.binary)
+                    .arg("--version")
+                    .output()
+                    .await
+                    .map_err(|source| QemuError::VersionRun { binary: self.binary.clone(), source })?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                parse_version(&text).ok_or(QemuError::VersionParse(text))
+            })
+            .await
+            .cloned()
+            .map_err(backend("version"))
+    }
+
+    async fn probe(&self, guest: &GuestVmm) -> Probe {
+        let recorded = guest
+            .recorded
+            .as_ref()
+            .filter(|h| h.socket == guest.socket && process::is_alive(pid_of(h)));
+        let status = match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
+            Ok(mut c) => c.execute("query-status", None).await,
+            Err(e) => Err(e),
+        };
+        let answered = match status {
+            Ok(ret) => ret.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
+            Err(e) if e.is_not_listening() => {
+                let holder = recorded.map(pid_of).or_else(|| process::find_by_argument(&guest.socket));
+                return match holder {
+                    Some(p) => Probe::Unreachable { reason: format!("QEMU process {} lives but its QMP socket refuses connections", p.pid) },
+                    None => {
+                        let _ = std::fs::remove_file(&guest.socket);
+                        Probe::Absent
+                    }
+                };
+            }
+            Err(e) => return Probe::Unreachable { reason: crate::instances::error_chain(&e) },
+        };
+        let Some(state) = vm_state(&answered) else {
+            return Probe::Unreachable { reason: format!("QEMU is in run state {answered:?}") };
+        };
+        let handle = match recorded {
+            Some(h) => VmmHandle { version: h.version.clone().or(self.version.get().cloned()), ..h.clone() },
+            None => match process::find_by_argument(&guest.socket) {
+                Some(p) => VmmHandle {
+                    pid: p.pid,
+                    pid_start_time: p.start_time,
+                    socket: guest.socket.clone(),
+                    version: self.version.get().cloned(),
+                },
+                None => return Probe::Unreachable { reason: "QMP answers but no QEMU process names the socket".into() },
+            },
+        };
+        Probe::Alive { handle, state }
+    }
+
+    async fn create(&self, guest: &GuestVmm, config: &VmConfig) -> Result<VmmHandle, HypervisorError> {
+        let op = "create";
+        if Machine::for_config(config) == Machine::Microvm && !config.devices.is_empty() {
+            return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "PCI passthrough on microvm" });
+        }
+        let paths = LaunchPaths { qmp_socket: guest.socket.clone(), app_log: config.serial_log.clone() };
+        let args = argv(config, &paths, self.accel, self.tsc_khz, false);
+        let record = LaunchRecord { version: LAUNCH_VERSION, config: config.clone(), argv: args.clone() };
+        record.write(&guest.guest_dir.join(LAUNCH_FILE)).map_err(backend(op))?;
+        let (handle, mut c) = self.launch(guest, &args, op).await?;
+        let checked = match self.status_on(&mut c, &handle, op).await {
+            Ok((status, _)) if status == "prelaunch" => Ok(()),
+            Ok((status, _)) => Err(backend(op)(QemuError::UnexpectedStatus { op, status })),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
+            self.kill_quietly(pid_of(&handle)).await;
+            return Err(e);
+        }
+        tracing::info!(pid = handle.pid, accel = self.accel.as_str(), "QEMU created the VM");
+        Ok(handle)
+    }
+
+    async fn boot(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        self.transition(vmm, "boot", &[VmState::Created], "cont").await
+    }
+
+    async fn pause(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        self.transition(vmm, "pause", &[VmState::Running], "stop").await
+    }
+
+    async fn resume(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        self.transition(vmm, "resume", &[VmState::Paused], "cont").await
+    }
+
+    async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        self.call(vmm, "power_off", "system_powerdown", None).await.map(|_| ())
+    }
+
+    async fn snapshot(&self, vmm: &VmmHandle, dir: &Path) -> Result<SnapshotMeta, HypervisorError> {
+        let op = "snapshot";
+        let record = Self::launch_record(&vmm.socket).map_err(backend(op))?;
+        let mut c = self.connect(vmm).await?;
+        let (status, state) = self.status_on(&mut c, vmm, op).await?;
+        match state {
+            Some(VmState::Paused) if status == "paused" || status == "postmigrate" => {}
+            Some(s) => return Err(HypervisorError::WrongState { op, state: s }),
+            None => return Err(backend(op)(QemuError::UnexpectedStatus { op, status })),
+        }
+        let ver = self.call_on(&mut c, vmm, op, "query-version", None).await?;
+        let version = format!(
+            "{}.{}.{}",
+            ver.pointer("/qemu/major").and_then(Value::as_u64).unwrap_or(0),
+            ver.pointer("/qemu/minor").and_then(Value::as_u64).unwrap_or(0),
+            ver.pointer("/qemu/micro").and_then(Value::as_u64).unwrap_or(0),
+        );
+        self.call_on(&mut c, vmm, op, "migrate-set-parameters", Some(json!({ "max-bandwidth": MAX_BANDWIDTH })))
+            .await?;
+        // QEMU 7.2 has no `file:` URI; `exec:` runs through /bin/sh.
+        let uri = format!("exec:cat > {}", shell_quote(&dir.join(MEMORY_FILE).display().to_string()));
+        self.call_on(&mut c, vmm, op, "migrate", Some(json!({ "uri": uri }))).await?;
+        self.wait_migration(&mut c, vmm, op).await?;
+        record.write(&dir.join(LAUNCH_FILE)).map_err(backend(op))?;
+        Ok(SnapshotMeta { hypervisor_version: version, config_hash: record.config.config_hash() })
+    }
+
+    async fn restore(&self, guest: &GuestVmm, config: &VmConfig, dir: &Path) -> Result<VmmHandle, HypervisorError> {
+        let op = "restore";
+        let bad = |e: QemuError| HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source: Box::new(e) };
+        let launch = dir.join(LAUNCH_FILE);
+        let record = LaunchRecord::read(&launch).map_err(bad)?;
+        if record.config != *config {
+            return Err(bad(QemuError::ConfigMismatch { path: launch }));
+        }
+        let memory = dir.join(MEMORY_FILE);
+        std::fs::metadata(&memory).map_err(|source| bad(QemuError::Read { path: memory.clone(), source }))?;
+        let mut args = record.argv.clone();
+        args.extend(["-incoming".to_string(), "defer".to_string()]);
+        record.write(&guest.guest_dir.join(LAUNCH_FILE)).map_err(backend(op))?;
+        let (handle, mut c) = self.launch(guest, &args, op).await?;
+        if let Err(e) = self.restore_into(&mut c, &handle, dir).await {
+            self.kill_quietly(pid_of(&handle)).await;
+            return Err(e);
+        }
+        tracing::info!(pid = handle.pid, "QEMU restored the VM, paused");
+        Ok(handle)
+    }
+
+    async fn shutdown_vmm(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        let id = pid_of(vmm);
+        let mut c = self.connect(vmm).await?;
+        match c.execute("quit", None).await {
+            // QEMU may exit before its reply reaches us.
+            Ok(_) | Err(QmpError::Closed { .. }) => {}
+            Err(e) if process::is_alive(id) => tracing::warn!(error = %e, "QMP quit failed; killing QEMU"),
+            Err(_) => {}
+        }
+        drop(c);
+        if !process::wait_gone(id, EXIT_TIMEOUT).await {
+            tracing::warn!(pid = vmm.pid, "QEMU ignored quit; killing it");
+            self.kill_quietly(id).await;
+        }
+        let _ = std::fs::remove_file(&vmm.socket);
+        Ok(())
+    }
+
+    async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        let id = pid_of(vmm);
+        process::signal(id, nix::sys::signal::Signal::SIGKILL);
+        if !process::wait_gone(id, EXIT_TIMEOUT).await {
+            return Err(HypervisorError::Timeout { op: "kill", secs: EXIT_TIMEOUT.as_secs() });
+        }
+        let _ = std::fs::remove_file(&vmm.socket);
+        Ok(())
+    }
+
+    async fn info(&self, vmm: &VmmHandle) -> Result<VmInfo, HypervisorError> {
+        let op = "info";
+        let mut c = self.connect(vmm).await?;
+        let (status, state) = self.status_on(&mut c, vmm, op).await?;
+        let state = state.ok_or_else(|| backend(op)(QemuError::UnexpectedStatus { op, status }))?;
+        let memory = self
+            .call_on(&mut c, vmm, op, "query-memory-size-summary", None)
+            .await
+            .ok()
+            .and_then(|m| {
+                let base = m.get("base-memory").and_then(Value::as_u64)?;
+                Some(base + m.get("plugged-memory").and_then(Value::as_u64).unwrap_or(0))
+            });
+        Ok(VmInfo { state, memory_actual_bytes: memory })
+    }
+
+    async fn resize_memory(&self, vmm: &VmmHandle, total_bytes: u64) -> Result<(), HypervisorError> {
+        let op = "resize_memory";
+        let record = Self::launch_record(&vmm.socket).map_err(backend(op))?;
+        let config = &record.config;
+        if config.hotplug_memory_bytes == 0 || Machine::for_config(config) != Machine::Q35 {
+            // microvm has no device-memory region for virtio-mem.
+            return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "memory resize without hotplug memory (microvm)" });
+        }
+        let max = config.memory_bytes + config.hotplug_memory_bytes;
+        if total_bytes < config.memory_bytes || total_bytes > max {
+            return Err(backend(op)(QemuError::UnexpectedStatus { op, status: format!("{total_bytes} outside {}..={max}", config.memory_bytes) }));
+        }
+        // virtio-mem plugs whole 2 MiB blocks.
+        let requested = (total_bytes - config.memory_bytes) & !((2 << 20) - 1);
+        self.call(
+            vmm,
+            op,
+            "qom-set",
+            Some(json!({ "path": format!("/machine/peripheral/{VIRTIO_MEM_ID}"), "property": "requested-size", "value": requested })),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn add_disk(&self, _vmm: &VmmHandle, _disk: &DiskConfig) -> Result<(), HypervisorError> {
+        // microvm's virtio-mmio bus cannot hotplug; q35 would need a spare
+        // pcie-root-port at launch, which hypeman does not provision yet.
+        Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "disk hotplug" })
+    }
+
+    async fn remove_disk(&self, _vmm: &VmmHandle, _id: &str) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "disk hot-unplug" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_states_map_to_vm_states() {
+        let table = [
+            ("prelaunch", Some(VmState::Created)),
+            ("running", Some(VmState::Running)),
+            ("paused", Some(VmState::Paused)),
+            ("postmigrate", Some(VmState::Paused)),
+            ("inmigrate", Some(VmState::Paused)),
+            ("finish-migrate", Some(VmState::Paused)),
+            ("shutdown", Some(VmState::Shutdown)),
+            ("internal-error", None),
+            ("guest-panicked", None),
+            ("", None),
+        ];
+        for (status, want) in table {
+            assert_eq!(vm_state(status), want, "{status}");
+        }
+    }
+
+    #[test]
+    fn versions_and_quoting() {
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright (c) 2003-2022 Fabrice Bellard\n").as_deref(),
+            Some("7.2.22")
+        );
+        assert_eq!(parse_version("qemu 9").as_deref(), None);
+        assert_eq!(shell_quote("/a b/it's"), r"'/a b/it'\''s'");
+    }
+
+    #[test]
+    fn explicit_accelerators_are_kept() {
+        assert_eq!(resolve_accel(Accel::Tcg), Accelerator::Tcg);
+        assert_eq!(resolve_accel(Accel::Kvm), Accelerator::Kvm);
+        if Path::new("/sys/module/kvm_pvm").exists() {
+            assert_eq!(resolve_accel(Accel::Auto), Accelerator::Tcg);
+        }
+    }
+
+    fn guest(dir: &Path) -> GuestVmm {
+        GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join("qmp.sock"), vmm_log: dir.join("vmm.log"), recorded: None }
+    }
+
+    #[tokio::test]
+    async fn probe_of_a_stale_socket_is_absent_and_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = guest(dir.path());
+        drop(std::os::unix::net::UnixListener::bind(&g.socket).unwrap());
+        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
+        assert_eq!(qemu.probe(&g).await, Probe::Absent);
+        assert!(!g.socket.exists());
+        assert_eq!(qemu.probe(&g).await, Probe::Absent);
+    }
+
+    #[tokio::test]
+    async fn probe_of_a_socket_that_never_greets_is_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = guest(dir.path());
+        let _listener = tokio::net::UnixListener::bind(&g.socket).unwrap();
+        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
+        let probe = qemu.probe(&g).await;
+        assert!(matches!(&probe, Probe::Unreachable { reason } if reason.contains("greeting")), "{probe:?}");
+        assert!(g.socket.exists(), "a live socket must not be removed");
+    }
+
+    #[tokio::test]
+    async fn calls_on_a_dead_vmm_are_vmm_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
+        let h = VmmHandle { pid: u32::MAX - 1, pid_start_time: 1, socket: dir.path().join("qmp.sock"), version: None };
+        assert!(matches!(qemu.boot(&h).await, Err(HypervisorError::VmmGone { .. })));
+        assert!(matches!(qemu.shutdown_vmm(&h).await, Err(HypervisorError::VmmGone { .. })));
+        qemu.kill(&h).await.expect("killing a gone VMM is done");
+        let err = qemu.version().await.unwrap_err();
+        assert!(matches!(err, HypervisorError::Backend { op: "version", .. }), "{err:?}");
+    }
+
+    #[test]
+    fn launch_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = LaunchRecord {
+            version: LAUNCH_VERSION,
+            config: VmConfig {
+                vcpus: 1,
+                memory_bytes: 256 << 20,
+                hotplug_memory_bytes: 0,
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+                disks: vec![],
+                net: None,
+                devices: vec![],
+                serial_log: "/app.log".into(),
+            },
+            argv: vec!["-M".into(), "microvm".into()],
+        };
+        let path = dir.path().join(LAUNCH_FILE);
+        record.write(&path).unwrap();
+        assert_eq!(LaunchRecord::read(&path).unwrap(), record);
+        std::fs::write(&path, "{}").unwrap();
+        assert!(matches!(LaunchRecord::read(&path), Err(QemuError::Parse { .. })));
+    }
+}
