@@ -387,15 +387,19 @@ pub fn load_settings(config_dir: &Path, data_dir: Option<&Path>) -> Result<Setti
     })
 }
 
-/// The hypervisor backends this build can drive on this host.
-///
-/// No backend is built into the crate yet: the Cloud Hypervisor and QEMU
-/// backends arrive with their own issues and are picked here from
-/// `settings` (their binaries). The test fake is never returned. An
-/// instance whose backend is missing shows as `Unknown` in `status`, with
-/// the reason as its last error.
-pub fn backends(_settings: &Settings) -> Backends {
-    Backends::default()
+/// The hypervisor backends this build can drive on this host: QEMU, from
+/// `[qemu] binary` and `accel`. Cloud Hypervisor arrives with its own
+/// issue. The test fake is never returned. An instance whose backend is
+/// missing shows as `Unknown` in `status`, with the reason as its last
+/// error.
+pub fn backends(settings: &Settings) -> Backends {
+    Backends {
+        cloud_hypervisor: None,
+        qemu: Some(Arc::new(crate::hypervisor::qemu::QemuBackend::new(
+            settings.qemu.binary.clone(),
+            settings.qemu.accel,
+        ))),
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. VMs keep running after it stops.
