@@ -1,10 +1,89 @@
 #!/bin/sh
-# Boots the bundled busybox counter example as a real microVM under QEMU
-# (TCG here, KVM where it works): hypeman's initrd builder, hypeman-init as
-# PID 1, an erofs root disk, an erofs config disk and an ext4 overlay. The
-# guest's console is printed as it boots.
+# The main job: the hypeman daemon boots the bundled example
+# (examples/instances/hello.toml) as a real microVM under QEMU, then puts it
+# in standby and restores it, all by editing `state` in its declaration.
+#
+# Everything lives under target/demo (config dir, data dir, the example's
+# OCI image built locally from busybox-static: no network needed). Run as
+# root on Debian/Ubuntu; installs what is missing first (see setup.sh).
 set -eu
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-HYPEMAN_REAL_VM=1 HYPEMAN_GUEST_KERNEL_DIR=$(realpath target/guest-kernel) \
-    cargo test --quiet --test real_boot -- --nocapture --test-threads=1
+cargo build --quiet
+hypeman=$(pwd)/target/debug/hypeman
+demo=$(pwd)/target/demo
+kernel=$(pwd)/target/guest-kernel
+init=$(pwd)/target/x86_64-unknown-linux-gnu/release/hypeman-init
+
+# Leave nothing of an earlier run: its daemon and VMs go first.
+pkill -f -- "--config-dir $demo/etc" 2>/dev/null || true
+pkill -f "$demo/data/guests/" 2>/dev/null || true
+sleep 0.5
+rm -rf "$demo"
+mkdir -p "$demo/etc/instances" "$demo/rootfs/bin"
+
+echo "== building the example image (busybox) as an OCI layout"
+cp /bin/busybox "$demo/rootfs/bin/busybox"
+for applet in sh sleep echo cat; do ln -s busybox "$demo/rootfs/bin/$applet"; done
+umoci init --layout "$demo/oci" >/dev/null
+umoci new --image "$demo/oci:busybox" >/dev/null
+umoci insert --image "$demo/oci:busybox" "$demo/rootfs" / >/dev/null
+
+cat > "$demo/etc/hypeman.toml" <<TOML
+default_hypervisor = "qemu"
+[guest]
+kernel = "$kernel/vmlinuz"
+modules_dir = "$kernel/lib/modules"
+init = "$init"
+[reconcile]
+health_interval = "500ms"
+stop_grace = "5s"
+TOML
+# The bundled example, pointed at the image built above.
+sed "s|oci:/var/lib/hypeman/examples/busybox:latest|oci:$demo/oci:busybox|" \
+    examples/instances/hello.toml > "$demo/etc/instances/hello.toml"
+
+h() { "$hypeman" --config-dir "$demo/etc" --data-dir "$demo/data" "$@"; }
+set_state() {
+    sed -i "s/^state = .*/state = \"$1\"/" "$demo/etc/instances/hello.toml"
+}
+
+echo "== hypeman validate"
+h validate
+echo "== starting the daemon (log: $demo/daemon.log)"
+# Started directly (not through the function h) so $! is the daemon itself.
+"$hypeman" --config-dir "$demo/etc" --data-dir "$demo/data" daemon > "$demo/daemon.log" 2>&1 &
+daemon=$!
+# On exit the daemon stops; VMs outlive it by design, so the demo ends them.
+trap 'kill $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; pkill -f "$demo/data/guests/" 2>/dev/null || true' EXIT
+
+h wait hello --state Running --timeout 120s
+sleep 4
+h status
+echo "== hypeman logs hello --tail 3"
+h logs hello --tail 3
+
+echo "== state = \"standby\""
+set_state standby
+h wait hello --state Standby --timeout 60s
+h status
+if pgrep -f "$demo/data/guests/.*/qmp.sock" >/dev/null; then
+    echo "demo: a VMM is still running in standby" >&2; exit 1
+fi
+echo "no QEMU process is left; the snapshot is on disk:"
+du -sh "$demo"/data/guests/*/snapshots/snapshot-latest
+before=$(h logs hello --tail 1 | tr -d '\r')
+echo "last line before standby: $before"
+
+echo "== state = \"running\" (restore: the counter continues)"
+set_state running
+h wait hello --state Running --timeout 60s
+sleep 3
+echo "lines since the restore (they continue after \"$before\"):"
+h logs hello --tail 100 | tr -d '\r' | sed -n "/^$before\$/,\$p" | tail -n +2
+
+echo "== state = \"stopped\""
+set_state stopped
+h wait hello --state Stopped --timeout 60s
+h status
+echo "demo: done"

@@ -209,6 +209,13 @@ async fn create_boot_snapshot_restore_and_the_counter_continues() {
     assert_eq!(meta.config_hash, config.config_hash());
     let size = std::fs::metadata(snap.join(MEMORY_FILE)).expect("memory file").len();
     assert!(snap.join(LAUNCH_FILE).exists());
+    // A daemon that died after QEMU finished the snapshot but before it was
+    // committed leaves QEMU in `postmigrate`, and the next daemon throws the
+    // uncommitted file away. Snapshotting again must still work.
+    std::fs::remove_dir_all(&snap).expect("discard the uncommitted snapshot");
+    std::fs::create_dir(&snap).expect("mkdir snap");
+    qemu.snapshot(&h, &snap).await.expect("snapshot again from postmigrate");
+    assert!(std::fs::metadata(snap.join(MEMORY_FILE)).expect("memory file").len() > 0);
 
     qemu.shutdown_vmm(&h).await.expect("shutdown_vmm");
     assert!(!alive(&h), "QEMU still runs after shutdown_vmm");

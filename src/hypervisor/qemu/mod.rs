@@ -435,9 +435,19 @@ impl Hypervisor for QemuBackend {
         let mut c = self.connect(vmm).await?;
         let (status, state) = self.status_on(&mut c, vmm, op).await?;
         match state {
-            Some(VmState::Paused) if status == "paused" || status == "postmigrate" => {}
+            Some(VmState::Paused) if status == "paused" || status == "postmigrate" || status == "finish-migrate" => {}
             Some(s) => return Err(HypervisorError::WrongState { op, state: s }),
             None => return Err(backend(op)(QemuError::UnexpectedStatus { op, status })),
+        }
+        if status != "paused" {
+            // An earlier snapshot of this VM got as far as QEMU but its
+            // file was thrown away (the daemon died before committing it).
+            // QEMU refuses a second migration from `postmigrate`, so let
+            // that one finish, then run the guest for an instant and pause
+            // it again: the state we save is the state we then have.
+            let _ = self.wait_migration(&mut c, vmm, op).await;
+            self.call_on(&mut c, vmm, op, "cont", None).await?;
+            self.call_on(&mut c, vmm, op, "stop", None).await?;
         }
         let ver = self.call_on(&mut c, vmm, op, "query-version", None).await?;
         let version = format!(
