@@ -54,6 +54,7 @@ struct World {
     config: PathBuf,
     data: PathBuf,
     image: String,
+    memory: String,
     daemon: Option<Child>,
 }
 
@@ -76,7 +77,7 @@ impl World {
         )
         .unwrap();
         let image = busybox_image(tmp.path());
-        World { _tmp: tmp, config, data, image, daemon: None }
+        World { _tmp: tmp, config, data, image, memory: "256MiB".into(), daemon: None }
     }
 
     fn hypeman(&self) -> Command {
@@ -115,7 +116,7 @@ impl World {
     }
 
     fn declare(&self, state: &str) {
-        let body = format!("image = \"{}\"\nstate = \"{state}\"\nmemory = \"256MiB\"\ncmd = [\"sh\", \"-c\", \"{COUNTER}\"]\n", self.image);
+        let body = format!("image = \"{}\"\nstate = \"{state}\"\nmemory = \"{}\"\ncmd = [\"sh\", \"-c\", \"{COUNTER}\"]\n", self.image, self.memory);
         let dir = self.config.join("instances");
         std::fs::write(dir.join(".counter.tmp"), body).unwrap();
         std::fs::rename(dir.join(".counter.tmp"), dir.join("counter.toml")).unwrap();
@@ -243,4 +244,57 @@ fn running_standby_restore_stop_delete_through_the_daemon() {
         std::thread::sleep(Duration::from_millis(100));
     }
     w.stop_daemon();
+}
+
+/// Allocated bytes of everything under `dir`.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.metadata().map(|m| m.blocks() * 512).unwrap_or(0)).sum())
+        .unwrap_or(0)
+}
+
+/// The issue-4 benchmark: cold boot, standby, restore and snapshot size for
+/// 256 MiB and 1 GiB guests, through the daemon, in one run. It prints
+/// figures and asserts nothing about time. Run it with
+/// `HYPEMAN_REAL_VM=1 HYPEMAN_GUEST_KERNEL_DIR=… cargo test --release --test e2e_qemu -- --ignored --nocapture`.
+#[test]
+#[ignore = "a benchmark: run explicitly"]
+fn bench_cold_boot_standby_restore() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    println!("| guest | cold boot (write → first output) | standby | restore (edit → output resumes) | restore / cold boot | snapshot on disk |");
+    println!("|---|---|---|---|---|---|");
+    for memory in ["256MiB", "1GiB"] {
+        let mut w = World::new(&kernel_dir, &init);
+        w.memory = memory.into();
+        w.start();
+        let t = Instant::now();
+        w.declare("running");
+        w.wait_counter_above(0);
+        let cold = t.elapsed();
+        w.wait_counter_above(5);
+        let t = Instant::now();
+        w.declare("standby");
+        let dir = w.guest_dir();
+        while !dir.join("snapshots/snapshot-latest/snapshot.json").exists() || w.qemu_running() {
+            assert!(t.elapsed() < Duration::from_secs(60), "standby never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let standby = t.elapsed();
+        let size = allocated(&dir.join("snapshots/snapshot-latest"));
+        let last = *w.counters().last().unwrap();
+        let t = Instant::now();
+        w.declare("running");
+        w.wait_counter_above(last);
+        let restore = t.elapsed();
+        println!(
+            "| {memory} | {:.2} s | {:.2} s | {:.2} s | {:.3} | {:.1} MiB |",
+            cold.as_secs_f64(),
+            standby.as_secs_f64(),
+            restore.as_secs_f64(),
+            restore.as_secs_f64() / cold.as_secs_f64(),
+            size as f64 / (1 << 20) as f64
+        );
+        w.stop_daemon();
+    }
 }
