@@ -1,0 +1,325 @@
+# services.hypeman: the hypeman daemon, its settings and its instances.
+#
+# Every instance becomes /etc/hypeman/instances/<name>.toml and the settings
+# /etc/hypeman/hypeman.toml; the daemon converges the instances to their
+# declared `state`. A rebuild that changes only declarations or settings
+# *reloads* the daemon (SIGHUP, a full rescan) instead of restarting it, and
+# even a restart leaves running VMs alone (KillMode=process, below).
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    mkOption
+    mkEnableOption
+    mkIf
+    mkDefault
+    types
+    literalExpression
+    ;
+
+  cfg = config.services.hypeman;
+  toml = pkgs.formats.toml { };
+
+  # The daemon's own rule for instance names (the declaration's file stem).
+  inherit (import ../nix/names.nix) nameRegex validName;
+
+  buildConfigDir = pkgs.callPackage ../nix/config-dir.nix { };
+  guestKernelFiles =
+    if cfg.guestKernel == null then
+      null
+    else
+      pkgs.callPackage ../nix/guest-kernel.nix { } cfg.guestKernel;
+
+  instanceModule = {
+    # Any key of the declaration format works (network, disk_io, volumes,
+    # devices, …); the options below are the common ones, typed so a typo in
+    # a value fails at evaluation. Unknown keys are still caught: by
+    # `hypeman validate` at build time (checkConfig).
+    freeformType = toml.type;
+
+    options = {
+      image = mkOption {
+        type = types.str;
+        example = "docker.io/library/nginx:alpine";
+        description = ''
+          The OCI image: a registry reference, `oci:<dir>[:tag]` or
+          `oci-archive:<file>[:tag]` (absolute paths; a store path works).
+        '';
+      };
+      state = mkOption {
+        type = types.enum [
+          "running"
+          "standby"
+          "stopped"
+        ];
+        default = "running";
+        description = ''
+          The state the daemon converges the instance to. `standby`
+          snapshots it to disk and leaves no VMM process; `running` again
+          restores it from that snapshot.
+        '';
+      };
+      hypervisor = mkOption {
+        type = types.nullOr (
+          types.enum [
+            "cloud-hypervisor"
+            "qemu"
+          ]
+        );
+        default = null;
+        description = "The VMM; null means the settings' `default_hypervisor`.";
+      };
+      vcpus = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        example = 2;
+        description = "Virtual CPUs (default 1).";
+      };
+      memory = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "1GiB";
+        description = "Boot memory, binary units: at least 64MiB, a multiple of 2MiB (default 512MiB).";
+      };
+      hotplug_memory = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "3GiB";
+        description = "Extra memory that can be plugged in later (virtio-mem), 0 or a multiple of 128MiB.";
+      };
+      overlay_size = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "10GiB";
+        description = "Size of the writable overlay over the read-only image (default 1GiB).";
+      };
+      entrypoint = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        description = "Overrides the image's entrypoint (and then drops the image's cmd).";
+      };
+      cmd = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        example = [
+          "nginx"
+          "-g"
+          "daemon off;"
+        ];
+        description = "Overrides the image's cmd.";
+      };
+      workdir = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Overrides the image's working directory (absolute).";
+      };
+      env = mkOption {
+        type = types.attrsOf types.str;
+        default = { };
+        example = {
+          GREETING = "hello";
+        };
+        description = "Environment variables, added to (and overriding) the image's.";
+      };
+    };
+  };
+
+  # The TOML of each instance: its options without the unset ones (the
+  # config-dir builder drops nulls and an empty env).
+  instancesToml = lib.mapAttrs (_: inst: removeAttrs inst [ "_module" ]) cfg.instances;
+
+  configDir = buildConfigDir {
+    package = cfg.package;
+    settings = cfg.settings;
+    instances = instancesToml;
+    check = cfg.checkConfig;
+  };
+in
+{
+  options.services.hypeman = {
+    enable = mkEnableOption "hypeman, the declarative microVM manager";
+
+    package = mkOption {
+      type = types.package;
+      # Built from this repository (the module sits in it), so the module
+      # works with or without the flake's overlay.
+      default = pkgs.callPackage ../nix/package.nix { };
+      defaultText = literalExpression "pkgs.callPackage ./nix/package.nix { } # this repository's hypeman";
+      description = "The hypeman package (with hypeman-init next to the hypeman binary).";
+    };
+
+    dataDir = mkOption {
+      # A string, not a path: a path value would be copied into the store.
+      type = types.strMatching "/.+";
+      default = "/var/lib/hypeman";
+      description = ''
+        Guests, images, snapshots and logs. Passed as `--data-dir` and written
+        as the settings' `data_dir`, so the `hypeman` CLI finds the same data.
+      '';
+    };
+
+    settings = mkOption {
+      type = types.submodule { freeformType = toml.type; };
+      default = { };
+      example = literalExpression ''
+        {
+          default_hypervisor = "qemu";
+          guest.cmdline = "quiet";
+          reconcile.stop_grace = "10s";
+          limits.max_memory = "16GiB";
+        }
+      '';
+      description = ''
+        Rendered to /etc/hypeman/hypeman.toml; every key of hypeman's settings
+        file works (see examples/hypeman.toml). The module fills in
+        `data_dir`, the hypervisor binaries (store paths) and, when
+        `guestKernel` is set, `guest.kernel` and `guest.modules_dir`, all as
+        defaults you can override.
+      '';
+    };
+
+    guestKernel = mkOption {
+      type = types.nullOr types.package;
+      default = null;
+      example = literalExpression "pkgs.linuxPackages.kernel";
+      description = ''
+        A kernel package to boot the guests with. When set, its image and a
+        decompressed copy of its modules fill `settings.guest.kernel` and
+        `settings.guest.modules_dir`. When null, set those yourself; the
+        daemon reports a missing kernel when it first needs to boot a guest.
+      '';
+    };
+
+    instances = mkOption {
+      type = types.attrsOf (types.submodule instanceModule);
+      default = { };
+      example = literalExpression ''
+        {
+          web = {
+            image = "docker.io/library/nginx:alpine";
+            vcpus = 2;
+            memory = "1GiB";
+            disk_io.iops = 2000;
+          };
+          batch = {
+            image = "docker.io/library/python:3.12-slim";
+            state = "stopped";
+          };
+        }
+      '';
+      description = ''
+        One declaration per instance, rendered to
+        /etc/hypeman/instances/<name>.toml. Removing an instance here deletes
+        the instance and its data on the next switch.
+      '';
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Run `hypeman validate` on the generated configuration at build time,
+        so an invalid declaration fails the rebuild instead of the daemon.
+        Skipped automatically when cross-compiling.
+      '';
+    };
+
+    configDir = mkOption {
+      type = types.package;
+      readOnly = true;
+      internal = true;
+      description = "The generated (and validated) config dir.";
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = lib.mapAttrsToList (name: _: {
+      assertion = validName name;
+      message = ''
+        services.hypeman.instances."${name}": instance names must match
+        ^${nameRegex}$ (lowercase letters, digits and inner dashes, at most 63).
+      '';
+    }) cfg.instances;
+
+    services.hypeman.configDir = configDir;
+
+    services.hypeman.settings = {
+      data_dir = mkDefault cfg.dataDir;
+      # Store paths, so the daemon does not depend on PATH.
+      qemu.binary = mkDefault "${pkgs.qemu_kvm}/bin/qemu-system-${pkgs.stdenv.hostPlatform.qemuArch}";
+      cloud_hypervisor = mkIf (lib.meta.availableOn pkgs.stdenv.hostPlatform pkgs.cloud-hypervisor) {
+        binary = mkDefault "${pkgs.cloud-hypervisor}/bin/cloud-hypervisor";
+      };
+      guest = mkIf (guestKernelFiles != null) {
+        kernel = mkDefault "${guestKernelFiles}/kernel";
+        modules_dir = mkDefault "${guestKernelFiles}/lib/modules/${guestKernelFiles.version}";
+      };
+    };
+
+    # Two links, not one per instance: `instances` is a link to a store
+    # directory that always exists (empty when no instance is declared), so a
+    # switch changes every declaration at once and removing the last one
+    # deletes it (the daemon ignores a *missing* instances directory).
+    environment.etc."hypeman/hypeman.toml".source = "${configDir}/hypeman.toml";
+    environment.etc."hypeman/instances".source = "${configDir}/instances";
+
+    environment.systemPackages = [ cfg.package ];
+
+    # /dev/kvm: the kvm-intel / kvm-amd module is loaded by udev from the
+    # CPU's modalias; listing both in boot.kernelModules would make the wrong
+    # one fail at every boot, so the module does not.
+
+    systemd.tmpfiles.rules = lib.optional (!lib.hasPrefix "/var/lib/" cfg.dataDir) "d ${cfg.dataDir} 0700 root root - -";
+
+    systemd.services.hypeman = {
+      description = "hypeman microVM manager";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ];
+      wants = [ "network.target" ];
+
+      # /etc is a set of store links: changing a declaration produces no
+      # inotify event in the directory the daemon watches, so a switch must
+      # tell it. Listing the config here makes switch-to-configuration reload
+      # (ExecReload: SIGHUP = full rescan) rather than restart when only the
+      # configuration changed. The daemon also re-stats its instances
+      # directory every second, which catches the link swap on its own.
+      reloadTriggers = [ configDir ];
+
+      serviceConfig = {
+        Type = "notify";
+        NotifyAccess = "main";
+        ExecStart = "${lib.getExe cfg.package} daemon --config-dir /etc/hypeman --data-dir ${cfg.dataDir}";
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+
+        # The VMM processes are the daemon's children and live in this unit's
+        # cgroup. With the default KillMode=control-group, stopping or
+        # restarting the daemon (a package update, `systemctl restart`)
+        # would kill every running VM. KillMode=process signals only the
+        # daemon; the VMMs keep running and the next daemon adopts them
+        # (it never starts a second VMM for an instance whose VMM is alive).
+        # Consequence: `systemctl stop hypeman` does not stop the VMs; set
+        # their `state` to "stopped" or "standby" for that.
+        KillMode = "process";
+        Restart = "on-failure";
+        RestartSec = "2s";
+
+        # VFIO passthrough (`devices`) pins guest memory.
+        LimitMEMLOCK = "infinity";
+        LimitNOFILE = 1048576;
+
+        # No PrivateTmp/ProtectSystem/…: the VMMs inherit the daemon's
+        # namespaces and need /dev/kvm, /dev/vfio, /dev/net/tun and the data
+        # dir; sandboxing the daemon would sandbox every VM with it.
+      }
+      // lib.optionalAttrs (lib.hasPrefix "/var/lib/" cfg.dataDir) {
+        StateDirectory = lib.removePrefix "/var/lib/" cfg.dataDir;
+        StateDirectoryMode = "0700";
+      };
+    };
+  };
+}
