@@ -2,14 +2,15 @@
 # Everything a fresh Debian/Ubuntu machine needs before hypeman's tests or
 # demo can run, installed idempotently (run as root):
 #   - Debian packages: QEMU, erofs/ext4 tools, busybox-static for test
-#     images, a local OCI registry with skopeo and umoci to fill it;
+#     images, a local OCI registry with skopeo and umoci to fill it, and
+#     nix-bin to parse-check the Nix files (nixpkgs is out of reach here);
 #   - a Debian cloud guest kernel and its modules under target/guest-kernel
 #     (downloaded as a .deb and unpacked: /boot is never touched);
 #   - the static guest PID 1 (hypeman-init).
 set -eu
 cd "$(dirname "$0")/.."
 
-packages="qemu-system-x86 busybox-static erofs-utils e2fsprogs lz4 cpio kmod iproute2 skopeo umoci docker-registry"
+packages="qemu-system-x86 busybox-static erofs-utils e2fsprogs lz4 cpio kmod iproute2 skopeo umoci docker-registry nix-bin"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -4,6 +4,9 @@
 set -eu
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The Nix files cannot be built here (nixpkgs is unreachable); they are
+# parsed and their builtins-only logic evaluated.
+sh .ci/nix-parse-check.sh
 export HYPEMAN_REAL_VM=1
 HYPEMAN_GUEST_KERNEL_DIR=$(realpath target/guest-kernel)
 export HYPEMAN_GUEST_KERNEL_DIR

@@ -115,8 +115,10 @@ impl ControlSocket {
         code: libc::c_ulong,
         arg: &mut T,
     ) -> Result<(), InitError> {
-        // SAFETY: `arg` is the struct type the request code expects.
-        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), code, arg as *mut T) };
+        // SAFETY: `arg` is the struct type the request code expects. The
+        // request's C type differs between libcs (`c_ulong` on glibc, `c_int`
+        // on musl); the codes fit either.
+        let rc = unsafe { libc::ioctl(self.0.as_raw_fd(), code as _, arg as *mut T) };
         if rc == 0 {
             Ok(())
         } else {
