@@ -104,6 +104,9 @@ pub struct Settings {
     pub default_hypervisor: HypervisorKind,
     /// `host:port` registries reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// The filesystem of images' root disks: erofs (compact, read-only) or
+    /// ext4 (for guest kernels without erofs).
+    pub rootfs_format: crate::images::rootfs::RootfsFormat,
     pub guest: GuestSettings,
     pub qemu: QemuSettings,
     pub cloud_hypervisor: CloudHypervisorSettings,
@@ -180,6 +183,7 @@ impl Settings {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             default_hypervisor: HypervisorKind::CloudHypervisor,
             insecure_registries: Vec::new(),
+            rootfs_format: crate::images::rootfs::RootfsFormat::Erofs,
             guest: GuestSettings::default(),
             qemu: QemuSettings {
                 binary: PathBuf::from(DEFAULT_QEMU_BINARY),
@@ -326,6 +330,17 @@ impl Settings {
                 }
             },
         };
+        let rootfs_format = match &raw.rootfs_format {
+            None => crate::images::rootfs::RootfsFormat::Erofs,
+            Some(f) => match f.get_ref().as_str() {
+                "erofs" => crate::images::rootfs::RootfsFormat::Erofs,
+                "ext4" => crate::images::rootfs::RootfsFormat::Ext4,
+                _ => {
+                    report(&mut p, "rootfs_format", f, "expected \"erofs\" or \"ext4\"");
+                    crate::images::rootfs::RootfsFormat::Erofs
+                }
+            },
+        };
         let mut insecure_registries = Vec::new();
         for (i, r) in raw.insecure_registries.iter().enumerate() {
             if is_host_port(r.get_ref()) {
@@ -379,6 +394,7 @@ impl Settings {
             data_dir,
             default_hypervisor,
             insecure_registries,
+            rootfs_format,
             guest,
             qemu,
             cloud_hypervisor,
@@ -588,6 +604,7 @@ struct RawSettings {
     default_hypervisor: Option<Spanned<String>>,
     #[serde(default)]
     insecure_registries: Vec<Spanned<String>>,
+    rootfs_format: Option<Spanned<String>>,
     #[serde(default)]
     guest: RawGuest,
     #[serde(default)]
@@ -935,6 +952,7 @@ mod tests {
             ("unknown key in [limits]", "[limits]\nmax_cpus = 4\n"),
             ("unknown key in [reconcile]", "[reconcile]\ninterval = \"1m\"\n"),
             ("wrong type", "insecure_registries = \"localhost:5000\"\n"),
+            ("unknown rootfs format", "rootfs_format = \"squashfs\"\n"),
             ("duration as a number", "[reconcile]\nstop_grace = 30\n"),
             ("empty paths", "data_dir = \"\"\n[guest]\nkernel = \"\"\n[qemu]\nbinary = \"\"\n"),
             ("control characters", "[guest]\ninit = \"/sbin/init\\n\"\ncmdline = \"quiet\\nsplash\"\n"),

@@ -87,6 +87,7 @@ impl ImageStoreOptions {
     pub fn from_settings(settings: &crate::settings::Settings) -> ImageStoreOptions {
         ImageStoreOptions {
             insecure_registries: settings.insecure_registries.clone(),
+            format: settings.rootfs_format,
             ..ImageStoreOptions::default()
         }
     }
