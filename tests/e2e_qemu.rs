@@ -145,7 +145,9 @@ impl World {
     }
 
     fn counters(&self) -> Vec<u64> {
-        let log = std::fs::read_to_string(self.guest_dir().join("logs/app.log")).unwrap_or_default();
+        // Not provisioned yet: no log, no lines.
+        let Some(id) = self.status()["id"].as_str().map(str::to_string) else { return Vec::new() };
+        let log = std::fs::read_to_string(self.data.join("guests").join(id).join("logs/app.log")).unwrap_or_default();
         log.lines().filter_map(|l| l.trim().strip_prefix("COUNTER ")?.trim().parse().ok()).collect()
     }
 

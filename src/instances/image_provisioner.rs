@@ -23,7 +23,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 /// The kernel arguments hypeman always passes; `[guest] cmdline` follows.
-pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet init_on_free=1";
 
 pub struct ImageProvisioner {
     images: Arc<ImageStore>,
