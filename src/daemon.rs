@@ -64,6 +64,25 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs
 /// How long in-flight steps get to finish when the daemon stops.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A guest's logs rotate past this size, keeping this many old copies. The
+/// rotation is copytruncate, so a VMM that holds its log open (QEMU's
+/// serial file is opened with append) keeps writing to it.
+const LOG_MAX_BYTES: u64 = 50 << 20;
+const LOG_KEEP: usize = 3;
+
+/// Rotates every guest's app, vmm and hypeman logs that grew too large.
+pub fn rotate_logs(store: &Store, max_bytes: u64, keep: usize) {
+    let Ok(listing) = store.list() else { return };
+    for guest in listing.guests {
+        let paths = store.guest_paths(guest.id);
+        for log in [&paths.app_log, &paths.vmm_log, &paths.hypeman_log] {
+            if let Err(e) = crate::logs::rotate_if_larger(log, max_bytes, keep) {
+                tracing::warn!(instance = %guest.name, error = %crate::instances::error_chain(&e), "cannot rotate a log");
+            }
+        }
+    }
+}
+
 pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
     let _lock = lock_data_dir(&cfg.settings.data_dir)?;
@@ -73,7 +92,7 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
     // Watch first, list second: nothing written in between is missed.
     let _watcher = Watcher::start(dir.clone(), tx.clone())?;
     let _sighup = if cfg.handle_sighup { Some(watch::spawn_sighup(tx.clone())?) } else { None };
-    let instances = Arc::new(Instances::new(store, cfg.backends, cfg.settings.clone(), cfg.provisioner));
+    let instances = Arc::new(Instances::new(store.clone(), cfg.backends, cfg.settings.clone(), cfg.provisioner));
     let mut reconciler = Reconciler::new(instances, dir.clone());
     reconciler.nudge_all();
     tracing::info!(
@@ -101,11 +120,36 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
                 },
                 None => break,
             },
-            _ = resync.tick() => reconciler.nudge_all(),
+            _ = resync.tick() => {
+                reconciler.nudge_all();
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || rotate_logs(&store, LOG_MAX_BYTES, LOG_KEEP));
+            }
         }
     }
     tracing::info!("stopping; VMs keep running and will be adopted by the next daemon");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     reconciler.shutdown(STOP_TIMEOUT).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::declaration::spec::HypervisorKind;
+
+    #[test]
+    fn oversized_guest_logs_rotate_and_small_ones_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let g = store.create_guest("web", HypervisorKind::Qemu).unwrap();
+        let paths = store.guest_paths(g.id);
+        std::fs::write(&paths.app_log, vec![b'x'; 4096]).unwrap();
+        std::fs::write(&paths.vmm_log, b"small\n").unwrap();
+        rotate_logs(&store, 1024, 2);
+        assert_eq!(std::fs::metadata(&paths.app_log).unwrap().len(), 0, "truncated in place");
+        assert_eq!(std::fs::read(paths.app_log.with_extension("log.1")).unwrap().len(), 4096);
+        assert_eq!(std::fs::read(&paths.vmm_log).unwrap(), b"small\n");
+        assert!(!paths.vmm_log.with_extension("log.1").exists());
+    }
 }

@@ -110,20 +110,29 @@ pub fn ensure_overlay(path: &Path, size: u64) -> Result<bool, ProvisionError> {
     Ok(true)
 }
 
-/// Writes the config disk: an erofs image holding `config.json`.
+/// Writes the config disk: an erofs image holding `config.json`. A copy of
+/// the JSON beside the disk (written after it) lets an unchanged config skip
+/// the rebuild, which keeps `mkfs.erofs` off the restore path.
 pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), ProvisionError> {
     let err = disk_error("config disk", path);
     let json = config.to_json().map_err(|e| err(e.into()))?;
+    let copy = path.with_extension("json");
+    if path.exists() && std::fs::read(&copy).is_ok_and(|old| old == json) {
+        return Ok(());
+    }
     let staging = path.with_extension("d.tmp");
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| err(e.into()))?;
-    std::fs::write(staging.join(CONFIG_FILE), json).map_err(|e| err(e.into()))?;
+    std::fs::write(staging.join(CONFIG_FILE), &json).map_err(|e| err(e.into()))?;
     let tmp = path.with_extension("erofs.tmp");
     let _ = std::fs::remove_file(&tmp);
     let built = run(Command::new("mkfs.erofs").arg("--quiet").arg(&tmp).arg(&staging));
     let _ = std::fs::remove_dir_all(&staging);
     built.map_err(&err)?;
     std::fs::rename(&tmp, path).map_err(|e| err(e.into()))?;
+    let copy_tmp = path.with_extension("json.tmp");
+    std::fs::write(&copy_tmp, &json).map_err(|e| err(e.into()))?;
+    std::fs::rename(&copy_tmp, &copy).map_err(|e| err(e.into()))?;
     Ok(())
 }
 
@@ -290,5 +299,18 @@ mod tests {
         assert!(status.success());
         let back = GuestConfig::parse(&std::fs::read(out.join(CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(back, config);
+        // Unchanged: not rebuilt. Changed: rebuilt with the new content.
+        let built = std::fs::metadata(&p).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        write_config_disk(&p, &config).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), built);
+        let mut changed = config.clone();
+        changed.hostname = "other".into();
+        write_config_disk(&p, &changed).unwrap();
+        let out2 = dir.path().join("out2");
+        let status = Command::new("fsck.erofs").arg(format!("--extract={}", out2.display())).arg(&p).status().unwrap();
+        assert!(status.success());
+        let back = GuestConfig::parse(&std::fs::read(out2.join(CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(back.hostname, "other");
     }
 }
