@@ -17,3 +17,16 @@ pub mod system;
 pub mod watch;
 pub mod instances;
 pub mod reconcile;
+
+/// An error and its causes on one line, `a: b: c`: how every edge (the CLI,
+/// log lines, status) prints a chain, once.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

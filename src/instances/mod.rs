@@ -377,14 +377,4 @@ pub fn record_of(h: &VmmHandle) -> VmmRecord {
     VmmRecord { pid: h.pid, pid_start_time: h.pid_start_time, socket: h.socket.clone(), version: h.version.clone() }
 }
 
-/// An error and its causes on one line: `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::error_chain;

@@ -406,7 +406,7 @@ impl Store {
                 GuestEntry::Stray(_) => Ok(()),
             };
             if let Err(e) = result {
-                tracing::warn!(error = %ErrorChain(&e), "could not repair the data dir; will retry on next open");
+                tracing::warn!(error = %crate::error_chain(&e), "could not repair the data dir; will retry on next open");
             }
         }
         Ok(())
@@ -440,21 +440,6 @@ impl GuestEntry {
             }
         }
         GuestEntry::Stray(path)
-    }
-}
-
-/// Formats an error with its sources, for log lines.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
     }
 }
 
