@@ -33,33 +33,30 @@ pub struct ProcessId {
     pub start_time: u64,
 }
 
-/// Field 22 (`starttime`) of `/proc/<pid>/stat`, in clock ticks since boot.
-pub fn start_time(pid: u32) -> Option<u64> {
+/// The state letter (field 3) and start time (field 22, clock ticks since
+/// boot) of `/proc/<pid>/stat`, from one read.
+fn stat(pid: u32) -> Option<(String, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces and parentheses; the
-    // fields after the last ')' are unambiguous.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After ')' come field 3 (state) onwards; starttime is field 22.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    // fields after the last ')' are unambiguous: field 3 onwards.
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = rest.next()?.to_string();
+    let start = rest.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Field 22 (`starttime`) of `/proc/<pid>/stat`, in clock ticks since boot.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat(pid).map(|(_, start)| start)
 }
 
 /// Whether `id` still names the same live process. A zombie counts as gone:
 /// it has exited and only waits for its parent to reap it.
 pub fn is_alive(id: ProcessId) -> bool {
-    match start_time(id.pid) {
-        Some(t) if t == id.start_time => !is_zombie(id.pid),
-        _ => false,
+    match stat(id.pid) {
+        Some((state, start)) => start == id.start_time && state != "Z" && state != "X",
+        None => false,
     }
-}
-
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s[s.rfind(')')? + 1..].to_string();
-            rest.split_whitespace().next().map(|st| st == "Z" || st == "X")
-        })
-        .unwrap_or(true)
 }
 
 /// Spawns `binary args…` in its own session so it outlives the daemon and

@@ -238,7 +238,7 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
         if let Err(e) = ctx.instances.adopt(&obs) {
             tracing::warn!(instance = name, error = %error_chain(&e), "cannot record the adopted VMM");
         }
-        notice_surprises(name, ctx, mem, &desired, obs.state);
+        notice_surprises(name, ctx, mem, &desired, &obs);
         let observed = Observed {
             exists: obs.meta.is_some(),
             state: obs.state,
@@ -290,7 +290,8 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
 
 /// Notices a VMM that died or a guest that powered off without being asked,
 /// and backs off restarts of a guest that keeps doing so.
-fn notice_surprises(name: &str, ctx: &Ctx, mem: &mut Memory, desired: &Desired, now_state: VmState) {
+fn notice_surprises(name: &str, ctx: &Ctx, mem: &mut Memory, desired: &Desired, obs: &crate::instances::Observation) {
+    let now_state = obs.state;
     let settings = &ctx.instances.settings().reconcile;
     let was = mem.last_seen.replace(now_state);
     let acted = std::mem::replace(&mut mem.acted, false);
@@ -313,7 +314,7 @@ fn notice_surprises(name: &str, ctx: &Ctx, mem: &mut Memory, desired: &Desired, 
         VmState::Created | VmState::Running | VmState::Paused => return,
     };
     tracing::warn!(instance = name, was = %was, "{what}");
-    if let Some(Some(meta)) = ctx.instances.store().find_by_name(name).ok() {
+    if let Some(meta) = &obs.meta {
         if let Ok(log) = crate::logs::InstanceLog::open(&ctx.instances.store().guest_paths(meta.id).hypeman_log) {
             let _ = log.append(&format!("{what} (was {was})"));
         }
