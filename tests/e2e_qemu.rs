@@ -6,6 +6,8 @@
 //! Gated like `real_boot`: without `HYPEMAN_REAL_VM=1` it prints why it
 //! skipped; with it, a missing prerequisite is a failure.
 
+mod support;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,17 +16,7 @@ use std::time::{Duration, Instant};
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";
 
 fn gate() -> Option<(PathBuf, PathBuf)> {
-    if std::env::var("HYPEMAN_REAL_VM").as_deref() != Ok("1") {
-        eprintln!("skipped: set HYPEMAN_REAL_VM=1 (and HYPEMAN_GUEST_KERNEL_DIR) to run real VMs");
-        return None;
-    }
-    let kernel_dir = PathBuf::from(std::env::var("HYPEMAN_GUEST_KERNEL_DIR").expect("HYPEMAN_GUEST_KERNEL_DIR is set"));
-    let init = std::env::var("HYPEMAN_INIT_BINARY").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu/release/hypeman-init")
-    });
-    assert!(kernel_dir.join("vmlinuz").exists(), "no guest kernel in {}", kernel_dir.display());
-    assert!(init.exists(), "no static hypeman-init at {}", init.display());
-    Some((kernel_dir, init))
+    support::real_vm("the daemon end-to-end test", &["umoci", "mkfs.erofs", "mkfs.ext4"])
 }
 
 fn ok(cmd: &mut Command) -> String {
@@ -36,11 +28,7 @@ fn ok(cmd: &mut Command) -> String {
 /// An OCI layout holding busybox and its applet links.
 fn busybox_image(work: &Path) -> String {
     let root = work.join("rootfs");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "sleep", "echo", "cat"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
+    support::busybox_tree(&root, &["sh", "sleep", "echo", "cat"]);
     let layout = work.join("oci");
     ok(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
     let image = format!("{}:busybox", layout.display());

@@ -8,6 +8,8 @@
 //! `target/guest-kernel`) and the static init (`HYPEMAN_INIT_BINARY`, default
 //! the release build under `target/x86_64-unknown-linux-gnu`).
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,51 +23,21 @@ use hypeman::settings::Accel;
 use hypeman::state::VmState;
 use hypeman::system::cached_initrd;
 use hypeman_init::config::{GuestConfig, CONFIG_VERSION};
+use support::{busybox_tree, real_vm};
 
 const COUNTER_SCRIPT: &str = "i=0; while true; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";
 /// Counts to 15 and exits: hypeman-init then powers the guest off.
 const SHORT_COUNTER_SCRIPT: &str = "i=0; while [ $i -lt 15 ]; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";
 
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn require(path: &Path, how: &str) {
-    assert!(path.exists(), "{} is missing: {how}", path.display());
-}
-
+/// busybox and the applets the counter needs, as an erofs image.
 /// (kernel dir, init binary), or `None` when real-VM tests are not enabled.
 fn prerequisites() -> Option<(PathBuf, PathBuf)> {
-    if std::env::var("HYPEMAN_REAL_VM").as_deref() != Ok("1") {
-        eprintln!("skipping the real QEMU backend test: set HYPEMAN_REAL_VM=1 and HYPEMAN_GUEST_KERNEL_DIR");
-        return None;
-    }
-    require(Path::new("/usr/bin/qemu-system-x86_64"), "apt-get install qemu-system-x86");
-    require(Path::new("/bin/busybox"), "apt-get install busybox-static");
-    let kernel_dir = std::env::var_os("HYPEMAN_GUEST_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join("target/guest-kernel"));
-    let hint = format!("run scripts/fetch-guest-kernel.sh {}", kernel_dir.display());
-    require(&kernel_dir.join("vmlinuz"), &hint);
-    require(&kernel_dir.join("lib/modules"), &hint);
-    let init = std::env::var_os("HYPEMAN_INIT_BINARY").map(PathBuf::from).unwrap_or_else(|| {
-        manifest_dir().join("target/x86_64-unknown-linux-gnu/release/hypeman-init")
-    });
-    require(
-        &init,
-        "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p hypeman-init --target x86_64-unknown-linux-gnu",
-    );
-    Some((kernel_dir, init))
+    real_vm("the real QEMU backend test", &["mkfs.erofs", "mkfs.ext4"])
 }
 
-/// busybox and the applets the counter needs, as an erofs image.
 fn make_rootfs(work: &Path) -> PathBuf {
     let root = work.join("rootdir");
-    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
-    for applet in ["sh", "sleep", "echo"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
-    }
+    busybox_tree(&root, &["sh", "sleep", "echo"]);
     let image = work.join("rootfs.erofs");
     let out = Command::new("mkfs.erofs").arg("--quiet").arg(&image).arg(&root).output().expect("mkfs.erofs");
     assert!(out.status.success(), "mkfs.erofs: {}", String::from_utf8_lossy(&out.stderr));

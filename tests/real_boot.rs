@@ -16,15 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use hypeman::system::{cached_initrd, host_tsc_khz};
+use support::{busybox_tree, real_vm, which};
 use hypeman_init::config::{GuestConfig, CONFIG_FILE, CONFIG_VERSION};
 
 const COUNTER_SCRIPT: &str =
     "i=0; while [ $i -lt 5 ]; do i=$((i+1)); echo COUNTER $i; sleep 0.1; done";
-
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn run(cmd: &mut Command) {
     let out = cmd
@@ -38,29 +37,11 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn require(path: &Path, how: &str) {
-    assert!(path.exists(), "{} is missing: {how}", path.display());
-}
-
-fn which(program: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
 /// busybox with the applets the counter script needs, as an erofs image.
 fn make_rootfs(work: &Path) -> PathBuf {
     let root = work.join("rootdir");
-    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
+    busybox_tree(&root, &["sh", "sleep", "echo", "cat", "ls", "id"]);
     std::fs::create_dir_all(root.join("etc")).expect("mkdir etc");
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
-    for applet in ["sh", "sleep", "echo", "cat", "ls", "id"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
-    }
     std::fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
@@ -127,41 +108,7 @@ struct Boot {
 
 /// Prerequisites, or `None` (skip) when the real-VM tests are not enabled.
 fn prerequisites() -> Option<(PathBuf, PathBuf)> {
-    if std::env::var("HYPEMAN_REAL_VM").as_deref() != Ok("1") {
-        eprintln!(
-            "skipping the real QEMU boot: set HYPEMAN_REAL_VM=1 (see scripts/real-boot-test.sh)"
-        );
-        return None;
-    }
-    for tool in [
-        "qemu-system-x86_64",
-        "mkfs.erofs",
-        "mkfs.ext4",
-        "debugfs",
-        "timeout",
-    ] {
-        assert!(
-            which(tool),
-            "{tool} is not installed (apt-get install qemu-system-x86 erofs-utils e2fsprogs)"
-        );
-    }
-    require(Path::new("/bin/busybox"), "apt-get install busybox-static");
-    let kernel_dir = std::env::var_os("HYPEMAN_GUEST_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join("target/guest-kernel"));
-    let fetch_hint = format!("run scripts/fetch-guest-kernel.sh {}", kernel_dir.display());
-    require(&kernel_dir.join("vmlinuz"), &fetch_hint);
-    require(&kernel_dir.join("lib/modules"), &fetch_hint);
-    let init = std::env::var_os("HYPEMAN_INIT_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            manifest_dir().join("target/x86_64-unknown-linux-gnu/release/hypeman-init")
-        });
-    require(
-        &init,
-        "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p hypeman-init --target x86_64-unknown-linux-gnu",
-    );
-    Some((kernel_dir, init))
+    real_vm("the real QEMU boot", &["mkfs.erofs", "mkfs.ext4", "debugfs", "timeout"])
 }
 
 /// Builds the initrd and disks and boots them under QEMU TCG microvm, as in

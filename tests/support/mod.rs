@@ -1,0 +1,63 @@
+//! What the real-VM tests share: the gate that runs them only when asked
+//! (and then fails on anything missing), and the busybox root tree their
+//! guests boot.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn require(path: &Path, how: &str) {
+    assert!(path.exists(), "{} is missing: {how}", path.display());
+}
+
+pub fn which(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// `(kernel dir, static hypeman-init)` when `HYPEMAN_REAL_VM=1`, else `None`
+/// with a printed reason. Once asked for, a missing tool, kernel or init is a
+/// failure: a requested real test must not pass without running.
+pub fn real_vm(what: &str, tools: &[&str]) -> Option<(PathBuf, PathBuf)> {
+    if std::env::var("HYPEMAN_REAL_VM").as_deref() != Ok("1") {
+        eprintln!("skipping {what}: set HYPEMAN_REAL_VM=1 and HYPEMAN_GUEST_KERNEL_DIR (see scripts/test.sh)");
+        return None;
+    }
+    for tool in ["qemu-system-x86_64"].iter().chain(tools) {
+        assert!(which(tool), "{tool} is not installed (see scripts/setup.sh)");
+    }
+    require(Path::new("/bin/busybox"), "apt-get install busybox-static");
+    let kernel_dir = std::env::var_os("HYPEMAN_GUEST_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("target/guest-kernel"));
+    let fetch_hint = format!("run scripts/fetch-guest-kernel.sh {}", kernel_dir.display());
+    require(&kernel_dir.join("vmlinuz"), &fetch_hint);
+    require(&kernel_dir.join("lib/modules"), &fetch_hint);
+    let init = std::env::var_os("HYPEMAN_INIT_BINARY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join("target/x86_64-unknown-linux-gnu/release/hypeman-init"));
+    require(
+        &init,
+        "RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -p hypeman-init --target x86_64-unknown-linux-gnu",
+    );
+    Some((kernel_dir, init))
+}
+
+/// `root/bin/busybox` and a link to it for each applet.
+pub fn busybox_tree(root: &Path, applets: &[&str]) {
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
+    }
+}
