@@ -16,6 +16,7 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::acpi::AcpiEvents;
 use crate::command;
 use crate::config::{
     GuestConfig, CONFIG_FILE, MODULE_LOAD_ORDER, OVERLAY_UPPER, OVERLAY_WORK, SERIAL_CONFIG,
@@ -26,7 +27,7 @@ use crate::error::InitError;
 use crate::modules::{self, LoadOutcome};
 use crate::mounts;
 use crate::net;
-use crate::supervise::{self, AppExit, Launch};
+use crate::supervise::{self, AppExit, Launch, APP_STOP_GRACE};
 use crate::user::{self, Identity};
 
 /// How long to wait for the expected disks to show up in sysfs.
@@ -62,6 +63,19 @@ pub fn boot(started: Instant) -> Result<AppExit, InitError> {
         "modules loaded ({} ms)",
         started.elapsed().as_millis()
     ));
+
+    // Right after the `button` driver is loaded: a stop asked for while the
+    // disks are still being found is then acted on once the app runs.
+    let acpi = match AcpiEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            say(&format!(
+                "warning: the power button cannot stop the app: {}",
+                crate::error::chain(&e)
+            ));
+            None
+        }
+    };
 
     let sys = Path::new("/sys");
     let dev = Path::new("/dev");
@@ -106,11 +120,8 @@ pub fn boot(started: Instant) -> Result<AppExit, InitError> {
         config.workdir,
         started.elapsed().as_millis()
     ));
-    supervise::run(&launch, |sig| {
-        say(&format!(
-            "forwarding {} to the app",
-            supervise::signal_name(sig)
-        ));
+    supervise::run(&launch, acpi.as_ref(), APP_STOP_GRACE, |notice| {
+        say(&notice.to_string())
     })
 }
 

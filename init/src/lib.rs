@@ -6,6 +6,7 @@
 //! the same definitions. Everything else is init's own: it runs inside the
 //! guest, static and single-threaded, and must never panic-loop the kernel.
 
+pub mod acpi;
 pub mod boot;
 pub mod command;
 pub mod config;
@@ -15,5 +16,6 @@ pub mod error;
 pub mod modules;
 pub mod mounts;
 pub mod net;
+pub mod shutdown;
 pub mod supervise;
 pub mod user;

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         Ok(exit) => say(&exit.to_string()),
         Err(e) => say(&format!("fatal: {}", chain(&e))),
     }
+    say(&hypeman_init::shutdown::wind_down().to_string());
     say("powering off");
     power_off();
     // Only reached if the kernel refused to power off; spinning keeps the

@@ -29,6 +29,9 @@ pub const GUEST_MODULES: &[(&str, bool)] = &[
     ("erofs", true),
     ("overlay", true),
     ("virtio_mem", false),
+    // The ACPI power button: how init hears the host's graceful stop
+    // (QEMU system_powerdown, Cloud Hypervisor vm.power-button).
+    ("button", false),
     // Built into Debian's cloud kernel; a module (with jbd2, mbcache, crc16…)
     // in the generic one.
     ("ext4", true),
@@ -244,6 +247,7 @@ kernel/lib/libcrc32c.ko:
 kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko
 kernel/fs/overlayfs/overlay.ko:
 kernel/drivers/virtio/virtio_mem.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/acpi/button.ko:
 ";
     const BUILTIN: &str = "kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\n";
 
@@ -276,6 +280,7 @@ kernel/drivers/virtio/virtio_mem.ko: kernel/drivers/virtio/virtio.ko kernel/driv
                 "erofs",
                 "overlay",
                 "virtio_mem",
+                "button",
             ]
         );
         assert_eq!(order[11], "kernel/arch/x86/crypto/crc32c-intel.ko");
