@@ -43,6 +43,8 @@ struct World {
     data: PathBuf,
     image: String,
     memory: String,
+    /// The app's `sh -c` script.
+    script: String,
     daemon: Option<Child>,
 }
 
@@ -65,7 +67,22 @@ impl World {
         )
         .unwrap();
         let image = busybox_image(tmp.path());
-        World { _tmp: tmp, config, data, image, memory: "256MiB".into(), daemon: None }
+        World { _tmp: tmp, config, data, image, memory: "256MiB".into(), script: COUNTER.into(), daemon: None }
+    }
+
+    /// Replaces `key = …` in the `[reconcile]` settings (before `start`).
+    fn reconcile_setting(&self, key: &str, value: &str) {
+        let path = self.config.join("hypeman.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| if l.starts_with(&format!("{key} =")) { format!("{key} = {value}") } else { l.to_string() })
+            .collect();
+        std::fs::write(&path, text.join("\n") + "\n").unwrap();
+    }
+
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self._tmp.path().join("daemon.log")).unwrap_or_default()
     }
 
     fn hypeman(&self) -> Command {
@@ -104,7 +121,7 @@ impl World {
     }
 
     fn declare(&self, state: &str) {
-        let body = format!("image = \"{}\"\nstate = \"{state}\"\nmemory = \"{}\"\ncmd = [\"sh\", \"-c\", \"{COUNTER}\"]\n", self.image, self.memory);
+        let body = format!("image = \"{}\"\nstate = \"{state}\"\nmemory = \"{}\"\ncmd = [\"sh\", \"-c\", \"{}\"]\n", self.image, self.memory, self.script);
         let dir = self.config.join("instances");
         std::fs::write(dir.join(".counter.tmp"), body).unwrap();
         std::fs::rename(dir.join(".counter.tmp"), dir.join("counter.toml")).unwrap();
@@ -233,6 +250,46 @@ fn running_standby_restore_stop_delete_through_the_daemon() {
         assert!(t0.elapsed() < Duration::from_secs(30), "data never deleted");
         std::thread::sleep(Duration::from_millis(100));
     }
+    w.stop_daemon();
+}
+
+/// `state = "stopped"` presses the ACPI power button; hypeman-init hears
+/// it, sends the app SIGTERM, and powers off long before `stop_grace`.
+#[test]
+fn stop_is_graceful_the_app_gets_sigterm_and_no_kill_is_needed() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let mut w = World::new(&kernel_dir, &init);
+    let grace = Duration::from_secs(30);
+    w.reconcile_setting("stop_grace", "\"30s\"");
+    w.script = format!("trap 'echo APP GOT TERM; exit 0' TERM; {COUNTER}");
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    w.wait_counter_above(2);
+    let dir = w.guest_dir();
+
+    let t = Instant::now();
+    w.declare("stopped");
+    w.wait("Stopped");
+    let took = t.elapsed();
+    eprintln!("graceful stop: state edit → Stopped in {:.2}s (stop_grace {grace:?})", took.as_secs_f64());
+    assert!(!w.qemu_running(), "no QEMU left");
+
+    let app = std::fs::read_to_string(dir.join("logs/app.log")).unwrap();
+    let hypeman = std::fs::read_to_string(dir.join("logs/hypeman.log")).unwrap();
+    let tail = |text: &str| text.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    for line in [
+        "hypeman-init: power button pressed, stopping app (SIGTERM)",
+        "APP GOT TERM",
+        "hypeman-init: app exited with status 0",
+        "hypeman-init: powering off",
+    ] {
+        assert!(app.lines().any(|l| l.trim_end() == line), "app.log lacks {line:?}:\n{}", tail(&app));
+    }
+    eprintln!("--- app.log tail ---\n{}\n--- hypeman.log tail ---\n{}", tail(&app), tail(&hypeman));
+    assert!(!hypeman.contains("killing its VMM"), "the VMM was killed:\n{}", tail(&hypeman));
+    assert!(!w.daemon_log().contains("killing its VMM"), "the VMM was killed");
+    assert!(took < grace / 2, "stop took {took:?}, not well under stop_grace {grace:?}");
     w.stop_daemon();
 }
 

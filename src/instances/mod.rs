@@ -230,15 +230,22 @@ impl Instances {
                 }
                 backend.power_off(&vmm).await.map_err(hv("power off"))?;
                 let guest = Self::guest_vmm(paths, meta);
-                let deadline = tokio::time::Instant::now() + self.settings.reconcile.stop_grace;
+                let grace = self.settings.reconcile.stop_grace;
+                let deadline = tokio::time::Instant::now() + grace;
                 while tokio::time::Instant::now() < deadline {
                     match backend.probe(&guest).await {
-                        Probe::Absent | Probe::Alive { state: VmState::Shutdown, .. } => return Ok(()),
+                        Probe::Absent => return self.forget_vmm(meta),
+                        Probe::Alive { state: VmState::Shutdown, .. } => return Ok(()),
                         Probe::Alive { .. } | Probe::Unreachable { .. } => tokio::time::sleep(POLL).await,
                     }
                 }
-                tracing::warn!(instance = %meta.name, grace = ?self.settings.reconcile.stop_grace, "guest did not power off in time; killing its VMM");
-                backend.kill(&vmm).await.map_err(hv("kill"))
+                let line = format!("guest did not power off within {}; killing its VMM", humantime::format_duration(grace));
+                tracing::warn!(instance = %meta.name, "{line}");
+                if let Ok(log) = InstanceLog::open(&paths.hypeman_log) {
+                    let _ = log.append(&line);
+                }
+                backend.kill(&vmm).await.map_err(hv("kill"))?;
+                self.forget_vmm(meta)
             }
             Step::StopVmm => {
                 let backend = self.backend(meta.hypervisor)?;
@@ -270,6 +277,17 @@ impl Instances {
             }
             Step::Remove => Ok(self.store.delete_guest(meta.id)?),
         }
+    }
+
+    /// The VMM exited with its guest (QEMU under `-no-reboot`): its record
+    /// names a process that is gone.
+    fn forget_vmm(&self, meta: &mut Metadata) -> Result<(), InstanceError> {
+        meta.vmm = None;
+        if self.store.snapshot(meta.id)?.is_none() {
+            meta.applied = None;
+        }
+        self.store.write_metadata(meta)?;
+        Ok(())
     }
 
     /// Ends a VMM in order, and by force when it will not go.
