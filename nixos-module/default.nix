@@ -64,6 +64,22 @@ let
           restores it from that snapshot.
         '';
       };
+      restart = mkOption {
+        type = types.nullOr (
+          types.enum [
+            "always"
+            "on-failure"
+            "never"
+          ]
+        );
+        default = null;
+        description = ''
+          What happens when the guest ends on its own while `state` is
+          `running` (the app exited, or the VMM died): `always` boots it
+          again (the default), `on-failure` unless the app exited with
+          status 0, `never` leaves it stopped with its exit shown in status.
+        '';
+      };
       hypervisor = mkOption {
         type = types.nullOr (
           types.enum [

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod exit;
 pub mod declaration;
 pub mod hypervisor;
 pub mod images;

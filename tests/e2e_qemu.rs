@@ -45,6 +45,8 @@ struct World {
     memory: String,
     /// The app's `sh -c` script.
     script: String,
+    /// More declaration lines.
+    extra: String,
     daemon: Option<Child>,
 }
 
@@ -67,7 +69,7 @@ impl World {
         )
         .unwrap();
         let image = busybox_image(tmp.path());
-        World { _tmp: tmp, config, data, image, memory: "256MiB".into(), script: COUNTER.into(), daemon: None }
+        World { _tmp: tmp, config, data, image, memory: "256MiB".into(), script: COUNTER.into(), extra: String::new(), daemon: None }
     }
 
     /// Replaces `key = …` in the `[reconcile]` settings (before `start`).
@@ -121,7 +123,7 @@ impl World {
     }
 
     fn declare(&self, state: &str) {
-        let body = format!("image = \"{}\"\nstate = \"{state}\"\nmemory = \"{}\"\ncmd = [\"sh\", \"-c\", \"{}\"]\n", self.image, self.memory, self.script);
+        let body = format!("image = \"{}\"\nstate = \"{state}\"\nmemory = \"{}\"\ncmd = [\"sh\", \"-c\", \"{}\"]\n{}", self.image, self.memory, self.script, self.extra);
         let dir = self.config.join("instances");
         std::fs::write(dir.join(".counter.tmp"), body).unwrap();
         std::fs::rename(dir.join(".counter.tmp"), dir.join("counter.toml")).unwrap();
@@ -290,6 +292,52 @@ fn stop_is_graceful_the_app_gets_sigterm_and_no_kill_is_needed() {
     assert!(!hypeman.contains("killing its VMM"), "the VMM was killed:\n{}", tail(&hypeman));
     assert!(!w.daemon_log().contains("killing its VMM"), "the VMM was killed");
     assert!(took < grace / 2, "stop took {took:?}, not well under stop_grace {grace:?}");
+    w.stop_daemon();
+}
+
+/// An app that exits by itself under `restart = "never"`: the guest powers
+/// off, the instance stays Stopped, and status says how it ended.
+#[test]
+fn an_app_that_exits_stays_stopped_under_restart_never() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let mut w = World::new(&kernel_dir, &init);
+    w.script = "echo JOB DONE; exit 3".into();
+    w.extra = "restart = \"never\"\n".into();
+    w.start();
+    w.declare("running");
+    let t0 = Instant::now();
+    let status = loop {
+        let s = w.status();
+        if s["last_error"].as_str().is_some_and(|e| e.contains("exited")) {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(90), "the exit never showed in status: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status["state"], "Stopped");
+    assert_eq!(status["desired_state"], "running");
+    assert_eq!(status["last_error"], "the app exited with status 3; restart = \"never\" leaves it stopped");
+    // It stays down: no second boot.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(w.status()["state"], "Stopped");
+    let app = std::fs::read_to_string(w.guest_dir().join("logs/app.log")).unwrap();
+    assert_eq!(app.matches("hypeman-init: starting (version").count(), 1, "booted once:\n{app}");
+    assert!(app.contains("JOB DONE"));
+    assert!(!w.qemu_running());
+
+    // Declared stopped and running again: it boots again.
+    w.declare("stopped");
+    let t0 = Instant::now();
+    while !w.status()["last_error"].is_null() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the exit was never forgotten: {}", w.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.declare("running");
+    let t0 = Instant::now();
+    while std::fs::read_to_string(w.guest_dir().join("logs/app.log")).unwrap().matches("JOB DONE").count() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(90), "never booted again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     w.stop_daemon();
 }
 

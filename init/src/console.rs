@@ -5,11 +5,16 @@
 
 use std::io::Write;
 
+/// What every init line starts with.
+pub const PREFIX: &str = "hypeman-init: ";
+/// The first line of every boot, after [`PREFIX`]; the version follows.
+pub const STARTING: &str = "starting (version ";
+
 /// Prints one `hypeman-init: …` line. Writes to stderr, which is the console
 /// (the kernel opens `/dev/console` for PID 1, and [`attach`] re-opens it
 /// once devtmpfs is mounted). A failed write has nowhere to be reported.
 pub fn say(message: &str) {
-    let line = format!("hypeman-init: {message}\n");
+    let line = format!("{PREFIX}{message}\n");
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 

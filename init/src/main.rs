@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use hypeman_init::console::{power_off, say};
+use hypeman_init::console::{power_off, say, STARTING};
 use hypeman_init::error::chain;
 
 fn main() -> ExitCode {
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         say(&format!("fatal: panic: {info}"));
         power_off();
     }));
-    say(&format!("starting (version {})", env!("CARGO_PKG_VERSION")));
+    say(&format!("{STARTING}{})", env!("CARGO_PKG_VERSION")));
     match hypeman_init::boot::boot(started) {
         Ok(exit) => say(&exit.to_string()),
         Err(e) => say(&format!("fatal: {}", chain(&e))),

@@ -46,6 +46,22 @@ impl std::fmt::Display for AppExit {
     }
 }
 
+impl AppExit {
+    /// The inverse of `Display`: the host reads this line from the console
+    /// log to learn how the app ended.
+    pub fn from_line(message: &str) -> Option<AppExit> {
+        if let Some(code) = message.strip_prefix("app exited with status ") {
+            return code.trim().parse().ok().map(AppExit::Code);
+        }
+        let rest = message.strip_prefix("app was killed by signal ")?;
+        rest.split_whitespace().next()?.parse().ok().map(AppExit::Signal)
+    }
+}
+
+/// How every [`Notice::Stopping`] line ends, for the host to tell a stop
+/// from outside apart from the app ending by itself.
+pub const STOPPING_SUFFIX: &str = ", stopping app (SIGTERM)";
+
 /// Signals init passes on to the app instead of acting on them.
 const FORWARDED: [libc::c_int; 2] = [libc::SIGINT, libc::SIGHUP];
 /// Signals that ask init itself to stop the app and power off, like the
@@ -85,7 +101,7 @@ impl std::fmt::Display for Notice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Notice::Forwarded(sig) => write!(f, "forwarding {} to the app", signal_name(*sig)),
-            Notice::Stopping(why) => write!(f, "{why}, stopping app (SIGTERM)"),
+            Notice::Stopping(why) => write!(f, "{why}{STOPPING_SUFFIX}"),
             Notice::Killing { waited } => {
                 write!(
                     f,
@@ -406,6 +422,15 @@ mod tests {
             AppExit::Signal(15).to_string(),
             "app was killed by signal 15 (SIGTERM)"
         );
+    }
+
+    #[test]
+    fn exit_lines_parse_back() {
+        for exit in [AppExit::Code(0), AppExit::Code(255), AppExit::Signal(9)] {
+            assert_eq!(AppExit::from_line(&exit.to_string()), Some(exit));
+        }
+        assert_eq!(AppExit::from_line("app exited with status x"), None);
+        assert_eq!(AppExit::from_line("starting (version 0.1.0)"), None);
     }
 
     #[test]

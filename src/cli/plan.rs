@@ -9,7 +9,7 @@
 use super::status::desired_label;
 use super::view::{self, View};
 use super::{CliError, Context};
-use crate::reconcile::plan::{plan, Observed};
+use crate::reconcile::plan::plan;
 use crate::state::VmState;
 use std::io::{self, Write};
 use tokio::time::Instant;
@@ -42,13 +42,7 @@ fn row(view: &View, now: Instant) -> PlanRow {
         // The daemon fails the same observation and retries later.
         Some(e) => format!("cannot observe: {e}"),
         None => {
-            let observed = Observed {
-                exists: obs.meta.is_some(),
-                state: obs.state,
-                has_snapshot: obs.has_snapshot(),
-                applied: obs.meta.as_ref().and_then(|m| m.applied.clone()),
-                not_before: None,
-            };
+            let observed = obs.observed(None);
             plan(&view.desired, &observed, now).to_string()
         }
     };

@@ -50,6 +50,7 @@ pub(crate) async fn look(ctx: &Context, name: &str, listed: Option<&Metadata>) -
                 snapshot,
                 vmm: None,
                 unreachable: None,
+                ended: None,
             };
             (observation, Some(error_chain(&e)))
         }

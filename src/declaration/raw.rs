@@ -12,6 +12,7 @@
 //! ```toml
 //! image = "docker.io/library/nginx:alpine"  # required; or "oci:/abs/dir[:tag]", "oci-archive:/abs/file[:tag]"
 //! state = "running"            # running | standby | stopped
+//! restart = "always"           # always | on-failure | never: when the guest ends on its own
 //! hypervisor = "qemu"          # cloud-hypervisor | qemu; default: the settings' default_hypervisor
 //! vcpus = 1                    # 1..=limits.max_vcpus
 //! memory = "512MiB"            # >= 64MiB, a multiple of 2MiB
@@ -55,6 +56,7 @@ use toml::Spanned;
 pub(crate) struct RawInstance {
     pub image: Option<Spanned<String>>,
     pub state: Option<Spanned<String>>,
+    pub restart: Option<Spanned<String>>,
     pub hypervisor: Option<Spanned<String>>,
     pub vcpus: Option<Spanned<RawInt>>,
     pub memory: Option<Spanned<RawQuantity>>,

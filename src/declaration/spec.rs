@@ -59,6 +59,37 @@ impl fmt::Display for DesiredState {
     }
 }
 
+/// What to do when the guest ends on its own while declared `running`
+/// (the app exited, or the VMM died). A stop the daemon asked for is not
+/// an ending of this kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RestartPolicy {
+    /// Boot it again, with crash-loop backoff. The default: `running` is a
+    /// standing order, as for a service.
+    #[default]
+    Always,
+    /// Boot it again unless the app exited with status 0.
+    OnFailure,
+    /// Leave it stopped; status says how it ended.
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HypervisorKind {
@@ -117,6 +148,7 @@ pub struct InstanceSpec {
     pub source: PathBuf,
     pub image: String,
     pub state: DesiredState,
+    pub restart: RestartPolicy,
     /// `None`: the settings' `default_hypervisor`.
     pub hypervisor: Option<HypervisorKind>,
     pub vcpus: u32,
@@ -136,8 +168,8 @@ pub struct InstanceSpec {
 
 impl InstanceSpec {
     /// Everything that needs a restart to take effect, as canonical JSON:
-    /// every field except `state` (applied by the state machine) and the
-    /// file it came from. Stored in metadata when a VM is created, so a
+    /// every field except `state` and `restart` (applied by the state
+    /// machine) and the file it came from. Stored in metadata when a VM is created, so a
     /// changed declaration shows up as a pending change naming its fields.
     pub fn restart_fields(&self, resolved_hypervisor: HypervisorKind) -> serde_json::Value {
         let limit = |l: &IoLimit| serde_json::json!([l.bytes_per_sec, l.ops_per_sec]);

@@ -2,7 +2,7 @@
 //! directory scan's treatment of odd files.
 
 use super::*;
-use spec::{ByteSize, DesiredState, HypervisorKind, IoLimit};
+use spec::{ByteSize, DesiredState, HypervisorKind, IoLimit, RestartPolicy};
 use std::fs;
 use std::os::unix::fs::symlink;
 
@@ -65,6 +65,7 @@ fn an_image_alone_gets_every_default() {
     assert_eq!(spec.name, "web");
     assert_eq!(spec.source, Path::new("instances/web.toml"));
     assert_eq!(spec.state, DesiredState::Running);
+    assert_eq!(spec.restart, RestartPolicy::Always);
     assert_eq!(spec.hypervisor, None);
     assert_eq!(spec.vcpus, 1);
     assert_eq!(spec.memory, ByteSize(512 * MIB));
@@ -86,6 +87,7 @@ fn values_are_converted_to_their_internal_form() {
         r#"
         image = "oci-archive:/srv/app.tar:v2"
         state = "standby"
+        restart = "on-failure"
         hypervisor = "qemu"
         vcpus = 32
         memory = 1073741824
@@ -105,6 +107,7 @@ fn values_are_converted_to_their_internal_form() {
     )
     .unwrap();
     assert_eq!(spec.state, DesiredState::Standby);
+    assert_eq!(spec.restart, RestartPolicy::OnFailure);
     assert_eq!(spec.hypervisor, Some(HypervisorKind::Qemu));
     assert_eq!(spec.vcpus, 32);
     assert_eq!(spec.memory, ByteSize(GIB));
@@ -184,6 +187,7 @@ fn every_error_message() {
         case("relative oci layout", "image = \"oci:images/busybox:latest\"\n"),
         case("relative oci archive", "image = \"oci-archive:busybox.tar\"\n"),
         case("unknown state", "image = \"x\"\nstate = \"paused\"\n"),
+        case("unknown restart policy", "image = \"x\"\nrestart = \"unless-stopped\"\n"),
         case("unknown hypervisor", "image = \"x\"\nhypervisor = \"firecracker\"\n"),
         case("zero vcpus", "image = \"x\"\nvcpus = 0\n"),
         case("negative vcpus", "image = \"x\"\nvcpus = -2\n"),

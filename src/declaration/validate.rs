@@ -9,7 +9,8 @@
 use super::diagnostic::Problems;
 use super::raw::{RawInstance, RawInt, RawVolume};
 use super::spec::{
-    ByteSize, DesiredState, HypervisorKind, InstanceSpec, IoLimit, NetworkSpec, VolumeSpec,
+    ByteSize, DesiredState, HypervisorKind, InstanceSpec, IoLimit, NetworkSpec, RestartPolicy,
+    VolumeSpec,
 };
 use super::units::RawQuantity;
 use crate::settings::Limits;
@@ -82,6 +83,7 @@ pub(crate) fn validate(
 ) -> InstanceSpec {
     let image = image(p, raw.image.as_ref());
     let state = state(p, raw.state.as_ref());
+    let restart = restart(p, raw.restart.as_ref());
     let hypervisor = hypervisor(p, raw.hypervisor.as_ref());
     let vcpus = vcpus(p, raw.vcpus.as_ref(), limits);
     let (memory, hotplug_memory) =
@@ -138,6 +140,7 @@ pub(crate) fn validate(
         source,
         image,
         state,
+        restart,
         hypervisor,
         vcpus,
         memory,
@@ -194,6 +197,22 @@ fn state(p: &mut Problems<'_>, raw: Option<&Spanned<String>>) -> DesiredState {
             Field::written("state", raw)
                 .report(p, "expected \"running\", \"standby\" or \"stopped\"");
             DesiredState::Running
+        }
+    }
+}
+
+fn restart(p: &mut Problems<'_>, raw: Option<&Spanned<String>>) -> RestartPolicy {
+    let Some(raw) = raw else {
+        return RestartPolicy::default();
+    };
+    match raw.get_ref().as_str() {
+        "always" => RestartPolicy::Always,
+        "on-failure" => RestartPolicy::OnFailure,
+        "never" => RestartPolicy::Never,
+        _ => {
+            Field::written("restart", raw)
+                .report(p, "expected \"always\", \"on-failure\" or \"never\"");
+            RestartPolicy::default()
         }
     }
 }

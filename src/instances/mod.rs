@@ -17,10 +17,11 @@ pub mod provision;
 use crate::declaration::spec::{HypervisorKind, InstanceSpec};
 use crate::hypervisor::{Backends, GuestVmm, Hypervisor, HypervisorError, Probe, VmmHandle};
 use crate::logs::InstanceLog;
-use crate::reconcile::plan::Step;
+use crate::exit::GuestEnd;
+use crate::reconcile::plan::{Observed, Step};
 use crate::settings::Settings;
 use crate::state::{StateError, VmState};
-use crate::store::{GuestPaths, Metadata, SnapshotInfo, Store, StoreError, VmmRecord};
+use crate::store::{now_rfc3339, ExitRecord, GuestPaths, Metadata, SnapshotInfo, Store, StoreError, VmmRecord};
 pub use provision::{ProvisionError, Provisioner};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +48,8 @@ pub enum InstanceError {
     NoSpec { step: String },
     #[error("{step} needs a live VMM")]
     NoVmm { step: String },
+    #[error("recording an exit needs a guest that ended")]
+    NoExit,
 }
 
 /// What one look at an instance found.
@@ -59,11 +62,27 @@ pub struct Observation {
     pub vmm: Option<VmmHandle>,
     /// Why the state is `Unknown`, when it is.
     pub unreachable: Option<String>,
+    /// How the guest ended, when it ended without the daemon asking and
+    /// nothing has dealt with that yet (see `Observed::ended`).
+    pub ended: Option<GuestEnd>,
 }
 
 impl Observation {
     pub fn has_snapshot(&self) -> bool {
         self.snapshot.is_some()
+    }
+
+    /// What the planner needs of this observation.
+    pub fn observed(&self, not_before: Option<tokio::time::Instant>) -> Observed {
+        Observed {
+            exists: self.meta.is_some(),
+            state: self.state,
+            has_snapshot: self.has_snapshot(),
+            applied: self.meta.as_ref().and_then(|m| m.applied.clone()),
+            not_before,
+            ended: self.ended,
+            exited: self.meta.as_ref().and_then(|m| m.exited.as_ref()).map(|e| (e.end, e.applied.clone())),
+        }
     }
 }
 
@@ -121,7 +140,7 @@ impl Instances {
     /// Derives the instance's state from the store and its VMM.
     pub async fn observe(&self, name: &str) -> Result<Observation, InstanceError> {
         let Some(meta) = self.store.find_by_name(name)? else {
-            return Ok(Observation { meta: None, state: VmState::Stopped, snapshot: None, vmm: None, unreachable: None });
+            return Ok(Observation { meta: None, state: VmState::Stopped, snapshot: None, vmm: None, unreachable: None, ended: None });
         };
         let snapshot = self.store.snapshot(meta.id)?;
         let backend = self.backend(meta.hypervisor)?;
@@ -132,7 +151,33 @@ impl Instances {
             Probe::Alive { handle, state } => (state, Some(handle), None),
             Probe::Unreachable { reason } => (VmState::Unknown, None, Some(reason)),
         };
-        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable })
+        // A VMM on record that is gone, or a guest that powered off in its
+        // VMM: the console says why. A stop the daemon asked for has
+        // already dropped the record (`forget_vmm`) or is followed at once
+        // by `StopVmm`.
+        let ended = match state {
+            VmState::Stopped if meta.vmm.is_some() => Some(self.read_end(meta.id).await),
+            VmState::Shutdown => Some(self.read_end(meta.id).await),
+            VmState::Stopped
+            | VmState::Created
+            | VmState::Running
+            | VmState::Paused
+            | VmState::Standby
+            | VmState::Unknown => None,
+        };
+        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended })
+    }
+
+    /// How the latest boot ended, from the tail of the console log.
+    async fn read_end(&self, id: ulid::Ulid) -> GuestEnd {
+        let path = self.store.guest_paths(id).app_log;
+        match crate::logs::tail(&path, crate::exit::TAIL_LINES).await {
+            Ok(bytes) => crate::exit::parse(&String::from_utf8_lossy(&bytes)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %error_chain(&e), "cannot read the console log");
+                GuestEnd::Unknown
+            }
+        }
     }
 
     /// Carries out one step. `spec` is the current declaration, when valid.
@@ -191,6 +236,7 @@ impl Instances {
                 meta.vmm = Some(record_of(&handle));
                 meta.applied = Some(spec.restart_fields(kind));
                 meta.last_error = None;
+                meta.exited = None;
                 self.store.write_metadata(meta)?;
                 Ok(())
             }
@@ -250,6 +296,9 @@ impl Instances {
             Step::StopVmm => {
                 let backend = self.backend(meta.hypervisor)?;
                 self.end_vmm(backend.as_ref(), &live()?).await?;
+                if let Some(end) = obs.ended {
+                    self.note_exit(meta, paths, end);
+                }
                 meta.vmm = None;
                 if obs.snapshot.is_none() {
                     meta.applied = None;
@@ -265,6 +314,18 @@ impl Instances {
                 Ok(())
             }
             Step::DropStaleSnapshot => Ok(self.store.remove_snapshot(meta.id)?),
+            Step::RecordExit => {
+                let Some(end) = obs.ended else {
+                    return Err(InstanceError::NoExit);
+                };
+                self.note_exit(meta, paths, end);
+                self.forget_vmm(meta)
+            }
+            Step::ForgetExit => {
+                meta.exited = None;
+                self.store.write_metadata(meta)?;
+                Ok(())
+            }
             Step::ForceKill => {
                 let backend = self.backend(meta.hypervisor)?;
                 let Some(record) = &meta.vmm else {
@@ -277,6 +338,15 @@ impl Instances {
             }
             Step::Remove => Ok(self.store.delete_guest(meta.id)?),
         }
+    }
+
+    /// Keeps how the guest ended in the metadata (written by the caller)
+    /// and says so in the instance's log.
+    fn note_exit(&self, meta: &mut Metadata, paths: &GuestPaths, end: GuestEnd) {
+        if let Ok(log) = InstanceLog::open(&paths.hypeman_log) {
+            let _ = log.append(&format!("the guest ended by itself: {end}"));
+        }
+        meta.exited = Some(ExitRecord { end, applied: meta.applied.clone(), at: now_rfc3339() });
     }
 
     /// The VMM exited with its guest (QEMU under `-no-reboot`): its record

@@ -3,7 +3,8 @@
 //! an argument. Everything else in `reconcile` exists to feed it and to carry
 //! out what it returns.
 
-use crate::declaration::spec::DesiredState;
+use crate::declaration::spec::{DesiredState, RestartPolicy};
+use crate::exit::GuestEnd;
 use crate::state::VmState;
 use std::fmt;
 use tokio::time::Instant;
@@ -19,6 +20,7 @@ pub enum Desired {
         state: DesiredState,
         /// `InstanceSpec::restart_fields` of the declaration.
         restart_fields: serde_json::Value,
+        restart: RestartPolicy,
     },
 }
 
@@ -34,6 +36,22 @@ pub struct Observed {
     pub applied: Option<serde_json::Value>,
     /// No step before this instant (error backoff, crash-loop backoff).
     pub not_before: Option<Instant>,
+    /// The guest ended without the daemon asking, and no step has dealt
+    /// with it yet: its VMM is gone but still on record (`Stopped`), or it
+    /// powered off inside a live VMM (`Shutdown`).
+    pub ended: Option<GuestEnd>,
+    /// The recorded ending (see `Metadata::exited`) and the restart fields
+    /// the ended VM ran with.
+    pub exited: Option<(GuestEnd, Option<serde_json::Value>)>,
+}
+
+/// Whether `policy` boots a guest again after it ended this way.
+pub fn restarts(policy: RestartPolicy, end: GuestEnd) -> bool {
+    match policy {
+        RestartPolicy::Always => true,
+        RestartPolicy::OnFailure => !end.is_success(),
+        RestartPolicy::Never => false,
+    }
 }
 
 /// The next thing to do for one instance. Every variant that acts is a
@@ -71,6 +89,11 @@ pub enum Step {
     DropStaleSnapshot,
     /// `Unknown`: kill the unanswering VMM (only on delete).
     ForceKill,
+    /// A VMM that went away by itself: drop its record, keep how the guest
+    /// ended for the restart policy and status.
+    RecordExit,
+    /// Declared stopped: the last ending no longer holds back a boot.
+    ForgetExit,
     /// `Stopped`, declaration gone: remove the guest and all its data.
     Remove,
 }
@@ -92,6 +115,8 @@ impl Step {
             | Step::Provision
             | Step::DropStaleSnapshot
             | Step::ForceKill
+            | Step::RecordExit
+            | Step::ForgetExit
             | Step::Remove => {
                 let _ = from;
                 None
@@ -123,6 +148,8 @@ impl fmt::Display for Step {
             Step::DiscardSnapshot => f.write_str("discard snapshot"),
             Step::DropStaleSnapshot => f.write_str("drop stale snapshot"),
             Step::ForceKill => f.write_str("kill unresponsive VMM"),
+            Step::RecordExit => f.write_str("record how the guest ended"),
+            Step::ForgetExit => f.write_str("forget the last exit"),
             Step::Remove => f.write_str("remove instance data"),
         }
     }
@@ -136,7 +163,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
             return Step::WaitUntil(t);
         }
     }
-    let (want, fields) = match desired {
+    let (want, fields, policy) = match desired {
         Desired::Invalid => {
             return if observed.exists {
                 Step::Blocked("the declaration is invalid; the instance is left as it is".into())
@@ -159,18 +186,32 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
                 Stopped => Step::Remove,
             };
         }
-        Desired::Present { state, restart_fields } => (*state, restart_fields),
+        Desired::Present { state, restart_fields, restart } => (*state, restart_fields, *restart),
     };
     if !observed.exists {
         return Step::Provision;
     }
+    if observed.state == Stopped && observed.ended.is_some() {
+        return Step::RecordExit;
+    }
     // A VM made from an older declaration needs a restart to pick it up.
     let stale = observed.applied.as_ref().is_some_and(|a| a != fields);
+    // A guest that ended by itself stays down if the policy says so, until
+    // the declaration changes or says otherwise.
+    let held = match (&observed.exited, observed.state) {
+        (Some((end, ran_with)), Stopped) if ran_with.as_ref() == Some(fields) && !restarts(policy, *end) => {
+            Some(*end)
+        }
+        (Some(_), _) | (None, _) => None,
+    };
     match (want, observed.state) {
         (_, Unknown) => Step::Blocked(
             "the VMM does not answer; only deleting the declaration can clear it".into(),
         ),
-        (DesiredState::Running, Stopped) => Step::Create,
+        (DesiredState::Running, Stopped) => match held {
+            Some(end) => Step::Blocked(format!("{end}; restart = \"{policy}\" leaves it stopped")),
+            None => Step::Create,
+        },
         (DesiredState::Running, Created) if stale => Step::PowerOff,
         (DesiredState::Running, Created) => Step::Boot,
         (DesiredState::Running, Running) if stale => Step::PowerOff,
@@ -195,6 +236,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         // pending change shows in status meanwhile.
         (DesiredState::Standby, Standby) => Step::Converged,
 
+        (DesiredState::Stopped, Stopped) if observed.exited.is_some() => Step::ForgetExit,
         (DesiredState::Stopped, Stopped) => Step::Converged,
         (DesiredState::Stopped, Paused) => Step::Resume,
         (DesiredState::Stopped, Created | Running) => Step::PowerOff,
@@ -212,7 +254,7 @@ mod tests {
     use VmState::*;
 
     fn present(state: DesiredState) -> Desired {
-        Desired::Present { state, restart_fields: json!({"memory": 1}) }
+        Desired::Present { state, restart_fields: json!({"memory": 1}), restart: RestartPolicy::Always }
     }
 
     fn observed(state: VmState) -> Observed {
@@ -222,6 +264,8 @@ mod tests {
             has_snapshot: state == Standby,
             applied: Some(json!({"memory": 1})),
             not_before: None,
+            ended: None,
+            exited: None,
         }
     }
 
@@ -245,10 +289,21 @@ mod tests {
                     if let Desired::Present { restart_fields, .. } = desired {
                         obs.applied = Some(restart_fields.clone());
                     }
+                    obs.exited = None;
                 }
+                Step::RecordExit => {
+                    obs.exited = obs.ended.take().map(|end| (end, obs.applied.clone()));
+                    if !obs.has_snapshot {
+                        obs.applied = None;
+                    }
+                }
+                Step::ForgetExit => obs.exited = None,
                 Step::Snapshot => obs.has_snapshot = true,
                 Step::DiscardSnapshot | Step::DropStaleSnapshot => obs.has_snapshot = false,
                 Step::StopVmm => {
+                    if let Some(end) = obs.ended.take() {
+                        obs.exited = Some((end, obs.applied.clone()));
+                    }
                     if !obs.has_snapshot {
                         obs.applied = None
                     }
@@ -325,14 +380,14 @@ mod tests {
     #[test]
     fn a_changed_declaration_restarts_the_vm() {
         use Step::*;
-        let desired = Desired::Present { state: DesiredState::Running, restart_fields: json!({"memory": 2}) };
+        let desired = Desired::Present { state: DesiredState::Running, restart_fields: json!({"memory": 2}), restart: RestartPolicy::Always };
         assert_eq!(walk(&desired, observed(Running)), vec![PowerOff, StopVmm, Create, Boot]);
         // From standby the old snapshot is useless: cold boot the new spec.
         let mut obs = observed(Standby);
         obs.has_snapshot = true;
         assert_eq!(walk(&desired, obs), vec![DiscardSnapshot, Create, Boot]);
         // Declared stopped: no restart needed, nothing to do.
-        let stopped = Desired::Present { state: DesiredState::Stopped, restart_fields: json!({"memory": 2}) };
+        let stopped = Desired::Present { state: DesiredState::Stopped, restart_fields: json!({"memory": 2}), restart: RestartPolicy::Always };
         assert_eq!(walk(&stopped, Observed { applied: None, ..observed(Stopped) }), vec![]);
     }
 
@@ -360,7 +415,7 @@ mod tests {
             present(DesiredState::Running),
             present(DesiredState::Standby),
             present(DesiredState::Stopped),
-            Desired::Present { state: DesiredState::Running, restart_fields: json!({"memory": 9}) },
+            Desired::Present { state: DesiredState::Running, restart_fields: json!({"memory": 9}), restart: RestartPolicy::Always },
         ];
         for d in &desired {
             for from in ALL_STATES {
@@ -373,5 +428,60 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn running_with(restart: RestartPolicy) -> Desired {
+        Desired::Present { state: DesiredState::Running, restart_fields: json!({"memory": 1}), restart }
+    }
+
+    #[test]
+    fn the_restart_policy_decides_after_the_guest_ends_by_itself() {
+        use GuestEnd::*;
+        use RestartPolicy::*;
+        let ends = [Exited { status: 0 }, Exited { status: 1 }, Killed { signal: 9 }, StopRequested, Unknown];
+        for policy in [Always, OnFailure, Never] {
+            for end in ends {
+                let expected = match (policy, end) {
+                    (Always, _) => true,
+                    (OnFailure, Exited { status: 0 }) => false,
+                    (OnFailure, _) => true,
+                    (Never, _) => false,
+                };
+                assert_eq!(restarts(policy, end), expected, "{policy} after {end}");
+                // QEMU exits with its guest: Stopped, with the VMM on record.
+                let obs = Observed { ended: Some(end), ..observed(Stopped) };
+                let steps = walk(&running_with(policy), obs.clone());
+                let want = if expected { vec![Step::RecordExit, Step::Create, Step::Boot] } else { vec![Step::RecordExit] };
+                assert_eq!(steps, want, "{policy} after {end}");
+                // Cloud Hypervisor keeps its VMM: Shutdown first.
+                let obs = Observed { ended: Some(end), ..observed(Shutdown) };
+                let steps = walk(&running_with(policy), obs);
+                let want = if expected { vec![Step::StopVmm, Step::Create, Step::Boot] } else { vec![Step::StopVmm] };
+                assert_eq!(steps, want, "{policy} after {end} (Shutdown)");
+            }
+        }
+    }
+
+    #[test]
+    fn a_held_exit_is_visible_and_lifted_by_a_change_or_a_stop() {
+        let end = GuestEnd::Exited { status: 0 };
+        let held = Observed { applied: None, exited: Some((end, Some(json!({"memory": 1})))), ..observed(Stopped) };
+        match plan(&running_with(RestartPolicy::OnFailure), &held, Instant::now()) {
+            Step::Blocked(why) => assert_eq!(why, "the app exited with status 0; restart = \"on-failure\" leaves it stopped"),
+            other => panic!("expected Blocked, got {other:?}"),
+        }
+        // The policy changed to one that restarts: boot.
+        assert_eq!(plan(&running_with(RestartPolicy::Always), &held, Instant::now()), Step::Create);
+        // The declaration changed: boot the new one.
+        let changed = Desired::Present {
+            state: DesiredState::Running,
+            restart_fields: json!({"memory": 2}),
+            restart: RestartPolicy::Never,
+        };
+        assert_eq!(walk(&changed, held.clone()), vec![Step::Create, Step::Boot]);
+        // Declared stopped, the ending is forgotten; running again boots.
+        assert_eq!(walk(&present(DesiredState::Stopped), held.clone()), vec![Step::ForgetExit]);
+        let forgotten = Observed { exited: None, ..held };
+        assert_eq!(walk(&running_with(RestartPolicy::Never), forgotten), vec![Step::Create, Step::Boot]);
     }
 }

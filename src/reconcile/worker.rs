@@ -2,7 +2,7 @@
 //! instance at once. A worker loops observe → plan → execute until the plan
 //! says converged, blocked or wait, then sleeps until nudged or requeued.
 
-use super::plan::{plan, Desired, Observed, Step};
+use super::plan::{plan, Desired, Step};
 use crate::declaration::{self, DeclarationError};
 use crate::instances::{error_chain, Instances};
 use crate::state::VmState;
@@ -187,7 +187,7 @@ pub(crate) fn read_desired(
         Ok(spec) => {
             let kind = instances.resolve_kind(&spec);
             let restart_fields = spec.restart_fields(kind);
-            (Desired::Present { state: spec.state, restart_fields }, Some(spec), None)
+            (Desired::Present { state: spec.state, restart_fields, restart: spec.restart }, Some(spec), None)
         }
         Err(DeclarationError::Read { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound && std::fs::symlink_metadata(&path).is_err() =>
@@ -239,13 +239,7 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
             tracing::warn!(instance = name, error = %error_chain(&e), "cannot record the adopted VMM");
         }
         notice_surprises(name, ctx, mem, &desired, &obs);
-        let observed = Observed {
-            exists: obs.meta.is_some(),
-            state: obs.state,
-            has_snapshot: obs.has_snapshot(),
-            applied: obs.meta.as_ref().and_then(|m| m.applied.clone()),
-            not_before: mem.not_before,
-        };
+        let observed = obs.observed(mem.not_before);
         let now = Instant::now();
         let step = plan(&desired, &observed, now);
         match &step {
@@ -258,7 +252,10 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
             }
             Step::Blocked(why) => {
                 let message = invalid.unwrap_or_else(|| why.clone());
-                tracing::warn!(instance = name, "{message}");
+                // Once per new reason, not on every resync.
+                if obs.meta.as_ref().and_then(|m| m.last_error.as_deref()) != Some(message.as_str()) {
+                    tracing::warn!(instance = name, "{message}");
+                }
                 let _ = ctx.instances.record_error(name, Some(message));
                 let next = if obs.state.requires_vmm() { settings.health_interval } else { settings.resync_interval };
                 return Some(now + next);

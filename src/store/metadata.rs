@@ -15,9 +15,11 @@ use ulid::Ulid;
 
 use super::error::StoreError;
 use crate::declaration::spec::HypervisorKind;
+use crate::exit::GuestEnd;
 
 /// The metadata format this build writes and the newest it reads.
-pub const CURRENT_VERSION: u32 = 1;
+/// 2 added `exited`; a version-1 file reads as one without it.
+pub const CURRENT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,8 +37,24 @@ pub struct Metadata {
     pub applied: Option<serde_json::Value>,
     pub last_error: Option<String>,
     pub network: Option<NetworkLease>,
+    /// How the guest last ended on its own, until it boots again or is
+    /// declared stopped; the restart policy decides from it.
+    #[serde(default)]
+    pub exited: Option<ExitRecord>,
     /// RFC 3339; set by `Store::write_metadata` on every write.
     pub updated_at: String,
+}
+
+/// A guest that ended without the daemon asking.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitRecord {
+    pub end: GuestEnd,
+    /// The restart fields the ended VM ran with: a changed declaration
+    /// boots again whatever the policy.
+    pub applied: Option<serde_json::Value>,
+    /// RFC 3339, when the daemon noticed.
+    pub at: String,
 }
 
 /// A started VMM process.
@@ -78,6 +96,7 @@ impl Metadata {
             applied: None,
             last_error: None,
             network: None,
+            exited: None,
             updated_at: now,
         }
     }
@@ -134,7 +153,8 @@ pub(crate) fn decode_metadata(bytes: &[u8], path: &Path) -> Result<Metadata, Sto
         source,
     };
     match version {
-        1 => serde_json::from_value(value).map_err(parse),
+        // Version 1 lacks only `exited`, which defaults to none.
+        1 | 2 => serde_json::from_value(value).map_err(parse),
         // `versioned_value` admits only 1..=CURRENT_VERSION.
         found => Err(StoreError::UnsupportedVersion {
             path: path.to_path_buf(),
@@ -149,6 +169,7 @@ mod tests {
     use super::*;
 
     const FIXTURE_V1: &str = include_str!("fixtures/metadata-v1.json");
+    const FIXTURE_V2: &str = include_str!("fixtures/metadata-v2.json");
 
     fn sample() -> Metadata {
         let mut m = Metadata::new(Ulid::new(), "web", HypervisorKind::CloudHypervisor);
@@ -167,6 +188,11 @@ mod tests {
             mac: "02:00:0a:64:00:02".into(),
             tap: "hm-01arz3nd".into(),
         });
+        m.exited = Some(ExitRecord {
+            end: GuestEnd::Killed { signal: 9 },
+            applied: m.applied.clone(),
+            at: "2026-01-15T09:31:02.456Z".into(),
+        });
         m
     }
 
@@ -174,6 +200,7 @@ mod tests {
     fn fixture_v1_still_parses() {
         let m = decode_metadata(FIXTURE_V1.as_bytes(), Path::new("metadata-v1.json")).unwrap();
         assert_eq!(m.version, 1);
+        assert_eq!(m.exited, None, "version 1 has no exit record");
         assert_eq!(m.id.to_string(), "01ARZ3NDEKTSV4RRFFQ69G5FAV");
         assert_eq!(m.name, "web");
         assert_eq!(m.hypervisor, HypervisorKind::Qemu);
@@ -181,6 +208,16 @@ mod tests {
         assert_eq!((vmm.pid, vmm.pid_start_time), (4242, 987654));
         assert_eq!(m.network.expect("fixture has a lease").cidr, 16);
         assert_eq!(m.applied.expect("fixture has applied fields")["vcpus"], 2);
+    }
+
+    #[test]
+    fn fixture_v2_still_parses() {
+        let m = decode_metadata(FIXTURE_V2.as_bytes(), Path::new("metadata-v2.json")).unwrap();
+        assert_eq!(m.version, 2);
+        assert!(m.vmm.is_none());
+        let exited = m.exited.expect("fixture has an exit");
+        assert_eq!(exited.end, GuestEnd::Exited { status: 3 });
+        assert_eq!(exited.applied.expect("with the fields it ran with")["vcpus"], 2);
     }
 
     #[test]
@@ -202,18 +239,18 @@ mod tests {
     #[test]
     fn newer_version_is_reported_as_such_even_with_unknown_fields() {
         let bytes =
-            br#"{ "version": 2, "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "shiny_new_field": true }"#;
+            br#"{ "version": 3, "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "shiny_new_field": true }"#;
         match decode_metadata(bytes, Path::new("/d/metadata.json")) {
             Err(
                 e @ StoreError::UnsupportedVersion {
-                    found: 2,
-                    supported: 1,
+                    found: 3,
+                    supported: 2,
                     ..
                 },
             ) => {
                 assert_eq!(
                     e.to_string(),
-                    "/d/metadata.json has format version 2, this hypeman reads versions up to 1"
+                    "/d/metadata.json has format version 3, this hypeman reads versions up to 2"
                 );
             }
             other => panic!("expected UnsupportedVersion, got {other:?}"),

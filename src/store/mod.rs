@@ -30,7 +30,7 @@ use std::sync::Mutex;
 use ulid::Ulid;
 
 pub use error::StoreError;
-pub use metadata::{now_rfc3339, Metadata, NetworkLease, VmmRecord, CURRENT_VERSION};
+pub use metadata::{now_rfc3339, ExitRecord, Metadata, NetworkLease, VmmRecord, CURRENT_VERSION};
 pub use paths::{GuestPaths, MAX_SOCKET_PATH};
 pub use snapshot::{SnapshotInfo, SNAPSHOT_VERSION};
 

@@ -1,0 +1,121 @@
+//! How a guest ended on its own, read from the end of its console log.
+//!
+//! hypeman-init prints one line when the app ends (`app exited with status
+//! N`, `app was killed by signal N (…)`), preceded by `…, stopping app
+//! (SIGTERM)` when something outside asked it to stop. The latest boot
+//! starts at init's `starting (version …)` line; a boot with no exit line
+//! ended some other way (VMM killed or crashed, kernel panic). The line
+//! formats are init's (`hypeman_init::supervise`, `console`), so both sides
+//! compile the same ones. Parsing is pure; reading the tail is the caller's.
+
+use hypeman_init::console::{PREFIX, STARTING};
+use hypeman_init::supervise::{AppExit, STOPPING_SUFFIX};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// How many console lines are searched for init's lines.
+pub const TAIL_LINES: usize = 2000;
+
+/// How the guest ended, as far as its console tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum GuestEnd {
+    /// The app exited by itself with this status.
+    Exited { status: i32 },
+    /// The app was killed by this signal, without a stop being asked for.
+    Killed { signal: i32 },
+    /// Init was asked to stop the app (power button, SIGTERM to init).
+    StopRequested,
+    /// No exit line: the VMM was killed or crashed, or the kernel died.
+    Unknown,
+}
+
+impl GuestEnd {
+    /// The app itself ended cleanly: the one ending `on-failure` accepts.
+    pub fn is_success(self) -> bool {
+        matches!(self, GuestEnd::Exited { status: 0 })
+    }
+}
+
+impl fmt::Display for GuestEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GuestEnd::Exited { status } => write!(f, "the app exited with status {status}"),
+            GuestEnd::Killed { signal } => write!(f, "the app was killed by signal {signal}"),
+            GuestEnd::StopRequested => f.write_str("init was asked to stop the app (power button or SIGTERM)"),
+            GuestEnd::Unknown => f.write_str("the VM ended without an exit line from init (VMM killed or crashed?)"),
+        }
+    }
+}
+
+/// How the latest boot in `log` ended.
+pub fn parse(log: &str) -> GuestEnd {
+    let mut exit = None;
+    let mut stop_requested = false;
+    for line in log.lines().rev() {
+        // The console writes `\r\n`; the app's output may precede init's
+        // prefix on a line that did not end in a newline.
+        let Some(message) = line.trim_end().split(PREFIX).nth(1) else { continue };
+        if message.starts_with(STARTING) {
+            break;
+        }
+        if exit.is_none() {
+            exit = AppExit::from_line(message);
+        } else if message.ends_with(STOPPING_SUFFIX) {
+            stop_requested = true;
+        }
+    }
+    match exit {
+        None => GuestEnd::Unknown,
+        Some(_) if stop_requested => GuestEnd::StopRequested,
+        Some(AppExit::Code(status)) => GuestEnd::Exited { status },
+        Some(AppExit::Signal(signal)) => GuestEnd::Killed { signal },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOOT: &str = "[    0.81] PCI: Fatal: No config space access function found\r\n\
+hypeman-init: starting (version 0.1.0)\r\n\
+hypeman-init: root filesystem ready (320 ms)\r\n\
+hypeman-init: starting [\"sh\", \"-c\", \"exit 3\"] as 0:0 in / (335 ms)\r\n";
+
+    #[test]
+    fn reads_the_latest_boots_ending() {
+        let exited = format!("{BOOT}hello\r\nhypeman-init: app exited with status 3\r\nhypeman-init: powering off\r\n[    2.75] reboot: Power down\r\n");
+        assert_eq!(parse(&exited), GuestEnd::Exited { status: 3 });
+        let killed = format!("{BOOT}hypeman-init: app was killed by signal 9 (SIGKILL)\r\n");
+        assert_eq!(parse(&killed), GuestEnd::Killed { signal: 9 });
+        // Output without a final newline runs into init's line.
+        let glued = format!("{BOOT}partial linehypeman-init: app exited with status 0\r\n");
+        assert_eq!(parse(&glued), GuestEnd::Exited { status: 0 });
+        assert!(parse(&glued).is_success());
+    }
+
+    #[test]
+    fn a_stop_from_outside_is_not_the_apps_own_exit() {
+        let stopped = format!(
+            "{BOOT}hypeman-init: power button pressed, stopping app (SIGTERM)\r\nAPP GOT TERM\r\nhypeman-init: app exited with status 0\r\n"
+        );
+        assert_eq!(parse(&stopped), GuestEnd::StopRequested);
+        assert!(!parse(&stopped).is_success());
+    }
+
+    #[test]
+    fn a_boot_without_an_exit_line_ended_some_other_way() {
+        // The previous boot's exit does not count for the one after it.
+        let crashed = format!("{BOOT}hypeman-init: app exited with status 0\r\n{BOOT}COUNTER 1\r\n");
+        assert_eq!(parse(&crashed), GuestEnd::Unknown);
+        assert_eq!(parse(""), GuestEnd::Unknown);
+    }
+
+    #[test]
+    fn display_and_json() {
+        assert_eq!(GuestEnd::Exited { status: 0 }.to_string(), "the app exited with status 0");
+        let json = serde_json::to_string(&GuestEnd::Killed { signal: 9 }).unwrap();
+        assert_eq!(json, r#"{"how":"killed","signal":9}"#);
+        assert_eq!(serde_json::from_str::<GuestEnd>(r#"{"how":"unknown"}"#).unwrap(), GuestEnd::Unknown);
+    }
+}
