@@ -255,6 +255,49 @@ fn running_standby_restore_stop_delete_through_the_daemon() {
     w.stop_daemon();
 }
 
+/// The daemon killed hard in the middle of going to standby: the restarted
+/// daemon finishes the job with the same VMM (no second QEMU), leaves a
+/// complete snapshot and no QEMU, and the restore continues the counter.
+#[test]
+fn daemon_killed_during_standby_converges_on_restart() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let mut w = World::new(&kernel_dir, &init);
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    w.wait_counter_above(3);
+    let pid = w.status()["pid"].as_u64().expect("a live VMM");
+    let hypeman_log = w.guest_dir().join("logs/hypeman.log");
+
+    w.declare("standby");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&hypeman_log).unwrap_or_default().contains("snapshot to standby (from") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the snapshot step never began");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    w.kill_daemon();
+    let log = std::fs::read_to_string(&hypeman_log).unwrap();
+    eprintln!("killed the daemon; hypeman.log ends:\n{}", log.lines().rev().take(3).collect::<Vec<_>>().join("\n"));
+
+    w.start();
+    w.wait("Standby");
+    assert!(!w.qemu_running(), "standby leaves no VMM");
+    let snap = w.guest_dir().join("snapshots/snapshot-latest");
+    assert!(snap.join("snapshot.json").exists(), "snapshot is complete");
+    let log = std::fs::read_to_string(&hypeman_log).unwrap();
+    assert_eq!(log.matches("create VM (from").count(), 1, "one VMM all along, no cold boot:\n{log}");
+    let last = *w.counters().last().unwrap();
+
+    w.declare("running");
+    w.wait("Running");
+    w.wait_counter_above(last);
+    let after = w.counters();
+    let first_new = after.iter().skip_while(|&&c| c != last).nth(1).copied();
+    assert_eq!(first_new, Some(last + 1), "the counter continued: {:?}", &after[after.len().saturating_sub(10)..]);
+    assert_ne!(w.status()["pid"].as_u64(), Some(pid), "restored by a new VMM");
+    w.stop_daemon();
+}
+
 /// `state = "stopped"` presses the ACPI power button; hypeman-init hears
 /// it, sends the app SIGTERM, and powers off long before `stop_grace`.
 #[test]
