@@ -64,13 +64,10 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs
 /// How long in-flight steps get to finish when the daemon stops.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A guest's logs rotate past this size, keeping this many old copies. The
-/// rotation is copytruncate, so a VMM that holds its log open (QEMU's
-/// serial file is opened with append) keeps writing to it.
-const LOG_MAX_BYTES: u64 = 50 << 20;
-const LOG_KEEP: usize = 3;
-
-/// Rotates every guest's app, vmm and hypeman logs that grew too large.
+/// Rotates every guest's app, vmm and hypeman logs that grew past
+/// `max_bytes` (settings `[logs]`), keeping `keep` old copies. The rotation
+/// is copytruncate, so a VMM that holds its log open (QEMU's serial file is
+/// opened with append) keeps writing to it.
 pub fn rotate_logs(store: &Store, max_bytes: u64, keep: usize) {
     let Ok(listing) = store.list() else { return };
     for guest in listing.guests {
@@ -123,7 +120,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
             _ = resync.tick() => {
                 reconciler.nudge_all();
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || rotate_logs(&store, LOG_MAX_BYTES, LOG_KEEP));
+                let logs = cfg.settings.logs.clone();
+                tokio::task::spawn_blocking(move || rotate_logs(&store, logs.max_size.bytes(), logs.keep));
             }
         }
     }

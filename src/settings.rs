@@ -96,6 +96,27 @@ pub struct ReconcileSettings {
     pub health_interval: Duration,
 }
 
+/// Size-based rotation of each guest's logs (copytruncate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// A log rotates once it is larger than this.
+    pub max_size: ByteSize,
+    /// Rotated copies kept (`app.log.1` … `app.log.N`); 0 only truncates.
+    pub keep: usize,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { max_size: ByteSize(50 * ByteSize::MIB), keep: 3 }
+    }
+}
+
+/// The smallest `logs.max_size`: rotation is checked once per resync, and
+/// a smaller log would be rotated before anyone could read it.
+const MIN_LOG_SIZE: ByteSize = ByteSize(ByteSize::MIB);
+/// The most rotated copies kept per log.
+const MAX_LOG_KEEP: i64 = 100;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// The settings file, when one exists.
@@ -112,6 +133,7 @@ pub struct Settings {
     pub cloud_hypervisor: CloudHypervisorSettings,
     pub limits: Limits,
     pub reconcile: ReconcileSettings,
+    pub logs: LogSettings,
 }
 
 /// The settings file's name inside the config dir.
@@ -194,6 +216,7 @@ impl Settings {
             },
             limits: Limits::default(),
             reconcile: ReconcileSettings::default(),
+            logs: LogSettings::default(),
         }
     }
 
@@ -388,6 +411,7 @@ impl Settings {
         };
         let limits = limits(&mut p, &raw.limits);
         let reconcile = reconcile(&mut p, &raw.reconcile);
+        let logs = logs(&mut p, &raw.logs);
 
         p.finish(Settings {
             source: Some(path.to_path_buf()),
@@ -400,6 +424,7 @@ impl Settings {
             cloud_hypervisor,
             limits,
             reconcile,
+            logs,
         })
     }
 }
@@ -520,6 +545,35 @@ fn limits(p: &mut Problems<'_>, raw: &RawLimits) -> Limits {
     }
 }
 
+fn logs(p: &mut Problems<'_>, raw: &RawLogs) -> LogSettings {
+    let defaults = LogSettings::default();
+    let max_size = match &raw.max_size {
+        None => defaults.max_size,
+        Some(s) => match s.get_ref().size() {
+            Ok(bytes) if bytes >= MIN_LOG_SIZE.0 => ByteSize(bytes),
+            Ok(_) => {
+                p.value("logs.max_size", s.span(), format!("must be at least {MIN_LOG_SIZE}"));
+                defaults.max_size
+            }
+            Err(e) => {
+                p.value("logs.max_size", s.span(), e);
+                defaults.max_size
+            }
+        },
+    };
+    let keep = match &raw.keep {
+        None => defaults.keep,
+        Some(k) => match usize::try_from(k.get_ref().0) {
+            Ok(n) if k.get_ref().0 <= MAX_LOG_KEEP => n,
+            _ => {
+                p.value("logs.keep", k.span(), format!("must be between 0 and {MAX_LOG_KEEP}"));
+                defaults.keep
+            }
+        },
+    };
+    LogSettings { max_size, keep }
+}
+
 /// A humantime error as one sentence a user can act on: its position
 /// messages ("expected number at 0") mean nothing without the parser's view.
 fn duration_problem(e: &humantime::DurationError) -> String {
@@ -615,6 +669,15 @@ struct RawSettings {
     limits: RawLimits,
     #[serde(default)]
     reconcile: RawReconcile,
+    #[serde(default)]
+    logs: RawLogs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    max_size: Option<Spanned<RawQuantity>>,
+    keep: Option<Spanned<RawInt>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -767,6 +830,15 @@ mod tests {
                 health_interval: Duration::from_secs(5),
             }
         );
+        assert_eq!(d.logs, LogSettings { max_size: ByteSize(50 << 20), keep: 3 });
+    }
+
+    #[test]
+    fn log_rotation_limits_are_settings() {
+        let s = parse("[logs]\nmax_size = \"1GiB\"\nkeep = 0\n").unwrap();
+        assert_eq!(s.logs, LogSettings { max_size: ByteSize(1 << 30), keep: 0 });
+        let s = parse("[logs]\nkeep = 100\n").unwrap();
+        assert_eq!(s.logs, LogSettings { max_size: ByteSize(50 << 20), keep: 100 });
     }
 
     #[test]
@@ -882,6 +954,7 @@ mod tests {
         let defaults = Settings::defaults();
         assert_eq!(settings.limits, defaults.limits);
         assert_eq!(settings.reconcile, defaults.reconcile);
+        assert_eq!(settings.logs, defaults.logs);
         assert_eq!(settings.qemu, defaults.qemu);
         assert_eq!(settings.data_dir, defaults.data_dir);
 
@@ -967,6 +1040,9 @@ mod tests {
                 "bad durations",
                 "[reconcile]\nresync_interval = \"0s\"\ndebounce = \"soon\"\nbackoff_initial = \"10\"\nstop_grace = \"-1s\"\n",
             ),
+            ("bad log rotation", "[logs]\nmax_size = \"512KiB\"\nkeep = -1\n"),
+            ("log rotation over the limits", "[logs]\nmax_size = \"1GB\"\nkeep = 101\n"),
+            ("unknown key in [logs]", "[logs]\nmax_files = 3\n"),
             ("backoff max below initial", "[reconcile]\nbackoff_initial = \"10s\"\nbackoff_max = \"5s\"\n"),
             ("backoff initial above the default max", "[reconcile]\nbackoff_initial = \"10m\"\n"),
         ];

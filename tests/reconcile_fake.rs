@@ -379,3 +379,79 @@ async fn unresponsive_vmm_is_unknown_and_only_delete_clears_it() {
     assert_eq!(env.fake.live_vmms(), 0);
     env.stop().await;
 }
+
+/// The console line init prints when the app ends, as the guest would
+/// leave it in `app.log`.
+fn console_exit(env: &Env, name: &str, status: i32) {
+    let meta = env.store().find_by_name(name).unwrap().expect("guest exists");
+    let log = env.store().guest_paths(meta.id).app_log;
+    let text = format!("hypeman-init: starting (version 0.1.0)\r\nwork\r\nhypeman-init: app exited with status {status}\r\nhypeman-init: powering off\r\n");
+    std::fs::write(log, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_restart_policy_follows_the_declaration() {
+    let mut env = Env::new();
+    env.start();
+    env.write("job", &format!("{}restart = \"on-failure\"\n", decl("running", "256MiB")));
+    env.wait_for("job", VmState::Running).await;
+
+    // Exit 1 is a failure: booted again.
+    console_exit(&env, "job", 1);
+    env.fake.guest_exit(&env.socket("job"));
+    assert!(env.fake.wait_for_calls(Op::Create, 2, WAIT).await, "restarted after exit 1");
+    env.wait_for("job", VmState::Running).await;
+
+    // Exit 0 is not: the VMM goes, the instance stays Stopped and says why.
+    console_exit(&env, "job", 0);
+    env.fake.guest_exit(&env.socket("job"));
+    env.wait_for("job", VmState::Stopped).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let meta = loop {
+        let meta = env.store().find_by_name("job").unwrap().unwrap();
+        if meta.last_error.is_some() {
+            break meta;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the exit never showed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(meta.last_error.as_deref(), Some("the app exited with status 0; restart = \"on-failure\" leaves it stopped"));
+    assert_eq!(meta.exited.map(|e| e.end), Some(hypeman::exit::GuestEnd::Exited { status: 0 }));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.fake.live_vmms(), 0);
+    assert_eq!(env.fake.vmms_started(), 2, "not booted a third time");
+
+    // `always` in the declaration: it boots again, without a config change.
+    env.write("job", &format!("{}restart = \"always\"\n", decl("running", "256MiB")));
+    assert!(env.fake.wait_for_calls(Op::Create, 3, WAIT).await, "booted after the policy changed");
+    env.wait_for("job", VmState::Running).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_logs_rotate_at_the_configured_size() {
+    let mut env = Env::new();
+    let settings = Arc::get_mut(&mut env.settings).expect("not shared before start");
+    settings.logs.max_size = hypeman::declaration::spec::ByteSize(1 << 20);
+    settings.logs.keep = 1;
+    env.start();
+    env.write("chatty", &decl("running", "256MiB"));
+    env.wait_for("chatty", VmState::Running).await;
+    let meta = env.store().find_by_name("chatty").unwrap().unwrap();
+    let app = env.store().guest_paths(meta.id).app_log;
+    std::fs::write(&app, vec![b'x'; (1 << 20) + 1]).unwrap();
+    let rotated = app.with_extension("log.1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !rotated.exists() {
+        assert!(tokio::time::Instant::now() < deadline, "never rotated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(std::fs::metadata(&rotated).unwrap().len(), (1 << 20) + 1);
+    assert!(std::fs::metadata(&app).unwrap().len() < 1 << 20, "truncated in place");
+    // Under the limit: left alone, and keep = 1 keeps no `.2`.
+    std::fs::write(&app, vec![b'y'; 1 << 20]).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(std::fs::metadata(&app).unwrap().len(), 1 << 20);
+    assert!(!app.with_extension("log.2").exists());
+    env.stop().await;
+}
