@@ -299,11 +299,21 @@ fn daemon_killed_during_standby_converges_on_restart() {
 }
 
 /// `state = "stopped"` presses the ACPI power button; hypeman-init hears
-/// it, sends the app SIGTERM, and powers off long before `stop_grace`.
+/// it, sends the app SIGTERM, and powers off long before `stop_grace`. On
+/// microvm (GED power button) and on q35 (ACPI fixed power button, chosen
+/// for an instance with hotplug memory).
 #[test]
 fn stop_is_graceful_the_app_gets_sigterm_and_no_kill_is_needed() {
     let Some((kernel_dir, init)) = gate() else { return };
-    let mut w = World::new(&kernel_dir, &init);
+    for (machine, extra) in [("microvm", ""), ("q35", "hotplug_memory = \"128MiB\"\n")] {
+        eprintln!("--- {machine} ---");
+        graceful_stop(&kernel_dir, &init, extra);
+    }
+}
+
+fn graceful_stop(kernel_dir: &Path, init: &Path, extra: &str) {
+    let mut w = World::new(kernel_dir, init);
+    w.extra = extra.into();
     let grace = Duration::from_secs(30);
     w.reconcile_setting("stop_grace", "\"30s\"");
     w.script = format!("trap 'echo APP GOT TERM; exit 0' TERM; {COUNTER}");
