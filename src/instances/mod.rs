@@ -386,7 +386,9 @@ impl Instances {
             return Err(InstanceError::NoVmm { step: Step::Restore.to_string() });
         };
         let backend = self.backend(meta.hypervisor)?;
+        let started = std::time::Instant::now();
         let config = self.provisioner.prepare(spec, paths, meta).await?;
+        tracing::debug!(instance = %meta.name, prepare_ms = started.elapsed().as_millis() as u64, "disks ready for the restore");
         let version = backend
             .version()
             .await

@@ -47,6 +47,8 @@ const LAUNCH_VERSION: u32 = 1;
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a freshly spawned QEMU may take to open its QMP socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a starting QEMU's QMP socket is tried.
+const LAUNCH_POLL: Duration = Duration::from_millis(5);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// `migrate-set-parameters max-bandwidth`: 10 GiB/s, so a local save is
@@ -280,7 +282,9 @@ impl QemuBackend {
                     tracing::warn!(error = %e, "QEMU did not open its QMP socket");
                     return Err(HypervisorError::Timeout { op, secs: START_TIMEOUT.as_secs() });
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                // QEMU opens the socket some 50 ms after exec under TCG; a
+                // coarse poll would add up to its interval to every restore.
+                Err(_) => tokio::time::sleep(LAUNCH_POLL).await,
             }
         }
     }
@@ -479,12 +483,19 @@ impl Hypervisor for QemuBackend {
         let mut args = record.argv.clone();
         args.extend(["-incoming".to_string(), "defer".to_string()]);
         record.write(&guest.guest_dir.join(LAUNCH_FILE)).map_err(backend(op))?;
+        let started = Instant::now();
         let (handle, mut c) = self.launch(guest, &args, op).await?;
+        let launched = started.elapsed();
         if let Err(e) = self.restore_into(&mut c, &handle, dir).await {
             self.kill_quietly(pid_of(&handle)).await;
             return Err(e);
         }
-        tracing::info!(pid = handle.pid, "QEMU restored the VM, paused");
+        tracing::info!(
+            pid = handle.pid,
+            launch_ms = launched.as_millis() as u64,
+            incoming_ms = (started.elapsed() - launched).as_millis() as u64,
+            "QEMU restored the VM, paused"
+        );
         Ok(handle)
     }
 
