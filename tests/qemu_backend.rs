@@ -237,8 +237,9 @@ async fn a_guest_that_powers_off_ends_qemu_and_kill_is_final() {
     let h = qemu.create(&guest, &config).await.expect("create");
     qemu.boot(&h).await.expect("boot");
     wait_counter(&config.serial_log, 0, Duration::from_secs(60)).await.expect("COUNTER");
-    // The ACPI button press is delivered; hypeman-init does not act on it
-    // yet, so the guest powers off when its app exits.
+    // The ACPI button press reaches hypeman-init, which stops the app (no
+    // TERM trap here, so SIGTERM ends it) and powers the guest off.
+    let pressed = Instant::now();
     qemu.power_off(&h).await.expect("power_off");
     let gone = hypeman::hypervisor::process::wait_gone(
         hypeman::hypervisor::process::ProcessId { pid: h.pid, start_time: h.pid_start_time },
@@ -246,8 +247,11 @@ async fn a_guest_that_powers_off_ends_qemu_and_kill_is_final() {
     )
     .await;
     let console = std::fs::read_to_string(&config.serial_log).unwrap_or_default();
-    assert!(gone, "QEMU still runs 30 s after the app should have exited; console:\n{console}");
-    assert!(console.contains("COUNTER 15"), "{console}");
+    assert!(gone, "QEMU still runs 30 s after the power button; console:\n{console}");
+    assert!(pressed.elapsed() < Duration::from_secs(10), "the guest took {:?} to power off", pressed.elapsed());
+    assert!(console.contains("hypeman-init: power button pressed, stopping app (SIGTERM)"), "{console}");
+    assert!(console.contains("hypeman-init: app was killed by signal 15 (SIGTERM)"), "{console}");
+    assert!(!console.contains("COUNTER 15"), "the app ran to its end instead of stopping: {console}");
     assert_eq!(qemu.probe(&guest).await, Probe::Absent);
     assert!(matches!(qemu.boot(&h).await, Err(hypeman::hypervisor::HypervisorError::VmmGone { .. })));
 
