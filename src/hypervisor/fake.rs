@@ -351,7 +351,13 @@ impl FakeHypervisor {
             let pid = w.next_pid;
             w.vmms.insert(
                 guest.socket.clone(),
-                FakeVmm { pid, state, config: config.clone(), memory_actual: config.memory_bytes, unresponsive: false },
+                FakeVmm {
+                    pid,
+                    state,
+                    config: config.clone(),
+                    memory_actual: config.memory_bytes + config.hotplug_memory_bytes,
+                    unresponsive: false,
+                },
             );
             Ok(VmmHandle {
                 pid,
@@ -373,6 +379,11 @@ struct FakeSnapshot {
 impl Hypervisor for FakeHypervisor {
     fn kind(&self) -> HypervisorKind {
         self.kind
+    }
+
+    /// Like Cloud Hypervisor: all hotplug memory is plugged at boot.
+    fn running_memory_bytes(&self, memory_bytes: u64, hotplug_memory_bytes: u64) -> u64 {
+        memory_bytes + hotplug_memory_bytes
     }
 
     async fn version(&self) -> Result<String, HypervisorError> {
@@ -552,6 +563,7 @@ mod tests {
             net: None,
             devices: vec![],
             serial_log: "/app.log".into(),
+            vsock: None,
         }
     }
 

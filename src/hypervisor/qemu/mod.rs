@@ -22,6 +22,7 @@ pub mod qmp;
 
 use self::argv::{argv, Accelerator, LaunchPaths, Machine, VIRTIO_MEM_ID};
 use self::qmp::{QmpClient, QmpError};
+use super::launch::{self, LaunchError};
 use super::process::{self, ProcessId};
 use super::{
     DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
@@ -69,18 +70,8 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a launch record")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("launch record unusable")]
+    Launch(#[from] LaunchError),
     #[error("the launch record of {path} names another configuration")]
     ConfigMismatch { path: PathBuf },
     #[error("cannot run {binary} --version")]
@@ -108,20 +99,11 @@ pub struct LaunchRecord {
 
 impl LaunchRecord {
     fn read(path: &Path) -> Result<LaunchRecord, QemuError> {
-        let bytes = std::fs::read(path).map_err(|source| QemuError::Read { path: path.to_path_buf(), source })?;
-        serde_json::from_slice(&bytes).map_err(|source| QemuError::Parse { path: path.to_path_buf(), source })
+        Ok(launch::read(path)?)
     }
 
-    /// Temp file, fsync, rename: a crash leaves the old record or the new.
     fn write(&self, path: &Path) -> Result<(), QemuError> {
-        use std::io::Write;
-        let err = |source| QemuError::Write { path: path.to_path_buf(), source };
-        let json = serde_json::to_vec_pretty(self)
-            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&json).and_then(|()| f.sync_all()).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        Ok(launch::write(path, self)?)
     }
 }
 
@@ -170,17 +152,11 @@ fn backend(op: &'static str) -> impl Fn(QemuError) -> HypervisorError {
 }
 
 fn pid_of(vmm: &VmmHandle) -> ProcessId {
-    ProcessId { pid: vmm.pid, start_time: vmm.pid_start_time }
+    vmm.process_id()
 }
 
 fn guest_dir(socket: &Path) -> Result<&Path, QemuError> {
     socket.parent().ok_or(QemuError::NoGuestDir)
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(5).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 pub struct QemuBackend {
@@ -271,7 +247,7 @@ impl QemuBackend {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if !process::is_alive(id) {
-                return Err(backend(op)(QemuError::ExitedEarly { log_tail: log_tail(&guest.vmm_log) }));
+                return Err(backend(op)(QemuError::ExitedEarly { log_tail: process::log_tail(&guest.vmm_log) }));
             }
             match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
                 Ok(c) => return Ok((handle, c)),
@@ -286,8 +262,7 @@ impl QemuBackend {
     }
 
     async fn kill_quietly(&self, id: ProcessId) {
-        process::signal(id, nix::sys::signal::Signal::SIGKILL);
-        process::wait_gone(id, EXIT_TIMEOUT).await;
+        process::kill(id, EXIT_TIMEOUT).await;
     }
 
     /// Polls `query-migrate` until it completes or fails.
@@ -331,6 +306,11 @@ impl QemuBackend {
 impl Hypervisor for QemuBackend {
     fn kind(&self) -> HypervisorKind {
         HypervisorKind::Qemu
+    }
+
+    /// The virtio-mem device starts with nothing plugged (`requested-size=0`).
+    fn running_memory_bytes(&self, memory_bytes: u64, _hotplug_memory_bytes: u64) -> u64 {
+        memory_bytes
     }
 
     async fn version(&self) -> Result<String, HypervisorError> {
@@ -392,6 +372,9 @@ impl Hypervisor for QemuBackend {
 
     async fn create(&self, guest: &GuestVmm, config: &VmConfig) -> Result<VmmHandle, HypervisorError> {
         let op = "create";
+        if config.vsock.is_some() {
+            return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "vsock" });
+        }
         if Machine::for_config(config) == Machine::Microvm && !config.devices.is_empty() {
             return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "PCI passthrough on microvm" });
         }
@@ -507,9 +490,7 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        let id = pid_of(vmm);
-        process::signal(id, nix::sys::signal::Signal::SIGKILL);
-        if !process::wait_gone(id, EXIT_TIMEOUT).await {
+        if !process::kill(pid_of(vmm), EXIT_TIMEOUT).await {
             return Err(HypervisorError::Timeout { op: "kill", secs: EXIT_TIMEOUT.as_secs() });
         }
         let _ = std::fs::remove_file(&vmm.socket);
@@ -663,6 +644,7 @@ mod tests {
                 net: None,
                 devices: vec![],
                 serial_log: "/app.log".into(),
+                vsock: None,
             },
             argv: vec!["-M".into(), "microvm".into()],
         };
@@ -670,6 +652,6 @@ mod tests {
         record.write(&path).unwrap();
         assert_eq!(LaunchRecord::read(&path).unwrap(), record);
         std::fs::write(&path, "{}").unwrap();
-        assert!(matches!(LaunchRecord::read(&path), Err(QemuError::Parse { .. })));
+        assert!(matches!(LaunchRecord::read(&path), Err(QemuError::Launch(LaunchError::Parse { .. }))));
     }
 }
