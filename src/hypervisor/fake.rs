@@ -201,6 +201,11 @@ impl FakeHypervisor {
         self.peek(|w| w.vmms.get(socket).map(|v| v.config.clone()))
     }
 
+    /// The guest memory plugged in the VM on `socket`.
+    pub fn memory_of(&self, socket: &Path) -> Option<u64> {
+        self.peek(|w| w.vmms.get(socket).map(|v| v.memory_actual))
+    }
+
     pub fn live_vmms(&self) -> usize {
         self.peek(|w| w.vmms.len())
     }
