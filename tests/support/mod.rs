@@ -5,6 +5,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod daemon;
 pub mod fake_ch;
 
 use std::path::{Path, PathBuf};

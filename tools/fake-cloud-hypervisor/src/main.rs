@@ -10,11 +10,15 @@
 //! - `FAKE_CH_VERSION` (`53.0.0`): the version it claims and behaves as;
 //! - `FAKE_CH_SNAPSHOT_DELAY_MS`, `FAKE_CH_PREFAULT_MS`, `FAKE_CH_RESIZE_MS`;
 //! - `FAKE_CH_NO_USERFAULTFD=1`: on-demand restores are refused;
-//! - `FAKE_CH_IGNORE_POWER_BUTTON=1`.
+//! - `FAKE_CH_IGNORE_POWER_BUTTON=1`;
+//! - `FAKE_CH_AUDIT_LOG`: a file every log line is also appended to, so a
+//!   test can read what all its VMMs were asked after their guest
+//!   directories are gone.
 
 use fake_cloud_hypervisor::openapi::OpenApi;
 use fake_cloud_hypervisor::server::{self, Ended, Shared};
 use fake_cloud_hypervisor::vmm::{Options, Version};
+use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,7 +90,17 @@ fn run() -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(100));
         ticker.vmm.lock().expect("poisoned").tick();
     });
-    let ended = server::serve(&listener, &shared, &spec, &|line| eprintln!("{line}"));
+    let audit = std::env::var_os("FAKE_CH_AUDIT_LOG")
+        .map(|p| std::fs::OpenOptions::new().create(true).append(true).open(&p))
+        .transpose()
+        .map_err(|e| format!("cannot open FAKE_CH_AUDIT_LOG: {e}"))?;
+    let log = |line: &str| {
+        eprintln!("{line}");
+        if let Some(mut f) = audit.as_ref() {
+            let _ = writeln!(f, "[{}] {line}", opts.pid);
+        }
+    };
+    let ended = server::serve(&listener, &shared, &spec, &log);
     if ended == Ended::Exit {
         eprintln!("fake-cloud-hypervisor exiting");
     }
