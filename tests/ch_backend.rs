@@ -76,6 +76,19 @@ impl Guest {
         }
     }
 
+    /// Creates, boots and pauses a VM of `cfg`, snapshots it into a new
+    /// `snap` directory and ends its VMM, as a standby does.
+    async fn standby(&self, cfg: &VmConfig) -> PathBuf {
+        let h = self.backend.create(&self.vmm(None), cfg).await.unwrap();
+        self.backend.boot(&h).await.unwrap();
+        self.backend.pause(&h).await.unwrap();
+        let snap = self.dir.join("snap");
+        std::fs::create_dir(&snap).unwrap();
+        self.backend.snapshot(&h, &snap).await.unwrap();
+        self.backend.shutdown_vmm(&h).await.unwrap();
+        snap
+    }
+
     fn vmm_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("logs/vmm.log")).unwrap_or_default()
     }
@@ -202,13 +215,7 @@ async fn an_empty_vmm_is_shutdown_and_replaced_by_create() {
 async fn without_userfaultfd_the_restore_falls_back_to_copy() {
     let g = Guest::new(&[("FAKE_CH_NO_USERFAULTFD", "1")]);
     let cfg = g.config(0);
-    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
-    g.backend.boot(&h).await.unwrap();
-    g.backend.pause(&h).await.unwrap();
-    let snap = g.dir.join("snap");
-    std::fs::create_dir(&snap).unwrap();
-    g.backend.snapshot(&h, &snap).await.unwrap();
-    g.backend.shutdown_vmm(&h).await.unwrap();
+    let snap = g.standby(&cfg).await;
     let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
     assert_eq!(probe_state(&g, Some(&h2)).await, Some((h2.pid, VmState::Paused)));
     let log = g.vmm_log();
@@ -225,13 +232,7 @@ async fn without_userfaultfd_the_restore_falls_back_to_copy() {
 async fn a_snapshot_waits_out_the_v53_prefault() {
     let g = Guest::new(&[("FAKE_CH_PREFAULT_MS", "600")]);
     let cfg = g.config(0);
-    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
-    g.backend.boot(&h).await.unwrap();
-    g.backend.pause(&h).await.unwrap();
-    let snap = g.dir.join("snap");
-    std::fs::create_dir(&snap).unwrap();
-    g.backend.snapshot(&h, &snap).await.unwrap();
-    g.backend.shutdown_vmm(&h).await.unwrap();
+    let snap = g.standby(&cfg).await;
     let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
     g.backend.resume(&h2).await.unwrap();
     g.backend.pause(&h2).await.unwrap();

@@ -231,3 +231,47 @@ impl Backends {
         }
     }
 }
+
+/// Checks every real backend passes without a VMM binary: how it treats a
+/// stale socket, a socket that never answers, and a VMM that is gone.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    fn guest(dir: &Path, socket: &str) -> GuestVmm {
+        GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join(socket), vmm_log: dir.join("vmm.log"), recorded: None }
+    }
+
+    /// A socket file nobody listens on is absent, and is removed.
+    pub async fn stale_socket_is_absent(hv: &dyn Hypervisor, socket: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = guest(dir.path(), socket);
+        drop(std::os::unix::net::UnixListener::bind(&g.socket).unwrap());
+        assert_eq!(hv.probe(&g).await, Probe::Absent);
+        assert!(!g.socket.exists());
+        assert_eq!(hv.probe(&g).await, Probe::Absent);
+    }
+
+    /// A socket that accepts but never answers is unreachable, with a
+    /// reason that contains `why`, and is left alone.
+    pub async fn silent_socket_is_unreachable(hv: &dyn Hypervisor, socket: &str, why: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = guest(dir.path(), socket);
+        let _listener = tokio::net::UnixListener::bind(&g.socket).unwrap();
+        let probe = hv.probe(&g).await;
+        assert!(matches!(&probe, Probe::Unreachable { reason } if reason.contains(why)), "{probe:?}");
+        assert!(g.socket.exists(), "a live socket must not be removed");
+    }
+
+    /// Calls on a VMM whose process is gone say so; killing it is done;
+    /// a missing binary has no version.
+    pub async fn gone_vmm_is_vmm_gone(hv: &dyn Hypervisor, socket: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let h = VmmHandle { pid: u32::MAX - 1, pid_start_time: 1, socket: dir.path().join(socket), version: None };
+        assert!(matches!(hv.boot(&h).await, Err(HypervisorError::VmmGone { .. })));
+        assert!(matches!(hv.shutdown_vmm(&h).await, Err(HypervisorError::VmmGone { .. })));
+        hv.kill(&h).await.expect("killing a gone VMM is done");
+        let err = hv.version().await.unwrap_err();
+        assert!(matches!(err, HypervisorError::Backend { op: "version", .. }), "{err:?}");
+    }
+}

@@ -577,42 +577,13 @@ mod tests {
         }
     }
 
-    fn guest(dir: &Path) -> GuestVmm {
-        GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join("ch.sock"), vmm_log: dir.join("vmm.log"), recorded: None }
-    }
-
     #[tokio::test]
-    async fn probe_of_a_stale_socket_is_absent_and_removes_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = guest(dir.path());
-        drop(std::os::unix::net::UnixListener::bind(&g.socket).unwrap());
+    async fn conformance_without_a_vmm() {
+        use crate::hypervisor::conformance::*;
         let ch = CloudHypervisorBackend::new("/nonexistent/cloud-hypervisor".into());
-        assert_eq!(ch.probe(&g).await, Probe::Absent);
-        assert!(!g.socket.exists());
-        assert_eq!(ch.probe(&g).await, Probe::Absent);
-    }
-
-    #[tokio::test]
-    async fn probe_of_a_socket_that_never_answers_is_unreachable() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = guest(dir.path());
-        let _listener = tokio::net::UnixListener::bind(&g.socket).unwrap();
-        let ch = CloudHypervisorBackend::new("/nonexistent/cloud-hypervisor".into());
-        let probe = ch.probe(&g).await;
-        assert!(matches!(&probe, Probe::Unreachable { reason } if reason.contains("vmm.ping")), "{probe:?}");
-        assert!(g.socket.exists(), "a live socket must not be removed");
-    }
-
-    #[tokio::test]
-    async fn calls_on_a_dead_vmm_are_vmm_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let ch = CloudHypervisorBackend::new("/nonexistent/cloud-hypervisor".into());
-        let h = VmmHandle { pid: u32::MAX - 1, pid_start_time: 1, socket: dir.path().join("ch.sock"), version: None };
-        assert!(matches!(ch.boot(&h).await, Err(HypervisorError::VmmGone { .. })));
-        assert!(matches!(ch.shutdown_vmm(&h).await, Err(HypervisorError::VmmGone { .. })));
-        ch.kill(&h).await.expect("killing a gone VMM is done");
-        let err = ch.version().await.unwrap_err();
-        assert!(matches!(err, HypervisorError::Backend { op: "version", .. }), "{err:?}");
+        stale_socket_is_absent(&ch, "ch.sock").await;
+        silent_socket_is_unreachable(&ch, "ch.sock", "vmm.ping").await;
+        gone_vmm_is_vmm_gone(&ch, "ch.sock").await;
     }
 
     #[test]

@@ -590,42 +590,13 @@ mod tests {
         }
     }
 
-    fn guest(dir: &Path) -> GuestVmm {
-        GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join("qmp.sock"), vmm_log: dir.join("vmm.log"), recorded: None }
-    }
-
     #[tokio::test]
-    async fn probe_of_a_stale_socket_is_absent_and_removes_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = guest(dir.path());
-        drop(std::os::unix::net::UnixListener::bind(&g.socket).unwrap());
+    async fn conformance_without_a_vmm() {
+        use crate::hypervisor::conformance::*;
         let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
-        assert_eq!(qemu.probe(&g).await, Probe::Absent);
-        assert!(!g.socket.exists());
-        assert_eq!(qemu.probe(&g).await, Probe::Absent);
-    }
-
-    #[tokio::test]
-    async fn probe_of_a_socket_that_never_greets_is_unreachable() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = guest(dir.path());
-        let _listener = tokio::net::UnixListener::bind(&g.socket).unwrap();
-        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
-        let probe = qemu.probe(&g).await;
-        assert!(matches!(&probe, Probe::Unreachable { reason } if reason.contains("greeting")), "{probe:?}");
-        assert!(g.socket.exists(), "a live socket must not be removed");
-    }
-
-    #[tokio::test]
-    async fn calls_on_a_dead_vmm_are_vmm_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
-        let h = VmmHandle { pid: u32::MAX - 1, pid_start_time: 1, socket: dir.path().join("qmp.sock"), version: None };
-        assert!(matches!(qemu.boot(&h).await, Err(HypervisorError::VmmGone { .. })));
-        assert!(matches!(qemu.shutdown_vmm(&h).await, Err(HypervisorError::VmmGone { .. })));
-        qemu.kill(&h).await.expect("killing a gone VMM is done");
-        let err = qemu.version().await.unwrap_err();
-        assert!(matches!(err, HypervisorError::Backend { op: "version", .. }), "{err:?}");
+        stale_socket_is_absent(&qemu, "qmp.sock").await;
+        silent_socket_is_unreachable(&qemu, "qmp.sock", "greeting").await;
+        gone_vmm_is_vmm_gone(&qemu, "qmp.sock").await;
     }
 
     #[test]
