@@ -199,10 +199,12 @@ async fn an_empty_vmm_is_shutdown_and_replaced_by_create() {
     let socket = g.dir.join("ch.sock");
     let args = vec!["--api-socket".to_string(), format!("path={}", socket.display())];
     let empty = process::spawn_detached(&g.binary, &args, &g.dir.join("logs/vmm.log")).unwrap();
+    // Listening, not merely bound: the socket file appears a moment before.
+    let client = hypeman::hypervisor::cloud_hypervisor::client::ApiClient::new(&socket);
     let t0 = Instant::now();
-    while !socket.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(10));
+    while client.ping().await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the empty VMM never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(probe_state(&g, None).await, Some((empty.pid, VmState::Shutdown)));
     let h = g.backend.create(&g.vmm(None), &g.config(0)).await.unwrap();
