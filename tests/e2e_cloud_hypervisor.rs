@@ -151,3 +151,28 @@ fn a_daemon_killed_mid_standby_is_finished_by_the_next() {
     w.stop_daemon();
     assert_no_violations(&w);
 }
+
+/// A snapshot taken by another Cloud Hypervisor version is not restored:
+/// the instance cold-boots and the log says why.
+#[test]
+fn a_snapshot_from_another_version_cold_boots() {
+    let mut w = world(&[]);
+    w.patience = Duration::from_secs(30);
+    w.start();
+    w.declare("standby");
+    w.wait("Standby");
+    w.stop_daemon();
+    let audit_log = w.tmp.path().join("audit.log").display().to_string();
+    support::fake_ch::wrapper(w.tmp.path(), &[("FAKE_CH_VERSION", "54.0.0"), ("FAKE_CH_AUDIT_LOG", &audit_log)]);
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    assert!(!audit(&w).iter().any(|l| l.contains("vm.restore")), "no restore was tried");
+    let log = std::fs::read_to_string(w.guest_dir().join("logs/hypeman.log")).unwrap();
+    assert!(
+        log.contains("snapshot cannot be restored (it was taken with cloud-hypervisor 53.0.0, this host has 54.0.0)"),
+        "{log}"
+    );
+    w.stop_daemon();
+    assert_no_violations(&w);
+}

@@ -215,6 +215,18 @@ mod tests {
         assert!(find_by_argument(&marker).is_none());
     }
 
+    #[tokio::test]
+    async fn split_logs_take_stdout_and_stderr_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("app.log"), dir.path().join("vmm.log"));
+        std::fs::write(&out, "before\n").unwrap();
+        let script = "echo to-stdout; echo to-stderr >&2".to_string();
+        let id = spawn_detached_split(Path::new("sh"), &["-c".into(), script], &out, &err).unwrap();
+        assert!(wait_gone(id, Duration::from_secs(5)).await);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "before\nto-stdout\n", "appended, not truncated");
+        assert_eq!(std::fs::read_to_string(&err).unwrap(), "to-stderr\n");
+    }
+
     #[test]
     fn missing_binary_is_a_spawn_error() {
         let dir = tempfile::tempdir().unwrap();
