@@ -40,8 +40,10 @@ let
 
   # Only what cargo needs: a change to the docs, the Nix files or the CI
   # scripts does not rebuild the binaries. `benches/` must be there because
-  # Cargo.toml declares a [[bench]] target; `tests/` and `examples/` keep
-  # `doCheck = true` possible for whoever overrides it.
+  # Cargo.toml declares a [[bench]] target; `tools/` holds a workspace member
+  # (the fake Cloud Hypervisor the tests use), without which cargo cannot
+  # load the workspace; `tests/` and `examples/` keep `doCheck = true`
+  # possible for whoever overrides it.
   src = lib.fileset.toSource {
     root = ../.;
     fileset = lib.fileset.unions [
@@ -50,6 +52,7 @@ let
       ../src
       ../init
       ../benches
+      ../tools
       ../tests
       ../examples
     ];

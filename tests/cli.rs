@@ -117,13 +117,15 @@ fn three_data_dirs(tmp: &Path) -> Result<PathBuf> {
     std::fs::write(
         config.join("hypeman.toml"),
         format!(
-            "data_dir = {:?}\ndefault_hypervisor = \"qemu\"\n",
-            tmp.join("file")
+            "data_dir = {:?}\ndefault_hypervisor = \"qemu\"\n[cloud_hypervisor]\nbinary = {:?}\n",
+            tmp.join("file"),
+            tmp.join("no-such-cloud-hypervisor")
         ),
     )?;
     for which in ["flag", "env", "file"] {
         Store::open(&tmp.join(which))?
-            // Cloud Hypervisor: a backend this build does not have yet.
+            // Cloud Hypervisor, whose binary the settings name but which
+            // is not there.
             .create_guest(&format!("from-{which}"), HypervisorKind::CloudHypervisor)?;
     }
     Ok(config)

@@ -3,26 +3,20 @@
 //! busybox-static), real microVMs. This is the scenario of the NixOS VM test
 //! `vm-tests/`, run on this machine (QEMU TCG instead of KVM).
 //!
-//! Gated like `real_boot`: without `HYPEMAN_REAL_VM=1` it prints why it
-//! skipped; with it, a missing prerequisite is a failure.
+//! The scenario itself lives in `support::daemon`, shared with
+//! `e2e_cloud_hypervisor`. Gated like `real_boot`: without
+//! `HYPEMAN_REAL_VM=1` it prints why it skipped; with it, a missing
+//! prerequisite is a failure.
 
 mod support;
 
-use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";
+use support::daemon::{ok, World, COUNTER};
 
 fn gate() -> Option<(PathBuf, PathBuf)> {
     support::real_vm("the daemon end-to-end test", &["umoci", "mkfs.erofs", "mkfs.ext4"])
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// An OCI layout holding busybox and its applet links.
@@ -37,222 +31,23 @@ fn busybox_image(work: &Path) -> String {
     format!("oci:{image}")
 }
 
-struct World {
-    _tmp: tempfile::TempDir,
-    config: PathBuf,
-    data: PathBuf,
-    image: String,
-    memory: String,
-    /// The app's `sh -c` script.
-    script: String,
-    /// More declaration lines.
-    extra: String,
-    daemon: Option<Child>,
-}
-
-impl World {
-    fn new(kernel_dir: &Path, init: &Path) -> World {
-        let tmp = tempfile::tempdir().unwrap();
-        let config = tmp.path().join("etc");
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(config.join("instances")).unwrap();
-        std::fs::write(
-            config.join("hypeman.toml"),
-            format!(
-                "default_hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\nmodules_dir = \"{}\"\ninit = \"{}\"\n\
-                 [qemu]\naccel = \"tcg\"\n[reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
-                 backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
-                kernel_dir.join("vmlinuz").display(),
-                kernel_dir.join("lib/modules").display(),
-                init.display()
-            ),
-        )
-        .unwrap();
-        let image = busybox_image(tmp.path());
-        World { _tmp: tmp, config, data, image, memory: "256MiB".into(), script: COUNTER.into(), extra: String::new(), daemon: None }
-    }
-
-    /// Replaces `key = …` in the `[reconcile]` settings (before `start`).
-    fn reconcile_setting(&self, key: &str, value: &str) {
-        let path = self.config.join("hypeman.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let text: Vec<String> = text
-            .lines()
-            .map(|l| if l.starts_with(&format!("{key} =")) { format!("{key} = {value}") } else { l.to_string() })
-            .collect();
-        std::fs::write(&path, text.join("\n") + "\n").unwrap();
-    }
-
-    fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self._tmp.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    fn hypeman(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hypeman"));
-        c.arg("--config-dir").arg(&self.config).arg("--data-dir").arg(&self.data);
-        c.env_remove("HYPEMAN_CONFIG_DIR").env_remove("HYPEMAN_DATA_DIR");
-        c
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self._tmp.path().join("daemon.log")).unwrap();
-        let child = self
-            .hypeman()
-            .arg("daemon")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the daemon");
-        self.daemon = Some(child);
-    }
-
-    /// SIGKILL: nothing orderly happens.
-    fn kill_daemon(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn stop_daemon(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let _ = c.wait();
-        }
-    }
-
-    fn declare(&self, state: &str) {
-        let body = format!("image = \"{}\"\nstate = \"{state}\"\nmemory = \"{}\"\ncmd = [\"sh\", \"-c\", \"{}\"]\n{}", self.image, self.memory, self.script, self.extra);
-        let dir = self.config.join("instances");
-        std::fs::write(dir.join(".counter.tmp"), body).unwrap();
-        std::fs::rename(dir.join(".counter.tmp"), dir.join("counter.toml")).unwrap();
-    }
-
-    fn status(&self) -> Value {
-        let out = ok(self.hypeman().args(["status", "counter", "--json"]));
-        serde_json::from_str(&out).unwrap()
-    }
-
-    fn wait(&self, state: &str) {
-        let out = self.hypeman().args(["wait", "counter", "--state", state, "--timeout", "90s"]).output().unwrap();
-        if !out.status.success() {
-            let log = std::fs::read_to_string(self._tmp.path().join("daemon.log")).unwrap_or_default();
-            panic!(
-                "counter never became {state}: {}\n--- daemon log tail ---\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-    }
-
-    fn guest_dir(&self) -> PathBuf {
-        let id = self.status()["id"].as_str().expect("created").to_string();
-        self.data.join("guests").join(id)
-    }
-
-    fn counters(&self) -> Vec<u64> {
-        // Not provisioned yet: no log, no lines.
-        let Some(id) = self.status()["id"].as_str().map(str::to_string) else { return Vec::new() };
-        let log = std::fs::read_to_string(self.data.join("guests").join(id).join("logs/app.log")).unwrap_or_default();
-        log.lines().filter_map(|l| l.trim().strip_prefix("COUNTER ")?.trim().parse().ok()).collect()
-    }
-
-    fn wait_counter_above(&self, n: u64) -> Duration {
-        let t0 = Instant::now();
-        while self.counters().last().copied().unwrap_or(0) <= n {
-            assert!(t0.elapsed() < Duration::from_secs(90), "counter stuck at {:?}", self.counters().last());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        t0.elapsed()
-    }
-
-    fn qemu_running(&self) -> bool {
-        let sock = self.guest_dir().join("qmp.sock");
-        hypeman::hypervisor::process::find_by_argument(&sock).is_some()
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        self.kill_daemon();
-        // Leave no VM behind, whatever the test did.
-        if let Ok(dir) = std::fs::read_dir(self.data.join("guests")) {
-            for g in dir.flatten() {
-                if let Some(p) = hypeman::hypervisor::process::find_by_argument(&g.path().join("qmp.sock")) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), nix::sys::signal::Signal::SIGKILL);
-                }
-            }
-        }
-    }
+/// The daemon set up for real QEMU guests under TCG.
+fn world(kernel_dir: &Path, init: &Path) -> World {
+    let settings = format!(
+        "default_hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\nmodules_dir = \"{}\"\ninit = \"{}\"\n\
+         [qemu]\naccel = \"tcg\"\n[reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
+         backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
+        kernel_dir.join("vmlinuz").display(),
+        kernel_dir.join("lib/modules").display(),
+        init.display()
+    );
+    World::new("qmp.sock", |tmp| (settings, busybox_image(tmp)))
 }
 
 #[test]
 fn running_standby_restore_stop_delete_through_the_daemon() {
     let Some((kernel_dir, init)) = gate() else { return };
-    let mut w = World::new(&kernel_dir, &init);
-    w.start();
-
-    let t = Instant::now();
-    w.declare("running");
-    w.wait("Running");
-    w.wait_counter_above(3);
-    eprintln!("cold boot: file written → COUNTER 3 in {:.2}s", t.elapsed().as_secs_f64());
-    let pid = w.status()["pid"].as_u64().expect("a live VMM");
-
-    // Standby: no QEMU left, a complete snapshot on disk.
-    let t = Instant::now();
-    w.declare("standby");
-    w.wait("Standby");
-    eprintln!("standby: {:.2}s", t.elapsed().as_secs_f64());
-    assert!(!w.qemu_running(), "standby leaves no VMM");
-    let snap = w.guest_dir().join("snapshots/snapshot-latest");
-    assert!(snap.join("snapshot.json").exists(), "snapshot is complete");
-    let last = *w.counters().last().unwrap();
-
-    // Restore: the counter continues, it does not restart at 1.
-    let t = Instant::now();
-    w.declare("running");
-    w.wait("Running");
-    w.wait_counter_above(last);
-    eprintln!("restore: state edit → next COUNTER in {:.2}s", t.elapsed().as_secs_f64());
-    let after: Vec<u64> = w.counters();
-    let first_new = after.iter().skip_while(|&&c| c != last).nth(1).copied();
-    assert_eq!(first_new, Some(last + 1), "the guest continued where it stopped: {:?}", &after[after.len().saturating_sub(10)..]);
-    assert_ne!(w.status()["pid"].as_u64(), Some(pid), "a new VMM restored it");
-
-    // The daemon killed hard and restarted adopts the VMM: no second QEMU.
-    let pid = w.status()["pid"].as_u64().unwrap();
-    w.kill_daemon();
-    w.start();
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(w.status()["pid"].as_u64(), Some(pid), "the same VMM, adopted");
-    assert_eq!(w.status()["state"], "Running");
-
-    // The VMM killed behind the daemon's back: noticed, brought back.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let t0 = Instant::now();
-    loop {
-        let s = w.status();
-        if s["state"] == "Running" && s["pid"].as_u64().is_some_and(|p| p != pid) {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(90), "never brought back: {s}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-
-    w.declare("stopped");
-    w.wait("Stopped");
-    assert!(!w.qemu_running());
-
-    let dir = w.guest_dir();
-    std::fs::remove_file(w.config.join("instances/counter.toml")).unwrap();
-    let t0 = Instant::now();
-    while dir.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "data never deleted");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    w.stop_daemon();
+    support::daemon::lifecycle(&mut world(&kernel_dir, &init));
 }
 
 /// The daemon killed hard in the middle of going to standby: the restarted
@@ -261,7 +56,7 @@ fn running_standby_restore_stop_delete_through_the_daemon() {
 #[test]
 fn daemon_killed_during_standby_converges_on_restart() {
     let Some((kernel_dir, init)) = gate() else { return };
-    let mut w = World::new(&kernel_dir, &init);
+    let mut w = world(&kernel_dir, &init);
     w.start();
     w.declare("running");
     w.wait("Running");
@@ -281,7 +76,7 @@ fn daemon_killed_during_standby_converges_on_restart() {
 
     w.start();
     w.wait("Standby");
-    assert!(!w.qemu_running(), "standby leaves no VMM");
+    assert!(!w.vmm_running(), "standby leaves no VMM");
     let snap = w.guest_dir().join("snapshots/snapshot-latest");
     assert!(snap.join("snapshot.json").exists(), "snapshot is complete");
     let log = std::fs::read_to_string(&hypeman_log).unwrap();
@@ -312,7 +107,7 @@ fn stop_is_graceful_the_app_gets_sigterm_and_no_kill_is_needed() {
 }
 
 fn graceful_stop(kernel_dir: &Path, init: &Path, extra: &str) {
-    let mut w = World::new(kernel_dir, init);
+    let mut w = world(kernel_dir, init);
     w.extra = extra.into();
     let grace = Duration::from_secs(30);
     w.reconcile_setting("stop_grace", "\"30s\"");
@@ -328,7 +123,7 @@ fn graceful_stop(kernel_dir: &Path, init: &Path, extra: &str) {
     w.wait("Stopped");
     let took = t.elapsed();
     eprintln!("graceful stop: state edit → Stopped in {:.2}s (stop_grace {grace:?})", took.as_secs_f64());
-    assert!(!w.qemu_running(), "no QEMU left");
+    assert!(!w.vmm_running(), "no QEMU left");
 
     let app = std::fs::read_to_string(dir.join("logs/app.log")).unwrap();
     let hypeman = std::fs::read_to_string(dir.join("logs/hypeman.log")).unwrap();
@@ -343,7 +138,7 @@ fn graceful_stop(kernel_dir: &Path, init: &Path, extra: &str) {
     }
     eprintln!("--- app.log tail ---\n{}\n--- hypeman.log tail ---\n{}", tail(&app), tail(&hypeman));
     assert!(!hypeman.contains("killing its VMM"), "the VMM was killed:\n{}", tail(&hypeman));
-    assert!(!w.daemon_log().contains("killing its VMM"), "the VMM was killed");
+    assert!(!w.daemon_log_text().contains("killing its VMM"), "the VMM was killed");
     assert!(took < grace / 2, "stop took {took:?}, not well under stop_grace {grace:?}");
     w.stop_daemon();
 }
@@ -353,7 +148,7 @@ fn graceful_stop(kernel_dir: &Path, init: &Path, extra: &str) {
 #[test]
 fn an_app_that_exits_stays_stopped_under_restart_never() {
     let Some((kernel_dir, init)) = gate() else { return };
-    let mut w = World::new(&kernel_dir, &init);
+    let mut w = world(&kernel_dir, &init);
     w.script = "echo JOB DONE; exit 3".into();
     w.extra = "restart = \"never\"\n".into();
     w.start();
@@ -376,7 +171,7 @@ fn an_app_that_exits_stays_stopped_under_restart_never() {
     let app = std::fs::read_to_string(w.guest_dir().join("logs/app.log")).unwrap();
     assert_eq!(app.matches("hypeman-init: starting (version").count(), 1, "booted once:\n{app}");
     assert!(app.contains("JOB DONE"));
-    assert!(!w.qemu_running());
+    assert!(!w.vmm_running());
 
     // Declared stopped and running again: it boots again.
     w.declare("stopped");
@@ -413,7 +208,7 @@ fn bench_cold_boot_standby_restore() {
     println!("| guest | cold boot (write → first output) | standby | restore (edit → output resumes) | restore / cold boot | snapshot on disk |");
     println!("|---|---|---|---|---|---|");
     for memory in ["256MiB", "1GiB"] {
-        let mut w = World::new(&kernel_dir, &init);
+        let mut w = world(&kernel_dir, &init);
         w.memory = memory.into();
         w.start();
         let t = Instant::now();
@@ -424,7 +219,7 @@ fn bench_cold_boot_standby_restore() {
         let t = Instant::now();
         w.declare("standby");
         let dir = w.guest_dir();
-        while !dir.join("snapshots/snapshot-latest/snapshot.json").exists() || w.qemu_running() {
+        while !dir.join("snapshots/snapshot-latest/snapshot.json").exists() || w.vmm_running() {
             assert!(t.elapsed() < Duration::from_secs(60), "standby never finished");
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -187,6 +187,46 @@ async fn create_standby_restore_stop_delete() {
     env.stop().await;
 }
 
+/// With hotplug memory, a standby first gives it back (resize to the boot
+/// memory, then reads until the size settles), so the snapshot holds only
+/// the boot memory; a restore grows it back right after the resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_shrinks_memory_and_restore_grows_it_back() {
+    let mut env = Env::new();
+    env.start();
+    let with_hotplug = |state: &str| format!("{}hotplug_memory = \"256MiB\"\n", decl(state, "256MiB"));
+    env.write("mem", &with_hotplug("running"));
+    env.wait_for("mem", VmState::Running).await;
+    let socket = env.socket("mem");
+    let plugged = |env: &Env| env.fake.memory_of(&socket);
+    assert_eq!(plugged(&env), Some(512 << 20), "all hotplug memory is plugged at boot");
+
+    env.fake.clear_calls();
+    env.write("mem", &with_hotplug("standby"));
+    env.wait_for("mem", VmState::Standby).await;
+    assert_eq!(
+        env.fake.calls(),
+        vec![Op::Info, Op::ResizeMemory, Op::Info, Op::Pause, Op::Snapshot, Op::Info, Op::ShutdownVmm],
+        "shrink, settle, then pause and snapshot"
+    );
+    let id = env.store().find_by_name("mem").unwrap().unwrap().id;
+    assert_eq!(env.store().snapshot(id).unwrap().unwrap().memory_bytes, 256 << 20);
+
+    env.fake.clear_calls();
+    env.write("mem", &with_hotplug("running"));
+    env.wait_for("mem", VmState::Running).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.store().snapshot(id).unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "stale snapshot kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = env.fake.calls();
+    assert_eq!(&calls[..4], &[Op::Restore, Op::Resume, Op::Info, Op::ResizeMemory], "{calls:?}");
+    assert_eq!(calls.iter().filter(|op| **op == Op::ResizeMemory).count(), 1, "grown once: {calls:?}");
+    assert_eq!(plugged(&env), Some(512 << 20), "grown back to boot + hotplug");
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_declaration_leaves_the_instance_alone() {
     let mut env = Env::new();

@@ -387,14 +387,16 @@ pub fn load_settings(config_dir: &Path, data_dir: Option<&Path>) -> Result<Setti
     })
 }
 
-/// The hypervisor backends this build can drive on this host: QEMU, from
-/// `[qemu] binary` and `accel`. Cloud Hypervisor arrives with its own
-/// issue. The test fake is never returned. An instance whose backend is
-/// missing shows as `Unknown` in `status`, with the reason as its last
-/// error.
+/// The hypervisor backends this build can drive on this host: Cloud
+/// Hypervisor when `[cloud_hypervisor] binary` is found (a path, or a name
+/// on `PATH`), and QEMU from `[qemu] binary` and `accel`. The test fake is
+/// never returned. An instance whose backend is missing shows as `Unknown`
+/// in `status`, with the reason as its last error.
 pub fn backends(settings: &Settings) -> Backends {
     Backends {
-        cloud_hypervisor: None,
+        cloud_hypervisor: crate::settings::find_executable(&settings.cloud_hypervisor.binary).map(|binary| {
+            Arc::new(crate::hypervisor::cloud_hypervisor::CloudHypervisorBackend::new(binary)) as Arc<dyn crate::hypervisor::Hypervisor>
+        }),
         qemu: Some(Arc::new(crate::hypervisor::qemu::QemuBackend::new(
             settings.qemu.binary.clone(),
             settings.qemu.accel,

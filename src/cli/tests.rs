@@ -157,6 +157,7 @@ fn vm_config(paths: &GuestPaths) -> VmConfig {
         net: None,
         devices: Vec::new(),
         serial_log: paths.app_log.clone(),
+        vsock: None,
     }
 }
 

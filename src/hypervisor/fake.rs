@@ -201,6 +201,11 @@ impl FakeHypervisor {
         self.peek(|w| w.vmms.get(socket).map(|v| v.config.clone()))
     }
 
+    /// The guest memory plugged in the VM on `socket`.
+    pub fn memory_of(&self, socket: &Path) -> Option<u64> {
+        self.peek(|w| w.vmms.get(socket).map(|v| v.memory_actual))
+    }
+
     pub fn live_vmms(&self) -> usize {
         self.peek(|w| w.vmms.len())
     }
@@ -351,7 +356,13 @@ impl FakeHypervisor {
             let pid = w.next_pid;
             w.vmms.insert(
                 guest.socket.clone(),
-                FakeVmm { pid, state, config: config.clone(), memory_actual: config.memory_bytes, unresponsive: false },
+                FakeVmm {
+                    pid,
+                    state,
+                    config: config.clone(),
+                    memory_actual: config.memory_bytes + config.hotplug_memory_bytes,
+                    unresponsive: false,
+                },
             );
             Ok(VmmHandle {
                 pid,
@@ -373,6 +384,11 @@ struct FakeSnapshot {
 impl Hypervisor for FakeHypervisor {
     fn kind(&self) -> HypervisorKind {
         self.kind
+    }
+
+    /// Like Cloud Hypervisor: all hotplug memory is plugged at boot.
+    fn running_memory_bytes(&self, memory_bytes: u64, hotplug_memory_bytes: u64) -> u64 {
+        memory_bytes + hotplug_memory_bytes
     }
 
     async fn version(&self) -> Result<String, HypervisorError> {
@@ -552,6 +568,7 @@ mod tests {
             net: None,
             devices: vec![],
             serial_log: "/app.log".into(),
+            vsock: None,
         }
     }
 

@@ -8,7 +8,9 @@
 //! outlive the daemon, so every call names its VMM by a [`VmmHandle`] that can
 //! be persisted and found again.
 
+pub mod cloud_hypervisor;
 pub mod fake;
+pub mod launch;
 pub mod process;
 pub mod qemu;
 
@@ -39,6 +41,14 @@ pub struct NetConfig {
     pub limit_up: IoLimit,
 }
 
+/// A virtio-vsock device, proxied through a unix socket on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u32,
+    pub socket: PathBuf,
+}
+
 /// Everything a backend needs to launch one VM. Built by `instances` from
 /// the declaration, the settings and the prepared disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +68,10 @@ pub struct VmConfig {
     pub devices: Vec<PathBuf>,
     /// The serial console's file (`logs/app.log`).
     pub serial_log: PathBuf,
+    /// Left out of the JSON when absent, so configurations without one keep
+    /// the hash they had before the field existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -80,6 +94,12 @@ pub struct VmmHandle {
     pub pid_start_time: u64,
     pub socket: PathBuf,
     pub version: Option<String>,
+}
+
+impl VmmHandle {
+    pub fn process_id(&self) -> process::ProcessId {
+        process::ProcessId { pid: self.pid, start_time: self.pid_start_time }
+    }
 }
 
 /// Where one guest's VMM lives, and what was last recorded of it.
@@ -156,6 +176,11 @@ pub enum HypervisorError {
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
     fn kind(&self) -> HypervisorKind;
+    /// The guest memory a freshly booted VM of `memory_bytes` boot memory
+    /// and `hotplug_memory_bytes` hotplug memory has plugged: what a
+    /// restored VM grows back to after a standby shrank it to
+    /// `memory_bytes`.
+    fn running_memory_bytes(&self, memory_bytes: u64, hotplug_memory_bytes: u64) -> u64;
     /// The backend's version string, recorded with snapshots.
     async fn version(&self) -> Result<String, HypervisorError>;
     /// Looks behind the guest's socket without changing anything.
@@ -204,5 +229,49 @@ impl Backends {
             HypervisorKind::CloudHypervisor => self.cloud_hypervisor.clone(),
             HypervisorKind::Qemu => self.qemu.clone(),
         }
+    }
+}
+
+/// Checks every real backend passes without a VMM binary: how it treats a
+/// stale socket, a socket that never answers, and a VMM that is gone.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    fn guest(dir: &Path, socket: &str) -> GuestVmm {
+        GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join(socket), vmm_log: dir.join("vmm.log"), recorded: None }
+    }
+
+    /// A socket file nobody listens on is absent, and is removed.
+    pub async fn stale_socket_is_absent(hv: &dyn Hypervisor, socket: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = guest(dir.path(), socket);
+        drop(std::os::unix::net::UnixListener::bind(&g.socket).unwrap());
+        assert_eq!(hv.probe(&g).await, Probe::Absent);
+        assert!(!g.socket.exists());
+        assert_eq!(hv.probe(&g).await, Probe::Absent);
+    }
+
+    /// A socket that accepts but never answers is unreachable, with a
+    /// reason that contains `why`, and is left alone.
+    pub async fn silent_socket_is_unreachable(hv: &dyn Hypervisor, socket: &str, why: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let g = guest(dir.path(), socket);
+        let _listener = tokio::net::UnixListener::bind(&g.socket).unwrap();
+        let probe = hv.probe(&g).await;
+        assert!(matches!(&probe, Probe::Unreachable { reason } if reason.contains(why)), "{probe:?}");
+        assert!(g.socket.exists(), "a live socket must not be removed");
+    }
+
+    /// Calls on a VMM whose process is gone say so; killing it is done;
+    /// a missing binary has no version.
+    pub async fn gone_vmm_is_vmm_gone(hv: &dyn Hypervisor, socket: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let h = VmmHandle { pid: u32::MAX - 1, pid_start_time: 1, socket: dir.path().join(socket), version: None };
+        assert!(matches!(hv.boot(&h).await, Err(HypervisorError::VmmGone { .. })));
+        assert!(matches!(hv.shutdown_vmm(&h).await, Err(HypervisorError::VmmGone { .. })));
+        hv.kill(&h).await.expect("killing a gone VMM is done");
+        let err = hv.version().await.unwrap_err();
+        assert!(matches!(err, HypervisorError::Backend { op: "version", .. }), "{err:?}");
     }
 }

@@ -61,19 +61,30 @@ pub fn is_alive(id: ProcessId) -> bool {
 
 /// Spawns `binary args…` in its own session so it outlives the daemon and
 /// ignores the daemon's terminal signals; stdout and stderr append to `log`.
+pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> Result<ProcessId, ProcessError> {
+    spawn_detached_split(binary, args, log, log)
+}
+
+/// [`spawn_detached`] with stdout appending to `stdout_log` and stderr to
+/// `stderr_log` (Cloud Hypervisor writes the guest's serial port to stdout).
 ///
 /// The child is reaped by a background thread while this daemon lives;
 /// after a daemon restart it is re-parented to init (or the nearest
 /// subreaper), which reaps it.
-pub fn spawn_detached(binary: &Path, args: &[String], log: &Path) -> Result<ProcessId, ProcessError> {
-    let open_log = || {
+pub fn spawn_detached_split(
+    binary: &Path,
+    args: &[String],
+    stdout_log: &Path,
+    stderr_log: &Path,
+) -> Result<ProcessId, ProcessError> {
+    let open_log = |log: &Path| {
         OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .map_err(|source| ProcessError::Log { path: log.to_path_buf(), source })
     };
-    let (out, err) = (open_log()?, open_log()?);
+    let (out, err) = (open_log(stdout_log)?, open_log(stderr_log)?);
     let mut cmd = Command::new(binary);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -125,6 +136,20 @@ pub async fn wait_gone(id: ProcessId, timeout: Duration) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// SIGKILLs `id` (if it is still that process) and waits until it is gone;
+/// `false` if it still lives after `timeout`.
+pub async fn kill(id: ProcessId, timeout: Duration) -> bool {
+    signal(id, nix::sys::signal::Signal::SIGKILL);
+    wait_gone(id, timeout).await
+}
+
+/// The last lines of a VMM's log on one line, for an error message.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 /// The live process whose command line names `socket`, if any: a VMM that
@@ -188,6 +213,18 @@ mod tests {
         assert!(wait_gone(id, Duration::from_secs(5)).await);
         assert!(!is_alive(id));
         assert!(find_by_argument(&marker).is_none());
+    }
+
+    #[tokio::test]
+    async fn split_logs_take_stdout_and_stderr_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, err) = (dir.path().join("app.log"), dir.path().join("vmm.log"));
+        std::fs::write(&out, "before\n").unwrap();
+        let script = "echo to-stdout; echo to-stderr >&2".to_string();
+        let id = spawn_detached_split(Path::new("sh"), &["-c".into(), script], &out, &err).unwrap();
+        assert!(wait_gone(id, Duration::from_secs(5)).await);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "before\nto-stdout\n", "appended, not truncated");
+        assert_eq!(std::fs::read_to_string(&err).unwrap(), "to-stderr\n");
     }
 
     #[test]

@@ -191,6 +191,7 @@ impl Provisioner for ImageProvisioner {
             net: None,
             devices: spec.devices.iter().map(PathBuf::from).collect(),
             serial_log: guest.app_log.clone(),
+            vsock: None,
         })
     }
 }

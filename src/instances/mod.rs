@@ -14,8 +14,8 @@
 pub mod image_provisioner;
 pub mod provision;
 
-use crate::declaration::spec::{HypervisorKind, InstanceSpec};
-use crate::hypervisor::{Backends, GuestVmm, Hypervisor, HypervisorError, Probe, VmmHandle};
+use crate::declaration::spec::{DesiredState, HypervisorKind, InstanceSpec};
+use crate::hypervisor::{Backends, GuestVmm, Hypervisor, HypervisorError, Probe, VmInfo, VmmHandle};
 use crate::logs::InstanceLog;
 use crate::exit::GuestEnd;
 use crate::reconcile::plan::{Observed, Step};
@@ -96,6 +96,11 @@ pub struct Instances {
 
 /// How often a stopping guest is looked at.
 const POLL: Duration = Duration::from_millis(50);
+/// While a guest unplugs memory: how often its size is read, how many
+/// equal readings in a row count as settled, and how long to wait at most.
+const MEMORY_POLL: Duration = Duration::from_millis(20);
+const MEMORY_STABLE_READINGS: u32 = 3;
+const MEMORY_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Instances {
     pub fn new(
@@ -246,11 +251,23 @@ impl Instances {
             }
             Step::Pause => {
                 let backend = self.backend(meta.hypervisor)?;
-                backend.pause(&live()?).await.map_err(hv("pause"))
+                let vmm = live()?;
+                // A pause on the way to standby gives the hotplug memory
+                // back first, so the snapshot holds only what the guest uses.
+                if let Some(spec) = spec.filter(|s| s.state == DesiredState::Standby && s.hotplug_memory.bytes() > 0) {
+                    self.shrink_memory(backend.as_ref(), &vmm, spec.memory.bytes(), &meta.name).await;
+                }
+                backend.pause(&vmm).await.map_err(hv("pause"))
             }
             Step::Resume => {
                 let backend = self.backend(meta.hypervisor)?;
-                backend.resume(&live()?).await.map_err(hv("resume"))
+                let vmm = live()?;
+                backend.resume(&vmm).await.map_err(hv("resume"))?;
+                // A paused VM with a snapshot beside it was just restored.
+                if let Some(spec) = spec.filter(|s| s.state == DesiredState::Running && obs.has_snapshot()) {
+                    self.grow_memory(backend.as_ref(), &vmm, spec, &meta.name).await;
+                }
+                Ok(())
             }
             Step::Snapshot => {
                 let backend = self.backend(meta.hypervisor)?;
@@ -313,7 +330,15 @@ impl Instances {
                 self.store.write_metadata(meta)?;
                 Ok(())
             }
-            Step::DropStaleSnapshot => Ok(self.store.remove_snapshot(meta.id)?),
+            Step::DropStaleSnapshot => {
+                // Again here, in case the daemon died between the resume
+                // and the growth; a VM already grown is left alone.
+                if let (Some(spec), Some(vmm)) = (spec, &obs.vmm) {
+                    let backend = self.backend(meta.hypervisor)?;
+                    self.grow_memory(backend.as_ref(), vmm, spec, &meta.name).await;
+                }
+                Ok(self.store.remove_snapshot(meta.id)?)
+            }
             Step::RecordExit => {
                 let Some(end) = obs.ended else {
                     return Err(InstanceError::NoExit);
@@ -369,6 +394,54 @@ impl Instances {
                 tracing::warn!(error = %error_chain(&e), "orderly VMM shutdown failed; killing it");
                 backend.kill(vmm).await.map_err(|source| InstanceError::Hypervisor { op: "kill", source })
             }
+        }
+    }
+
+    /// Resizes the guest down to its boot memory and waits until the
+    /// plugged size stops changing (the guest unplugs block by block).
+    /// Best effort: a guest that keeps its memory, or a failed resize, only
+    /// makes a larger snapshot, so neither fails the standby.
+    async fn shrink_memory(&self, backend: &dyn Hypervisor, vmm: &VmmHandle, base: u64, name: &str) {
+        match backend.info(vmm).await {
+            Ok(VmInfo { memory_actual_bytes: Some(actual), .. }) if actual > base => {}
+            _ => return,
+        }
+        if let Err(e) = backend.resize_memory(vmm, base).await {
+            tracing::warn!(instance = %name, error = %error_chain(&e), "cannot shrink memory before standby");
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + MEMORY_SETTLE_TIMEOUT;
+        let (mut last, mut stable) = (None, 0);
+        while tokio::time::Instant::now() < deadline {
+            let actual = backend.info(vmm).await.ok().and_then(|i| i.memory_actual_bytes);
+            if actual == Some(base) {
+                return;
+            }
+            stable = if actual.is_some() && actual == last { stable + 1 } else { 0 };
+            if stable + 1 >= MEMORY_STABLE_READINGS {
+                tracing::info!(instance = %name, actual = actual.unwrap_or(0), base, "the guest kept part of its hotplug memory");
+                return;
+            }
+            last = actual;
+            tokio::time::sleep(MEMORY_POLL).await;
+        }
+        tracing::warn!(instance = %name, "memory still changing after {MEMORY_SETTLE_TIMEOUT:?}; snapshotting anyway");
+    }
+
+    /// Plugs a restored guest's memory back to what it had when it booted.
+    /// The guest plugs it in the background; nothing waits for it.
+    async fn grow_memory(&self, backend: &dyn Hypervisor, vmm: &VmmHandle, spec: &InstanceSpec, name: &str) {
+        let hotplug = spec.hotplug_memory.bytes();
+        if hotplug == 0 {
+            return;
+        }
+        let target = backend.running_memory_bytes(spec.memory.bytes(), hotplug);
+        match backend.info(vmm).await {
+            Ok(VmInfo { memory_actual_bytes: Some(actual), .. }) if actual < target => {}
+            _ => return,
+        }
+        if let Err(e) = backend.resize_memory(vmm, target).await {
+            tracing::warn!(instance = %name, error = %error_chain(&e), "cannot grow memory after restore");
         }
     }
 

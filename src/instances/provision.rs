@@ -79,6 +79,7 @@ impl Provisioner for FakeProvisioner {
             net: None,
             devices: vec![],
             serial_log: guest.app_log.clone(),
+            vsock: None,
         })
     }
 }

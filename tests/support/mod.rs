@@ -1,8 +1,12 @@
-//! What the real-VM tests share: the gate that runs them only when asked
-//! (and then fails on anything missing), and the busybox root tree their
-//! guests boot.
+//! What the integration tests share: the gate that runs real-VM tests only
+//! when asked (and then fails on anything missing), the busybox root tree
+//! their guests boot, the fake Cloud Hypervisor ([`fake_ch`]) and the
+//! daemon-driving world of the end-to-end scenarios ([`daemon`]).
 
 #![allow(dead_code)] // each test binary uses its own subset
+
+pub mod daemon;
+pub mod fake_ch;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

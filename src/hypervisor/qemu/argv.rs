@@ -205,6 +205,7 @@ mod tests {
             net: None,
             devices: vec![],
             serial_log: "/g/logs/app.log".into(),
+            vsock: None,
         }
     }
 

@@ -22,6 +22,7 @@ pub mod qmp;
 
 use self::argv::{argv, Accelerator, LaunchPaths, Machine, VIRTIO_MEM_ID};
 use self::qmp::{QmpClient, QmpError};
+use super::launch::{self, LaunchError};
 use super::process::{self, ProcessId};
 use super::{
     DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
@@ -71,18 +72,8 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a launch record")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    #[error("launch record unusable")]
+    Launch(#[from] LaunchError),
     #[error("the launch record of {path} names another configuration")]
     ConfigMismatch { path: PathBuf },
     #[error("cannot run {binary} --version")]
@@ -110,20 +101,11 @@ pub struct LaunchRecord {
 
 impl LaunchRecord {
     fn read(path: &Path) -> Result<LaunchRecord, QemuError> {
-        let bytes = std::fs::read(path).map_err(|source| QemuError::Read { path: path.to_path_buf(), source })?;
-        serde_json::from_slice(&bytes).map_err(|source| QemuError::Parse { path: path.to_path_buf(), source })
+        Ok(launch::read(path)?)
     }
 
-    /// Temp file, fsync, rename: a crash leaves the old record or the new.
     fn write(&self, path: &Path) -> Result<(), QemuError> {
-        use std::io::Write;
-        let err = |source| QemuError::Write { path: path.to_path_buf(), source };
-        let json = serde_json::to_vec_pretty(self)
-            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        f.write_all(&json).and_then(|()| f.sync_all()).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        Ok(launch::write(path, self)?)
     }
 }
 
@@ -172,17 +154,11 @@ fn backend(op: &'static str) -> impl Fn(QemuError) -> HypervisorError {
 }
 
 fn pid_of(vmm: &VmmHandle) -> ProcessId {
-    ProcessId { pid: vmm.pid, start_time: vmm.pid_start_time }
+    vmm.process_id()
 }
 
 fn guest_dir(socket: &Path) -> Result<&Path, QemuError> {
     socket.parent().ok_or(QemuError::NoGuestDir)
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(5).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 pub struct QemuBackend {
@@ -273,7 +249,7 @@ impl QemuBackend {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if !process::is_alive(id) {
-                return Err(backend(op)(QemuError::ExitedEarly { log_tail: log_tail(&guest.vmm_log) }));
+                return Err(backend(op)(QemuError::ExitedEarly { log_tail: process::log_tail(&guest.vmm_log) }));
             }
             match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
                 Ok(c) => return Ok((handle, c)),
@@ -290,8 +266,7 @@ impl QemuBackend {
     }
 
     async fn kill_quietly(&self, id: ProcessId) {
-        process::signal(id, nix::sys::signal::Signal::SIGKILL);
-        process::wait_gone(id, EXIT_TIMEOUT).await;
+        process::kill(id, EXIT_TIMEOUT).await;
     }
 
     /// Polls `query-migrate` until it completes or fails.
@@ -335,6 +310,11 @@ impl QemuBackend {
 impl Hypervisor for QemuBackend {
     fn kind(&self) -> HypervisorKind {
         HypervisorKind::Qemu
+    }
+
+    /// The virtio-mem device starts with nothing plugged (`requested-size=0`).
+    fn running_memory_bytes(&self, memory_bytes: u64, _hotplug_memory_bytes: u64) -> u64 {
+        memory_bytes
     }
 
     async fn version(&self) -> Result<String, HypervisorError> {
@@ -396,6 +376,9 @@ impl Hypervisor for QemuBackend {
 
     async fn create(&self, guest: &GuestVmm, config: &VmConfig) -> Result<VmmHandle, HypervisorError> {
         let op = "create";
+        if config.vsock.is_some() {
+            return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "vsock" });
+        }
         if Machine::for_config(config) == Machine::Microvm && !config.devices.is_empty() {
             return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "PCI passthrough on microvm" });
         }
@@ -518,9 +501,7 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        let id = pid_of(vmm);
-        process::signal(id, nix::sys::signal::Signal::SIGKILL);
-        if !process::wait_gone(id, EXIT_TIMEOUT).await {
+        if !process::kill(pid_of(vmm), EXIT_TIMEOUT).await {
             return Err(HypervisorError::Timeout { op: "kill", secs: EXIT_TIMEOUT.as_secs() });
         }
         let _ = std::fs::remove_file(&vmm.socket);
@@ -620,42 +601,13 @@ mod tests {
         }
     }
 
-    fn guest(dir: &Path) -> GuestVmm {
-        GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join("qmp.sock"), vmm_log: dir.join("vmm.log"), recorded: None }
-    }
-
     #[tokio::test]
-    async fn probe_of_a_stale_socket_is_absent_and_removes_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = guest(dir.path());
-        drop(std::os::unix::net::UnixListener::bind(&g.socket).unwrap());
+    async fn conformance_without_a_vmm() {
+        use crate::hypervisor::conformance::*;
         let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
-        assert_eq!(qemu.probe(&g).await, Probe::Absent);
-        assert!(!g.socket.exists());
-        assert_eq!(qemu.probe(&g).await, Probe::Absent);
-    }
-
-    #[tokio::test]
-    async fn probe_of_a_socket_that_never_greets_is_unreachable() {
-        let dir = tempfile::tempdir().unwrap();
-        let g = guest(dir.path());
-        let _listener = tokio::net::UnixListener::bind(&g.socket).unwrap();
-        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
-        let probe = qemu.probe(&g).await;
-        assert!(matches!(&probe, Probe::Unreachable { reason } if reason.contains("greeting")), "{probe:?}");
-        assert!(g.socket.exists(), "a live socket must not be removed");
-    }
-
-    #[tokio::test]
-    async fn calls_on_a_dead_vmm_are_vmm_gone() {
-        let dir = tempfile::tempdir().unwrap();
-        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
-        let h = VmmHandle { pid: u32::MAX - 1, pid_start_time: 1, socket: dir.path().join("qmp.sock"), version: None };
-        assert!(matches!(qemu.boot(&h).await, Err(HypervisorError::VmmGone { .. })));
-        assert!(matches!(qemu.shutdown_vmm(&h).await, Err(HypervisorError::VmmGone { .. })));
-        qemu.kill(&h).await.expect("killing a gone VMM is done");
-        let err = qemu.version().await.unwrap_err();
-        assert!(matches!(err, HypervisorError::Backend { op: "version", .. }), "{err:?}");
+        stale_socket_is_absent(&qemu, "qmp.sock").await;
+        silent_socket_is_unreachable(&qemu, "qmp.sock", "greeting").await;
+        gone_vmm_is_vmm_gone(&qemu, "qmp.sock").await;
     }
 
     #[test]
@@ -674,6 +626,7 @@ mod tests {
                 net: None,
                 devices: vec![],
                 serial_log: "/app.log".into(),
+                vsock: None,
             },
             argv: vec!["-M".into(), "microvm".into()],
         };
@@ -681,6 +634,6 @@ mod tests {
         record.write(&path).unwrap();
         assert_eq!(LaunchRecord::read(&path).unwrap(), record);
         std::fs::write(&path, "{}").unwrap();
-        assert!(matches!(LaunchRecord::read(&path), Err(QemuError::Parse { .. })));
+        assert!(matches!(LaunchRecord::read(&path), Err(QemuError::Launch(LaunchError::Parse { .. }))));
     }
 }

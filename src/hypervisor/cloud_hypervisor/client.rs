@@ -1,0 +1,501 @@
+//! The REST client of one Cloud Hypervisor VMM, over its `--api-socket`.
+//!
+//! The server is micro-http (reference/hypervisors.md §1.1): HTTP/1.1 with
+//! `Content-Length` bodies only (a chunked body breaks the connection), a
+//! 204 without any length, and one HTTP thread that blocks on each request
+//! until the VMM has finished it. So every call here opens its own
+//! connection (as `ch-remote` does), sends a body of known length, reads
+//! exactly the reply, and closes; callers serialise calls per VMM, and the
+//! slow endpoints (boot, snapshot, restore) get long timeouts.
+//!
+//! Errors keep the server's own message chain: plain text before v47, a
+//! JSON array of strings (outermost first) from v47 on. Any 2xx is success.
+
+use super::api;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot connect to {}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{endpoint} got no reply within {secs}s")]
+    Timeout { endpoint: Endpoint, secs: u64 },
+    #[error("HTTP exchange of {endpoint} failed")]
+    Http {
+        endpoint: Endpoint,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("cannot build the request of {endpoint}")]
+    Request {
+        endpoint: Endpoint,
+        #[source]
+        source: hyper::http::Error,
+    },
+    #[error("cannot encode the body of {endpoint}")]
+    Encode {
+        endpoint: Endpoint,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{endpoint} answered {status} with an unexpected body {body:?}")]
+    Decode {
+        endpoint: Endpoint,
+        status: u16,
+        body: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Cloud Hypervisor refused {endpoint} ({status}): {}", messages.join(": "))]
+    Refused {
+        endpoint: Endpoint,
+        status: u16,
+        /// The server's error chain, outermost first.
+        messages: Vec<String>,
+    },
+}
+
+impl ApiError {
+    /// Nothing listens on the socket: no VMM, or a stale socket file.
+    pub fn is_not_listening(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Connect { source, .. }
+                if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+        )
+    }
+
+    /// The VMM holds no VM: 404 from v53, a 500 saying so before.
+    pub fn is_not_created(&self) -> bool {
+        match self {
+            ApiError::Refused { status: 404, .. } => true,
+            ApiError::Refused { messages, .. } => mentions(messages, "not created"),
+            _ => false,
+        }
+    }
+
+    /// v53 refuses a snapshot while an on-demand restore still prefaults
+    /// the guest's memory (`VmRestoring`).
+    pub fn is_restoring(&self) -> bool {
+        matches!(self, ApiError::Refused { messages, .. } if mentions(messages, "restoring"))
+    }
+
+    /// The server said anything at all (as opposed to a transport failure).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, ApiError::Refused { .. })
+    }
+}
+
+fn mentions(messages: &[String], needle: &str) -> bool {
+    messages.iter().any(|m| m.to_ascii_lowercase().contains(needle))
+}
+
+/// The endpoints hypeman uses, with their method and how long each may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    VmmPing,
+    VmmShutdown,
+    VmCreate,
+    VmBoot,
+    VmPause,
+    VmResume,
+    VmPowerButton,
+    VmShutdown,
+    VmDelete,
+    VmInfo,
+    VmResize,
+    VmAddDisk,
+    VmRemoveDevice,
+    VmSnapshot,
+    VmRestore,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::VmmPing => "vmm.ping",
+            Endpoint::VmmShutdown => "vmm.shutdown",
+            Endpoint::VmCreate => "vm.create",
+            Endpoint::VmBoot => "vm.boot",
+            Endpoint::VmPause => "vm.pause",
+            Endpoint::VmResume => "vm.resume",
+            Endpoint::VmPowerButton => "vm.power-button",
+            Endpoint::VmShutdown => "vm.shutdown",
+            Endpoint::VmDelete => "vm.delete",
+            Endpoint::VmInfo => "vm.info",
+            Endpoint::VmResize => "vm.resize",
+            Endpoint::VmAddDisk => "vm.add-disk",
+            Endpoint::VmRemoveDevice => "vm.remove-device",
+            Endpoint::VmSnapshot => "vm.snapshot",
+            Endpoint::VmRestore => "vm.restore",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Endpoint::VmmPing | Endpoint::VmInfo => Method::GET,
+            Endpoint::VmmShutdown
+            | Endpoint::VmCreate
+            | Endpoint::VmBoot
+            | Endpoint::VmPause
+            | Endpoint::VmResume
+            | Endpoint::VmPowerButton
+            | Endpoint::VmShutdown
+            | Endpoint::VmDelete
+            | Endpoint::VmResize
+            | Endpoint::VmAddDisk
+            | Endpoint::VmRemoveDevice
+            | Endpoint::VmSnapshot
+            | Endpoint::VmRestore => Method::PUT,
+        }
+    }
+
+    /// The server answers only when the VMM thread is done, and a request
+    /// queues behind any slow one in progress.
+    pub fn timeout(self) -> Duration {
+        match self {
+            Endpoint::VmmPing | Endpoint::VmInfo => Duration::from_secs(10),
+            Endpoint::VmPause
+            | Endpoint::VmResume
+            | Endpoint::VmPowerButton
+            | Endpoint::VmResize
+            | Endpoint::VmRemoveDevice
+            | Endpoint::VmmShutdown
+            | Endpoint::VmShutdown
+            | Endpoint::VmDelete => Duration::from_secs(30),
+            Endpoint::VmCreate | Endpoint::VmBoot | Endpoint::VmAddDisk => Duration::from_secs(120),
+            // Writing or reading all of guest memory.
+            Endpoint::VmSnapshot | Endpoint::VmRestore => Duration::from_secs(600),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.path())
+    }
+}
+
+/// The server's error chain from a reply body: a JSON array of strings
+/// (v47 on), or plain text (before, although its Content-Type says JSON).
+pub fn error_messages(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return Vec::new();
+    }
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            })
+            .collect(),
+        Ok(serde_json::Value::String(s)) => vec![s],
+        _ => vec![text.to_string()],
+    }
+}
+
+/// A Cloud Hypervisor version, from `cloud-hypervisor --version`
+/// (`cloud-hypervisor v53.0`, `v53.0-12-gdeadbeef`) or `vmm.ping`
+/// (`"version": "53.0.0"`). Both spellings print the same, so a snapshot's
+/// recorded version compares equal to the binary's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl ChVersion {
+    /// The first `[v]MAJOR.MINOR[.PATCH]` word of `text`.
+    pub fn parse(text: &str) -> Option<ChVersion> {
+        text.split_whitespace().find_map(|word| {
+            let word = word.strip_prefix('v').unwrap_or(word);
+            let numeric: String = word.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+            let mut parts = numeric.split('.').filter(|p| !p.is_empty()).map(|p| p.parse::<u32>().ok());
+            let major = parts.next()??;
+            let minor = parts.next()??;
+            let patch = parts.next().flatten().unwrap_or(0);
+            Some(ChVersion { major, minor, patch })
+        })
+    }
+
+    /// From v53 a missing VM is a 404 rather than a 500.
+    pub fn not_found_is_404(self) -> bool {
+        self.major >= 53
+    }
+}
+
+impl fmt::Display for ChVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// A client of the VMM behind one API socket.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    socket: PathBuf,
+}
+
+/// A successful reply: its status and body.
+struct Reply {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl ApiClient {
+    pub fn new(socket: &Path) -> ApiClient {
+        ApiClient { socket: socket.to_path_buf() }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    #[tracing::instrument(skip(self, body), fields(socket = %self.socket.display()), level = "debug", err(Display))]
+    async fn send(&self, endpoint: Endpoint, body: Option<Vec<u8>>, timeout: Duration) -> Result<Reply, ApiError> {
+        let exchange = self.exchange(endpoint, body);
+        let reply = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ApiError::Timeout { endpoint, secs: timeout.as_secs() })??;
+        if reply.status.is_success() {
+            Ok(reply)
+        } else {
+            Err(ApiError::Refused { endpoint, status: reply.status.as_u16(), messages: error_messages(&reply.body) })
+        }
+    }
+
+    /// One request on a fresh connection, closed afterwards.
+    async fn exchange(&self, endpoint: Endpoint, body: Option<Vec<u8>>) -> Result<Reply, ApiError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ApiError::Connect { socket: self.socket.clone(), source })?;
+        let http = |source| ApiError::Http { endpoint, source };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+        let mut request = Request::builder()
+            .method(endpoint.method())
+            .uri(format!("/api/v1/{}", endpoint.path()))
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::ACCEPT, "application/json");
+        if let Some(b) = &body {
+            // Stated outright: micro-http cannot read a chunked body.
+            request = request
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .header(hyper::header::CONTENT_LENGTH, b.len());
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|source| ApiError::Request { endpoint, source })?;
+        let exchange = async {
+            let response = sender.send_request(request).await.map_err(http)?;
+            let status = response.status();
+            let body = response.into_body().collect().await.map_err(http)?.to_bytes();
+            Ok(Reply { status, body })
+        };
+        tokio::pin!(exchange);
+        tokio::pin!(conn);
+        tokio::select! {
+            biased;
+            reply = &mut exchange => reply,
+            // The server may close right after replying (vmm.shutdown):
+            // the reply, if it came, is still there to read.
+            _ = &mut conn => exchange.await,
+        }
+    }
+
+    async fn put_empty(&self, endpoint: Endpoint) -> Result<(), ApiError> {
+        self.send(endpoint, None, endpoint.timeout()).await.map(|_| ())
+    }
+
+    async fn put_json<T: Serialize>(&self, endpoint: Endpoint, body: &T) -> Result<Reply, ApiError> {
+        let bytes = serde_json::to_vec(body).map_err(|source| ApiError::Encode { endpoint, source })?;
+        self.send(endpoint, Some(bytes), endpoint.timeout()).await
+    }
+
+    fn decode<T: DeserializeOwned>(endpoint: Endpoint, reply: &Reply) -> Result<T, ApiError> {
+        serde_json::from_slice(&reply.body).map_err(|source| ApiError::Decode {
+            endpoint,
+            status: reply.status.as_u16(),
+            body: String::from_utf8_lossy(&reply.body).into_owned(),
+            source,
+        })
+    }
+
+    /// `vmm.ping` with its own timeout: probes must not hang on a VMM that
+    /// accepts connections but never answers.
+    pub async fn ping_within(&self, timeout: Duration) -> Result<api::VmmPingResponse, ApiError> {
+        let reply = self.send(Endpoint::VmmPing, None, timeout).await?;
+        Self::decode(Endpoint::VmmPing, &reply)
+    }
+
+    pub async fn ping(&self) -> Result<api::VmmPingResponse, ApiError> {
+        self.ping_within(Endpoint::VmmPing.timeout()).await
+    }
+
+    pub async fn info_within(&self, timeout: Duration) -> Result<api::VmInfo, ApiError> {
+        let reply = self.send(Endpoint::VmInfo, None, timeout).await?;
+        Self::decode(Endpoint::VmInfo, &reply)
+    }
+
+    pub async fn info(&self) -> Result<api::VmInfo, ApiError> {
+        self.info_within(Endpoint::VmInfo.timeout()).await
+    }
+
+    pub async fn create(&self, config: &api::VmConfig) -> Result<(), ApiError> {
+        self.put_json(Endpoint::VmCreate, config).await.map(|_| ())
+    }
+
+    pub async fn boot(&self) -> Result<(), ApiError> {
+        self.put_empty(Endpoint::VmBoot).await
+    }
+
+    pub async fn pause(&self) -> Result<(), ApiError> {
+        self.put_empty(Endpoint::VmPause).await
+    }
+
+    pub async fn resume(&self) -> Result<(), ApiError> {
+        self.put_empty(Endpoint::VmResume).await
+    }
+
+    pub async fn power_button(&self) -> Result<(), ApiError> {
+        self.put_empty(Endpoint::VmPowerButton).await
+    }
+
+    pub async fn shutdown(&self) -> Result<(), ApiError> {
+        self.put_empty(Endpoint::VmShutdown).await
+    }
+
+    pub async fn delete(&self) -> Result<(), ApiError> {
+        self.put_empty(Endpoint::VmDelete).await
+    }
+
+    /// Sets the guest's total memory, in bytes.
+    pub async fn resize_memory(&self, desired_ram: u64) -> Result<(), ApiError> {
+        self.put_json(Endpoint::VmResize, &api::VmResize { desired_ram: Some(desired_ram) }).await.map(|_| ())
+    }
+
+    /// Hot-plugs into a booted VM (200 with the device's PCI address) or
+    /// cold-adds to a created one (204, no body).
+    pub async fn add_disk(&self, disk: &api::DiskConfig) -> Result<Option<api::PciDeviceInfo>, ApiError> {
+        let reply = self.put_json(Endpoint::VmAddDisk, disk).await?;
+        if reply.body.is_empty() {
+            return Ok(None);
+        }
+        Self::decode(Endpoint::VmAddDisk, &reply).map(Some)
+    }
+
+    pub async fn remove_device(&self, id: &str) -> Result<(), ApiError> {
+        self.put_json(Endpoint::VmRemoveDevice, &api::VmRemoveDevice { id: id.to_string() }).await.map(|_| ())
+    }
+
+    /// Snapshots the paused VM into the existing, empty directory `dir`.
+    pub async fn snapshot(&self, dir: &Path) -> Result<(), ApiError> {
+        let body = api::VmSnapshotConfig { destination_url: file_url(dir) };
+        self.put_json(Endpoint::VmSnapshot, &body).await.map(|_| ())
+    }
+
+    pub async fn restore(&self, config: &api::RestoreConfig) -> Result<(), ApiError> {
+        self.put_json(Endpoint::VmRestore, config).await.map(|_| ())
+    }
+
+    /// Ends the VMM process; it replies (200, empty) and then exits.
+    pub async fn vmm_shutdown(&self) -> Result<(), ApiError> {
+        self.put_empty(Endpoint::VmmShutdown).await
+    }
+}
+
+/// `file:///abs/dir`, as `vm.snapshot` and `vm.restore` take directories.
+pub fn file_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_of_every_era_become_a_chain() {
+        assert_eq!(
+            error_messages(br#"["Error from API","The VM could not be paused","InvalidStateTransition(Paused, Paused)"]"#),
+            ["Error from API", "The VM could not be paused", "InvalidStateTransition(Paused, Paused)"]
+        );
+        assert_eq!(error_messages(b"VmNotCreated\n"), ["VmNotCreated"]);
+        assert_eq!(error_messages(b"\"one\""), ["one"]);
+        assert!(error_messages(b"  ").is_empty());
+    }
+
+    #[test]
+    fn versions_from_both_spellings_compare_equal() {
+        let cli = ChVersion::parse("cloud-hypervisor v53.0").unwrap();
+        let ping = ChVersion::parse("53.0.0").unwrap();
+        assert_eq!(cli, ping);
+        assert_eq!(cli.to_string(), "53.0.0");
+        assert_eq!(ChVersion::parse("cloud-hypervisor v49.0-12-gdeadbeef").unwrap().to_string(), "49.0.0");
+        assert_eq!(ChVersion::parse("v52.1.3").unwrap(), ChVersion { major: 52, minor: 1, patch: 3 });
+        assert_eq!(ChVersion::parse("cloud-hypervisor"), None);
+        assert_eq!(ChVersion::parse("v53"), None);
+        assert!(ChVersion::parse("53.0").unwrap().not_found_is_404());
+        assert!(!ChVersion::parse("52.0").unwrap().not_found_is_404());
+    }
+
+    #[test]
+    fn refusals_are_classified_across_versions() {
+        let refused = |status, messages: &[&str]| ApiError::Refused {
+            endpoint: Endpoint::VmInfo,
+            status,
+            messages: messages.iter().map(|m| m.to_string()).collect(),
+        };
+        assert!(refused(404, &["Error from API", "The VM info is not available", "VM is not created"]).is_not_created());
+        assert!(refused(500, &["Error from API", "The VM info is not available", "VM is not created"]).is_not_created());
+        assert!(refused(404, &[]).is_not_created());
+        assert!(!refused(500, &["Error from API", "InvalidStateTransition(Running, Running)"]).is_not_created());
+        assert!(refused(500, &["Error from API", "The VM could not be snapshotted", "VM is restoring"]).is_restoring());
+        let gone = ApiError::Connect {
+            socket: "/x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        assert!(gone.is_not_listening());
+        assert!(!gone.is_refusal());
+    }
+
+    #[test]
+    fn every_endpoint_has_its_own_path() {
+        let all = [
+            Endpoint::VmmPing,
+            Endpoint::VmmShutdown,
+            Endpoint::VmCreate,
+            Endpoint::VmBoot,
+            Endpoint::VmPause,
+            Endpoint::VmResume,
+            Endpoint::VmPowerButton,
+            Endpoint::VmShutdown,
+            Endpoint::VmDelete,
+            Endpoint::VmInfo,
+            Endpoint::VmResize,
+            Endpoint::VmAddDisk,
+            Endpoint::VmRemoveDevice,
+            Endpoint::VmSnapshot,
+            Endpoint::VmRestore,
+        ];
+        let mut paths: Vec<&str> = all.iter().map(|e| e.path()).collect();
+        paths.sort_unstable();
+        paths.dedup();
+        assert_eq!(paths.len(), all.len());
+        assert!(Endpoint::VmSnapshot.timeout() > Endpoint::VmInfo.timeout());
+    }
+}

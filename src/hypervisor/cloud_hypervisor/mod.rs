@@ -1,0 +1,600 @@
+//! The Cloud Hypervisor backend: one detached `cloud-hypervisor` process per
+//! VM, driven over the REST API on its `--api-socket`.
+//!
+//! ```text
+//!   spawn ──vm.create──► Created ──vm.boot──► Running ◄──vm.resume── Paused
+//!                                              │  vm.pause ─────────►  │
+//!                     vm.power-button: the guest powers off and        │ vm.snapshot
+//!                     the VMM process exits                            ▼ (+ fsync)
+//!                                                       vmm.shutdown: process exits
+//!   restore: spawn ──vm.restore (OnDemand from v53, else Copy)──► Paused
+//! ```
+//!
+//! A VMM process serves one VM incarnation: create and restore each start a
+//! fresh one, after removing a stale socket file (up to v52 the server just
+//! `bind()`s). Its stdout is the guest's serial port (`Tty` mode), appended
+//! to `logs/app.log`; its stderr, the VMM's own log, to `logs/vmm.log`.
+//! The configuration a VM was launched with is kept as `ch-launch.json` in
+//! the guest directory and in each snapshot: its hash keys the snapshot.
+//!
+//! A VMM with no VM in it is what a create or restore leaves when the
+//! daemon dies between starting the process and filling it; it reports
+//! `Shutdown` (a VMM without a running guest), so the planner ends it and
+//! starts over. This module maps the API onto the [`Hypervisor`] trait; it
+//! does not decide which hop comes next and does not touch the store.
+
+pub mod api;
+pub mod client;
+pub mod config;
+
+use self::client::{ApiClient, ApiError, ChVersion};
+use super::launch::{self, LaunchError};
+use super::process::{self, ProcessId};
+use super::{
+    DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
+    VmmHandle,
+};
+use crate::declaration::spec::HypervisorKind;
+use crate::state::VmState;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+
+/// The launch record's file name, in the guest directory and in snapshots.
+pub const LAUNCH_FILE: &str = "ch-launch.json";
+/// What Cloud Hypervisor writes into a snapshot directory.
+pub const SNAPSHOT_FILES: [&str; 3] = ["config.json", "state.json", "memory-ranges"];
+
+const LAUNCH_VERSION: u32 = 1;
+/// How long a probe waits for each answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a freshly spawned VMM may take to answer `vmm.ping`.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot waits out v53's prefault after an on-demand restore.
+const RESTORING_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChError {
+    #[error("API call failed")]
+    Api(#[from] ApiError),
+    #[error("cloud-hypervisor exited during start-up; its log ends with: {log_tail}")]
+    ExitedEarly { log_tail: String },
+    #[error("cannot start the VMM")]
+    Spawn(#[source] process::ProcessError),
+    #[error("cannot run {} --version", binary.display())]
+    VersionRun {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unrecognised version {0:?}")]
+    VersionParse(String),
+    #[error("launch record unusable")]
+    Launch(#[from] LaunchError),
+    #[error("the snapshot was taken under another VM configuration")]
+    ConfigMismatch,
+    #[error("the snapshot lacks {}", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("snapshot directory {} is not empty", dir.display())]
+    NotEmpty { dir: PathBuf },
+    #[error("cannot make {} durable", path.display())]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cloud Hypervisor reports {state:?} after {op}")]
+    UnexpectedState { op: &'static str, state: api::VmState },
+    #[error("{requested} bytes of memory is outside {min}..={max}")]
+    MemoryOutOfRange { requested: u64, min: u64, max: u64 },
+    #[error("the socket has no parent directory")]
+    NoGuestDir,
+}
+
+/// What a VM was launched with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchRecord {
+    pub version: u32,
+    pub config: VmConfig,
+}
+
+fn backend(op: &'static str) -> impl Fn(ChError) -> HypervisorError {
+    move |e| HypervisorError::Backend { op, source: Box::new(e) }
+}
+
+fn guest_dir(socket: &Path) -> Result<&Path, ChError> {
+    socket.parent().ok_or(ChError::NoGuestDir)
+}
+
+fn read_launch(path: &Path) -> Result<LaunchRecord, ChError> {
+    Ok(launch::read(path)?)
+}
+
+/// The trait's view of Cloud Hypervisor's states.
+fn vm_state(state: api::VmState) -> Option<VmState> {
+    match state {
+        api::VmState::Created => Some(VmState::Created),
+        api::VmState::Running => Some(VmState::Running),
+        api::VmState::Paused => Some(VmState::Paused),
+        api::VmState::Shutdown => Some(VmState::Shutdown),
+        api::VmState::BreakPoint => None,
+    }
+}
+
+/// fsyncs every file in `dir`, then `dir`: Cloud Hypervisor never does.
+fn sync_dir_tree(dir: &Path) -> Result<(), ChError> {
+    let sync = |path: &Path| {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| ChError::Sync { path: path.to_path_buf(), source })
+    };
+    let entries = std::fs::read_dir(dir).map_err(|source| ChError::Sync { path: dir.to_path_buf(), source })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| ChError::Sync { path: dir.to_path_buf(), source })?;
+        sync(&entry.path())?;
+    }
+    sync(dir)
+}
+
+/// Removes whatever a refused snapshot attempt left in `dir`.
+fn empty_dir(dir: &Path) -> Result<(), ChError> {
+    let err = |source| ChError::Sync { path: dir.to_path_buf(), source };
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        std::fs::remove_file(entry.map_err(err)?.path()).map_err(err)?;
+    }
+    Ok(())
+}
+
+pub struct CloudHypervisorBackend {
+    binary: PathBuf,
+    version: OnceCell<ChVersion>,
+    /// One request at a time per VMM: the server has one HTTP thread and a
+    /// second request would only queue behind the first.
+    serial: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl CloudHypervisorBackend {
+    pub fn new(binary: PathBuf) -> CloudHypervisorBackend {
+        CloudHypervisorBackend { binary, version: OnceCell::new(), serial: Mutex::new(HashMap::new()) }
+    }
+
+    async fn exclusive(&self, socket: &Path) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.serial.lock().expect("lock table poisoned");
+            map.entry(socket.to_path_buf()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    async fn binary_version(&self) -> Result<ChVersion, ChError> {
+        self.version
+            .get_or_try_init(|| async {
+                let out = tokio::process::Command::new(&self.binary)
+                    .arg("--version")
+                    .output()
+                    .await
+                    .map_err(|source| ChError::VersionRun { binary: self.binary.clone(), source })?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                ChVersion::parse(&text).ok_or(ChError::VersionParse(text))
+            })
+            .await
+            .copied()
+    }
+
+    /// Maps an API failure: a VMM that is gone is `VmmGone` whatever the
+    /// socket said, a timeout is a timeout.
+    fn api_error(vmm: &VmmHandle, op: &'static str, e: ApiError) -> HypervisorError {
+        if !e.is_refusal() && !process::is_alive(vmm.process_id()) {
+            return HypervisorError::VmmGone { pid: vmm.pid };
+        }
+        match e {
+            ApiError::Timeout { secs, .. } => HypervisorError::Timeout { op, secs },
+            e => backend(op)(e.into()),
+        }
+    }
+
+    async fn state_of(&self, vmm: &VmmHandle, client: &ApiClient, op: &'static str) -> Result<(VmState, Option<u64>), HypervisorError> {
+        match client.info().await {
+            Ok(info) => match vm_state(info.state) {
+                Some(state) => Ok((state, info.memory_actual_size)),
+                None => Err(backend(op)(ChError::UnexpectedState { op, state: info.state })),
+            },
+            // A VMM without a VM: nothing runs in it.
+            Err(e) if e.is_not_created() => Ok((VmState::Shutdown, None)),
+            Err(e) => Err(Self::api_error(vmm, op, e)),
+        }
+    }
+
+    /// Checks the VM's state, then makes one call: one hop of the state
+    /// machine, refused as `WrongState` rather than by the server.
+    async fn transition<F, Fut>(&self, vmm: &VmmHandle, op: &'static str, from: VmState, call: F) -> Result<(), HypervisorError>
+    where
+        F: FnOnce(ApiClient) -> Fut,
+        Fut: std::future::Future<Output = Result<(), ApiError>>,
+    {
+        let _serial = self.exclusive(&vmm.socket).await;
+        let client = ApiClient::new(&vmm.socket);
+        let (state, _) = self.state_of(vmm, &client, op).await?;
+        if state != from {
+            return Err(HypervisorError::WrongState { op, state });
+        }
+        call(client).await.map_err(|e| Self::api_error(vmm, op, e))
+    }
+
+    /// Makes room on the guest's socket and starts a VMM on it, waiting
+    /// until it answers. Refuses while a VM lives there; a VMM left empty
+    /// by an unfinished create or restore is ended first.
+    async fn launch(&self, guest: &GuestVmm, serial_log: &Path, op: &'static str) -> Result<(VmmHandle, ApiClient, ChVersion), HypervisorError> {
+        let client = ApiClient::new(&guest.socket);
+        match client.ping_within(PROBE_TIMEOUT).await {
+            Err(e) if e.is_not_listening() => {
+                if process::find_by_argument(&guest.socket).is_some() {
+                    return Err(HypervisorError::AlreadyRunning { socket: guest.socket.clone() });
+                }
+                // Up to v52 the server only bind()s: a stale file stops it.
+                let _ = std::fs::remove_file(&guest.socket);
+            }
+            Err(_) => return Err(HypervisorError::AlreadyRunning { socket: guest.socket.clone() }),
+            Ok(ping) => {
+                match client.info_within(PROBE_TIMEOUT).await {
+                    Err(e) if e.is_not_created() => {}
+                    _ => return Err(HypervisorError::AlreadyRunning { socket: guest.socket.clone() }),
+                }
+                tracing::warn!(socket = %guest.socket.display(), "ending an empty VMM left by an unfinished create or restore");
+                let _ = client.vmm_shutdown().await;
+                let held = ping.pid.and_then(|p| u32::try_from(p).ok()).and_then(|pid| {
+                    process::start_time(pid).map(|start_time| ProcessId { pid, start_time })
+                });
+                if let Some(id) = held.or_else(|| process::find_by_argument(&guest.socket)) {
+                    if !process::wait_gone(id, EXIT_TIMEOUT).await {
+                        process::kill(id, EXIT_TIMEOUT).await;
+                    }
+                }
+                let _ = std::fs::remove_file(&guest.socket);
+            }
+        }
+        let args = vec!["--api-socket".to_string(), format!("path={}", guest.socket.display())];
+        let id = process::spawn_detached_split(&self.binary, &args, serial_log, &guest.vmm_log)
+            .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: std::io::Error::other(e) })?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let ping = loop {
+            if !process::is_alive(id) {
+                return Err(backend(op)(ChError::ExitedEarly { log_tail: process::log_tail(&guest.vmm_log) }));
+            }
+            match client.ping_within(PROBE_TIMEOUT).await {
+                Ok(ping) => break ping,
+                Err(e) if Instant::now() >= deadline => {
+                    process::kill(id, EXIT_TIMEOUT).await;
+                    tracing::warn!(error = %crate::error_chain(&e), "cloud-hypervisor did not answer on its API socket");
+                    return Err(HypervisorError::Timeout { op, secs: START_TIMEOUT.as_secs() });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let version = ChVersion::parse(&ping.version)
+            .or_else(|| ping.build_version.as_deref().and_then(ChVersion::parse))
+            .ok_or_else(|| ChError::VersionParse(ping.version.clone()));
+        let version = match version {
+            Ok(v) => v,
+            Err(e) => {
+                process::kill(id, EXIT_TIMEOUT).await;
+                return Err(backend(op)(e));
+            }
+        };
+        let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version: Some(version.to_string()) };
+        Ok((handle, client, version))
+    }
+
+    /// Kills a VMM that failed half-way, so nothing is left behind.
+    async fn discard(&self, vmm: &VmmHandle) {
+        process::kill(vmm.process_id(), EXIT_TIMEOUT).await;
+        let _ = std::fs::remove_file(&vmm.socket);
+    }
+
+    /// Starts a VMM and restores `dir` into it with `mode`.
+    async fn restore_once(
+        &self,
+        guest: &GuestVmm,
+        config: &VmConfig,
+        dir: &Path,
+        mode: impl Fn(ChVersion) -> Option<api::MemoryRestoreMode>,
+    ) -> Result<(VmmHandle, Option<api::MemoryRestoreMode>), (HypervisorError, Option<api::MemoryRestoreMode>)> {
+        let op = "restore";
+        let (handle, client, version) = self.launch(guest, &config.serial_log, op).await.map_err(|e| (e, None))?;
+        let mode = mode(version);
+        let restored = async {
+            client.restore(&config::restore_config(dir, mode)).await.map_err(|e| Self::api_error(&handle, op, e))?;
+            match self.state_of(&handle, &client, op).await? {
+                (VmState::Paused, _) => Ok(()),
+                (state, _) => Err(HypervisorError::WrongState { op, state }),
+            }
+        };
+        match restored.await {
+            Ok(()) => Ok((handle, mode)),
+            Err(e) => {
+                self.discard(&handle).await;
+                Err((e, mode))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for CloudHypervisorBackend {
+    fn kind(&self) -> HypervisorKind {
+        HypervisorKind::CloudHypervisor
+    }
+
+    /// `vm.create` plugs all hotplug memory at boot (`hotplugged_size`).
+    fn running_memory_bytes(&self, memory_bytes: u64, hotplug_memory_bytes: u64) -> u64 {
+        memory_bytes + hotplug_memory_bytes
+    }
+
+    async fn version(&self) -> Result<String, HypervisorError> {
+        self.binary_version().await.map(|v| v.to_string()).map_err(backend("version"))
+    }
+
+    async fn probe(&self, guest: &GuestVmm) -> Probe {
+        let client = ApiClient::new(&guest.socket);
+        let recorded = guest
+            .recorded
+            .as_ref()
+            .filter(|h| h.socket == guest.socket && process::is_alive(h.process_id()));
+        let ping = match client.ping_within(PROBE_TIMEOUT).await {
+            Ok(ping) => ping,
+            Err(e) if e.is_not_listening() => {
+                let holder = recorded.map(VmmHandle::process_id).or_else(|| process::find_by_argument(&guest.socket));
+                return match holder {
+                    Some(p) => Probe::Unreachable {
+                        reason: format!("cloud-hypervisor process {} lives but its API socket refuses connections", p.pid),
+                    },
+                    None => {
+                        let _ = std::fs::remove_file(&guest.socket);
+                        Probe::Absent
+                    }
+                };
+            }
+            Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
+        };
+        let version = ChVersion::parse(&ping.version).map(|v| v.to_string());
+        let state = match client.info_within(PROBE_TIMEOUT).await {
+            Ok(info) => match vm_state(info.state) {
+                Some(s) => s,
+                None => return Probe::Unreachable { reason: format!("the VM is in state {:?}", info.state) },
+            },
+            Err(e) if e.is_not_created() => VmState::Shutdown,
+            Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
+        };
+        let answered = ping.pid.and_then(|p| u32::try_from(p).ok()).and_then(|pid| {
+            let start_time = process::start_time(pid)?;
+            Some(ProcessId { pid, start_time })
+        });
+        let handle = match (recorded, answered.or_else(|| process::find_by_argument(&guest.socket))) {
+            (Some(h), _) => VmmHandle { version: version.or(h.version.clone()), ..h.clone() },
+            (None, Some(p)) => VmmHandle { pid: p.pid, pid_start_time: p.start_time, socket: guest.socket.clone(), version },
+            (None, None) => {
+                return Probe::Unreachable { reason: "the API answers but no cloud-hypervisor process names the socket".into() }
+            }
+        };
+        Probe::Alive { handle, state }
+    }
+
+    async fn create(&self, guest: &GuestVmm, config: &VmConfig) -> Result<VmmHandle, HypervisorError> {
+        let op = "create";
+        let record = LaunchRecord { version: LAUNCH_VERSION, config: config.clone() };
+        launch::write(&guest.guest_dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
+        let _serial = self.exclusive(&guest.socket).await;
+        let (handle, client, version) = self.launch(guest, &config.serial_log, op).await?;
+        if let Err(e) = client.create(&config::vm_config(config)).await {
+            self.discard(&handle).await;
+            return Err(Self::api_error(&handle, op, e));
+        }
+        tracing::info!(pid = handle.pid, %version, "Cloud Hypervisor created the VM");
+        Ok(handle)
+    }
+
+    async fn boot(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        self.transition(vmm, "boot", VmState::Created, |c| async move { c.boot().await }).await
+    }
+
+    async fn pause(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        self.transition(vmm, "pause", VmState::Running, |c| async move { c.pause().await }).await
+    }
+
+    async fn resume(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        self.transition(vmm, "resume", VmState::Paused, |c| async move { c.resume().await }).await
+    }
+
+    async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        let _serial = self.exclusive(&vmm.socket).await;
+        match ApiClient::new(&vmm.socket).power_button().await {
+            Ok(()) => Ok(()),
+            // The guest powered off so fast that the VMM exited mid-reply.
+            Err(e) if !e.is_refusal() && !process::is_alive(vmm.process_id()) => Ok(()),
+            Err(e) => Err(Self::api_error(vmm, "power_off", e)),
+        }
+    }
+
+    async fn snapshot(&self, vmm: &VmmHandle, dir: &Path) -> Result<SnapshotMeta, HypervisorError> {
+        let op = "snapshot";
+        let record = guest_dir(&vmm.socket)
+            .and_then(|g| read_launch(&g.join(LAUNCH_FILE)))
+            .map_err(backend(op))?;
+        let entries = std::fs::read_dir(dir).map_err(|source| backend(op)(ChError::Sync { path: dir.to_path_buf(), source }))?;
+        if entries.count() > 0 {
+            return Err(backend(op)(ChError::NotEmpty { dir: dir.to_path_buf() }));
+        }
+        let _serial = self.exclusive(&vmm.socket).await;
+        let client = ApiClient::new(&vmm.socket);
+        let (state, _) = self.state_of(vmm, &client, op).await?;
+        if state != VmState::Paused {
+            return Err(HypervisorError::WrongState { op, state });
+        }
+        let ping = client.ping().await.map_err(|e| Self::api_error(vmm, op, e))?;
+        let version = ChVersion::parse(&ping.version).ok_or_else(|| backend(op)(ChError::VersionParse(ping.version.clone())))?;
+        let deadline = Instant::now() + RESTORING_TIMEOUT;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match client.snapshot(dir).await {
+                Ok(()) => break,
+                Err(e) if e.is_restoring() && Instant::now() + wait < deadline => {
+                    tracing::info!(retry_in = ?wait, "Cloud Hypervisor is still prefaulting an on-demand restore; snapshot retried");
+                    empty_dir(dir).map_err(backend(op))?;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(Self::api_error(vmm, op, e)),
+            }
+        }
+        launch::write(&dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
+        sync_dir_tree(dir).map_err(backend(op))?;
+        Ok(SnapshotMeta { hypervisor_version: version.to_string(), config_hash: record.config.config_hash() })
+    }
+
+    async fn restore(&self, guest: &GuestVmm, config: &VmConfig, dir: &Path) -> Result<VmmHandle, HypervisorError> {
+        let op = "restore";
+        let bad = |e: ChError| HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source: Box::new(e) };
+        let record = read_launch(&dir.join(LAUNCH_FILE)).map_err(bad)?;
+        if record.config != *config {
+            return Err(bad(ChError::ConfigMismatch));
+        }
+        for name in SNAPSHOT_FILES {
+            let path = dir.join(name);
+            if !path.is_file() {
+                return Err(bad(ChError::MissingFile { path }));
+            }
+        }
+        launch::write(&guest.guest_dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
+        let _serial = self.exclusive(&guest.socket).await;
+        // memory is always shared (see `config`).
+        let preferred = |v: ChVersion| config::restore_mode(v, true);
+        let (handle, mode) = match self.restore_once(guest, config, dir, preferred).await {
+            Ok(done) => done,
+            Err((HypervisorError::Backend { source, .. }, Some(api::MemoryRestoreMode::OnDemand))) => {
+                // On-demand restore needs userfaultfd (/dev/userfaultfd or
+                // vm.unprivileged_userfaultfd=1); without it the server
+                // refuses rather than falling back itself.
+                tracing::warn!(error = %crate::error_chain(source.as_ref()), "on-demand restore refused; restoring by copy");
+                self.restore_once(guest, config, dir, |_| Some(api::MemoryRestoreMode::Copy)).await.map_err(|(e, _)| e)?
+            }
+            Err((e, _)) => return Err(e),
+        };
+        tracing::info!(pid = handle.pid, ?mode, "Cloud Hypervisor restored the VM, paused");
+        Ok(handle)
+    }
+
+    async fn shutdown_vmm(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        let id = vmm.process_id();
+        if !process::is_alive(id) {
+            return Err(HypervisorError::VmmGone { pid: vmm.pid });
+        }
+        let _serial = self.exclusive(&vmm.socket).await;
+        match ApiClient::new(&vmm.socket).vmm_shutdown().await {
+            Ok(()) => {}
+            Err(e) if process::is_alive(id) => {
+                tracing::warn!(error = %crate::error_chain(&e), "vmm.shutdown failed; killing cloud-hypervisor")
+            }
+            // It exited before its reply reached us.
+            Err(_) => {}
+        }
+        // The process holds OFD locks on the disk images until it exits.
+        if !process::wait_gone(id, EXIT_TIMEOUT).await {
+            tracing::warn!(pid = vmm.pid, "cloud-hypervisor ignored vmm.shutdown; killing it");
+            process::kill(id, EXIT_TIMEOUT).await;
+        }
+        let _ = std::fs::remove_file(&vmm.socket);
+        Ok(())
+    }
+
+    async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
+        if !process::kill(vmm.process_id(), EXIT_TIMEOUT).await {
+            return Err(HypervisorError::Timeout { op: "kill", secs: EXIT_TIMEOUT.as_secs() });
+        }
+        let _ = std::fs::remove_file(&vmm.socket);
+        Ok(())
+    }
+
+    async fn info(&self, vmm: &VmmHandle) -> Result<VmInfo, HypervisorError> {
+        let _serial = self.exclusive(&vmm.socket).await;
+        let (state, memory_actual_bytes) = self.state_of(vmm, &ApiClient::new(&vmm.socket), "info").await?;
+        Ok(VmInfo { state, memory_actual_bytes })
+    }
+
+    async fn resize_memory(&self, vmm: &VmmHandle, total_bytes: u64) -> Result<(), HypervisorError> {
+        let op = "resize_memory";
+        let record = guest_dir(&vmm.socket)
+            .and_then(|g| read_launch(&g.join(LAUNCH_FILE)))
+            .map_err(backend(op))?;
+        let config = &record.config;
+        if config.hotplug_memory_bytes == 0 {
+            return Err(HypervisorError::Unsupported { backend: HypervisorKind::CloudHypervisor, what: "memory resize without hotplug memory" });
+        }
+        let (min, max) = (config.memory_bytes, config.memory_bytes + config.hotplug_memory_bytes);
+        if total_bytes < min || total_bytes > max {
+            return Err(backend(op)(ChError::MemoryOutOfRange { requested: total_bytes, min, max }));
+        }
+        let _serial = self.exclusive(&vmm.socket).await;
+        ApiClient::new(&vmm.socket).resize_memory(total_bytes).await.map_err(|e| Self::api_error(vmm, op, e))
+    }
+
+    async fn add_disk(&self, vmm: &VmmHandle, disk: &DiskConfig) -> Result<(), HypervisorError> {
+        let _serial = self.exclusive(&vmm.socket).await;
+        let added = ApiClient::new(&vmm.socket).add_disk(&config::disk(disk)).await;
+        match added.map_err(|e| Self::api_error(vmm, "add_disk", e))? {
+            Some(pci) => tracing::info!(id = %pci.id, bdf = %pci.bdf, "disk hot-plugged"),
+            None => tracing::info!(id = %disk.id, "disk added to the created VM"),
+        }
+        Ok(())
+    }
+
+    async fn remove_disk(&self, vmm: &VmmHandle, id: &str) -> Result<(), HypervisorError> {
+        let _serial = self.exclusive(&vmm.socket).await;
+        ApiClient::new(&vmm.socket).remove_device(id).await.map_err(|e| Self::api_error(vmm, "remove_disk", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_map_by_name() {
+        let table = [
+            (api::VmState::Created, Some(VmState::Created)),
+            (api::VmState::Running, Some(VmState::Running)),
+            (api::VmState::Paused, Some(VmState::Paused)),
+            (api::VmState::Shutdown, Some(VmState::Shutdown)),
+            (api::VmState::BreakPoint, None),
+        ];
+        for (ch, want) in table {
+            assert_eq!(vm_state(ch), want, "{ch:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn conformance_without_a_vmm() {
+        use crate::hypervisor::conformance::*;
+        let ch = CloudHypervisorBackend::new("/nonexistent/cloud-hypervisor".into());
+        stale_socket_is_absent(&ch, "ch.sock").await;
+        silent_socket_is_unreachable(&ch, "ch.sock", "vmm.ping").await;
+        gone_vmm_is_vmm_gone(&ch, "ch.sock").await;
+    }
+
+    #[test]
+    fn snapshot_directories_are_synced_and_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in SNAPSHOT_FILES {
+            std::fs::write(dir.path().join(name), name).unwrap();
+        }
+        sync_dir_tree(dir.path()).unwrap();
+        empty_dir(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(matches!(sync_dir_tree(&dir.path().join("gone")), Err(ChError::Sync { .. })));
+    }
+}

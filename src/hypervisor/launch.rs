@@ -1,0 +1,46 @@
+//! Launch records: what a VM was started with, persisted as JSON beside it
+//! (in the guest directory) and copied into each of its snapshots, so a
+//! restarted daemon or a restore knows the configuration without asking the
+//! VMM. Backend-neutral file handling only; each backend defines its record.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a launch record", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, LaunchError> {
+    let bytes = std::fs::read(path).map_err(|source| LaunchError::Read { path: path.to_path_buf(), source })?;
+    serde_json::from_slice(&bytes).map_err(|source| LaunchError::Parse { path: path.to_path_buf(), source })
+}
+
+/// Temp file, fsync, rename: a crash leaves the old record or the new.
+pub fn write<T: Serialize>(path: &Path, record: &T) -> Result<(), LaunchError> {
+    let err = |source| LaunchError::Write { path: path.to_path_buf(), source };
+    let json = serde_json::to_vec_pretty(record).map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(&json).and_then(|()| f.sync_all()).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

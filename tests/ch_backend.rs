@@ -1,0 +1,284 @@
+//! The Cloud Hypervisor backend (the `Hypervisor` trait) with real detached
+//! processes: the fake server binary stands in for `cloud-hypervisor`,
+//! through a wrapper script that sets its version and quirks per test. Its
+//! guest prints a counter to the serial port, so a restore that continues
+//! the counter in an appended `app.log` shows the whole chain works.
+
+mod support;
+
+use hypeman::declaration::spec::IoLimit;
+use hypeman::hypervisor::cloud_hypervisor::{CloudHypervisorBackend, LAUNCH_FILE};
+use hypeman::hypervisor::process;
+use hypeman::hypervisor::{DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, VmConfig, VmmHandle};
+use hypeman::state::VmState;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+struct Guest {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    backend: CloudHypervisorBackend,
+    binary: PathBuf,
+}
+
+impl Guest {
+    fn new(env: &[(&str, &str)]) -> Guest {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("g");
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let binary = support::fake_ch::wrapper(tmp.path(), env);
+        Guest { backend: CloudHypervisorBackend::new(binary.clone()), binary, dir, _tmp: tmp }
+    }
+
+    fn vmm(&self, recorded: Option<&VmmHandle>) -> GuestVmm {
+        GuestVmm {
+            guest_dir: self.dir.clone(),
+            socket: self.dir.join("ch.sock"),
+            vmm_log: self.dir.join("logs/vmm.log"),
+            recorded: recorded.cloned(),
+        }
+    }
+
+    fn config(&self, hotplug: u64) -> VmConfig {
+        let file = |name: &str| {
+            let p = self.dir.join(name);
+            std::fs::write(&p, name).unwrap();
+            p
+        };
+        VmConfig {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            hotplug_memory_bytes: hotplug,
+            kernel: file("vmlinuz"),
+            initrd: Some(file("initrd")),
+            cmdline: "console=ttyS0".into(),
+            disks: vec![DiskConfig { id: "rootfs".into(), path: file("rootfs.erofs"), readonly: true, limit: IoLimit::default() }],
+            net: None,
+            devices: vec![],
+            serial_log: self.dir.join("logs/app.log"),
+            vsock: None,
+        }
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        std::fs::read_to_string(self.dir.join("logs/app.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("COUNTER ")?.parse().ok())
+            .collect()
+    }
+
+    fn wait_counter_above(&self, n: u64) {
+        let t0 = Instant::now();
+        while self.counters().last().copied().unwrap_or(0) <= n {
+            assert!(t0.elapsed() < Duration::from_secs(10), "counter stuck at {:?}", self.counters().last());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Creates, boots and pauses a VM of `cfg`, snapshots it into a new
+    /// `snap` directory and ends its VMM, as a standby does.
+    async fn standby(&self, cfg: &VmConfig) -> PathBuf {
+        let h = self.backend.create(&self.vmm(None), cfg).await.unwrap();
+        self.backend.boot(&h).await.unwrap();
+        self.backend.pause(&h).await.unwrap();
+        let snap = self.dir.join("snap");
+        std::fs::create_dir(&snap).unwrap();
+        self.backend.snapshot(&h, &snap).await.unwrap();
+        self.backend.shutdown_vmm(&h).await.unwrap();
+        snap
+    }
+
+    fn vmm_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs/vmm.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        while let Some(p) = process::find_by_argument(&self.dir.join("ch.sock")) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), nix::sys::signal::Signal::SIGKILL);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let violations = support::fake_ch::violations(&self.dir.join("logs/vmm.log"));
+        if !std::thread::panicking() {
+            assert_eq!(violations, Vec::<String>::new(), "requests that break the OpenAPI spec");
+        }
+    }
+}
+
+fn alive(h: &VmmHandle) -> bool {
+    process::is_alive(h.process_id())
+}
+
+async fn probe_state(g: &Guest, recorded: Option<&VmmHandle>) -> Option<(u32, VmState)> {
+    match g.backend.probe(&g.vmm(recorded)).await {
+        Probe::Alive { handle, state } => Some((handle.pid, state)),
+        Probe::Absent => None,
+        Probe::Unreachable { reason } => panic!("unreachable: {reason}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_standby_restore_and_power_off() {
+    let g = Guest::new(&[]);
+    let cfg = g.config(512 << 20);
+    assert_eq!(g.backend.version().await.unwrap(), "53.0.0");
+    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
+    assert!(alive(&h));
+    assert_eq!(h.version.as_deref(), Some("53.0.0"));
+    assert!(matches!(g.backend.create(&g.vmm(None), &cfg).await, Err(HypervisorError::AlreadyRunning { .. })));
+    assert_eq!(probe_state(&g, Some(&h)).await, Some((h.pid, VmState::Created)));
+    assert!(matches!(g.backend.pause(&h).await, Err(HypervisorError::WrongState { state: VmState::Created, .. })));
+    g.backend.boot(&h).await.unwrap();
+    g.wait_counter_above(3);
+    let info = g.backend.info(&h).await.unwrap();
+    assert_eq!(info.memory_actual_bytes, Some(768 << 20));
+
+    // Standby, as the executor does it: shrink, pause, snapshot, end.
+    g.backend.resize_memory(&h, 256 << 20).await.unwrap();
+    assert!(g.backend.resize_memory(&h, 128 << 20).await.is_err(), "below the boot memory");
+    g.backend.pause(&h).await.unwrap();
+    let snap = g.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let meta = g.backend.snapshot(&h, &snap).await.unwrap();
+    assert_eq!(meta.hypervisor_version, g.backend.version().await.unwrap());
+    assert_eq!(meta.config_hash, cfg.config_hash());
+    for f in ["config.json", "state.json", "memory-ranges", LAUNCH_FILE] {
+        assert!(snap.join(f).is_file(), "{f}");
+    }
+    let last = *g.counters().last().unwrap();
+    g.backend.shutdown_vmm(&h).await.unwrap();
+    assert!(!alive(&h), "shutdown_vmm waits for the process to exit");
+    assert!(!g.dir.join("ch.sock").exists());
+    assert_eq!(probe_state(&g, Some(&h)).await, None);
+
+    // Restore: a new process, paused until resumed, the guest carries on.
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    assert_ne!(h2.pid, h.pid);
+    assert_eq!(probe_state(&g, None).await, Some((h2.pid, VmState::Paused)));
+    assert!(g.vmm_log().contains("PUT /api/v1/vm.restore -> 204"));
+    g.backend.resume(&h2).await.unwrap();
+    g.wait_counter_above(last);
+    let counters = g.counters();
+    let resumed = counters.iter().skip_while(|&&c| c != last).nth(1).copied();
+    assert_eq!(resumed, Some(last + 1), "app.log appended, counter continued: {counters:?}");
+    assert_eq!(counters[0], 1, "nothing before the restore was truncated away");
+
+    // A guest power-off ends the VMM process.
+    g.backend.power_off(&h2).await.unwrap();
+    assert!(process::wait_gone(h2.process_id(), Duration::from_secs(5)).await);
+    assert_eq!(probe_state(&g, Some(&h2)).await, None);
+    assert!(matches!(g.backend.boot(&h2).await, Err(HypervisorError::VmmGone { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_finds_the_vmm_by_its_socket() {
+    let g = Guest::new(&[]);
+    let h = g.backend.create(&g.vmm(None), &g.config(0)).await.unwrap();
+    g.backend.boot(&h).await.unwrap();
+    // Another backend, as in a new daemon that never recorded the VMM.
+    let fresh = CloudHypervisorBackend::new(g.binary.clone());
+    match fresh.probe(&g.vmm(None)).await {
+        Probe::Alive { handle, state } => {
+            assert_eq!((handle.pid, handle.pid_start_time, state), (h.pid, h.pid_start_time, VmState::Running));
+            assert_eq!(handle.version.as_deref(), Some("53.0.0"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(g.backend.resize_memory(&h, 512 << 20).await, Err(HypervisorError::Unsupported { .. })));
+    fresh.kill(&h).await.unwrap();
+    assert!(!alive(&h));
+}
+
+/// What the daemon leaves when it dies between starting a VMM and creating
+/// the VM in it: an empty VMM reads as `Shutdown`, and a create replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_vmm_is_shutdown_and_replaced_by_create() {
+    let g = Guest::new(&[]);
+    let socket = g.dir.join("ch.sock");
+    let args = vec!["--api-socket".to_string(), format!("path={}", socket.display())];
+    let empty = process::spawn_detached(&g.binary, &args, &g.dir.join("logs/vmm.log")).unwrap();
+    // Listening, not merely bound: the socket file appears a moment before.
+    let client = hypeman::hypervisor::cloud_hypervisor::client::ApiClient::new(&socket);
+    let t0 = Instant::now();
+    while client.ping().await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the empty VMM never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(probe_state(&g, None).await, Some((empty.pid, VmState::Shutdown)));
+    let h = g.backend.create(&g.vmm(None), &g.config(0)).await.unwrap();
+    assert_ne!(h.pid, empty.pid);
+    assert!(!process::is_alive(empty), "the empty VMM was ended");
+    assert_eq!(probe_state(&g, Some(&h)).await, Some((h.pid, VmState::Created)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_userfaultfd_the_restore_falls_back_to_copy() {
+    let g = Guest::new(&[("FAKE_CH_NO_USERFAULTFD", "1")]);
+    let cfg = g.config(0);
+    let snap = g.standby(&cfg).await;
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    assert_eq!(probe_state(&g, Some(&h2)).await, Some((h2.pid, VmState::Paused)));
+    let log = g.vmm_log();
+    let restores: Vec<&str> = log.lines().filter(|l| l.starts_with("PUT /api/v1/vm.restore")).collect();
+    assert_eq!(restores, ["PUT /api/v1/vm.restore -> 500", "PUT /api/v1/vm.restore -> 204"], "{log}");
+    // The snapshot must match the configuration it is restored under.
+    g.backend.kill(&h2).await.unwrap();
+    let mut other = cfg.clone();
+    other.vcpus = 2;
+    assert!(matches!(g.backend.restore(&g.vmm(None), &other, &snap).await, Err(HypervisorError::BadSnapshot { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_waits_out_the_v53_prefault() {
+    let g = Guest::new(&[("FAKE_CH_PREFAULT_MS", "600")]);
+    let cfg = g.config(0);
+    let snap = g.standby(&cfg).await;
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    g.backend.resume(&h2).await.unwrap();
+    g.backend.pause(&h2).await.unwrap();
+    let snap2 = g.dir.join("snap2");
+    std::fs::create_dir(&snap2).unwrap();
+    let t0 = Instant::now();
+    g.backend.snapshot(&h2, &snap2).await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(300), "the first attempts were refused");
+    assert!(g.vmm_log().contains("PUT /api/v1/vm.snapshot -> 500"));
+    for f in ["config.json", "state.json", "memory-ranges", LAUNCH_FILE] {
+        assert!(snap2.join(f).is_file(), "{f}");
+    }
+}
+
+/// v49: 500s for everything, no restore mode, and a stale socket file
+/// makes the server fail to start unless the backend removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v49_server_is_driven_too() {
+    let g = Guest::new(&[("FAKE_CH_VERSION", "49.0.0")]);
+    let cfg = g.config(0);
+    assert_eq!(g.backend.version().await.unwrap(), "49.0.0");
+    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
+    // Killed hard: the socket file stays behind.
+    g.backend.kill(&h).await.unwrap();
+    std::os::unix::net::UnixListener::bind(g.dir.join("ch.sock")).map(drop).unwrap();
+    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
+    g.backend.boot(&h).await.unwrap();
+    g.backend.pause(&h).await.unwrap();
+    let snap = g.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    assert_eq!(g.backend.snapshot(&h, &snap).await.unwrap().hypervisor_version, "49.0.0");
+    g.backend.shutdown_vmm(&h).await.unwrap();
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    g.backend.resume(&h2).await.unwrap();
+    assert_eq!(g.backend.info(&h2).await.unwrap().state, VmState::Running);
+    g.backend.shutdown_vmm(&h2).await.unwrap();
+}
+
+#[test]
+fn the_wrapper_is_the_fake() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = support::fake_ch::wrapper(dir.path(), &[("FAKE_CH_VERSION", "52.1.0")]);
+    let out = std::process::Command::new(&bin).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "cloud-hypervisor v52.1.0\n");
+    let bad = std::process::Command::new(&bin).arg("--kernel").arg("/x").output().unwrap();
+    assert!(!bad.status.success(), "arguments hypeman does not send are refused");
+}

@@ -1,0 +1,89 @@
+//! The fake Cloud Hypervisor for the tests: its OpenAPI document, its
+//! binary (built on first use), and `cloud-hypervisor` wrapper scripts that
+//! run it with per-test settings.
+
+use fake_cloud_hypervisor::openapi::OpenApi;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+/// `shared/spec/cloud-hypervisor-v53.0.openapi.yaml`, beside the checkout
+/// (CI) or above it (worktrees), or `HYPEMAN_CH_OPENAPI`. Missing, it is a
+/// failure: request bodies must not go unchecked.
+pub fn spec_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HYPEMAN_CH_OPENAPI") {
+        return PathBuf::from(p);
+    }
+    OpenApi::locate(&super::manifest_dir()).unwrap_or_else(|| {
+        panic!(
+            "{} not found beside or above {} (set HYPEMAN_CH_OPENAPI)",
+            fake_cloud_hypervisor::openapi::SPEC_RELATIVE,
+            super::manifest_dir().display()
+        )
+    })
+}
+
+pub fn spec() -> Arc<OpenApi> {
+    static SPEC: OnceLock<Arc<OpenApi>> = OnceLock::new();
+    SPEC.get_or_init(|| Arc::new(OpenApi::load(&spec_path()).expect("the OpenAPI document loads")))
+        .clone()
+}
+
+/// The `fake-cloud-hypervisor` binary. It belongs to another workspace
+/// member, so Cargo does not build it for this package's tests: it is
+/// built here, once per test process (a no-op when up to date).
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("HYPEMAN_FAKE_CH_BINARY") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let release = std::env::current_exe()
+            .ok()
+            .is_some_and(|exe| exe.components().any(|c| c.as_os_str() == "release"));
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(super::manifest_dir())
+            .args(["build", "--quiet", "-p", "fake-cloud-hypervisor", "--bin", "fake-cloud-hypervisor"])
+            .arg("--message-format=json-render-diagnostics");
+        if release {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("run cargo build for the fake");
+        assert!(out.status.success(), "building fake-cloud-hypervisor failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "fake-cloud-hypervisor")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo names the fake's executable")
+    })
+    .clone()
+}
+
+/// Writes `dir/cloud-hypervisor`: a script that runs the fake with the
+/// spec and `env` set, so each test tunes its own VMMs.
+pub fn wrapper(dir: &Path, env: &[(&str, &str)]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut script = String::from("#!/bin/sh\n");
+    script.push_str(&format!("export FAKE_CH_OPENAPI={}\n", quote(&spec_path().display().to_string())));
+    for (k, v) in env {
+        script.push_str(&format!("export {k}={}\n", quote(v)));
+    }
+    script.push_str(&format!("exec {} \"$@\"\n", quote(&binary().display().to_string())));
+    let path = dir.join("cloud-hypervisor");
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Lines of a fake VMM's log that report a request the spec refuses.
+pub fn violations(vmm_log: &Path) -> Vec<String> {
+    std::fs::read_to_string(vmm_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("SPEC VIOLATION") || l.contains("malformed request"))
+        .map(str::to_string)
+        .collect()
+}
