@@ -10,6 +10,14 @@
 //! Every step is safe to run again after the daemon is killed at any point
 //! inside it: VMMs are found again by their socket, snapshots only count
 //! once their marker is written, and metadata is written atomically.
+//!
+//! Networking: a guest with `[network] enabled` gets its address lease here,
+//! recorded in its metadata before `prepare` makes its TAP, and keeps it
+//! until the guest is removed (a stopped guest comes back on the same
+//! address). Its TAP lives while a VMM or a snapshot may use it: it goes
+//! when the guest is stopped (`StopVmm` without a snapshot,
+//! `DiscardSnapshot`) or removed. A guest whose VMM ended on its own keeps
+//! an idle TAP until it is started again (which reuses it) or removed.
 
 pub mod image_provisioner;
 pub mod provision;
@@ -37,6 +45,10 @@ pub enum InstanceError {
     },
     #[error("preparing the VM's disks failed")]
     Provision(#[from] ProvisionError),
+    #[error("cannot give the guest a network address")]
+    Network(#[from] crate::network::NetworkError),
+    #[error("cannot hand out a network address while {0} guest record(s) cannot be read: they may hold addresses")]
+    UnreadableLeases(usize),
     #[error("step refused by the state machine")]
     State(#[from] StateError),
     #[error("no {0} backend is available on this host")]
@@ -73,6 +85,9 @@ pub struct Instances {
     backends: Backends,
     settings: Arc<Settings>,
     provisioner: Arc<dyn Provisioner>,
+    /// Held from reading every guest's lease to recording a new one, so
+    /// two creates cannot pick the same free address.
+    leases: tokio::sync::Mutex<()>,
 }
 
 /// How often a stopping guest is looked at.
@@ -85,7 +100,7 @@ impl Instances {
         settings: Arc<Settings>,
         provisioner: Arc<dyn Provisioner>,
     ) -> Instances {
-        Instances { store, backends, settings, provisioner }
+        Instances { store, backends, settings, provisioner, leases: tokio::sync::Mutex::new(()) }
     }
 
     pub fn store(&self) -> &Store {
@@ -185,6 +200,7 @@ impl Instances {
                 let kind = self.resolve_kind(spec);
                 let backend = self.backend(kind)?;
                 meta.hypervisor = kind;
+                self.ensure_lease(spec, meta).await?;
                 let config = self.provisioner.prepare(spec, paths, meta).await?;
                 let guest = Self::guest_vmm(paths, meta);
                 let handle = backend.create(&guest, &config).await.map_err(hv("create"))?;
@@ -248,6 +264,9 @@ impl Instances {
                     meta.applied = None;
                 }
                 self.store.write_metadata(meta)?;
+                if obs.snapshot.is_none() {
+                    self.provisioner.release(meta).await?;
+                }
                 Ok(())
             }
             Step::DiscardSnapshot => {
@@ -255,6 +274,7 @@ impl Instances {
                 meta.applied = None;
                 meta.vmm = None;
                 self.store.write_metadata(meta)?;
+                self.provisioner.release(meta).await?;
                 Ok(())
             }
             Step::DropStaleSnapshot => Ok(self.store.remove_snapshot(meta.id)?),
@@ -268,7 +288,12 @@ impl Instances {
                 self.store.write_metadata(meta)?;
                 Ok(())
             }
-            Step::Remove => Ok(self.store.delete_guest(meta.id)?),
+            Step::Remove => {
+                // The TAP first: once the guest record is gone, nothing
+                // names it any more. Its lease goes with the record.
+                self.provisioner.release(meta).await?;
+                Ok(self.store.delete_guest(meta.id)?)
+            }
         }
     }
 
@@ -298,6 +323,7 @@ impl Instances {
             return Err(InstanceError::NoVmm { step: Step::Restore.to_string() });
         };
         let backend = self.backend(meta.hypervisor)?;
+        self.ensure_lease(spec, meta).await?;
         let config = self.provisioner.prepare(spec, paths, meta).await?;
         let version = backend
             .version()
@@ -340,6 +366,41 @@ impl Instances {
                 Err(InstanceError::Hypervisor { op: "restore", source: e })
             }
         }
+    }
+
+    /// Gives a guest with `[network] enabled` its lease (the recorded one
+    /// while still valid, else a free address) and records it before
+    /// returning; drops the lease and TAP of a guest whose declaration no
+    /// longer enables networking.
+    async fn ensure_lease(&self, spec: &InstanceSpec, meta: &mut Metadata) -> Result<(), InstanceError> {
+        if !spec.network.enabled {
+            if meta.network.is_some() {
+                self.provisioner.release(meta).await?;
+                meta.network = None;
+                self.store.write_metadata(meta)?;
+            }
+            return Ok(());
+        }
+        let _held = self.leases.lock().await;
+        let listing = self.store.list()?;
+        let others = crate::network::ipam::in_use(
+            listing.guests.iter().filter(|g| g.id != meta.id).filter_map(|g| g.network.as_ref()),
+        );
+        let lease = crate::network::ipam::lease_for(&self.settings.network.subnet, meta.id, meta.network.as_ref(), &others)?;
+        if meta.network.as_ref() != Some(&lease) {
+            if !listing.unreadable.is_empty() {
+                return Err(InstanceError::UnreadableLeases(listing.unreadable.len()));
+            }
+            if let Some(old) = &meta.network {
+                tracing::warn!(instance = %meta.name, old = %old.ip, new = %lease.ip, "the recorded address no longer fits the network settings; replacing it");
+                // A TAP name depends only on the ID, so the old TAP is this
+                // guest's one and is kept.
+            }
+            meta.network = Some(lease);
+            self.store.write_metadata(meta)?;
+            tracing::info!(instance = %meta.name, ip = meta.network.as_ref().map(|l| l.ip.as_str()).unwrap_or(""), "guest address leased");
+        }
+        Ok(())
     }
 
     /// Records an error for status; the store keeps it across restarts.
