@@ -218,3 +218,78 @@ fn create_persistent_tap(name: &str) -> Result<(), NetworkError> {
     unsafe { tun_set_persist(tun.as_raw_fd(), 1) }.map_err(|e| err("make persistent")(e.into()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `body` on a thread of its own inside a fresh network namespace
+    /// (`unshare(CLONE_NEWNET)` moves only the calling thread), with a
+    /// current-thread runtime there. `None` when this process may not make
+    /// namespaces or TAPs (not root): the test then says so and passes
+    /// nothing off as checked.
+    fn in_private_netns<T: Send + 'static>(
+        body: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+    ) -> Option<T> {
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) on this thread only.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+                eprintln!("skipped: needs root (CAP_NET_ADMIN) and /dev/net/tun");
+                return None;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            Some(rt.block_on(body()))
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    #[test]
+    fn bridge_and_tap_are_made_once_reused_and_removed() {
+        let ran = in_private_netns(|| {
+            Box::pin(async {
+                let subnet: Subnet = "10.55.0.0/24".parse().unwrap();
+                let net = HostNetwork::connect().unwrap();
+                assert!(net.link("hbtest0").await.unwrap().is_none());
+                let bridge = net.ensure_bridge("hbtest0", &subnet).await.unwrap();
+                assert_eq!(net.ensure_bridge("hbtest0", &subnet).await.unwrap(), bridge, "reused");
+                let addresses: Vec<_> = net
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(bridge)
+                    .execute()
+                    .try_collect()
+                    .await
+                    .unwrap();
+                let v4: Vec<_> = addresses
+                    .iter()
+                    .filter(|a| a.header.family == rtnetlink::packet_route::AddressFamily::Inet)
+                    .collect();
+                assert_eq!(v4.len(), 1, "the gateway address, once: {addresses:?}");
+                assert_eq!(v4[0].header.prefix_len, 24);
+                assert!(v4[0].attributes.contains(&AddressAttribute::Local("10.55.0.1".parse().unwrap())));
+
+                net.ensure_tap("hmtesttap000001", bridge).await.unwrap();
+                net.ensure_tap("hmtesttap000001", bridge).await.unwrap();
+                let tap = net.link("hmtesttap000001").await.unwrap().expect("made");
+                assert_eq!(kind_of(&tap), Some(&InfoKind::Tun));
+                assert_eq!(controller_of(&tap), Some(bridge));
+
+                // Not ours to touch: a bridge named like a TAP, a TAP
+                // named like the bridge.
+                let err = net.delete_tap("hbtest0").await.unwrap_err();
+                assert_eq!(err.to_string(), "hbtest0 exists but is not a TAP");
+                let err = net.ensure_bridge("hmtesttap000001", &subnet).await.unwrap_err();
+                assert_eq!(err.to_string(), "hmtesttap000001 exists but is not a bridge");
+
+                assert!(net.delete_tap("hmtesttap000001").await.unwrap());
+                assert!(!net.delete_tap("hmtesttap000001").await.unwrap(), "already gone");
+                assert!(net.link("hmtesttap000001").await.unwrap().is_none());
+            })
+        });
+        if ran.is_none() {
+            eprintln!("bridge_and_tap_are_made_once_reused_and_removed did not run");
+        }
+    }
+}
