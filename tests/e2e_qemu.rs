@@ -19,24 +19,6 @@ fn gate() -> Option<(PathBuf, PathBuf)> {
     support::real_vm("the daemon end-to-end test", &["umoci", "mkfs.erofs", "mkfs.ext4"])
 }
 
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// An OCI layout holding busybox and its applet links.
-fn busybox_image(work: &Path) -> String {
-    let root = work.join("rootfs");
-    support::busybox_tree(&root, &["sh", "sleep", "echo", "cat"]);
-    let layout = work.join("oci");
-    ok(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
-    let image = format!("{}:busybox", layout.display());
-    ok(Command::new("umoci").args(["new", "--image", &image]));
-    ok(Command::new("umoci").args(["insert", "--image", &image]).arg(&root).arg("/"));
-    format!("oci:{image}")
-}
-
 struct World {
     _tmp: tempfile::TempDir,
     config: PathBuf,
@@ -64,7 +46,7 @@ impl World {
             ),
         )
         .unwrap();
-        let image = busybox_image(tmp.path());
+        let image = support::busybox_image(tmp.path(), &["sh", "sleep", "echo", "cat"]);
         World { _tmp: tmp, config, data, image, memory: "256MiB".into(), daemon: None }
     }
 
@@ -111,7 +93,7 @@ impl World {
     }
 
     fn status(&self) -> Value {
-        let out = ok(self.hypeman().args(["status", "counter", "--json"]));
+        let out = support::run_ok(self.hypeman().args(["status", "counter", "--json"]));
         serde_json::from_str(&out).unwrap()
     }
 

@@ -242,19 +242,24 @@ impl Instances {
                 let vmm = live()?;
                 if obs.state == VmState::Created {
                     // Nothing booted that could hear the power button.
-                    return backend.kill(&vmm).await.map_err(hv("kill"));
+                    backend.kill(&vmm).await.map_err(hv("kill"))?;
+                    return self.release_if_unused(obs, meta).await;
                 }
                 backend.power_off(&vmm).await.map_err(hv("power off"))?;
                 let guest = Self::guest_vmm(paths, meta);
                 let deadline = tokio::time::Instant::now() + self.settings.reconcile.stop_grace;
                 while tokio::time::Instant::now() < deadline {
                     match backend.probe(&guest).await {
-                        Probe::Absent | Probe::Alive { state: VmState::Shutdown, .. } => return Ok(()),
+                        // StopVmm follows and releases what the VM used.
+                        Probe::Alive { state: VmState::Shutdown, .. } => return Ok(()),
+                        // The VMM exited with its guest: nothing follows.
+                        Probe::Absent => return self.release_if_unused(obs, meta).await,
                         Probe::Alive { .. } | Probe::Unreachable { .. } => tokio::time::sleep(POLL).await,
                     }
                 }
                 tracing::warn!(instance = %meta.name, grace = ?self.settings.reconcile.stop_grace, "guest did not power off in time; killing its VMM");
-                backend.kill(&vmm).await.map_err(hv("kill"))
+                backend.kill(&vmm).await.map_err(hv("kill"))?;
+                self.release_if_unused(obs, meta).await
             }
             Step::StopVmm => {
                 let backend = self.backend(meta.hypervisor)?;
@@ -264,10 +269,7 @@ impl Instances {
                     meta.applied = None;
                 }
                 self.store.write_metadata(meta)?;
-                if obs.snapshot.is_none() {
-                    self.provisioner.release(meta).await?;
-                }
-                Ok(())
+                self.release_if_unused(obs, meta).await
             }
             Step::DiscardSnapshot => {
                 self.store.remove_snapshot(meta.id)?;
@@ -295,6 +297,15 @@ impl Instances {
                 Ok(self.store.delete_guest(meta.id)?)
             }
         }
+    }
+
+    /// Releases the host resources of a guest whose VMM is gone, unless a
+    /// snapshot still needs them.
+    async fn release_if_unused(&self, obs: &Observation, meta: &Metadata) -> Result<(), InstanceError> {
+        if obs.snapshot.is_none() {
+            self.provisioner.release(meta).await?;
+        }
+        Ok(())
     }
 
     /// Ends a VMM in order, and by force when it will not go.

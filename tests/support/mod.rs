@@ -1,6 +1,6 @@
 //! What the real-VM tests share: the gate that runs them only when asked
-//! (and then fails on anything missing), and the busybox root tree their
-//! guests boot.
+//! (and then fails on anything missing), the busybox root tree their
+//! guests boot, and that tree as an OCI image.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
@@ -60,4 +60,29 @@ pub fn busybox_tree(root: &Path, applets: &[&str]) {
     for applet in applets {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
     }
+}
+
+/// Runs `cmd`, fails the test with its output if it fails, returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An OCI layout under `work` holding busybox and links for `applets`,
+/// built with umoci; returns the `oci:<dir>:<tag>` reference.
+pub fn busybox_image(work: &Path, applets: &[&str]) -> String {
+    let root = work.join("rootfs");
+    busybox_tree(&root, applets);
+    let layout = work.join("oci");
+    run_ok(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+    let image = format!("{}:busybox", layout.display());
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(Command::new("umoci").args(["insert", "--image", &image]).arg(&root).arg("/"));
+    format!("oci:{image}")
 }
