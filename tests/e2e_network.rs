@@ -108,7 +108,7 @@ impl World {
         .unwrap();
         let image = support::busybox_image(
             tmp.path(),
-            &["sh", "sleep", "echo", "cat", "mkdir", "grep", "hostname", "httpd", "wget"],
+            &["sh", "sleep", "echo", "cat", "mkdir", "grep", "hostname", "httpd", "wget", "sync", "ls"],
         );
         World { tmp, config, data, image, daemon: None, server: None, ns }
     }
@@ -165,8 +165,13 @@ impl World {
     }
 
     fn declare(&self, name: &str, state: &str, script: &str) {
+        self.declare_with(name, state, script, "[network]\nenabled = true\n");
+    }
+
+    /// A declaration running `script`, with `tables` (TOML) appended.
+    fn declare_with(&self, name: &str, state: &str, script: &str, tables: &str) {
         let body = format!(
-            "image = \"{}\"\nstate = \"{state}\"\nmemory = \"256MiB\"\ncmd = [\"sh\", \"-c\", '{script}']\n[network]\nenabled = true\n",
+            "image = \"{}\"\nstate = \"{state}\"\nmemory = \"256MiB\"\ncmd = [\"sh\", \"-c\", '{script}']\n{tables}",
             self.image
         );
         let dir = self.config.join("instances");
@@ -312,5 +317,40 @@ fn guests_reach_the_host_the_host_reaches_them_and_they_reach_each_other() {
         assert!(t0.elapsed() < TIMEOUT, "peer's TAP never removed\n{}", w.daemon_log_tail());
         std::thread::sleep(Duration::from_millis(100));
     }
+    w.stop_daemon();
+}
+
+/// A declared `[[volumes]]` disk is found by its serial, mounted where the
+/// declaration says, readable and writable by the app; without `[network]`
+/// the guest has loopback only.
+#[test]
+fn a_volume_is_mounted_and_the_app_writes_to_it() {
+    let Some((kernel_dir, init)) = support::real_vm("the volume test", &["umoci", "mkfs.erofs", "mkfs.ext4", "debugfs", "ip"]) else {
+        return;
+    };
+    let mut w = World::new(&kernel_dir, &init);
+    let seed = w.tmp.path().join("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    std::fs::write(seed.join("seed.txt"), "seeded-on-the-host\n").unwrap();
+    let volume = w.tmp.path().join("data.ext4");
+    std::fs::File::create(&volume).unwrap().set_len(32 << 20).unwrap();
+    support::run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&seed).arg(&volume));
+    w.start();
+
+    let script = "echo SEED $(cat /data/seed.txt); echo written-by-the-guest > /data/proof.txt; sync; \
+                  echo LINKS $(ls /sys/class/net); echo VOLUME_DONE; sleep 3600";
+    w.declare_with("vol", "running", script, &format!("[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", volume.display()));
+    w.wait("vol", "Running");
+    w.wait_line("vol", "VOLUME_DONE");
+    assert_eq!(w.wait_line("vol", "SEED"), "SEED seeded-on-the-host");
+    assert_eq!(w.wait_line("vol", "LINKS"), "LINKS lo", "no NIC without [network]");
+    assert_eq!(w.status("vol")["ip"], Value::Null);
+    let console = w.app_log("vol");
+    assert!(console.contains("volume vol0 (/dev/vdd, ext4) mounted on /data"), "{console}");
+
+    w.declare_with("vol", "stopped", script, &format!("[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", volume.display()));
+    w.wait("vol", "Stopped");
+    let proof = support::run_ok(Command::new("debugfs").args(["-R", "cat /proof.txt"]).arg(&volume));
+    assert_eq!(proof.trim(), "written-by-the-guest");
     w.stop_daemon();
 }

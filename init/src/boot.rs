@@ -222,6 +222,21 @@ fn mount_root(
     );
     mounts::mount("overlay", Path::new(NEW_ROOT), "overlay", 0, Some(&options))?;
 
+    // Volumes before /dev moves into the new root: their device paths are
+    // the initramfs' /dev ones.
+    for vol in &config.volumes {
+        let device = disks[&vol.serial].to_string_lossy().into_owned();
+        let target = under(NEW_ROOT, &vol.mount);
+        mkdir(&target)?;
+        let flags = if vol.readonly { libc::MS_RDONLY } else { 0 };
+        let fstype = mounts::mount_any(&device, &target, &["ext4", "erofs"], flags)?;
+        say(&format!(
+            "volume {} ({device}, {fstype}) mounted on {}{}",
+            vol.serial,
+            vol.mount,
+            if vol.readonly { " read-only" } else { "" }
+        ));
+    }
     for dir in ["/proc", "/sys", "/dev"] {
         let target = under(NEW_ROOT, dir);
         mkdir(&target)?;
@@ -245,19 +260,6 @@ fn mount_root(
         }
     }
 
-    for vol in &config.volumes {
-        let device = disks[&vol.serial].to_string_lossy().into_owned();
-        let target = under(NEW_ROOT, &vol.mount);
-        mkdir(&target)?;
-        let flags = if vol.readonly { libc::MS_RDONLY } else { 0 };
-        let fstype = mounts::mount_any(&device, &target, &["ext4", "erofs"], flags)?;
-        say(&format!(
-            "volume {} ({device}, {fstype}) mounted on {}{}",
-            vol.serial,
-            vol.mount,
-            if vol.readonly { " read-only" } else { "" }
-        ));
-    }
     Ok(())
 }
 
