@@ -90,22 +90,8 @@ impl World {
     fn new(kernel_dir: &Path, init: &Path) -> World {
         let ns = Netns::new();
         let tmp = tempfile::tempdir().unwrap();
-        let config = tmp.path().join("etc");
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(config.join("instances")).unwrap();
-        std::fs::write(
-            config.join("hypeman.toml"),
-            format!(
-                "default_hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\nmodules_dir = \"{}\"\ninit = \"{}\"\n\
-                 [qemu]\naccel = \"tcg\"\n[network]\nbridge = \"{BRIDGE}\"\nsubnet = \"10.77.0.0/24\"\ndns = [\"{GATEWAY}\"]\n\
-                 [reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
-                 backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
-                kernel_dir.join("vmlinuz").display(),
-                kernel_dir.join("lib/modules").display(),
-                init.display()
-            ),
-        )
-        .unwrap();
+        let network = format!("[network]\nbridge = \"{BRIDGE}\"\nsubnet = \"10.77.0.0/24\"\ndns = [\"{GATEWAY}\"]\n");
+        let (config, data) = support::tcg_config_dir(tmp.path(), kernel_dir, init, &network);
         let image = support::busybox_image(
             tmp.path(),
             &["sh", "sleep", "echo", "cat", "mkdir", "grep", "hostname", "httpd", "wget", "sync", "ls"],
@@ -131,30 +117,14 @@ impl World {
     }
 
     fn hypeman(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hypeman"));
-        c.arg("--config-dir").arg(&self.config).arg("--data-dir").arg(&self.data);
-        c.env_remove("HYPEMAN_CONFIG_DIR").env_remove("HYPEMAN_DATA_DIR");
-        c
+        support::hypeman(&[], &self.config, &self.data)
     }
 
+    /// The daemon runs inside the namespace, so its bridge and TAPs are
+    /// made there; the CLI needs no namespace (it talks over unix sockets).
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.tmp.path().join("daemon.log")).unwrap();
-        let child = self
-            .ns
-            .command(env!("CARGO_BIN_EXE_hypeman"))
-            .arg("--config-dir")
-            .arg(&self.config)
-            .arg("--data-dir")
-            .arg(&self.data)
-            .arg("daemon")
-            .env_remove("HYPEMAN_CONFIG_DIR")
-            .env_remove("HYPEMAN_DATA_DIR")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the daemon");
-        self.daemon = Some(child);
+        let cmd = support::hypeman(&["ip", "netns", "exec", &self.ns.name], &self.config, &self.data);
+        self.daemon = Some(support::spawn_daemon(cmd, &self.tmp.path().join("daemon.log")));
     }
 
     fn stop_daemon(&mut self) {

@@ -10,7 +10,7 @@ mod support;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";
@@ -31,43 +31,17 @@ struct World {
 impl World {
     fn new(kernel_dir: &Path, init: &Path) -> World {
         let tmp = tempfile::tempdir().unwrap();
-        let config = tmp.path().join("etc");
-        let data = tmp.path().join("data");
-        std::fs::create_dir_all(config.join("instances")).unwrap();
-        std::fs::write(
-            config.join("hypeman.toml"),
-            format!(
-                "default_hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\nmodules_dir = \"{}\"\ninit = \"{}\"\n\
-                 [qemu]\naccel = \"tcg\"\n[reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
-                 backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
-                kernel_dir.join("vmlinuz").display(),
-                kernel_dir.join("lib/modules").display(),
-                init.display()
-            ),
-        )
-        .unwrap();
+        let (config, data) = support::tcg_config_dir(tmp.path(), kernel_dir, init, "");
         let image = support::busybox_image(tmp.path(), &["sh", "sleep", "echo", "cat"]);
         World { _tmp: tmp, config, data, image, memory: "256MiB".into(), daemon: None }
     }
 
     fn hypeman(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hypeman"));
-        c.arg("--config-dir").arg(&self.config).arg("--data-dir").arg(&self.data);
-        c.env_remove("HYPEMAN_CONFIG_DIR").env_remove("HYPEMAN_DATA_DIR");
-        c
+        support::hypeman(&[], &self.config, &self.data)
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self._tmp.path().join("daemon.log")).unwrap();
-        let child = self
-            .hypeman()
-            .arg("daemon")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the daemon");
-        self.daemon = Some(child);
+        self.daemon = Some(support::spawn_daemon(self.hypeman(), &self._tmp.path().join("daemon.log")));
     }
 
     /// SIGKILL: nothing orderly happens.

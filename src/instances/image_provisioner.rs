@@ -266,8 +266,10 @@ mod tests {
 
     #[test]
     fn the_config_disk_carries_the_lease_and_the_settings_dns() {
-        let mut settings = NetworkSettings::default();
-        settings.dns = vec!["10.100.0.1".parse().unwrap(), "2606:4700::1111".parse().unwrap()];
+        let settings = NetworkSettings {
+            dns: vec!["10.100.0.1".parse().unwrap(), "2606:4700::1111".parse().unwrap()],
+            ..NetworkSettings::default()
+        };
         let id = ulid::Ulid::from_string("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
         let lease = crate::network::ipam::lease(&settings.subnet, id, "10.100.7.9".parse().unwrap());
         let network = guest_network(&lease, &settings).unwrap();

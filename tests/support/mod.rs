@@ -86,3 +86,55 @@ pub fn busybox_image(work: &Path, applets: &[&str]) -> String {
     run_ok(Command::new("umoci").args(["insert", "--image", &image]).arg(&root).arg("/"));
     format!("oci:{image}")
 }
+
+/// `hypeman --config-dir CONFIG --data-dir DATA`, run through `wrapper`
+/// (`["ip", "netns", "exec", NS]`, say) when it is not empty, with the
+/// environment's own dirs removed so only these count.
+pub fn hypeman(wrapper: &[&str], config: &Path, data: &Path) -> Command {
+    let binary = env!("CARGO_BIN_EXE_hypeman");
+    let mut c = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    c.arg("--config-dir").arg(config).arg("--data-dir").arg(data);
+    c.env_remove("HYPEMAN_CONFIG_DIR").env_remove("HYPEMAN_DATA_DIR");
+    c
+}
+
+/// Starts `hypeman daemon` from `cmd` (see [`hypeman`]), its output
+/// appended to `log`.
+pub fn spawn_daemon(mut cmd: Command, log: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the daemon log");
+    cmd.arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup the daemon log"))
+        .stderr(log)
+        .spawn()
+        .expect("start the daemon")
+}
+
+/// A config dir (`root/etc`, with an empty `instances/`) whose settings boot
+/// QEMU TCG guests with `kernel_dir`'s kernel and `init`, reconcile
+/// quickly, and add `extra` (TOML tables) at the end; and the data dir
+/// beside it (`root/data`, not created).
+pub fn tcg_config_dir(root: &Path, kernel_dir: &Path, init: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let config = root.join("etc");
+    std::fs::create_dir_all(config.join("instances")).expect("mkdir instances");
+    std::fs::write(
+        config.join("hypeman.toml"),
+        format!(
+            "default_hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\nmodules_dir = \"{}\"\ninit = \"{}\"\n\
+             [qemu]\naccel = \"tcg\"\n[reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
+             backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n{extra}",
+            kernel_dir.join("vmlinuz").display(),
+            kernel_dir.join("lib/modules").display(),
+            init.display()
+        ),
+    )
+    .expect("write hypeman.toml");
+    (config, root.join("data"))
+}

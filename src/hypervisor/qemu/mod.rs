@@ -659,11 +659,9 @@ mod tests {
         assert!(matches!(err, HypervisorError::Backend { op: "version", .. }), "{err:?}");
     }
 
-    #[tokio::test]
-    async fn a_network_bandwidth_limit_is_refused_before_anything_starts() {
-        let dir = tempfile::tempdir().unwrap();
-        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
-        let config = VmConfig {
+    /// The smallest launch configuration: no disks, no NIC.
+    fn bare_config() -> VmConfig {
+        VmConfig {
             vcpus: 1,
             memory_bytes: 256 << 20,
             hotplug_memory_bytes: 0,
@@ -671,14 +669,25 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             disks: vec![],
+            net: None,
+            devices: vec![],
+            serial_log: "/app.log".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_network_bandwidth_limit_is_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
+        let config = VmConfig {
             net: Some(crate::hypervisor::NetConfig {
                 tap: "hm0".into(),
                 mac: "02:00:00:00:00:01".into(),
                 limit_down: IoLimit { bytes_per_sec: Some(1 << 20), ops_per_sec: None },
                 limit_up: IoLimit::default(),
             }),
-            devices: vec![],
             serial_log: dir.path().join("app.log"),
+            ..bare_config()
         };
         let err = qemu.create(&guest(dir.path()), &config).await.unwrap_err();
         assert_eq!(err.to_string(), "qemu does not support network bandwidth limits");
@@ -690,18 +699,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let record = LaunchRecord {
             version: LAUNCH_VERSION,
-            config: VmConfig {
-                vcpus: 1,
-                memory_bytes: 256 << 20,
-                hotplug_memory_bytes: 0,
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: String::new(),
-                disks: vec![],
-                net: None,
-                devices: vec![],
-                serial_log: "/app.log".into(),
-            },
+            config: bare_config(),
             argv: vec!["-M".into(), "microvm".into()],
         };
         let path = dir.path().join(LAUNCH_FILE);
