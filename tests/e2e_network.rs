@@ -31,7 +31,10 @@ struct Netns {
 
 impl Netns {
     fn new() -> Netns {
-        let name = format!("hypeman-test-{}", std::process::id());
+        // Unique per test: the tests of this file run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("hypeman-test-{}-{n}", std::process::id());
         // A namespace left by an earlier run that had this pid.
         let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         support::run_ok(Command::new("ip").args(["netns", "add", &name]));
