@@ -11,6 +11,7 @@ pub mod declaration;
 pub mod hypervisor;
 pub mod images;
 pub mod logs;
+pub mod network;
 pub mod settings;
 pub mod state;
 pub mod store;

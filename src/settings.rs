@@ -72,6 +72,28 @@ pub struct CloudHypervisorSettings {
     pub binary: PathBuf,
 }
 
+/// Guest networking on the host (`[network]`): the bridge guests' TAPs
+/// join and the subnet their addresses come from. The gateway is the
+/// subnet's first address, given to the bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSettings {
+    pub bridge: String,
+    pub subnet: crate::network::Subnet,
+    /// Written to guests' `/etc/resolv.conf`; empty: no name servers.
+    pub dns: Vec<std::net::IpAddr>,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        NetworkSettings {
+            bridge: DEFAULT_BRIDGE.to_string(),
+            subnet: crate::network::Subnet::new(std::net::Ipv4Addr::new(10, 100, 0, 0), 16)
+                .expect("the default subnet is valid"),
+            dns: Vec::new(),
+        }
+    }
+}
+
 /// Bounds on what one declaration may ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -131,6 +153,7 @@ pub struct Settings {
     pub guest: GuestSettings,
     pub qemu: QemuSettings,
     pub cloud_hypervisor: CloudHypervisorSettings,
+    pub network: NetworkSettings,
     pub limits: Limits,
     pub reconcile: ReconcileSettings,
     pub logs: LogSettings,
@@ -194,6 +217,7 @@ impl Default for ReconcileSettings {
 const DEFAULT_DATA_DIR: &str = "/var/lib/hypeman";
 const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
 const DEFAULT_CH_BINARY: &str = "cloud-hypervisor";
+const DEFAULT_BRIDGE: &str = "hypeman0";
 
 impl Settings {
     /// Every default, without probing the host: `default_hypervisor` is
@@ -214,6 +238,7 @@ impl Settings {
             cloud_hypervisor: CloudHypervisorSettings {
                 binary: PathBuf::from(DEFAULT_CH_BINARY),
             },
+            network: NetworkSettings::default(),
             limits: Limits::default(),
             reconcile: ReconcileSettings::default(),
             logs: LogSettings::default(),
@@ -409,6 +434,7 @@ impl Settings {
                 .as_ref()
                 .and_then(|i| resolve(&mut p, "guest.init", i)),
         };
+        let network = network(&mut p, &raw.network);
         let limits = limits(&mut p, &raw.limits);
         let reconcile = reconcile(&mut p, &raw.reconcile);
         let logs = logs(&mut p, &raw.logs);
@@ -422,6 +448,7 @@ impl Settings {
             guest,
             qemu,
             cloud_hypervisor,
+            network,
             limits,
             reconcile,
             logs,
@@ -494,6 +521,49 @@ fn is_host_port(s: &str) -> bool {
         }
     };
     port_ok && host_ok
+}
+
+fn network(p: &mut Problems<'_>, raw: &RawNetwork) -> NetworkSettings {
+    let defaults = NetworkSettings::default();
+    let bridge = match &raw.bridge {
+        None => defaults.bridge,
+        Some(b) => match crate::network::names::check_ifname(b.get_ref()) {
+            Ok(()) if b.get_ref().starts_with(crate::network::names::TAP_PREFIX) => {
+                // `hm…` names are the guests' TAPs; a bridge among them
+                // could be taken for one and removed.
+                report(p, "network.bridge", b, "must not start with \"hm\", the prefix of guest TAPs");
+                defaults.bridge
+            }
+            Ok(()) => b.get_ref().clone(),
+            Err(e) => {
+                report(p, "network.bridge", b, e);
+                defaults.bridge
+            }
+        },
+    };
+    let subnet = match &raw.subnet {
+        None => defaults.subnet,
+        Some(s) => match s.get_ref().parse::<crate::network::Subnet>() {
+            Ok(subnet) => subnet,
+            Err(e) => {
+                report(p, "network.subnet", s, e);
+                defaults.subnet
+            }
+        },
+    };
+    let mut dns = Vec::new();
+    for (i, server) in raw.dns.iter().enumerate() {
+        match server.get_ref().parse::<std::net::IpAddr>() {
+            Ok(ip) => dns.push(ip),
+            Err(_) => report(
+                p,
+                &format!("network.dns[{i}]"),
+                server,
+                "expected an IP address such as \"1.1.1.1\" or \"2606:4700::1111\"",
+            ),
+        }
+    }
+    NetworkSettings { bridge, subnet, dns }
 }
 
 fn limits(p: &mut Problems<'_>, raw: &RawLimits) -> Limits {
@@ -666,6 +736,8 @@ struct RawSettings {
     #[serde(default)]
     cloud_hypervisor: RawCloudHypervisor,
     #[serde(default)]
+    network: RawNetwork,
+    #[serde(default)]
     limits: RawLimits,
     #[serde(default)]
     reconcile: RawReconcile,
@@ -678,6 +750,15 @@ struct RawSettings {
 struct RawLogs {
     max_size: Option<Spanned<RawQuantity>>,
     keep: Option<Spanned<RawInt>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    bridge: Option<Spanned<String>>,
+    subnet: Option<Spanned<String>>,
+    #[serde(default)]
+    dns: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -811,6 +892,10 @@ mod tests {
                 init: None
             }
         );
+        assert_eq!(d.network.bridge, "hypeman0");
+        assert_eq!(d.network.subnet.to_string(), "10.100.0.0/16");
+        assert_eq!(d.network.subnet.gateway().to_string(), "10.100.0.1");
+        assert!(d.network.dns.is_empty());
         assert_eq!(
             d.limits,
             Limits {
@@ -1018,7 +1103,13 @@ mod tests {
         let cases = [
             ("syntax error", "data_dir = /var/lib/hypeman\n"),
             ("unknown top-level key", "datadir = \"/srv\"\n"),
-            ("unknown table", "[network]\nbridge = \"br0\"\n"),
+            ("unknown table", "[networking]\nbridge = \"br0\"\n"),
+            ("unknown key in [network]", "[network]\nnat = true\n"),
+            (
+                "bad network",
+                "[network]\nbridge = \"a-bridge-name-too-long\"\nsubnet = \"10.100.0.1/16\"\ndns = [\"1.1.1.1\", \"dns.google\"]\n",
+            ),
+            ("bridge with the TAP prefix", "[network]\nbridge = \"hmbr\"\nsubnet = \"10.0.0.0/31\"\n"),
             ("unknown key in [guest]", "[guest]\ninitrd = \"/boot/initrd\"\n"),
             ("unknown key in [qemu]", "[qemu]\nmachine = \"q35\"\n"),
             ("unknown key in [cloud_hypervisor]", "[cloud_hypervisor]\npath = \"/bin/ch\"\n"),

@@ -11,37 +11,17 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-use support::daemon::{ok, World, COUNTER};
+use support::daemon::{World, COUNTER};
 
 fn gate() -> Option<(PathBuf, PathBuf)> {
     support::real_vm("the daemon end-to-end test", &["umoci", "mkfs.erofs", "mkfs.ext4"])
 }
 
-/// An OCI layout holding busybox and its applet links.
-fn busybox_image(work: &Path) -> String {
-    let root = work.join("rootfs");
-    support::busybox_tree(&root, &["sh", "sleep", "echo", "cat"]);
-    let layout = work.join("oci");
-    ok(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
-    let image = format!("{}:busybox", layout.display());
-    ok(Command::new("umoci").args(["new", "--image", &image]));
-    ok(Command::new("umoci").args(["insert", "--image", &image]).arg(&root).arg("/"));
-    format!("oci:{image}")
-}
-
 /// The daemon set up for real QEMU guests under TCG.
 fn world(kernel_dir: &Path, init: &Path) -> World {
-    let settings = format!(
-        "default_hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\nmodules_dir = \"{}\"\ninit = \"{}\"\n\
-         [qemu]\naccel = \"tcg\"\n[reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
-         backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
-        kernel_dir.join("vmlinuz").display(),
-        kernel_dir.join("lib/modules").display(),
-        init.display()
-    );
-    World::new("qmp.sock", |tmp| (settings, busybox_image(tmp)))
+    let settings = support::tcg_settings(kernel_dir, init, "");
+    World::new("qmp.sock", |tmp| (settings, support::busybox_image(tmp, &["sh", "sleep", "echo", "cat"])))
 }
 
 #[test]

@@ -4,6 +4,10 @@
 //! Skips, saying why, when any of the tools is missing. Prints the
 //! measured pull+convert and cache-hit times.
 
+mod support;
+
+use support::run_ok as run;
+
 use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -24,17 +28,6 @@ const TOOLS: &[&str] = &[
 
 fn missing_tool() -> Option<&'static str> {
     TOOLS.iter().copied().find(|t| !Path::new(t).exists())
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 struct Registry {

@@ -495,3 +495,94 @@ async fn guest_logs_rotate_at_the_configured_size() {
     assert!(!app.with_extension("log.2").exists());
     env.stop().await;
 }
+
+fn networked(state: &str) -> String {
+    format!("{}[network]\nenabled = true\n", decl(state, "256MiB"))
+}
+
+fn lease_of(env: &Env, name: &str) -> Option<hypeman::store::NetworkLease> {
+    env.store().find_by_name(name).unwrap().and_then(|m| m.network)
+}
+
+fn with_subnet(env: &mut Env, subnet: &str) {
+    let mut settings = (*env.settings).clone();
+    settings.network.subnet = subnet.parse().unwrap();
+    env.settings = Arc::new(settings);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_leases_are_distinct_and_survive_a_daemon_restart() {
+    let mut env = Env::new();
+    with_subnet(&mut env, "192.168.77.0/29");
+    env.start();
+    for name in ["a", "b", "c"] {
+        env.write(name, &networked("running"));
+    }
+    for name in ["a", "b", "c"] {
+        env.wait_for(name, VmState::Running).await;
+    }
+    let leases: Vec<_> = ["a", "b", "c"].iter().map(|n| lease_of(&env, n).expect("leased")).collect();
+    let ips: std::collections::BTreeSet<_> = leases.iter().map(|l| l.ip.clone()).collect();
+    assert_eq!(ips.len(), 3, "one address each: {leases:?}");
+    for l in &leases {
+        assert_eq!((l.cidr, l.gateway.as_str()), (29, "192.168.77.1"));
+        assert!(l.tap.starts_with("hm") && l.tap.len() == 15, "{l:?}");
+    }
+
+    // Killed and restarted, and the guests stopped and started again: the
+    // same addresses.
+    env.kill().await;
+    env.start();
+    for name in ["a", "b", "c"] {
+        env.write(name, &networked("stopped"));
+    }
+    for name in ["a", "b", "c"] {
+        env.wait_for(name, VmState::Stopped).await;
+    }
+    for name in ["a", "b", "c"] {
+        env.write(name, &networked("running"));
+    }
+    for name in ["a", "b", "c"] {
+        env.wait_for(name, VmState::Running).await;
+    }
+    let again: Vec<_> = ["a", "b", "c"].iter().map(|n| lease_of(&env, n).expect("leased")).collect();
+    assert_eq!(again, leases);
+
+    // Networking turned off: the lease goes at the next create.
+    env.write("c", &decl("stopped", "256MiB"));
+    env.wait_for("c", VmState::Stopped).await;
+    env.write("c", &decl("running", "256MiB"));
+    env.wait_for("c", VmState::Running).await;
+    assert_eq!(lease_of(&env, "c"), None);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_subnet_is_reported_and_a_deleted_guest_frees_its_address() {
+    let mut env = Env::new();
+    // A /30 holds exactly one guest.
+    with_subnet(&mut env, "192.168.78.0/30");
+    env.start();
+    env.write("first", &networked("running"));
+    env.wait_for("first", VmState::Running).await;
+    assert_eq!(lease_of(&env, "first").expect("leased").ip, "192.168.78.2");
+
+    env.write("second", &networked("running"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let error = loop {
+        let m = env.store().find_by_name("second").unwrap();
+        if let Some(e) = m.and_then(|m| m.last_error) {
+            break e;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "second never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.contains("no free address left in 192.168.78.0/30 (1 in use)"), "{error}");
+    assert_eq!(env.state("second").await, VmState::Stopped);
+
+    env.remove("first");
+    env.wait_gone("first").await;
+    env.wait_for("second", VmState::Running).await;
+    assert_eq!(lease_of(&env, "second").expect("leased").ip, "192.168.78.2");
+    env.stop().await;
+}

@@ -32,8 +32,9 @@ use crate::user::{self, Identity};
 
 /// How long to wait for the expected disks to show up in sysfs.
 const DISK_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long to wait for the NIC with the configured MAC.
-const NIC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the NIC with the configured MAC (its driver probes
+/// asynchronously; a loaded TCG host can take seconds).
+const NIC_TIMEOUT: Duration = Duration::from_secs(10);
 
 const CONFIG_MNT: &str = "/mnt/config";
 const ROOTFS_MNT: &str = "/mnt/rootfs";
@@ -232,6 +233,21 @@ fn mount_root(
     );
     mounts::mount("overlay", Path::new(NEW_ROOT), "overlay", 0, Some(&options))?;
 
+    // Volumes before /dev moves into the new root: their device paths are
+    // the initramfs' /dev ones.
+    for vol in &config.volumes {
+        let device = disks[&vol.serial].to_string_lossy().into_owned();
+        let target = under(NEW_ROOT, &vol.mount);
+        mkdir(&target)?;
+        let flags = if vol.readonly { libc::MS_RDONLY } else { 0 };
+        let fstype = mounts::mount_any(&device, &target, &["ext4", "erofs"], flags)?;
+        say(&format!(
+            "volume {} ({device}, {fstype}) mounted on {}{}",
+            vol.serial,
+            vol.mount,
+            if vol.readonly { " read-only" } else { "" }
+        ));
+    }
     for dir in ["/proc", "/sys", "/dev"] {
         let target = under(NEW_ROOT, dir);
         mkdir(&target)?;
@@ -255,19 +271,6 @@ fn mount_root(
         }
     }
 
-    for vol in &config.volumes {
-        let device = disks[&vol.serial].to_string_lossy().into_owned();
-        let target = under(NEW_ROOT, &vol.mount);
-        mkdir(&target)?;
-        let flags = if vol.readonly { libc::MS_RDONLY } else { 0 };
-        let fstype = mounts::mount_any(&device, &target, &["ext4", "erofs"], flags)?;
-        say(&format!(
-            "volume {} ({device}, {fstype}) mounted on {}{}",
-            vol.serial,
-            vol.mount,
-            if vol.readonly { " read-only" } else { "" }
-        ));
-    }
     Ok(())
 }
 
@@ -279,8 +282,29 @@ fn set_hostname(hostname: &str) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Writes `path` (under the new root) afresh. An image's `/etc/hosts` or
+/// `/etc/resolv.conf` may be a symlink (into `/run`, say): it is replaced,
+/// never followed.
+fn replace_file(path: &str, contents: &str) -> Result<(), InitError> {
+    let target = under(NEW_ROOT, path);
+    if let Some(parent) = target.parent() {
+        mkdir(parent)?;
+    }
+    match std::fs::remove_file(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(InitError::io("replace", target, e)),
+    }
+    std::fs::write(&target, contents).map_err(|e| InitError::io("write", &target, e))
+}
+
 fn setup_network(config: &GuestConfig) -> Result<(), InitError> {
     net::loopback_up()?;
+    replace_file("/etc/hostname", &format!("{}\n", config.hostname))?;
+    replace_file(
+        "/etc/hosts",
+        &net::hosts_file(&config.hostname, config.network.as_ref().map(|n| n.ip)),
+    )?;
     let Some(network) = &config.network else {
         return Ok(());
     };
@@ -304,16 +328,7 @@ fn setup_network(config: &GuestConfig) -> Result<(), InitError> {
     };
     net::configure(&interface, network.ip, network.prefix_len, network.gateway)?;
 
-    // An image's resolv.conf may be a symlink into /run; replace, never follow.
-    let resolv = under(NEW_ROOT, "/etc/resolv.conf");
-    mkdir(under(NEW_ROOT, "/etc"))?;
-    match std::fs::remove_file(&resolv) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(InitError::io("replace", resolv, e)),
-    }
-    std::fs::write(&resolv, net::resolv_conf(&network.dns))
-        .map_err(|e| InitError::io("write", &resolv, e))?;
+    replace_file("/etc/resolv.conf", &net::resolv_conf(&network.dns))?;
     say(&format!(
         "network: {interface} {}/{} via {}",
         network.ip, network.prefix_len, network.gateway

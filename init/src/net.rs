@@ -65,6 +65,15 @@ pub fn resolv_conf(dns: &[IpAddr]) -> String {
     text
 }
 
+/// Contents of `/etc/hosts`: loopback names, and the hostname on the
+/// guest's own address (on `127.0.1.1`, Debian's convention, without one).
+pub fn hosts_file(hostname: &str, ip: Option<Ipv4Addr>) -> String {
+    let own = ip.map_or_else(|| "127.0.1.1".to_string(), |ip| ip.to_string());
+    format!(
+        "# written by hypeman-init\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{own}\t{hostname}\n"
+    )
+}
+
 fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -203,6 +212,15 @@ mod tests {
             text,
             "# written by hypeman-init\nnameserver 10.0.2.3\nnameserver 2606:4700::1111\n"
         );
+    }
+
+    #[test]
+    fn hosts_file_names_the_guest_on_its_address() {
+        assert_eq!(
+            hosts_file("web", Some(Ipv4Addr::new(10, 100, 3, 4))),
+            "# written by hypeman-init\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n10.100.3.4\tweb\n"
+        );
+        assert!(hosts_file("batch", None).ends_with("\n127.0.1.1\tbatch\n"));
     }
 
     #[test]

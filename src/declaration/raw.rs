@@ -13,7 +13,7 @@
 //! image = "docker.io/library/nginx:alpine"  # required; or "oci:/abs/dir[:tag]", "oci-archive:/abs/file[:tag]"
 //! state = "running"            # running | standby | stopped
 //! restart = "always"           # always | on-failure | never: when the guest ends on its own
-//! hypervisor = "qemu"          # cloud-hypervisor | qemu; default: the settings' default_hypervisor
+//! hypervisor = "cloud-hypervisor"  # cloud-hypervisor | qemu; default: the settings' default_hypervisor
 //! vcpus = 1                    # 1..=limits.max_vcpus
 //! memory = "512MiB"            # >= 64MiB, a multiple of 2MiB
 //! hotplug_memory = "0"         # 0 or a multiple of 128MiB; memory + hotplug_memory <= limits.max_memory
@@ -26,10 +26,10 @@
 //! [env]                        # names: [A-Za-z_][A-Za-z0-9_]*
 //! GREETING = "hello"
 //!
-//! [network]
+//! [network]                    # a TAP on the settings' bridge and a static IPv4 address
 //! enabled = false
-//! bandwidth_down = "100Mbit"   # host → guest rate; default: unlimited
-//! bandwidth_up = "10MiB/s"     # guest → host rate; default: unlimited
+//! bandwidth_down = "100Mbit"   # host → guest rate; default: unlimited (not with QEMU)
+//! bandwidth_up = "10MiB/s"     # guest → host rate; default: unlimited (not with QEMU)
 //!
 //! [disk_io]                    # applies to every disk of the instance
 //! bytes_per_sec = "50MiB/s"    # a rate; default: unlimited

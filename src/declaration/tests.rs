@@ -88,7 +88,7 @@ fn values_are_converted_to_their_internal_form() {
         image = "oci-archive:/srv/app.tar:v2"
         state = "standby"
         restart = "on-failure"
-        hypervisor = "qemu"
+        hypervisor = "cloud-hypervisor"
         vcpus = 32
         memory = 1073741824
         hotplug_memory = "0.5GiB"
@@ -108,7 +108,7 @@ fn values_are_converted_to_their_internal_form() {
     .unwrap();
     assert_eq!(spec.state, DesiredState::Standby);
     assert_eq!(spec.restart, RestartPolicy::OnFailure);
-    assert_eq!(spec.hypervisor, Some(HypervisorKind::Qemu));
+    assert_eq!(spec.hypervisor, Some(HypervisorKind::CloudHypervisor));
     assert_eq!(spec.vcpus, 32);
     assert_eq!(spec.memory, ByteSize(GIB));
     assert_eq!(spec.hotplug_memory, ByteSize(512 * MIB));
@@ -220,6 +220,7 @@ fn every_error_message() {
         case("relative workdir", "image = \"x\"\nworkdir = \"app\"\n"),
         case("bad env names", "image = \"x\"\n[env]\n\"1ST\" = \"a\"\n\"MY-VAR\" = \"b\"\n\"OK\" = \"c\\u0000\"\n"),
         case("rate without /s or bit", "image = \"x\"\n[network]\nenabled = true\nbandwidth_down = \"100M\"\n"),
+        case("network limit under qemu", "image = \"x\"\nhypervisor = \"qemu\"\n[network]\nenabled = true\nbandwidth_down = \"100Mbit\"\nbandwidth_up = \"1MiB/s\"\n"),
         case("unknown rate unit", "image = \"x\"\n[network]\nbandwidth_up = \"10Mbps\"\n"),
         case("ambiguous rate unit", "image = \"x\"\n[network]\nbandwidth_up = \"10MB/s\"\n"),
         case("rate of fractional bytes", "image = \"x\"\n[network]\nbandwidth_up = \"1bit\"\n"),

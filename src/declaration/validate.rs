@@ -115,6 +115,21 @@ pub(crate) fn validate(
             ops_per_sec: None,
         },
     };
+    if hypervisor == Some(HypervisorKind::Qemu) {
+        // QEMU's tap netdev has no rate limiter (throttle groups are for
+        // block devices only), so a limit would be silently ignored.
+        for (key, raw) in [
+            ("network.bandwidth_down", &raw.network.bandwidth_down),
+            ("network.bandwidth_up", &raw.network.bandwidth_up),
+        ] {
+            if let Some(r) = raw {
+                Field::written(key, r).report(
+                    p,
+                    "QEMU cannot limit network bandwidth; leave it out or use hypervisor = \"cloud-hypervisor\"",
+                );
+            }
+        }
+    }
     let disk_io = IoLimit {
         bytes_per_sec: raw
             .disk_io

@@ -238,7 +238,7 @@ impl Backends {
 pub(crate) mod conformance {
     use super::*;
 
-    fn guest(dir: &Path, socket: &str) -> GuestVmm {
+    pub fn guest(dir: &Path, socket: &str) -> GuestVmm {
         GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join(socket), vmm_log: dir.join("vmm.log"), recorded: None }
     }
 

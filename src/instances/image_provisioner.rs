@@ -1,7 +1,8 @@
 //! The real provisioner: everything a declared instance needs on disk before
 //! a hypervisor can boot it — the image's root disk (cached by digest), a
 //! sparse ext4 overlay (formatted once, never recreated while it exists),
-//! the read-only config disk that `hypeman-init` reads, and the initrd.
+//! the read-only config disk that `hypeman-init` reads, and the initrd —
+//! and, with `[network] enabled`, the host bridge and the guest's TAP.
 //!
 //! The merge of image config and declaration is [`guest_config`], a pure
 //! function; the rest is IO, each piece written to a temp name and renamed
@@ -14,9 +15,13 @@ use crate::images::{ImageConfig, ImageStore, ImageStoreOptions};
 use crate::settings::Settings;
 use crate::store::{GuestPaths, Metadata};
 use async_trait::async_trait;
+use crate::hypervisor::NetConfig;
+use crate::network::host::HostNetwork;
+use crate::settings::NetworkSettings;
+use crate::store::NetworkLease;
 use hypeman_init::config::{
-    GuestConfig, VolumeConfig, CONFIG_FILE, CONFIG_VERSION, SERIAL_CONFIG, SERIAL_OVERLAY, SERIAL_ROOTFS,
-    SERIAL_VOLUME_PREFIX,
+    GuestConfig, NetworkConfig, VolumeConfig, CONFIG_FILE, CONFIG_VERSION, SERIAL_CONFIG, SERIAL_OVERLAY,
+    SERIAL_ROOTFS, SERIAL_VOLUME_PREFIX,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,9 +51,21 @@ impl ImageProvisioner {
     }
 }
 
+/// The network section of the config disk for a guest holding `lease`.
+pub fn guest_network(lease: &NetworkLease, settings: &NetworkSettings) -> Result<NetworkConfig, ProvisionError> {
+    let bad = || ProvisionError::Other(format!("the recorded network lease {lease:?} is malformed"));
+    Ok(NetworkConfig {
+        ip: lease.ip.parse().map_err(|_| bad())?,
+        prefix_len: lease.cidr,
+        gateway: lease.gateway.parse().map_err(|_| bad())?,
+        dns: settings.dns.clone(),
+        mac: lease.mac.clone(),
+    })
+}
+
 /// The guest's runtime config: the declaration overrides the image, with
 /// Docker's rule that a declared entrypoint drops the image's cmd.
-pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig) -> GuestConfig {
+pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig, network: Option<NetworkConfig>) -> GuestConfig {
     let entrypoint = spec.entrypoint.clone().unwrap_or_else(|| image.entrypoint.clone());
     let cmd = match (&spec.cmd, &spec.entrypoint) {
         (Some(cmd), _) => cmd.clone(),
@@ -69,7 +86,7 @@ pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig) -> GuestConfig {
         workdir: spec.workdir.clone().or_else(|| image.workdir.clone().filter(|w| !w.is_empty())).unwrap_or_else(|| "/".into()),
         user: image.user.clone().filter(|u| !u.is_empty()),
         hostname: spec.name.clone(),
-        network: None,
+        network,
         volumes: spec
             .volumes
             .iter()
@@ -138,14 +155,15 @@ pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), Provis
 
 #[async_trait]
 impl Provisioner for ImageProvisioner {
-    async fn prepare(&self, spec: &InstanceSpec, guest: &GuestPaths, _meta: &Metadata) -> Result<VmConfig, ProvisionError> {
-        if spec.network.enabled {
-            // Refused rather than ignored: a guest that silently has no
-            // network is worse than one that does not start.
-            return Err(ProvisionError::Other(
-                "[network] enabled = true is not supported yet (no bridge/TAP setup in this build)".into(),
-            ));
-        }
+    async fn prepare(&self, spec: &InstanceSpec, guest: &GuestPaths, meta: &Metadata) -> Result<VmConfig, ProvisionError> {
+        // Checked first: a guest that silently has no network is worse
+        // than one that does not start.
+        let lease = match (spec.network.enabled, &meta.network) {
+            (true, Some(lease)) => Some(lease),
+            (true, None) => return Err(ProvisionError::NoLease),
+            (false, _) => None,
+        };
+        let network = lease.map(|l| guest_network(l, &self.settings.network)).transpose()?;
         let kernel = self.settings.guest.kernel.clone().ok_or(ProvisionError::NoKernel)?;
         let image = self
             .images
@@ -153,7 +171,7 @@ impl Provisioner for ImageProvisioner {
             .await
             .map_err(|e| ProvisionError::Image { reference: spec.image.clone(), source: e.into() })?;
         let (overlay, config_disk, size) = (guest.overlay.clone(), guest.config_disk.clone(), spec.overlay_size.bytes());
-        let config = guest_config(spec, &image.config);
+        let config = guest_config(spec, &image.config, network);
         let data_dir = self.settings.data_dir.clone();
         let init = self.init_binary.clone();
         let modules = self.settings.guest.modules_dir.clone();
@@ -166,6 +184,20 @@ impl Provisioner for ImageProvisioner {
         })
         .await
         .map_err(|e| ProvisionError::Other(format!("provisioning task failed: {e}")))??;
+        let net = match lease {
+            Some(lease) => {
+                let host = HostNetwork::connect()?;
+                let bridge = host.ensure_bridge(&self.settings.network.bridge, &self.settings.network.subnet).await?;
+                host.ensure_tap(&lease.tap, bridge).await?;
+                Some(NetConfig {
+                    tap: lease.tap.clone(),
+                    mac: lease.mac.clone(),
+                    limit_down: spec.network.bandwidth_down,
+                    limit_up: spec.network.bandwidth_up,
+                })
+            }
+            None => None,
+        };
         let mut cmdline = BASE_CMDLINE.to_string();
         if !self.settings.guest.cmdline.is_empty() {
             cmdline.push(' ');
@@ -188,11 +220,18 @@ impl Provisioner for ImageProvisioner {
             initrd: Some(initrd),
             cmdline,
             disks,
-            net: None,
+            net,
             devices: spec.devices.iter().map(PathBuf::from).collect(),
             serial_log: guest.app_log.clone(),
             vsock: None,
         })
+    }
+
+    async fn release(&self, meta: &Metadata) -> Result<(), ProvisionError> {
+        if let Some(lease) = &meta.network {
+            HostNetwork::connect()?.delete_tap(&lease.tap).await?;
+        }
+        Ok(())
     }
 }
 
@@ -221,22 +260,40 @@ mod tests {
         let merged = guest_config(
             &spec("image = \"nginx\"\ncmd = [\"nginx\", \"-T\"]\n[env]\nNGINX_VERSION = \"pinned\"\nEXTRA = \"1\"\n[[volumes]]\nsource = \"/var/lib/d.raw\"\npath = \"/data\"\nreadonly = true\n"),
             &image(),
+            None,
         );
         insta::assert_json_snapshot!("config_disk_contents", merged);
     }
 
     #[test]
+    fn the_config_disk_carries_the_lease_and_the_settings_dns() {
+        let settings = NetworkSettings {
+            dns: vec!["10.100.0.1".parse().unwrap(), "2606:4700::1111".parse().unwrap()],
+            ..NetworkSettings::default()
+        };
+        let id = ulid::Ulid::from_string("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+        let lease = crate::network::ipam::lease(&settings.subnet, id, "10.100.7.9".parse().unwrap());
+        let network = guest_network(&lease, &settings).unwrap();
+        let merged = guest_config(&spec("image = \"nginx\"\n[network]\nenabled = true\n"), &image(), Some(network));
+        merged.validate().expect("the guest accepts it");
+        insta::assert_json_snapshot!("config_disk_network", merged.network);
+        let mut garbled = lease.clone();
+        garbled.gateway = "gw".into();
+        assert!(guest_network(&garbled, &settings).unwrap_err().to_string().contains("malformed"));
+    }
+
+    #[test]
     fn a_declared_entrypoint_drops_the_image_cmd() {
-        let merged = guest_config(&spec("image = \"nginx\"\nentrypoint = [\"/bin/sh\"]\n"), &image());
+        let merged = guest_config(&spec("image = \"nginx\"\nentrypoint = [\"/bin/sh\"]\n"), &image(), None);
         assert_eq!(merged.entrypoint, vec!["/bin/sh"]);
         assert!(merged.cmd.is_empty());
-        let kept = guest_config(&spec("image = \"nginx\"\n"), &image());
+        let kept = guest_config(&spec("image = \"nginx\"\n"), &image(), None);
         assert_eq!(kept.cmd, image().cmd);
         assert_eq!(kept.workdir, "/srv");
     }
 
     #[tokio::test]
-    async fn networking_is_refused_not_ignored() {
+    async fn networking_without_a_lease_is_refused_not_ignored() {
         let tmp = tempfile::tempdir().unwrap();
         let mut settings = Settings::defaults();
         settings.data_dir = tmp.path().join("data");
@@ -246,7 +303,7 @@ mod tests {
         let provisioner = ImageProvisioner::new(Arc::new(settings)).unwrap();
         let spec = spec("image = \"nginx\"\n[network]\nenabled = true\n");
         let err = provisioner.prepare(&spec, &store.guest_paths(meta.id), &meta).await.unwrap_err();
-        assert!(err.to_string().contains("[network] enabled = true is not supported yet"), "{err}");
+        assert!(matches!(err, ProvisionError::NoLease), "{err}");
         assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
     }
 
@@ -293,7 +350,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.erofs");
-        let config = guest_config(&spec("image = \"nginx\"\n"), &image());
+        let config = guest_config(&spec("image = \"nginx\"\n"), &image(), None);
         write_config_disk(&p, &config).unwrap();
         let out = dir.path().join("out");
         let status = Command::new("fsck.erofs").arg(format!("--extract={}", out.display())).arg(&p).status().unwrap();

@@ -10,6 +10,14 @@
 //! Every step is safe to run again after the daemon is killed at any point
 //! inside it: VMMs are found again by their socket, snapshots only count
 //! once their marker is written, and metadata is written atomically.
+//!
+//! Networking: a guest with `[network] enabled` gets its address lease here,
+//! recorded in its metadata before `prepare` makes its TAP, and keeps it
+//! until the guest is removed (a stopped guest comes back on the same
+//! address). Its TAP lives while a VMM or a snapshot may use it: it goes
+//! when the guest is stopped (`StopVmm` without a snapshot,
+//! `DiscardSnapshot`) or removed. A guest whose VMM ended on its own keeps
+//! an idle TAP until it is started again (which reuses it) or removed.
 
 pub mod image_provisioner;
 pub mod provision;
@@ -38,6 +46,10 @@ pub enum InstanceError {
     },
     #[error("preparing the VM's disks failed")]
     Provision(#[from] ProvisionError),
+    #[error("cannot give the guest a network address")]
+    Network(#[from] crate::network::NetworkError),
+    #[error("cannot hand out a network address while {0} guest record(s) cannot be read: they may hold addresses")]
+    UnreadableLeases(usize),
     #[error("step refused by the state machine")]
     State(#[from] StateError),
     #[error("no {0} backend is available on this host")]
@@ -92,6 +104,9 @@ pub struct Instances {
     backends: Backends,
     settings: Arc<Settings>,
     provisioner: Arc<dyn Provisioner>,
+    /// Held from reading every guest's lease to recording a new one, so
+    /// two creates cannot pick the same free address.
+    leases: tokio::sync::Mutex<()>,
 }
 
 /// How often a stopping guest is looked at.
@@ -109,7 +124,7 @@ impl Instances {
         settings: Arc<Settings>,
         provisioner: Arc<dyn Provisioner>,
     ) -> Instances {
-        Instances { store, backends, settings, provisioner }
+        Instances { store, backends, settings, provisioner, leases: tokio::sync::Mutex::new(()) }
     }
 
     pub fn store(&self) -> &Store {
@@ -235,6 +250,7 @@ impl Instances {
                 let kind = self.resolve_kind(spec);
                 let backend = self.backend(kind)?;
                 meta.hypervisor = kind;
+                self.ensure_lease(spec, meta).await?;
                 let config = self.provisioner.prepare(spec, paths, meta).await?;
                 let guest = Self::guest_vmm(paths, meta);
                 let handle = backend.create(&guest, &config).await.map_err(hv("create"))?;
@@ -289,7 +305,8 @@ impl Instances {
                 let vmm = live()?;
                 if obs.state == VmState::Created {
                     // Nothing booted that could hear the power button.
-                    return backend.kill(&vmm).await.map_err(hv("kill"));
+                    backend.kill(&vmm).await.map_err(hv("kill"))?;
+                    return self.release_if_unused(obs, meta).await;
                 }
                 backend.power_off(&vmm).await.map_err(hv("power off"))?;
                 let guest = Self::guest_vmm(paths, meta);
@@ -297,7 +314,12 @@ impl Instances {
                 let deadline = tokio::time::Instant::now() + grace;
                 while tokio::time::Instant::now() < deadline {
                     match backend.probe(&guest).await {
-                        Probe::Absent => return self.forget_vmm(meta),
+                        Probe::Absent => {
+                            // The VMM exited with its guest: nothing follows.
+                            self.release_if_unused(obs, meta).await?;
+                            return self.forget_vmm(meta);
+                        }
+                        // StopVmm follows and releases what the VM used.
                         Probe::Alive { state: VmState::Shutdown, .. } => return Ok(()),
                         Probe::Alive { .. } | Probe::Unreachable { .. } => tokio::time::sleep(POLL).await,
                     }
@@ -308,6 +330,7 @@ impl Instances {
                     let _ = log.append(&line);
                 }
                 backend.kill(&vmm).await.map_err(hv("kill"))?;
+                self.release_if_unused(obs, meta).await?;
                 self.forget_vmm(meta)
             }
             Step::StopVmm => {
@@ -321,13 +344,14 @@ impl Instances {
                     meta.applied = None;
                 }
                 self.store.write_metadata(meta)?;
-                Ok(())
+                self.release_if_unused(obs, meta).await
             }
             Step::DiscardSnapshot => {
                 self.store.remove_snapshot(meta.id)?;
                 meta.applied = None;
                 meta.vmm = None;
                 self.store.write_metadata(meta)?;
+                self.provisioner.release(meta).await?;
                 Ok(())
             }
             Step::DropStaleSnapshot => {
@@ -344,6 +368,7 @@ impl Instances {
                     return Err(InstanceError::NoExit);
                 };
                 self.note_exit(meta, paths, end);
+                self.release_if_unused(obs, meta).await?;
                 self.forget_vmm(meta)
             }
             Step::ForgetExit => {
@@ -361,7 +386,12 @@ impl Instances {
                 self.store.write_metadata(meta)?;
                 Ok(())
             }
-            Step::Remove => Ok(self.store.delete_guest(meta.id)?),
+            Step::Remove => {
+                // The TAP first: once the guest record is gone, nothing
+                // names it any more. Its lease goes with the record.
+                self.provisioner.release(meta).await?;
+                Ok(self.store.delete_guest(meta.id)?)
+            }
         }
     }
 
@@ -382,6 +412,15 @@ impl Instances {
             meta.applied = None;
         }
         self.store.write_metadata(meta)?;
+        Ok(())
+    }
+
+    /// Releases the host resources of a guest whose VMM is gone, unless a
+    /// snapshot still needs them.
+    async fn release_if_unused(&self, obs: &Observation, meta: &Metadata) -> Result<(), InstanceError> {
+        if obs.snapshot.is_none() {
+            self.provisioner.release(meta).await?;
+        }
         Ok(())
     }
 
@@ -460,6 +499,7 @@ impl Instances {
         };
         let backend = self.backend(meta.hypervisor)?;
         let started = std::time::Instant::now();
+        self.ensure_lease(spec, meta).await?;
         let config = self.provisioner.prepare(spec, paths, meta).await?;
         tracing::debug!(instance = %meta.name, prepare_ms = started.elapsed().as_millis() as u64, "disks ready for the restore");
         let version = backend
@@ -503,6 +543,41 @@ impl Instances {
                 Err(InstanceError::Hypervisor { op: "restore", source: e })
             }
         }
+    }
+
+    /// Gives a guest with `[network] enabled` its lease (the recorded one
+    /// while still valid, else a free address) and records it before
+    /// returning; drops the lease and TAP of a guest whose declaration no
+    /// longer enables networking.
+    async fn ensure_lease(&self, spec: &InstanceSpec, meta: &mut Metadata) -> Result<(), InstanceError> {
+        if !spec.network.enabled {
+            if meta.network.is_some() {
+                self.provisioner.release(meta).await?;
+                meta.network = None;
+                self.store.write_metadata(meta)?;
+            }
+            return Ok(());
+        }
+        let _held = self.leases.lock().await;
+        let listing = self.store.list()?;
+        let others = crate::network::ipam::in_use(
+            listing.guests.iter().filter(|g| g.id != meta.id).filter_map(|g| g.network.as_ref()),
+        );
+        let lease = crate::network::ipam::lease_for(&self.settings.network.subnet, meta.id, meta.network.as_ref(), &others)?;
+        if meta.network.as_ref() != Some(&lease) {
+            if !listing.unreadable.is_empty() {
+                return Err(InstanceError::UnreadableLeases(listing.unreadable.len()));
+            }
+            if let Some(old) = &meta.network {
+                tracing::warn!(instance = %meta.name, old = %old.ip, new = %lease.ip, "the recorded address no longer fits the network settings; replacing it");
+                // A TAP name depends only on the ID, so the old TAP is this
+                // guest's one and is kept.
+            }
+            meta.network = Some(lease);
+            self.store.write_metadata(meta)?;
+            tracing::info!(instance = %meta.name, ip = meta.network.as_ref().map(|l| l.ip.as_str()).unwrap_or(""), "guest address leased");
+        }
+        Ok(())
     }
 
     /// Records an error for status; the store keeps it across restarts.

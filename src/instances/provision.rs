@@ -1,8 +1,13 @@
 //! The edge that turns a declaration into a bootable launch configuration:
-//! root disk from the image, overlay, config disk, kernel and initrd. The
-//! executor calls it before every create and restore; an implementation
-//! must be idempotent (same inputs → same `VmConfig`, nothing rebuilt that
-//! is already there) and must never recreate an overlay that holds data.
+//! root disk from the image, overlay, config disk, kernel and initrd, and
+//! the guest's TAP on the host bridge. The executor calls it before every
+//! create and restore; an implementation must be idempotent (same inputs →
+//! same `VmConfig`, nothing rebuilt that is already there) and must never
+//! recreate an overlay that holds data.
+//!
+//! The guest's network lease is the executor's (it is allocated against
+//! every other guest's, under a lock, and recorded before `prepare` runs);
+//! `prepare` only reads it from the metadata.
 
 use crate::declaration::spec::InstanceSpec;
 use crate::hypervisor::VmConfig;
@@ -26,6 +31,10 @@ pub enum ProvisionError {
     },
     #[error("no guest kernel configured (set [guest] kernel in hypeman.toml)")]
     NoKernel,
+    #[error("cannot set up the guest's network")]
+    Network(#[from] crate::network::NetworkError),
+    #[error("[network] is enabled but the guest has no address lease")]
+    NoLease,
     #[error("{0}")]
     Other(String),
 }
@@ -39,6 +48,14 @@ pub trait Provisioner: Send + Sync + 'static {
         guest: &GuestPaths,
         meta: &Metadata,
     ) -> Result<VmConfig, ProvisionError>;
+
+    /// Removes the host resources `prepare` made that outlive a VMM (the
+    /// guest's TAP), once the guest has neither a VMM nor a snapshot that
+    /// needs them. Idempotent. The default has nothing to remove.
+    async fn release(&self, meta: &Metadata) -> Result<(), ProvisionError> {
+        let _ = meta;
+        Ok(())
+    }
 }
 
 /// The provisioner paired with the fake hypervisor in tests and benchmarks:

@@ -6,18 +6,12 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// The guest program of the scenarios: a counter on the serial console.
 /// (The fake Cloud Hypervisor's guest prints the same lines by itself.)
 pub const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";
-
-pub fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 pub struct World {
     pub tmp: tempfile::TempDir,
@@ -62,10 +56,7 @@ impl World {
     }
 
     pub fn hypeman(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_hypeman"));
-        c.arg("--config-dir").arg(&self.config).arg("--data-dir").arg(&self.data);
-        c.env_remove("HYPEMAN_CONFIG_DIR").env_remove("HYPEMAN_DATA_DIR");
-        c
+        super::hypeman(&[], &self.config, &self.data)
     }
 
     pub fn daemon_log(&self) -> PathBuf {
@@ -88,16 +79,7 @@ impl World {
     }
 
     pub fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.daemon_log()).unwrap();
-        let child = self
-            .hypeman()
-            .arg("daemon")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start the daemon");
-        self.daemon = Some(child);
+        self.daemon = Some(super::spawn_daemon(self.hypeman(), &self.daemon_log()));
     }
 
     /// SIGKILL: nothing orderly happens.
@@ -126,7 +108,7 @@ impl World {
     }
 
     pub fn status(&self) -> Value {
-        let out = ok(self.hypeman().args(["status", "counter", "--json"]));
+        let out = super::run_ok(self.hypeman().args(["status", "counter", "--json"]));
         serde_json::from_str(&out).unwrap()
     }
 

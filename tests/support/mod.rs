@@ -1,6 +1,7 @@
 //! What the integration tests share: the gate that runs real-VM tests only
 //! when asked (and then fails on anything missing), the busybox root tree
-//! their guests boot, the fake Cloud Hypervisor ([`fake_ch`]) and the
+//! their guests boot and that tree as an OCI image, the hypeman CLI and
+//! daemon launchers, the fake Cloud Hypervisor ([`fake_ch`]) and the
 //! daemon-driving world of the end-to-end scenarios ([`daemon`]).
 
 #![allow(dead_code)] // each test binary uses its own subset
@@ -64,4 +65,81 @@ pub fn busybox_tree(root: &Path, applets: &[&str]) {
     for applet in applets {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
     }
+}
+
+/// Runs `cmd`, fails the test with its output if it fails, returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An OCI layout under `work` holding busybox and links for `applets`,
+/// built with umoci; returns the `oci:<dir>:<tag>` reference.
+pub fn busybox_image(work: &Path, applets: &[&str]) -> String {
+    let root = work.join("rootfs");
+    busybox_tree(&root, applets);
+    let layout = work.join("oci");
+    run_ok(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+    let image = format!("{}:busybox", layout.display());
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(Command::new("umoci").args(["insert", "--image", &image]).arg(&root).arg("/"));
+    format!("oci:{image}")
+}
+
+/// `hypeman --config-dir CONFIG --data-dir DATA`, run through `wrapper`
+/// (`["ip", "netns", "exec", NS]`, say) when it is not empty, with the
+/// environment's own dirs removed so only these count.
+pub fn hypeman(wrapper: &[&str], config: &Path, data: &Path) -> Command {
+    let binary = env!("CARGO_BIN_EXE_hypeman");
+    let mut c = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    c.arg("--config-dir").arg(config).arg("--data-dir").arg(data);
+    c.env_remove("HYPEMAN_CONFIG_DIR").env_remove("HYPEMAN_DATA_DIR");
+    c
+}
+
+/// Starts `hypeman daemon` from `cmd` (see [`hypeman`]), its output
+/// appended to `log`.
+pub fn spawn_daemon(mut cmd: Command, log: &Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open the daemon log");
+    cmd.arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup the daemon log"))
+        .stderr(log)
+        .spawn()
+        .expect("start the daemon")
+}
+
+/// Settings that boot QEMU TCG guests with `kernel_dir`'s kernel and
+/// `init`, reconcile quickly, and add `extra` (TOML tables) at the end.
+pub fn tcg_settings(kernel_dir: &Path, init: &Path, extra: &str) -> String {
+    format!(
+        "default_hypervisor = \"qemu\"\n[guest]\nkernel = \"{}\"\nmodules_dir = \"{}\"\ninit = \"{}\"\n\
+         [qemu]\naccel = \"tcg\"\n[reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
+         backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n{extra}",
+        kernel_dir.join("vmlinuz").display(),
+        kernel_dir.join("lib/modules").display(),
+        init.display()
+    )
+}
+
+/// A config dir (`root/etc`, with an empty `instances/`) holding
+/// [`tcg_settings`], and the data dir beside it (`root/data`, not created).
+pub fn tcg_config_dir(root: &Path, kernel_dir: &Path, init: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let config = root.join("etc");
+    std::fs::create_dir_all(config.join("instances")).expect("mkdir instances");
+    std::fs::write(config.join("hypeman.toml"), tcg_settings(kernel_dir, init, extra)).expect("write hypeman.toml");
+    (config, root.join("data"))
 }

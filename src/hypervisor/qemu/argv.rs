@@ -8,6 +8,8 @@
 //! no device-memory region; reference/this-machine.md §4).
 
 use crate::hypervisor::{DiskConfig, VmConfig};
+#[cfg(test)]
+use crate::hypervisor::NetConfig;
 use std::path::PathBuf;
 
 /// The accelerator after `auto` has been decided.
@@ -84,13 +86,19 @@ fn drive(disk: &DiskConfig) -> String {
     s
 }
 
-/// The full argument list (without the binary). `incoming` adds
-/// `-incoming defer` for a restore; everything else is identical.
+/// The full argument list (without the binary). `vhost_net` moves the NIC's
+/// data path into the host kernel (only useful, and only offered, under
+/// KVM). `incoming` adds `-incoming defer` for a restore; everything else
+/// is identical.
+///
+/// The NIC's bandwidth limits are not here: QEMU's tap netdev has no rate
+/// limiter, and the backend refuses a configuration that asks for one.
 pub fn argv(
     config: &VmConfig,
     paths: &LaunchPaths,
     accel: Accelerator,
     tsc_khz: Option<u64>,
+    vhost_net: bool,
     incoming: bool,
 ) -> Vec<String> {
     let machine = Machine::for_config(config);
@@ -155,7 +163,11 @@ pub fn argv(
     if let Some(net) = &config.net {
         push(&[
             "-netdev",
-            &format!("tap,id=net0,ifname={},script=no,downscript=no", net.tap),
+            &format!(
+                "tap,id=net0,ifname={},script=no,downscript=no,vhost={}",
+                net.tap,
+                if vhost_net { "on" } else { "off" }
+            ),
             "-device",
             &format!("{net_dev},netdev=net0,mac={}", net.mac),
         ]);
@@ -217,28 +229,60 @@ mod tests {
     fn microvm_under_tcg() {
         let mut c = config();
         c.disks[1].limit = IoLimit { bytes_per_sec: Some(10 << 20), ops_per_sec: Some(500) };
-        insta::assert_snapshot!(argv(&c, &paths(), Accelerator::Tcg, Some(2_100_000), false).join("\n"));
+        insta::assert_snapshot!(argv(&c, &paths(), Accelerator::Tcg, Some(2_100_000), false, false).join("\n"));
     }
 
     #[test]
     fn q35_with_virtio_mem_under_kvm_restoring() {
         let mut c = config();
         c.hotplug_memory_bytes = 768 << 20;
-        insta::assert_snapshot!(argv(&c, &paths(), Accelerator::Kvm, Some(2_100_000), true).join("\n"));
+        insta::assert_snapshot!(argv(&c, &paths(), Accelerator::Kvm, Some(2_100_000), false, true).join("\n"));
     }
 
     #[test]
     fn restore_adds_only_incoming_defer() {
         let c = config();
-        let create = argv(&c, &paths(), Accelerator::Tcg, Some(1), false);
-        let mut restore = argv(&c, &paths(), Accelerator::Tcg, Some(1), true);
+        let create = argv(&c, &paths(), Accelerator::Tcg, Some(1), false, false);
+        let mut restore = argv(&c, &paths(), Accelerator::Tcg, Some(1), false, true);
         assert_eq!(restore.split_off(create.len()), vec!["-incoming", "defer"]);
         assert_eq!(restore, create);
     }
 
+    fn with_net(mut c: VmConfig) -> VmConfig {
+        c.net = Some(NetConfig {
+            tap: "hm4rrffq69g5fav".into(),
+            mac: "02:8f:11:d2:7c:03".into(),
+            limit_down: IoLimit::default(),
+            limit_up: IoLimit::default(),
+        });
+        c
+    }
+
+    #[test]
+    fn microvm_with_a_nic_under_tcg() {
+        insta::assert_snapshot!(argv(&with_net(config()), &paths(), Accelerator::Tcg, Some(2_100_000), false, false).join("\n"));
+    }
+
+    #[test]
+    fn q35_with_a_vhost_nic_under_kvm() {
+        let mut c = with_net(config());
+        c.hotplug_memory_bytes = 512 << 20;
+        let args = argv(&c, &paths(), Accelerator::Kvm, None, true, false);
+        let at = args.iter().position(|a| a == "-netdev").expect("a netdev");
+        assert_eq!(
+            args[at..at + 4],
+            [
+                "-netdev",
+                "tap,id=net0,ifname=hm4rrffq69g5fav,script=no,downscript=no,vhost=on",
+                "-device",
+                "virtio-net-pci,netdev=net0,mac=02:8f:11:d2:7c:03",
+            ]
+        );
+    }
+
     #[test]
     fn tsc_rate_only_for_tcg_microvm() {
-        let has_tsc = |c: &VmConfig, a| argv(c, &paths(), a, Some(5), false).iter().any(|s| s.contains("tsc_early_khz=5"));
+        let has_tsc = |c: &VmConfig, a| argv(c, &paths(), a, Some(5), false, false).iter().any(|s| s.contains("tsc_early_khz=5"));
         let mut q35 = config();
         q35.hotplug_memory_bytes = 1 << 30;
         assert!(has_tsc(&config(), Accelerator::Tcg));

@@ -28,7 +28,7 @@ use super::{
     DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
     VmmHandle,
 };
-use crate::declaration::spec::HypervisorKind;
+use crate::declaration::spec::{HypervisorKind, IoLimit};
 use crate::settings::Accel;
 use crate::state::VmState;
 use async_trait::async_trait;
@@ -165,16 +165,21 @@ pub struct QemuBackend {
     binary: PathBuf,
     accel: Accelerator,
     tsc_khz: Option<u64>,
+    /// vhost-net is used: KVM, and `/dev/vhost-net` opens.
+    vhost_net: bool,
     version: OnceCell<String>,
 }
 
 impl QemuBackend {
     /// Decides the accelerator and reads the host's TSC rate once.
     pub fn new(binary: PathBuf, accel: Accel) -> QemuBackend {
+        let accel = resolve_accel(accel);
         QemuBackend {
             binary,
-            accel: resolve_accel(accel),
+            accel,
             tsc_khz: crate::system::host_tsc_khz().ok(),
+            vhost_net: accel == Accelerator::Kvm
+                && std::fs::OpenOptions::new().read(true).write(true).open("/dev/vhost-net").is_ok(),
             version: OnceCell::new(),
         }
     }
@@ -383,7 +388,14 @@ impl Hypervisor for QemuBackend {
             return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "PCI passthrough on microvm" });
         }
         let paths = LaunchPaths { qmp_socket: guest.socket.clone(), app_log: config.serial_log.clone() };
-        let args = argv(config, &paths, self.accel, self.tsc_khz, false);
+        if let Some(net) = &config.net {
+            if net.limit_down != IoLimit::default() || net.limit_up != IoLimit::default() {
+                // Declarations that name QEMU are refused at validation;
+                // this catches QEMU as the host's default hypervisor.
+                return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "network bandwidth limits" });
+            }
+        }
+        let args = argv(config, &paths, self.accel, self.tsc_khz, self.vhost_net, false);
         let record = LaunchRecord { version: LAUNCH_VERSION, config: config.clone(), argv: args.clone() };
         record.write(&guest.guest_dir.join(LAUNCH_FILE)).map_err(backend(op))?;
         let (handle, mut c) = self.launch(guest, &args, op).await?;
@@ -610,24 +622,48 @@ mod tests {
         gone_vmm_is_vmm_gone(&qemu, "qmp.sock").await;
     }
 
+    /// The smallest launch configuration: no disks, no NIC.
+    fn bare_config() -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            hotplug_memory_bytes: 0,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: vec![],
+            net: None,
+            devices: vec![],
+            serial_log: "/app.log".into(),
+            vsock: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_network_bandwidth_limit_is_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = QemuBackend::new("/nonexistent/qemu".into(), Accel::Tcg);
+        let config = VmConfig {
+            net: Some(crate::hypervisor::NetConfig {
+                tap: "hm0".into(),
+                mac: "02:00:00:00:00:01".into(),
+                limit_down: IoLimit { bytes_per_sec: Some(1 << 20), ops_per_sec: None },
+                limit_up: IoLimit::default(),
+            }),
+            serial_log: dir.path().join("app.log"),
+            ..bare_config()
+        };
+        let err = qemu.create(&crate::hypervisor::conformance::guest(dir.path(), "qmp.sock"), &config).await.unwrap_err();
+        assert_eq!(err.to_string(), "qemu does not support network bandwidth limits");
+        assert!(!dir.path().join(LAUNCH_FILE).exists(), "nothing was launched or recorded");
+    }
+
     #[test]
     fn launch_records_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let record = LaunchRecord {
             version: LAUNCH_VERSION,
-            config: VmConfig {
-                vcpus: 1,
-                memory_bytes: 256 << 20,
-                hotplug_memory_bytes: 0,
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: String::new(),
-                disks: vec![],
-                net: None,
-                devices: vec![],
-                serial_log: "/app.log".into(),
-                vsock: None,
-            },
+            config: bare_config(),
             argv: vec!["-M".into(), "microvm".into()],
         };
         let path = dir.path().join(LAUNCH_FILE);

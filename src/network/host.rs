@@ -1,0 +1,295 @@
+//! The kernel side of guest networking, in the daemon's network namespace:
+//! the bridge with the gateway address, and the guests' TAPs. Every call
+//! makes something so (or removes it) and is safe to repeat; none decides
+//! names or addresses (see `ipam` and `names`).
+//!
+//! Netlink (through `rtnetlink`) does the bridge, addresses, ports and link
+//! state. A TAP cannot be created over netlink (the tun driver refuses
+//! `RTM_NEWLINK`), so it is made the way `ip tuntap add` does: `TUNSETIFF`
+//! on `/dev/net/tun`, then `TUNSETPERSIST` so it outlives the descriptor.
+//! The hypervisor opens it again by name.
+
+use super::ipam::Subnet;
+use super::names::check_ifname;
+use super::NetworkError;
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+/// A netlink connection to the current network namespace.
+pub struct HostNetwork {
+    handle: Handle,
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(msg) => msg.to_io().raw_os_error(),
+        _ => None,
+    }
+}
+
+fn kind_of(link: &LinkMessage) -> Option<&InfoKind> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(kind) => Some(kind),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+fn controller_of(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Controller(index) => Some(*index),
+        _ => None,
+    })
+}
+
+impl HostNetwork {
+    /// Opens the connection; must be called inside a tokio runtime, which
+    /// drives it until the `HostNetwork` is dropped.
+    pub fn connect() -> Result<HostNetwork, NetworkError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Connect)?;
+        tokio::spawn(connection);
+        Ok(HostNetwork { handle })
+    }
+
+    fn netlink(op: &'static str, interface: &str) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
+        let interface = interface.to_string();
+        move |source| NetworkError::Netlink { op, interface, source }
+    }
+
+    /// The link called `name`, if there is one.
+    pub async fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetworkError> {
+        check_ifname(name)?;
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(Self::netlink("look up", name)(e)),
+        }
+    }
+
+    /// The bridge `name`, up and holding the subnet's gateway address; made
+    /// if missing. Returns its interface index. An existing bridge is
+    /// reused with whatever else it carries; an existing non-bridge of that
+    /// name is an error, never replaced.
+    pub async fn ensure_bridge(&self, name: &str, subnet: &Subnet) -> Result<u32, NetworkError> {
+        let link = match self.link(name).await? {
+            Some(link) => link,
+            None => {
+                match self.handle.link().add(LinkBridge::new(name).build()).execute().await {
+                    Ok(()) => tracing::info!(bridge = name, "created the guest bridge"),
+                    // Made meanwhile by someone else: fine, it is checked below.
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(Self::netlink("create bridge", name)(e)),
+                }
+                self.link(name).await?.ok_or_else(|| NetworkError::WrongKind {
+                    interface: name.to_string(),
+                    expected: "bridge (it vanished right after it was made)",
+                })?
+            }
+        };
+        if kind_of(&link) != Some(&InfoKind::Bridge) {
+            return Err(NetworkError::WrongKind { interface: name.to_string(), expected: "bridge" });
+        }
+        let index = link.header.index;
+        let gateway = IpAddr::V4(subnet.gateway());
+        let addresses: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Self::netlink("list the addresses of", name))?;
+        let has_gateway = addresses.iter().any(|a| {
+            a.header.prefix_len == subnet.prefix()
+                && a.attributes.iter().any(|attr| matches!(attr, AddressAttribute::Local(ip) | AddressAttribute::Address(ip) if *ip == gateway))
+        });
+        if !has_gateway {
+            match self.handle.address().add(index, gateway, subnet.prefix()).execute().await {
+                Ok(()) => tracing::info!(bridge = name, address = %subnet.gateway(), "gave the bridge the gateway address"),
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(Self::netlink("add the gateway address to", name)(e)),
+            }
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(Self::netlink("bring up", name))?;
+        Ok(index)
+    }
+
+    /// The TAP `name`, persistent, a port of the bridge `bridge_index`, up;
+    /// made if missing. An existing interface of that name that is not a
+    /// TAP is an error.
+    pub async fn ensure_tap(&self, name: &str, bridge_index: u32) -> Result<(), NetworkError> {
+        let link = match self.link(name).await? {
+            Some(link) => link,
+            None => {
+                create_persistent_tap(name)?;
+                tracing::info!(tap = name, "created a guest TAP");
+                self.link(name).await?.ok_or_else(|| NetworkError::WrongKind {
+                    interface: name.to_string(),
+                    expected: "TAP (it vanished right after it was made)",
+                })?
+            }
+        };
+        if kind_of(&link) != Some(&InfoKind::Tun) {
+            return Err(NetworkError::WrongKind { interface: name.to_string(), expected: "TAP" });
+        }
+        let index = link.header.index;
+        if controller_of(&link) != Some(bridge_index) {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).controller(bridge_index).build())
+                .execute()
+                .await
+                .map_err(Self::netlink("attach to the bridge", name))?;
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(Self::netlink("bring up", name))
+    }
+
+    /// Removes the TAP `name`; `false` when there was none. Refuses to
+    /// remove an interface of that name that is not a TAP.
+    pub async fn delete_tap(&self, name: &str) -> Result<bool, NetworkError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(false);
+        };
+        if kind_of(&link) != Some(&InfoKind::Tun) {
+            return Err(NetworkError::WrongKind { interface: name.to_string(), expected: "TAP" });
+        }
+        match self.handle.link().del(link.header.index).execute().await {
+            Ok(()) => {
+                tracing::info!(tap = name, "removed a guest TAP");
+                Ok(true)
+            }
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(Self::netlink("remove", name)(e)),
+        }
+    }
+}
+
+// `TUNSETIFF` and `TUNSETPERSIST` from <linux/if_tun.h>: `_IOW('T', n, int)`,
+// although TUNSETIFF really takes a `struct ifreq *`.
+nix::ioctl_write_ptr_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>()),
+    libc::ifreq
+);
+nix::ioctl_write_int_bad!(
+    tun_set_persist,
+    nix::request_code_write!(b'T', 203, std::mem::size_of::<libc::c_int>())
+);
+
+/// `ip tuntap add NAME mode tap vnet_hdr`, without the `ip`.
+fn create_persistent_tap(name: &str) -> Result<(), NetworkError> {
+    check_ifname(name)?;
+    let err = |op: &'static str| {
+        let tap = name.to_string();
+        move |source: std::io::Error| NetworkError::Tap { op, tap, source }
+    };
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(err("open /dev/net/tun for"))?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: the fd is open for the call and `req` is the ifreq it reads.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &req) }.map_err(|e| err("create")(e.into()))?;
+    // SAFETY: the fd is attached to the new TAP; the argument is a plain int.
+    unsafe { tun_set_persist(tun.as_raw_fd(), 1) }.map_err(|e| err("make persistent")(e.into()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `body` on a thread of its own inside a fresh network namespace
+    /// (`unshare(CLONE_NEWNET)` moves only the calling thread), with a
+    /// current-thread runtime there. `None` when this process may not make
+    /// namespaces or TAPs (not root): the test then says so and passes
+    /// nothing off as checked.
+    fn in_private_netns<T: Send + 'static>(
+        body: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+    ) -> Option<T> {
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) on this thread only.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+                eprintln!("skipped: needs root (CAP_NET_ADMIN) and /dev/net/tun");
+                return None;
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            Some(rt.block_on(body()))
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    #[test]
+    fn bridge_and_tap_are_made_once_reused_and_removed() {
+        let ran = in_private_netns(|| {
+            Box::pin(async {
+                let subnet: Subnet = "10.55.0.0/24".parse().unwrap();
+                let net = HostNetwork::connect().unwrap();
+                assert!(net.link("hbtest0").await.unwrap().is_none());
+                let bridge = net.ensure_bridge("hbtest0", &subnet).await.unwrap();
+                assert_eq!(net.ensure_bridge("hbtest0", &subnet).await.unwrap(), bridge, "reused");
+                let addresses: Vec<_> = net
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(bridge)
+                    .execute()
+                    .try_collect()
+                    .await
+                    .unwrap();
+                let v4: Vec<_> = addresses
+                    .iter()
+                    .filter(|a| a.header.family == rtnetlink::packet_route::AddressFamily::Inet)
+                    .collect();
+                assert_eq!(v4.len(), 1, "the gateway address, once: {addresses:?}");
+                assert_eq!(v4[0].header.prefix_len, 24);
+                assert!(v4[0].attributes.contains(&AddressAttribute::Local("10.55.0.1".parse().unwrap())));
+
+                net.ensure_tap("hmtesttap000001", bridge).await.unwrap();
+                net.ensure_tap("hmtesttap000001", bridge).await.unwrap();
+                let tap = net.link("hmtesttap000001").await.unwrap().expect("made");
+                assert_eq!(kind_of(&tap), Some(&InfoKind::Tun));
+                assert_eq!(controller_of(&tap), Some(bridge));
+
+                // Not ours to touch: a bridge named like a TAP, a TAP
+                // named like the bridge.
+                let err = net.delete_tap("hbtest0").await.unwrap_err();
+                assert_eq!(err.to_string(), "hbtest0 exists but is not a TAP");
+                let err = net.ensure_bridge("hmtesttap000001", &subnet).await.unwrap_err();
+                assert_eq!(err.to_string(), "hmtesttap000001 exists but is not a bridge");
+
+                assert!(net.delete_tap("hmtesttap000001").await.unwrap());
+                assert!(!net.delete_tap("hmtesttap000001").await.unwrap(), "already gone");
+                assert!(net.link("hmtesttap000001").await.unwrap().is_none());
+            })
+        });
+        if ran.is_none() {
+            eprintln!("bridge_and_tap_are_made_once_reused_and_removed did not run");
+        }
+    }
+}
