@@ -200,13 +200,14 @@ async fn a_missing_vm_is_reported_in_the_style_of_each_version() {
         assert_eq!(got, status, "v{major}");
         if json {
             assert_eq!(messages, ["Error from API", "The VM information is not available", "VM is not created"], "v{major}");
+            assert_eq!(
+                e.to_string(),
+                format!("Cloud Hypervisor refused vm.info ({status}): Error from API: The VM information is not available: VM is not created")
+            );
         } else {
-            assert_eq!(messages, ["Error from API: The VM information is not available: VM is not created"], "v{major}");
+            // Up to v46: the server's error in its Debug form.
+            assert_eq!(messages, ["VmInfo(VmNotCreated)"], "v{major}");
         }
-        assert_eq!(
-            e.to_string(),
-            format!("Cloud Hypervisor refused vm.info ({status}): Error from API: The VM information is not available: VM is not created")
-        );
         let e = client.boot().await.unwrap_err();
         assert!(e.is_not_created() && matches!(e, ApiError::Refused { endpoint: Endpoint::VmBoot, .. }), "v{major}: {e:?}");
         assert_clean(&server);

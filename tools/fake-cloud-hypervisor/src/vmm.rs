@@ -282,21 +282,41 @@ impl Vmm {
         }
     }
 
+    /// The `HttpError` variant an endpoint's failure is wrapped in up to
+    /// v46, whose body is that error's `Debug` form.
+    fn debug_variant(endpoint: &str) -> String {
+        endpoint
+            .trim_start_matches("vmm.")
+            .trim_start_matches("vm.")
+            .split('-')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            })
+            .fold(if endpoint.starts_with("vmm.") { "Vmm".to_string() } else { "Vm".to_string() }, |a, w| a + &w)
+    }
+
     /// A refusal as the server of `opts.version` sends it.
     fn refuse(&self, endpoint: &str, fail: Fail) -> Response {
         let v = self.opts.version;
+        if v.major < 47 {
+            // `format!("{:?}", error)` in plain text, although the
+            // Content-Type still says JSON: `VmInfo(VmNotCreated)`.
+            let (status, cause) = match fail {
+                Fail::NotCreated => (500, "VmNotCreated".to_string()),
+                Fail::Refused(cause) => (500, cause),
+                Fail::BadRequest(cause) => (400, format!("SerdeJsonDeserialize({cause:?})")),
+            };
+            let body = format!("{}({cause})", Self::debug_variant(endpoint));
+            return Response { status, body: Some(body.into_bytes()) };
+        }
         let (status, cause) = match fail {
             Fail::NotCreated => (if v.major >= 53 { 404 } else { 500 }, "VM is not created".to_string()),
             Fail::Refused(cause) => (500, cause),
             Fail::BadRequest(cause) => (400, cause),
         };
         let chain = ["Error from API".to_string(), Self::headline(endpoint), cause];
-        if v.major < 47 {
-            // Plain text, although the Content-Type still says JSON.
-            Response { status, body: Some(chain.join(": ").into_bytes()) }
-        } else {
-            Response::json(status, &json!(chain))
-        }
+        Response::json(status, &json!(chain))
     }
 
     fn vm(&mut self) -> Result<&mut Vm, Fail> {
