@@ -478,12 +478,16 @@ impl Vmm {
         Ok(())
     }
 
-    fn info(&mut self, now: Instant) -> Result<Value, Fail> {
+    fn info(&mut self, _now: Instant) -> Result<Value, Fail> {
         let vm = self.vm()?;
         Ok(json!({
             "config": vm.config,
             "state": vm.state.name(),
-            "memory_actual_size": vm.memory.actual(now),
+            // As the real server computes it: the config's `size +
+            // hotplugged_size`, which `vm.resize` sets at once. What the
+            // guest has really plugged is not in the API (it shows only in
+            // the snapshot's size).
+            "memory_actual_size": vm.memory.to,
             "device_tree": {},
         }))
     }
@@ -510,6 +514,13 @@ impl Vmm {
             return Err(Fail::Refused("ACPI memory hotplug cannot shrink memory".into()));
         }
         m.request(desired / BLOCK * BLOCK, now);
+        // The server records the new size in the VM's config at once,
+        // whatever the guest does with it.
+        let base = m.base;
+        let hotplugged = if desired > base { json!(desired - base) } else { Value::Null };
+        if let Some(memory) = vm.config.get_mut("memory").and_then(Value::as_object_mut) {
+            memory.insert("hotplugged_size".into(), hotplugged);
+        }
         Ok(())
     }
 
@@ -623,12 +634,14 @@ impl Vmm {
         let size = u64_at(&config, "/memory/size").unwrap_or(512 << 20);
         let hotplug = u64_at(&config, "/memory/hotplug_size").unwrap_or(0);
         let resume = body.get("resume").and_then(Value::as_bool) == Some(true);
+        // Asked for in the config; the guest goes on (un)plugging toward it.
+        let requested = size + u64_at(&config, "/memory/hotplugged_size").unwrap_or(0);
         let memory = Memory {
             base: size,
             max: size + hotplug,
             virtio_mem: config.pointer("/memory/hotplug_method").and_then(Value::as_str) == Some("VirtioMem"),
             from: memory,
-            to: memory,
+            to: requested,
             since: now,
             span: self.opts.resize_time,
         };
