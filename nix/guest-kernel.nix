@@ -1,9 +1,10 @@
 # A NixOS kernel package turned into what hypeman's `[guest]` settings need:
 #
 #   $out/kernel                       the image the VMM boots: the PVH-capable
-#                                     `vmlinux` ELF on x86_64 (Cloud Hypervisor
-#                                     boots only that; QEMU boots it too), the
-#                                     arch's kernel image (`Image`) elsewhere
+#                                     `vmlinux` ELF on x86_64 (both VMMs boot
+#                                     it; Cloud Hypervisor takes a bzImage too,
+#                                     but only from v39.0), the arch's kernel
+#                                     image (`Image`) elsewhere
 #   $out/lib/modules/<version>/       the modules, decompressed, with a fresh
 #                                     modules.dep
 #

@@ -195,7 +195,17 @@ async fn a_restarted_daemon_finds_the_vmm_by_its_socket() {
 /// the VM in it: an empty VMM reads as `Shutdown`, and a create replaces it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_vmm_is_shutdown_and_replaced_by_create() {
-    let g = Guest::new(&[]);
+    an_empty_vmm_of(&[]).await;
+}
+
+/// Up to v46 "no VM" is a 500 whose body is `VmInfo(VmNotCreated)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_v46_vmm_is_shutdown_too() {
+    an_empty_vmm_of(&[("FAKE_CH_VERSION", "46.0.0")]).await;
+}
+
+async fn an_empty_vmm_of(env: &[(&str, &str)]) {
+    let g = Guest::new(env);
     let socket = g.dir.join("ch.sock");
     let args = vec!["--api-socket".to_string(), format!("path={}", socket.display())];
     let empty = process::spawn_detached(&g.binary, &args, &g.dir.join("logs/vmm.log")).unwrap();

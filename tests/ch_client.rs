@@ -121,9 +121,14 @@ async fn a_vm_lives_through_create_resize_snapshot_restore_and_shutdown() {
     assert_eq!(info.memory_actual_size, Some((512 << 20) + (1 << 30)), "all hotplug memory is plugged at boot");
     assert_eq!(info.config["memory"]["hotplug_method"], "VirtioMem");
 
-    // Shrink to the boot memory; the guest unplugs over time.
+    // Shrink to the boot memory. The server reports the new size at once
+    // (its config's size + hotplugged_size); the guest unplugs over time,
+    // which no reply shows: only the snapshot's size does, below.
     client.resize_memory(512 << 20).await.unwrap();
-    wait_memory(&client, 512 << 20).await;
+    let info = client.info().await.unwrap();
+    assert_eq!(info.memory_actual_size, Some(512 << 20));
+    assert_eq!(info.config["memory"]["hotplugged_size"], serde_json::Value::Null);
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let below = client.resize_memory(256 << 20).await.unwrap_err();
     assert_eq!(refused(&below).0, 500);
 
@@ -200,13 +205,14 @@ async fn a_missing_vm_is_reported_in_the_style_of_each_version() {
         assert_eq!(got, status, "v{major}");
         if json {
             assert_eq!(messages, ["Error from API", "The VM information is not available", "VM is not created"], "v{major}");
+            assert_eq!(
+                e.to_string(),
+                format!("Cloud Hypervisor refused vm.info ({status}): Error from API: The VM information is not available: VM is not created")
+            );
         } else {
-            assert_eq!(messages, ["Error from API: The VM information is not available: VM is not created"], "v{major}");
+            // Up to v46: the server's error in its Debug form.
+            assert_eq!(messages, ["VmInfo(VmNotCreated)"], "v{major}");
         }
-        assert_eq!(
-            e.to_string(),
-            format!("Cloud Hypervisor refused vm.info ({status}): Error from API: The VM information is not available: VM is not created")
-        );
         let e = client.boot().await.unwrap_err();
         assert!(e.is_not_created() && matches!(e, ApiError::Refused { endpoint: Endpoint::VmBoot, .. }), "v{major}: {e:?}");
         assert_clean(&server);

@@ -116,6 +116,20 @@ pub fn spawn_detached_split(
     }
 }
 
+/// The process's resident shared memory (`RssShmem` of
+/// `/proc/<pid>/status`, KiB): a VMM's MAP_SHARED guest RAM that is backed
+/// by pages, which drops as the VMM discards blocks the guest unplugged.
+pub fn resident_shmem_kib(id: ProcessId) -> Option<u64> {
+    if !is_alive(id) {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", id.pid)).ok()?;
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix("RssShmem:")?;
+        value.trim().trim_end_matches("kB").trim().parse().ok()
+    })
+}
+
 /// Sends `sig` to the process if it is still `id`.
 pub fn signal(id: ProcessId, sig: nix::sys::signal::Signal) -> bool {
     if !is_alive(id) {
@@ -232,6 +246,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = spawn_detached(Path::new("/nonexistent/vmm"), &[], &dir.path().join("l")).unwrap_err();
         assert!(matches!(err, ProcessError::Spawn { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn resident_shmem_of_self_is_read() {
+        let me = ProcessId { pid: std::process::id(), start_time: start_time(std::process::id()).unwrap() };
+        assert!(resident_shmem_kib(me).is_some());
+        assert_eq!(resident_shmem_kib(ProcessId { start_time: me.start_time + 1, ..me }), None);
     }
 
     #[test]

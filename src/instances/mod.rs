@@ -438,6 +438,9 @@ impl Instances {
 
     /// Resizes the guest down to its boot memory and waits until the
     /// plugged size stops changing (the guest unplugs block by block).
+    /// Cloud Hypervisor reports the requested size at once, so there the
+    /// backend's `resize_memory` does the waiting and this loop ends on its
+    /// first reading.
     /// Best effort: a guest that keeps its memory, or a failed resize, only
     /// makes a larger snapshot, so neither fails the standby.
     async fn shrink_memory(&self, backend: &dyn Hypervisor, vmm: &VmmHandle, base: u64, name: &str) {

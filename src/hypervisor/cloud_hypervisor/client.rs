@@ -77,11 +77,13 @@ impl ApiError {
         )
     }
 
-    /// The VMM holds no VM: 404 from v53, a 500 saying so before.
+    /// The VMM holds no VM: 404 from v53, a 500 saying so before: "VM is
+    /// not created" in v47–v52's chain, the error's `Debug` form up to v46
+    /// (`VmInfo(VmNotCreated)`).
     pub fn is_not_created(&self) -> bool {
         match self {
             ApiError::Refused { status: 404, .. } => true,
-            ApiError::Refused { messages, .. } => mentions(messages, "not created"),
+            ApiError::Refused { messages, .. } => mentions(messages, "not created") || mentions(messages, "vmnotcreated"),
             _ => false,
         }
     }
@@ -463,6 +465,10 @@ mod tests {
         assert!(refused(404, &["Error from API", "The VM info is not available", "VM is not created"]).is_not_created());
         assert!(refused(500, &["Error from API", "The VM info is not available", "VM is not created"]).is_not_created());
         assert!(refused(404, &[]).is_not_created());
+        // Up to v46 the body is the error's Debug form.
+        assert!(refused(500, &["VmInfo(VmNotCreated)"]).is_not_created());
+        assert!(refused(500, &["VmBoot(VmNotCreated)"]).is_not_created());
+        assert!(!refused(500, &["VmPause(InvalidStateTransition(Paused, Paused))"]).is_not_created());
         assert!(!refused(500, &["Error from API", "InvalidStateTransition(Running, Running)"]).is_not_created());
         assert!(refused(500, &["Error from API", "The VM could not be snapshotted", "VM is restoring"]).is_restoring());
         let gone = ApiError::Connect {

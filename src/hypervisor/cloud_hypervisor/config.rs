@@ -108,11 +108,18 @@ pub fn restore_mode(version: ChVersion, shared_memory: bool) -> Option<api::Memo
     }
 }
 
+/// A bucket that lets `rate` tokens a second through. A rate too low to
+/// fill one token in [`REFILL_MS`] gets a one-token bucket with a longer
+/// refill instead: rounding the size up to 1 would multiply the rate (5
+/// IOPS would become 10), and a zero-sized bucket would block all IO.
 fn bucket(per_sec: Option<u64>) -> Option<api::TokenBucket> {
-    per_sec.map(|rate| api::TokenBucket {
-        size: (rate * REFILL_MS / 1000).max(1),
-        one_time_burst: None,
-        refill_time: REFILL_MS,
+    per_sec.filter(|rate| *rate > 0).map(|rate| {
+        let per_refill = rate.saturating_mul(REFILL_MS) / 1000;
+        if per_refill >= 1 {
+            api::TokenBucket { size: per_refill, one_time_burst: None, refill_time: REFILL_MS }
+        } else {
+            api::TokenBucket { size: 1, one_time_burst: None, refill_time: (1000 + rate / 2) / rate }
+        }
     })
 }
 
@@ -242,9 +249,16 @@ mod tests {
     fn limits_become_token_buckets() {
         assert_eq!(rate_limiter(&IoLimit::default()), None);
         let l = rate_limiter(&IoLimit { bytes_per_sec: Some(5), ops_per_sec: Some(20_000) }).unwrap();
-        // Never a zero-sized bucket, which would block all IO.
-        assert_eq!(l.bandwidth.unwrap().size, 1);
+        // Never a zero-sized bucket, which would block all IO, and never a
+        // faster one: 1 token every 200 ms is 5 a second.
+        assert_eq!(l.bandwidth.unwrap(), api::TokenBucket { size: 1, one_time_burst: None, refill_time: 200 });
         assert_eq!(l.ops.unwrap(), api::TokenBucket { size: 2000, one_time_burst: None, refill_time: 100 });
+        // Every rate comes out as itself, to within rounding.
+        for rate in [1u64, 3, 5, 7, 9, 10, 11, 99, 1000, 12_500_000] {
+            let b = bucket(Some(rate)).unwrap();
+            let got = b.size as f64 * 1000.0 / b.refill_time as f64;
+            assert!((got - rate as f64).abs() / (rate as f64) < 0.1, "{rate}/s became {got}/s ({b:?})");
+        }
         let s = stricter(
             &IoLimit { bytes_per_sec: Some(10), ops_per_sec: None },
             &IoLimit { bytes_per_sec: Some(20), ops_per_sec: Some(7) },

@@ -57,6 +57,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a snapshot waits out v53's prefault after an on-demand restore.
 const RESTORING_TIMEOUT: Duration = Duration::from_secs(120);
+/// After a shrink, how often the VMM's resident memory is read, how many
+/// readings in a row must not fall below the lowest so far, and the most
+/// the wait may take.
+const UNPLUG_POLL: Duration = Duration::from_millis(20);
+const UNPLUG_SETTLED_READINGS: u32 = 3;
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChError {
@@ -124,6 +130,16 @@ fn vm_state(state: api::VmState) -> Option<VmState> {
         api::VmState::Paused => Some(VmState::Paused),
         api::VmState::Shutdown => Some(VmState::Shutdown),
         api::VmState::BreakPoint => None,
+    }
+}
+
+/// One reading of resident memory during an unplug: the lowest so far and
+/// how many readings in a row have not gone below it.
+fn unplug_progress(lowest: u64, settled: u32, kib: u64) -> (u64, u32) {
+    if kib < lowest {
+        (kib, if lowest == u64::MAX { 1 } else { 0 })
+    } else {
+        (lowest, settled + 1)
     }
 }
 
@@ -289,6 +305,32 @@ impl CloudHypervisorBackend {
         };
         let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version: Some(version.to_string()) };
         Ok((handle, client, version))
+    }
+
+    /// Waits for the guest to unplug what a shrink took away. Cloud
+    /// Hypervisor's `memory_actual_size` is its config's `size +
+    /// hotplugged_size`, which `vm.resize` sets at once (vmm/src/lib.rs
+    /// `vm_info`, vmm/src/vm.rs `resize`): it never shows the guest's
+    /// progress, and nothing else in the API does. What does is the VMM's
+    /// resident shared memory: guest RAM is a MAP_SHARED memfd (`shared`,
+    /// see `config`), and the VMM punches out each block the guest unplugs.
+    /// Done when that has not fallen for a few readings in a row; pages the
+    /// guest touches meanwhile only raise it, so they do not hold the wait.
+    async fn wait_unplugged(&self, vmm: &VmmHandle) {
+        let deadline = Instant::now() + UNPLUG_TIMEOUT;
+        let mut lowest = u64::MAX;
+        let mut settled = 0;
+        while Instant::now() < deadline {
+            let Some(kib) = process::resident_shmem_kib(vmm.process_id()) else {
+                return;
+            };
+            (lowest, settled) = unplug_progress(lowest, settled, kib);
+            if settled >= UNPLUG_SETTLED_READINGS {
+                return;
+            }
+            tokio::time::sleep(UNPLUG_POLL).await;
+        }
+        tracing::warn!(pid = vmm.pid, "the guest was still unplugging memory after {UNPLUG_TIMEOUT:?}");
     }
 
     /// Kills a VMM that failed half-way, so nothing is left behind.
@@ -540,7 +582,13 @@ impl Hypervisor for CloudHypervisorBackend {
             return Err(backend(op)(ChError::MemoryOutOfRange { requested: total_bytes, min, max }));
         }
         let _serial = self.exclusive(&vmm.socket).await;
-        ApiClient::new(&vmm.socket).resize_memory(total_bytes).await.map_err(|e| Self::api_error(vmm, op, e))
+        let client = ApiClient::new(&vmm.socket);
+        let (_, requested) = self.state_of(vmm, &client, op).await?;
+        client.resize_memory(total_bytes).await.map_err(|e| Self::api_error(vmm, op, e))?;
+        if requested.is_some_and(|r| total_bytes < r) {
+            self.wait_unplugged(vmm).await;
+        }
+        Ok(())
     }
 
     async fn add_disk(&self, vmm: &VmmHandle, disk: &DiskConfig) -> Result<(), HypervisorError> {
@@ -575,6 +623,28 @@ mod tests {
         for (ch, want) in table {
             assert_eq!(vm_state(ch), want, "{ch:?}");
         }
+    }
+
+    #[test]
+    fn an_unplug_is_done_when_resident_memory_stops_falling() {
+        let run = |readings: &[u64]| {
+            let (mut lowest, mut settled) = (u64::MAX, 0);
+            readings
+                .iter()
+                .position(|&kib| {
+                    (lowest, settled) = unplug_progress(lowest, settled, kib);
+                    settled >= UNPLUG_SETTLED_READINGS
+                })
+                .map(|i| i + 1)
+        };
+        // Falling block by block, then flat: done on the third flat reading.
+        assert_eq!(run(&[900, 700, 500, 300, 300, 300, 300]), Some(7));
+        // The guest touching pages meanwhile does not hold the wait.
+        assert_eq!(run(&[900, 500, 520, 540, 560]), Some(5));
+        // Still falling: not done.
+        assert_eq!(run(&[900, 800, 700, 600, 500, 400]), None);
+        // Nothing to unplug that was resident: done at once.
+        assert_eq!(run(&[100, 100, 100]), Some(3));
     }
 
     #[tokio::test]

@@ -282,21 +282,41 @@ impl Vmm {
         }
     }
 
+    /// The `HttpError` variant an endpoint's failure is wrapped in up to
+    /// v46, whose body is that error's `Debug` form.
+    fn debug_variant(endpoint: &str) -> String {
+        endpoint
+            .trim_start_matches("vmm.")
+            .trim_start_matches("vm.")
+            .split('-')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            })
+            .fold(if endpoint.starts_with("vmm.") { "Vmm".to_string() } else { "Vm".to_string() }, |a, w| a + &w)
+    }
+
     /// A refusal as the server of `opts.version` sends it.
     fn refuse(&self, endpoint: &str, fail: Fail) -> Response {
         let v = self.opts.version;
+        if v.major < 47 {
+            // `format!("{:?}", error)` in plain text, although the
+            // Content-Type still says JSON: `VmInfo(VmNotCreated)`.
+            let (status, cause) = match fail {
+                Fail::NotCreated => (500, "VmNotCreated".to_string()),
+                Fail::Refused(cause) => (500, cause),
+                Fail::BadRequest(cause) => (400, format!("SerdeJsonDeserialize({cause:?})")),
+            };
+            let body = format!("{}({cause})", Self::debug_variant(endpoint));
+            return Response { status, body: Some(body.into_bytes()) };
+        }
         let (status, cause) = match fail {
             Fail::NotCreated => (if v.major >= 53 { 404 } else { 500 }, "VM is not created".to_string()),
             Fail::Refused(cause) => (500, cause),
             Fail::BadRequest(cause) => (400, cause),
         };
         let chain = ["Error from API".to_string(), Self::headline(endpoint), cause];
-        if v.major < 47 {
-            // Plain text, although the Content-Type still says JSON.
-            Response { status, body: Some(chain.join(": ").into_bytes()) }
-        } else {
-            Response::json(status, &json!(chain))
-        }
+        Response::json(status, &json!(chain))
     }
 
     fn vm(&mut self) -> Result<&mut Vm, Fail> {
@@ -458,12 +478,16 @@ impl Vmm {
         Ok(())
     }
 
-    fn info(&mut self, now: Instant) -> Result<Value, Fail> {
+    fn info(&mut self, _now: Instant) -> Result<Value, Fail> {
         let vm = self.vm()?;
         Ok(json!({
             "config": vm.config,
             "state": vm.state.name(),
-            "memory_actual_size": vm.memory.actual(now),
+            // As the real server computes it: the config's `size +
+            // hotplugged_size`, which `vm.resize` sets at once. What the
+            // guest has really plugged is not in the API (it shows only in
+            // the snapshot's size).
+            "memory_actual_size": vm.memory.to,
             "device_tree": {},
         }))
     }
@@ -490,6 +514,13 @@ impl Vmm {
             return Err(Fail::Refused("ACPI memory hotplug cannot shrink memory".into()));
         }
         m.request(desired / BLOCK * BLOCK, now);
+        // The server records the new size in the VM's config at once,
+        // whatever the guest does with it.
+        let base = m.base;
+        let hotplugged = if desired > base { json!(desired - base) } else { Value::Null };
+        if let Some(memory) = vm.config.get_mut("memory").and_then(Value::as_object_mut) {
+            memory.insert("hotplugged_size".into(), hotplugged);
+        }
         Ok(())
     }
 
@@ -603,12 +634,14 @@ impl Vmm {
         let size = u64_at(&config, "/memory/size").unwrap_or(512 << 20);
         let hotplug = u64_at(&config, "/memory/hotplug_size").unwrap_or(0);
         let resume = body.get("resume").and_then(Value::as_bool) == Some(true);
+        // Asked for in the config; the guest goes on (un)plugging toward it.
+        let requested = size + u64_at(&config, "/memory/hotplugged_size").unwrap_or(0);
         let memory = Memory {
             base: size,
             max: size + hotplug,
             virtio_mem: config.pointer("/memory/hotplug_method").and_then(Value::as_str) == Some("VirtioMem"),
             from: memory,
-            to: memory,
+            to: requested,
             since: now,
             span: self.opts.resize_time,
         };
