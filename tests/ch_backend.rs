@@ -283,6 +283,33 @@ async fn a_v49_server_is_driven_too() {
     g.backend.shutdown_vmm(&h2).await.unwrap();
 }
 
+/// Before v49 Cloud Hypervisor would put its default address on the TAP:
+/// a networked VM is refused there, and no VMM is left behind; from v49 the
+/// same config is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn networking_needs_v49() {
+    let net = hypeman::hypervisor::NetConfig {
+        tap: "hm0000000000001".into(),
+        mac: "02:00:00:00:00:01".into(),
+        limit_down: IoLimit::default(),
+        limit_up: IoLimit::default(),
+    };
+    let g = Guest::new(&[("FAKE_CH_VERSION", "48.0.0")]);
+    let cfg = VmConfig { net: Some(net.clone()), ..g.config(0) };
+    let err = g.backend.create(&g.vmm(None), &cfg).await.unwrap_err();
+    assert!(
+        hypeman::error_chain(&err).contains("guest networking needs cloud-hypervisor 49.0 or newer (this host has 48.0.0)"),
+        "{}",
+        hypeman::error_chain(&err)
+    );
+    assert!(process::find_by_argument(&g.dir.join("ch.sock")).is_none(), "no VMM left behind");
+
+    let g = Guest::new(&[("FAKE_CH_VERSION", "49.0.0")]);
+    let cfg = VmConfig { net: Some(net), ..g.config(0) };
+    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
+    g.backend.shutdown_vmm(&h).await.unwrap();
+}
+
 #[test]
 fn the_wrapper_is_the_fake() {
     let dir = tempfile::tempdir().unwrap();

@@ -236,6 +236,12 @@ impl ChVersion {
         })
     }
 
+    /// From v49 a TAP given without `ip`/`mask` keeps the addresses it
+    /// has (none, on a bridge port); before, it got 192.168.249.1/24.
+    pub fn leaves_tap_addresses_alone(self) -> bool {
+        self.major >= 49
+    }
+
     /// From v53 a missing VM is a 404 rather than a 500.
     pub fn not_found_is_404(self) -> bool {
         self.major >= 53

@@ -66,6 +66,11 @@ const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChError {
+    /// Before v49 Cloud Hypervisor puts its default address
+    /// (192.168.249.1/24) on every TAP it is given without one, which on a
+    /// port of hypeman's bridge would answer for the wrong network.
+    #[error("guest networking needs cloud-hypervisor 49.0 or newer (this host has {version})")]
+    NetworkNeedsV49 { version: String },
     #[error("API call failed")]
     Api(#[from] ApiError),
     #[error("cloud-hypervisor exited during start-up; its log ends with: {log_tail}")]
@@ -433,6 +438,10 @@ impl Hypervisor for CloudHypervisorBackend {
         launch::write(&guest.guest_dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
         let _serial = self.exclusive(&guest.socket).await;
         let (handle, client, version) = self.launch(guest, &config.serial_log, op).await?;
+        if config.net.is_some() && !version.leaves_tap_addresses_alone() {
+            self.discard(&handle).await;
+            return Err(backend(op)(ChError::NetworkNeedsV49 { version: version.to_string() }));
+        }
         if let Err(e) = client.create(&config::vm_config(config)).await {
             self.discard(&handle).await;
             return Err(Self::api_error(&handle, op, e));
