@@ -553,23 +553,11 @@ mod tests {
     use super::*;
 
     fn guest(dir: &Path) -> GuestVmm {
-        GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join("ch.sock"), vmm_log: dir.join("vmm.log"), recorded: None }
+        crate::hypervisor::conformance::guest(dir, "ch.sock")
     }
 
     fn config() -> VmConfig {
-        VmConfig {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            hotplug_memory_bytes: 256 << 20,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            disks: vec![],
-            net: None,
-            devices: vec![],
-            serial_log: "/app.log".into(),
-            vsock: None,
-        }
+        VmConfig { hotplug_memory_bytes: 256 << 20, ..crate::hypervisor::conformance::bare_config() }
     }
 
     #[tokio::test]

@@ -238,6 +238,23 @@ impl Backends {
 pub(crate) mod conformance {
     use super::*;
 
+    /// The smallest launch configuration: one vCPU, 256 MiB, no disks, no NIC.
+    pub fn bare_config() -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            hotplug_memory_bytes: 0,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            disks: vec![],
+            net: None,
+            devices: vec![],
+            serial_log: "/app.log".into(),
+            vsock: None,
+        }
+    }
+
     pub fn guest(dir: &Path, socket: &str) -> GuestVmm {
         GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join(socket), vmm_log: dir.join("vmm.log"), recorded: None }
     }

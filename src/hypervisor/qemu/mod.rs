@@ -622,22 +622,7 @@ mod tests {
         gone_vmm_is_vmm_gone(&qemu, "qmp.sock").await;
     }
 
-    /// The smallest launch configuration: no disks, no NIC.
-    fn bare_config() -> VmConfig {
-        VmConfig {
-            vcpus: 1,
-            memory_bytes: 256 << 20,
-            hotplug_memory_bytes: 0,
-            kernel: "/k".into(),
-            initrd: None,
-            cmdline: String::new(),
-            disks: vec![],
-            net: None,
-            devices: vec![],
-            serial_log: "/app.log".into(),
-            vsock: None,
-        }
-    }
+    use crate::hypervisor::conformance::bare_config;
 
     #[tokio::test]
     async fn a_network_bandwidth_limit_is_refused_before_anything_starts() {
