@@ -148,6 +148,46 @@ check_eval "flake output shape (stub nixpkgs)" '
     && builtins.attrNames self.devShells == systems
     && !(self.packages ? nixosModules)'
 
+# 3. The VM tests' Python and the guests' shell, rendered with a stub nixpkgs
+# (.ci/nix-vm-test-render.nix): the test script must compile and use no
+# name the test driver does not give it; every instance command must pass
+# `sh -n`. Nothing is run.
+if command -v python3 >/dev/null 2>&1; then
+    for test in scenario network-scenario; do
+        for hypervisor in qemu cloud-hypervisor; do
+            what="VM test script vm-tests/$test.nix ($hypervisor)"
+            if ! nixi --eval --strict --json -E "import ./.ci/nix-vm-test-render.nix { file = ./vm-tests/$test.nix; hypervisor = \"$hypervisor\"; }" > "$tmp/rendered.json"; then
+                echo "eval FAIL   $what" >&2
+                failed=1
+                continue
+            fi
+            if python3 - "$tmp/rendered.json" <<'PY'
+import ast, builtins, json, subprocess, sys
+rendered = json.load(open(sys.argv[1]))
+tree = ast.parse(rendered["script"])
+stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+stored |= {f.name for f in functions} | {a.arg for f in functions for a in f.args.args}
+driver = {"machine", "outside", "start_all", "subtest", "retry", "json", "re"}
+loaded = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+unknown = sorted(loaded - stored - driver - set(dir(builtins)))
+bad = [c for c in rendered["cmds"] if subprocess.run(["sh", "-n", "-c", c]).returncode != 0]
+if unknown or bad:
+    print(f"unknown names {unknown}; commands failing sh -n: {bad}", file=sys.stderr)
+    sys.exit(1)
+PY
+            then
+                echo "eval ok     $what"
+            else
+                echo "eval FAIL   $what" >&2
+                failed=1
+            fi
+        done
+    done
+else
+    echo "skipped     VM test scripts (no python3)"
+fi
+
 if [ "$failed" -ne 0 ]; then
     echo "nix-parse-check: FAILED" >&2
     exit 1
