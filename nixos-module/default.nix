@@ -2,9 +2,15 @@
 #
 # Every instance becomes /etc/hypeman/instances/<name>.toml and the settings
 # /etc/hypeman/hypeman.toml; the daemon converges the instances to their
-# declared `state`. A rebuild that changes only declarations or settings
-# *reloads* the daemon (SIGHUP, a full rescan) instead of restarting it, and
-# even a restart leaves running VMs alone (KillMode=process, below).
+# declared `state`. A rebuild that changes only declarations *reloads* the
+# daemon (SIGHUP, a full rescan); one that changes the settings restarts it
+# (they are read at start only), and a restart leaves running VMs alone
+# (KillMode=process, below).
+#
+# Guest networking (services.hypeman.network) is written to the settings'
+# `[network]` table and configures the host around the daemon's bridge: the
+# firewall, NAT for outbound access, and NetworkManager / systemd-networkd /
+# dhcpcd kept off the bridge and the guests' TAPs.
 {
   config,
   lib,
@@ -36,8 +42,8 @@ let
       pkgs.callPackage ../nix/guest-kernel.nix { } cfg.guestKernel;
 
   instanceModule = {
-    # Any key of the declaration format works (network, disk_io, volumes,
-    # devices, …); the options below are the common ones, typed so a typo in
+    # Any key of the declaration format works (disk_io, volumes, devices,
+    # …); the options below are the common ones, typed so a typo in
     # a value fails at evaluation. Unknown keys are still caught: by
     # `hypeman validate` at build time (checkConfig).
     freeformType = toml.type;
@@ -142,12 +148,53 @@ let
         };
         description = "Environment variables, added to (and overriding) the image's.";
       };
+      network = mkOption {
+        type = types.nullOr (
+          types.submodule {
+            freeformType = toml.type;
+            options = {
+              enabled = mkOption {
+                type = types.bool;
+                default = false;
+                description = ''
+                  Give the guest a NIC: a TAP on `services.hypeman.network.bridge`
+                  and a static address from its subnet (shown by `hypeman status`).
+                '';
+              };
+              bandwidth_down = mkOption {
+                type = types.nullOr types.str;
+                default = null;
+                example = "100Mbit";
+                description = "Host → guest rate limit (Cloud Hypervisor only); null: unlimited.";
+              };
+              bandwidth_up = mkOption {
+                type = types.nullOr types.str;
+                default = null;
+                example = "10MiB/s";
+                description = "Guest → host rate limit (Cloud Hypervisor only); null: unlimited.";
+              };
+            };
+          }
+        );
+        default = null;
+        example = {
+          enabled = true;
+        };
+        description = "The `[network]` table; null: no NIC, loopback only.";
+      };
     };
   };
 
   # The TOML of each instance: its options without the unset ones (the
-  # config-dir builder drops nulls and an empty env).
-  instancesToml = lib.mapAttrs (_: inst: removeAttrs inst [ "_module" ]) cfg.instances;
+  # config-dir builder drops nulls and an empty env). A submodule's value
+  # carries `_module`, which is not TOML, at every level that is one.
+  instancesToml = lib.mapAttrs (
+    _: inst:
+    removeAttrs inst [ "_module" ]
+    // lib.optionalAttrs (inst.network != null) {
+      network = removeAttrs inst.network [ "_module" ];
+    }
+  ) cfg.instances;
 
   configDir = buildConfigDir {
     package = cfg.package;
@@ -157,6 +204,9 @@ let
   };
 in
 {
+  # services.hypeman.network: the host side of guest networking.
+  imports = [ ./network.nix ];
+
   options.services.hypeman = {
     enable = mkEnableOption "hypeman, the declarative microVM manager";
 
@@ -195,7 +245,10 @@ in
         file works (see examples/hypeman.toml). The module fills in
         `data_dir`, the hypervisor binaries (store paths) and, when
         `guestKernel` is set, `guest.kernel` and `guest.modules_dir`, all as
-        defaults you can override.
+        defaults you can override. The `network` table comes from
+        `services.hypeman.network` (set it there, not here). A change here
+        restarts the daemon (it reads its settings at start); the running
+        VMs are adopted.
       '';
     };
 
@@ -302,9 +355,12 @@ in
       # inotify event in the directory the daemon watches, so a switch must
       # tell it. Listing the config here makes switch-to-configuration reload
       # (ExecReload: SIGHUP = full rescan) rather than restart when only the
-      # configuration changed. The daemon also re-stats its instances
+      # declarations changed. The daemon also re-stats its instances
       # directory every second, which catches the link swap on its own.
       reloadTriggers = [ configDir ];
+      # The settings (hypeman.toml) are read once, at start: a change to
+      # them restarts the daemon, which adopts the running VMMs.
+      restartTriggers = [ configDir.settingsFile ];
 
       serviceConfig = {
         Type = "notify";

@@ -6,9 +6,18 @@
 //! the bridge address, the host fetches a page from the first guest's
 //! `httpd`, and the second guest fetches it too.
 //!
+//! A standby and restore of the first guest keep its TAP and its address,
+//! and every path still works afterwards.
+//!
 //! Gated like the other real-VM tests (`HYPEMAN_REAL_VM=1`). Everything
 //! happens inside the namespace, which is removed (with every process in
 //! it, all started here) even when the test fails.
+//!
+//! `vm-tests/network-scenario.nix` is the same scenario as a NixOS VM test
+//! (the NixOS module's bridge, firewall and NAT, on both hypervisors with
+//! KVM); its subtests are named after the steps of
+//! `guests_reach_the_host_the_host_reaches_them_and_they_reach_each_other`
+//! below. Keep the two in step.
 
 mod support;
 
@@ -176,6 +185,14 @@ impl World {
         std::fs::read_to_string(self.data.join("guests").join(id).join("logs/app.log")).unwrap_or_default()
     }
 
+    /// The numbers of `name`'s console lines `<prefix> <n>`, in order.
+    fn numbers(&self, name: &str, prefix: &str) -> Vec<u64> {
+        self.app_log(name)
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(prefix)?.strip_prefix(' ')?.parse().ok())
+            .collect()
+    }
+
     /// Waits until `name`'s console has a line starting with `prefix`.
     fn wait_line(&self, name: &str, prefix: &str) -> String {
         let t0 = Instant::now();
@@ -201,15 +218,29 @@ impl Drop for World {
     }
 }
 
-/// Fetches `url` from inside the guest until it answers, then prints
-/// `<tag> <body>`, and stays up serving its own page.
+/// Serves its own page; fetches `url` from inside the guest until it
+/// answers, then prints `<tag> <body>`; then fetches it again once a second
+/// for ever, printing `REACH <n>` (n counts attempts) after each answer. A
+/// restored guest continues its count where it stopped (a cold boot would
+/// start again at 1), and new `REACH` lines show the path works again.
 fn guest_script(fetch: &str, tag: &str) -> String {
     format!(
         "mkdir -p /www; echo hello-from-$(hostname) > /www/index.html; httpd -p {GUEST_PORT} -h /www; \
          echo RESOLV $(grep nameserver /etc/resolv.conf); echo HOSTS $(grep $(hostname) /etc/hosts); \
          i=0; while [ $i -lt 100 ]; do if got=$(wget -q -O - {fetch}); then echo {tag} $got; break; fi; \
-         i=$((i+1)); sleep 0.3; done; sleep 3600"
+         i=$((i+1)); sleep 0.3; done; \
+         n=0; while true; do sleep 1; n=$((n+1)); if wget -q -O /dev/null {fetch}; then echo REACH $n; fi; done"
     )
+}
+
+/// The numbers in `now` that came after `before`: the console log may go
+/// on from where it was or start afresh when a VMM is started again.
+fn after<'a>(before: &[u64], now: &'a [u64]) -> &'a [u64] {
+    if now.starts_with(before) {
+        &now[before.len()..]
+    } else {
+        now
+    }
 }
 
 /// The round-trip times `busybox ping` printed: (min, avg) in ms.
@@ -266,6 +297,41 @@ fn guests_reach_the_host_the_host_reaches_them_and_they_reach_each_other() {
     let peer_ip = w.status("peer")["ip"].as_str().expect("peer has an address").to_string();
     assert_ne!(peer_ip, web_ip);
     assert_eq!(w.wait_line("peer", "PEER_SAYS"), "PEER_SAYS hello-from-web");
+
+    // Standby keeps the TAP (the snapshot's NIC is bound to it by name) and
+    // the address; the restored guest is reached by the host and its peer
+    // and reaches the host, on the same address, and it was restored, not
+    // booted again: its count goes on.
+    w.wait_line("web", "REACH");
+    w.declare("web", "standby", &web_script);
+    w.wait("web", "Standby");
+    assert!(w.ns.has_link(&tap), "a guest in standby keeps its TAP\n{}", w.daemon_log_tail());
+    assert_eq!(w.status("web")["ip"].as_str(), Some(web_ip.as_str()), "the lease is kept in standby");
+    let web_before = w.numbers("web", "REACH");
+    let peer_before = w.numbers("peer", "REACH");
+    let t = Instant::now();
+    w.declare("web", "running", &web_script);
+    w.wait("web", "Running");
+    eprintln!("web: restored in {:.2}s (declaration written → Running)", t.elapsed().as_secs_f64());
+    assert_eq!(w.status("web")["ip"].as_str(), Some(web_ip.as_str()), "the restored guest keeps its address");
+    let page = support::run_ok(w.ns.command("busybox").args(["wget", "-q", "-O", "-", &format!("http://{web_ip}:{GUEST_PORT}/")]));
+    assert_eq!(page.trim(), "hello-from-web", "host → guest after the restore");
+    let last_before = *web_before.last().expect("web reached the host before its standby");
+    let t0 = Instant::now();
+    loop {
+        let now = w.numbers("web", "REACH");
+        if let Some(&first) = after(&web_before, &now).first() {
+            assert!(first > last_before, "web's count restarted ({last_before} before standby, {first} after): a cold boot, not a restore");
+            break;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "web never reached the host after its restore; console:\n{}", w.app_log("web"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t0 = Instant::now();
+    while after(&peer_before, &w.numbers("peer", "REACH")).is_empty() {
+        assert!(t0.elapsed() < TIMEOUT, "peer never reached web after its restore; console:\n{}", w.app_log("peer"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Stopped: the TAP goes, the address stays the guest's.
     w.declare("web", "stopped", &web_script);

@@ -10,9 +10,8 @@
 #   specialisation "removed" -> the instance and its data are deleted
 #
 # The test VM needs nested KVM: the builder needs the `kvm` and `nixos-test`
-# system features and its CPU's kvm_intel/kvm_amd `nested=1`. `-cpu host`
-# passes VMX/SVM through (microvm.nix #78: Cloud Hypervisor fails with
-# "no supported hypervisor" under the default `kvm64` CPU model).
+# system features and its CPU's kvm_intel/kvm_amd `nested=1`. The image, the
+# machine's base configuration and the Python helpers are in common.nix.
 {
   pkgs,
   hypervisor,
@@ -20,41 +19,7 @@
 }:
 
 let
-  inherit (pkgs) lib;
-
-  # The image, built with Nix, so the test needs no registry and no network.
-  # dockerTools writes a docker-archive (the `docker save` format); hypeman
-  # reads OCI layouts (`oci:` / `oci-archive:`), so skopeo converts it.
-  # skopeo in the sandbox: --insecure-policy (no /etc/containers/policy.json),
-  # HOME for its config lookups; it reads the gzip-compressed archive
-  # buildLayeredImage produces.
-  counterDockerImage = pkgs.dockerTools.buildLayeredImage {
-    name = "hypeman-test-counter";
-    tag = "latest";
-    contents = [ pkgs.busybox ];
-    config.Cmd = [
-      "/bin/sh"
-      "-c"
-      ''i=0; while true; do i=$((i+1)); echo "COUNTER $i"; sleep 1; done''
-    ];
-  };
-
-  counterImage =
-    pkgs.runCommand "hypeman-test-counter.oci.tar" { nativeBuildInputs = [ pkgs.skopeo ]; }
-      ''
-        export HOME=$TMPDIR
-        skopeo --insecure-policy copy --quiet \
-          docker-archive:${counterDockerImage} oci-archive:$out:latest
-      '';
-
-  # How the VMM shows in `pgrep -f`. The bracket keeps the pattern from
-  # matching a command line that contains the pattern itself.
-  vmmPattern =
-    {
-      cloud-hypervisor = "[c]loud-hypervisor";
-      qemu = "[q]emu-system-";
-    }
-    .${hypervisor};
+  common = import ./common.nix { inherit pkgs hypervisor package; };
 in
 {
   name = "hypeman-${hypervisor}";
@@ -64,27 +29,14 @@ in
   nodes.machine =
     { lib, ... }:
     {
-      imports = [ ../nixos-module ];
+      imports = [ common.machine ];
 
-      virtualisation = {
-        cores = 2;
-        memorySize = 2048;
-        diskSize = 4096;
-        qemu.options = [ "-cpu host" ];
+      services.hypeman.instances.counter = {
+        image = "oci-archive:${common.image}:latest";
+        inherit hypervisor;
+        vcpus = 1;
+        memory = "256MiB";
       };
-
-      services.hypeman = {
-        enable = true;
-        # The NixOS kernel, whose vmlinux boots under both VMMs.
-        guestKernel = pkgs.linuxPackages.kernel;
-        instances.counter = {
-          image = "oci-archive:${counterImage}:latest";
-          inherit hypervisor;
-          vcpus = 1;
-          memory = "256MiB";
-        };
-      }
-      // lib.optionalAttrs (package != null) { inherit package; };
 
       # Configuration changes are tested the way users make them: a switch.
       # Both inherit everything above and change one thing.
@@ -102,28 +54,16 @@ in
       toplevel = nodes.machine.system.build.toplevel;
     in
     ''
-      import json
-      import re
+      ${common.pythonHelpers}
 
       BASE = "${toplevel}/bin/switch-to-configuration test"
       STANDBY = "${toplevel}/specialisation/standby/bin/switch-to-configuration test"
       REMOVED = "${toplevel}/specialisation/removed/bin/switch-to-configuration test"
-      VMM = "${vmmPattern}"
-
-
-      def status():
-          return json.loads(machine.succeed("hypeman status counter --json"))
 
 
       def counters():
           """Every COUNTER value in the instance's console log, in order."""
-          log = machine.succeed("hypeman logs counter --tail 1000000")
-          return [int(n) for n in re.findall(r"COUNTER (\d+)", log)]
-
-
-      def vmm_pids():
-          out = machine.succeed(f"pgrep -f '{VMM}' || true")
-          return out.split()
+          return [int(n) for n in re.findall(r"COUNTER (\d+)", app_log("counter"))]
 
 
       start_all()
@@ -143,7 +83,7 @@ in
           machine.succeed(STANDBY)
           machine.succeed("hypeman wait counter --state Standby --timeout 180s")
           machine.fail(f"pgrep -f '{VMM}'")
-          assert status()["has_snapshot"], status()
+          assert status("counter")["has_snapshot"], status("counter")
           before = counters()
           last_before = before[-1]
           machine.log(f"last counter before standby: {last_before}")
@@ -167,13 +107,13 @@ in
           )
 
       with subtest("restarting the daemon adopts the running VMM"):
-          pid = status()["pid"]
-          assert pid, status()
+          pid = status("counter")["pid"]
+          assert pid, status("counter")
           machine.succeed("systemctl restart hypeman.service")
           machine.wait_for_unit("hypeman.service")
           machine.succeed("hypeman wait counter --state Running --timeout 60s")
           machine.succeed(f"kill -0 {pid}")
-          assert status()["pid"] == pid, f"VMM pid changed: {pid} -> {status()['pid']}"
+          assert status("counter")["pid"] == pid, f"VMM pid changed: {pid} -> {status('counter')['pid']}"
           assert vmm_pids() == [str(pid)], f"expected only VMM {pid}, found {vmm_pids()}"
 
       with subtest("removing the declaration deletes the instance and its data"):
