@@ -307,25 +307,18 @@ mod tests {
         );
         // The draws themselves: the start, then the chunk at 120 ms; the
         // ones at 50 ms and 150 ms came too soon after the previous draw.
-        let first_blob = text.split('\n').nth(1).unwrap();
+        let draws = |line: usize| text.split('\n').nth(line).unwrap().split(CLEAR_LINE).skip(1).collect::<Vec<_>>();
         assert_eq!(
-            first_blob.split(CLEAR_LINE).collect::<Vec<_>>(),
+            draws(1),
             [
-                "",
                 "  0123456789ab         0 B / 2.0 MiB",
                 "  0123456789ab     1.0 MiB / 2.0 MiB   50%",
                 "  0123456789ab     2.0 MiB  verified in 0.25s",
             ]
         );
-        let unpack = text.split('\n').nth(3).unwrap();
         assert_eq!(
-            unpack.split(CLEAR_LINE).collect::<Vec<_>>(),
-            [
-                "",
-                "  unpacking layer 1/2",
-                "  unpacking layer 2/2",
-                "  unpacked 2 layers: 10004 entries, 5.0 MiB in 0.50s",
-            ]
+            draws(3),
+            ["  unpacking layer 1/2", "  unpacking layer 2/2", "  unpacked 2 layers: 10004 entries, 5.0 MiB in 0.50s"]
         );
     }
 
@@ -361,12 +354,13 @@ mod tests {
     #[test]
     fn writer_receives_the_rendered_text() {
         let mut written = Vec::new();
-        let progress = StderrProgress::new(Style::Terminal, &mut written);
-        progress.say("pulling x");
-        progress.event(&PullEvent::BlobStarted { digest: LAYER, size: 1024 });
-        progress.finish();
-        progress.event(&PullEvent::Cached { digest: IMAGE });
-        drop(progress);
+        {
+            let progress = StderrProgress::new(Style::Terminal, &mut written);
+            progress.say("pulling x");
+            progress.event(&PullEvent::BlobStarted { digest: LAYER, size: 1024 });
+            progress.finish();
+            progress.event(&PullEvent::Cached { digest: IMAGE });
+        }
         assert_eq!(
             String::from_utf8(written).unwrap(),
             "pulling x\n\r\x1b[K  0123456789ab         0 B / 1.0 KiB\r\x1b[Kcached fedcba987654\n"
