@@ -303,6 +303,13 @@ fn image_cache_commands() -> Result<()> {
     assert_eq!(code, 0, "{err}");
     let digest = out.trim().to_string();
     assert!(digest.starts_with("sha256:") && digest.len() == 71, "{out}");
+    assert_eq!(out, format!("{digest}\n"), "stdout holds the digest alone");
+    // stderr is a pipe here: plain progress lines, one per event.
+    assert!(err.contains("  verified in ") && err.contains("built the erofs disk"), "{err}");
+    assert!(!err.contains('\r') && !err.contains('\x1b'), "{err:?}");
+    let (code, again, err) = run(&mut pull)?;
+    assert_eq!((code, again), (0, out.clone()));
+    assert!(err.contains(&format!("cached {}", &digest[7..19])), "{err}");
 
     std::fs::write(config.join("instances/one.toml"), format!("image = \"{reference}\"\nstate = \"stopped\"\n"))?;
     let mut ls = hypeman();

@@ -3,156 +3,27 @@
 //!
 //! Skips, saying why, when any of the tools is missing. Prints the
 //! measured pull+convert and cache-hit times.
+//!
+//! `bench_pull_convert` (ignored; a benchmark) prints a markdown table of
+//! pull+convert, cache-hit and disk figures for a small image and a
+//! 10 000-file one, as erofs and as ext4:
+//! `cargo test --release --test images_registry bench_pull_convert -- --ignored --nocapture`
+//! (`HYPEMAN_BENCH_DIR` picks the filesystem it works in; default `$TMPDIR`).
 
 mod support;
 
+use support::registry::{build_image, many_files_tree, missing_tool, push, Registry};
 use support::run_ok as run;
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hypeman::images::{ImageStore, ImageStoreOptions};
-use sha2::{Digest, Sha256};
-
-const TOOLS: &[&str] = &[
-    "/usr/bin/docker-registry",
-    "/usr/bin/skopeo",
-    "/usr/bin/umoci",
-    "/bin/busybox",
-    "/usr/bin/mkfs.erofs",
-    "/usr/bin/fsck.erofs",
-];
-
-fn missing_tool() -> Option<&'static str> {
-    TOOLS.iter().copied().find(|t| !Path::new(t).exists())
-}
-
-struct Registry {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Registry {
-    fn start(dir: &Path) -> Registry {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = dir.join("registry.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("storage").display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("registry.log");
-        let out = fs::File::create(&log).unwrap();
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "registry did not start: {}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry { child, port, log }
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Blob downloads the registry has served so far (from its access log).
-    fn blob_gets(&self) -> usize {
-        fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/"))
-            .count()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn umoci(args: &[&str]) {
-    run(Command::new("umoci").args(args));
-}
-
-/// Builds `layout:tag`, one `umoci insert` layer per `(source, target)`,
-/// or a whiteout layer when the source is `None`.
-fn build_image(layout: &Path, tag: &str, layers: &[(Option<&Path>, &str)], entrypoint: &str) {
-    let image = format!("{}:{tag}", layout.display());
-    if !layout.exists() {
-        umoci(&["init", "--layout", &layout.display().to_string()]);
-    }
-    umoci(&["new", "--image", &image]);
-    for (source, target) in layers {
-        match source {
-            Some(src) => umoci(&[
-                "insert",
-                "--image",
-                &image,
-                &src.display().to_string(),
-                target,
-            ]),
-            None => umoci(&["insert", "--image", &image, "--whiteout", target]),
-        }
-    }
-    umoci(&[
-        "config",
-        "--image",
-        &image,
-        "--config.entrypoint",
-        entrypoint,
-        "--config.env",
-        "HELLO=world",
-        "--config.workingdir",
-        "/",
-    ]);
-}
-
-/// Pushes and returns the digest of the manifest the registry now serves.
-fn push(layout: &Path, tag: &str, registry: &Registry, name: &str) -> String {
-    let dest = format!("docker://{}/{name}", registry.host());
-    run(Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:{tag}", layout.display()))
-        .arg(&dest));
-    let raw = Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(&dest)
-        .output()
-        .unwrap();
-    assert!(raw.status.success());
-    format!("sha256:{:x}", Sha256::digest(&raw.stdout))
-}
+use hypeman::images::{ImageInfo, ImageStore, ImageStoreOptions, Progress, PullEvent, RootfsFormat};
 
 fn extract(image: &Path, into: &Path) {
     run(Command::new("fsck.erofs")
@@ -204,13 +75,7 @@ async fn pull_from_a_real_registry_then_serve_from_cache() {
 
     // many: 20 000 small files.
     let many = tmp.path().join("many");
-    for d in 0..20 {
-        let sub = many.join(format!("d{d:02}"));
-        fs::create_dir_all(&sub).unwrap();
-        for f in 0..1000 {
-            fs::write(sub.join(format!("f{f:04}")), format!("{d}/{f}\n")).unwrap();
-        }
-    }
+    many_files_tree(&many, 20, 1000);
     build_image(&layout, "many", &[(Some(&many), "/many")], "/bin/true");
 
     let busybox_digest = push(&layout, "busybox", &registry, "test/busybox:1");
@@ -311,5 +176,189 @@ async fn pull_from_a_real_registry_then_serve_from_cache() {
         info.unpacked_bytes / 1024,
         many_info.size_bytes / 1024,
         many_info.unpacked_bytes / 1024,
+    );
+}
+
+/// When each stage of a pull began, from the events the store reports,
+/// and the layer bytes it resolved to.
+#[derive(Default)]
+struct StageClock {
+    marks: Mutex<Vec<(Stage, Instant)>>,
+    layer_bytes: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Fetch,
+    Unpack,
+    Mkfs,
+    Done,
+}
+
+impl Progress for StageClock {
+    fn event(&self, event: &PullEvent<'_>) {
+        let stage = match *event {
+            PullEvent::Resolved { bytes, .. } => {
+                self.layer_bytes.store(bytes, Ordering::Relaxed);
+                Stage::Fetch
+            }
+            PullEvent::Unpacking { index: 1, .. } => Stage::Unpack,
+            PullEvent::Building { .. } => Stage::Mkfs,
+            PullEvent::Built { .. } => Stage::Done,
+            _ => return,
+        };
+        self.marks.lock().unwrap().push((stage, Instant::now()));
+    }
+}
+
+impl StageClock {
+    /// How long `stage` lasted: until the next stage began.
+    fn length(&self, stage: Stage) -> Duration {
+        let marks = self.marks.lock().unwrap();
+        let at = marks.iter().position(|(s, _)| *s == stage);
+        match at.and_then(|i| Some((marks[i].1, marks.get(i + 1)?.1))) {
+            Some((from, to)) => to - from,
+            None => panic!("no {stage:?} stage among {:?}", marks.iter().map(|m| m.0).collect::<Vec<_>>()),
+        }
+    }
+}
+
+/// Bytes `path` occupies on the host as a directory tree.
+fn du(path: &Path) -> u64 {
+    let meta = fs::symlink_metadata(path).unwrap();
+    let own = meta.blocks() * 512;
+    if meta.is_dir() {
+        own + fs::read_dir(path).unwrap().map(|e| du(&e.unwrap().path())).sum::<u64>()
+    } else {
+        own
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{} KiB", bytes.div_ceil(1024))
+}
+
+/// Medians of one image in one format.
+struct Figures {
+    info: ImageInfo,
+    layer_bytes: u64,
+    total: Duration,
+    fetch: Duration,
+    unpack: Duration,
+    mkfs: Duration,
+    hit: Duration,
+}
+
+/// `runs` pulls into empty stores, then cache hits on the last one, which
+/// must fetch no blob.
+async fn measure(registry: &Registry, work: &Path, reference: &str, format: RootfsFormat, runs: usize) -> Figures {
+    let (mut totals, mut fetch, mut unpack, mut mkfs) = (vec![], vec![], vec![], vec![]);
+    let mut last = None;
+    let data_dir = |run: usize| work.join(format!("data-{}-{run}", format.as_str()));
+    for run in 0..runs {
+        let options = ImageStoreOptions {
+            insecure_registries: vec![registry.host()],
+            docker_config: Some(work.join("no-docker-config.json")),
+            format,
+            ..ImageStoreOptions::default()
+        };
+        let store = ImageStore::open(&data_dir(run), options).unwrap();
+        let clock = StageClock::default();
+        let started = Instant::now();
+        let info = store.ensure_reporting(reference, &clock).await.unwrap();
+        totals.push(started.elapsed());
+        fetch.push(clock.length(Stage::Fetch));
+        unpack.push(clock.length(Stage::Unpack));
+        mkfs.push(clock.length(Stage::Mkfs));
+        last = Some((store, info, clock.layer_bytes.load(Ordering::Relaxed)));
+    }
+    let (store, info, layer_bytes) = last.unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let gets = registry.blob_gets();
+    let mut hits = vec![];
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(store.ensure(reference).await.unwrap(), info);
+        hits.push(started.elapsed());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(registry.blob_gets(), gets, "a cache hit fetched blobs");
+    assert_eq!(store.conversions(), 1);
+    for run in 0..runs {
+        fs::remove_dir_all(data_dir(run)).unwrap();
+    }
+    Figures {
+        info,
+        layer_bytes,
+        total: median(totals),
+        fetch: median(fetch),
+        unpack: median(unpack),
+        mkfs: median(mkfs),
+        hit: median(hits),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run with --ignored --nocapture, in release mode"]
+async fn bench_pull_convert() {
+    // Asked for explicitly, so a missing tool is a failure, not a skip.
+    assert_eq!(missing_tool(), None, "a registry tool is not installed");
+    const RUNS: usize = 3;
+    // The registry storage, layouts and image caches all live here.
+    let base = std::env::var_os("HYPEMAN_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+    let tmp = tempfile::tempdir_in(&base).unwrap();
+    let registry = Registry::start(tmp.path());
+    let layout = tmp.path().join("layout");
+
+    let small = tmp.path().join("small");
+    support::busybox_tree(&small, &["sh", "ls", "cat", "echo"]);
+    build_image(&layout, "busybox", &[(Some(&small.join("bin")), "/bin")], "/bin/busybox");
+    let many = tmp.path().join("many");
+    many_files_tree(&many, 10, 1000);
+    build_image(&layout, "files10k", &[(Some(&many), "/many")], "/bin/true");
+    push(&layout, "busybox", &registry, "bench/busybox:1");
+    push(&layout, "files10k", &registry, "bench/files10k:1");
+
+    let mut formats = vec![RootfsFormat::Erofs];
+    if support::which("mkfs.ext4") {
+        formats.push(RootfsFormat::Ext4);
+    }
+    let images = [("busybox (1 layer)", "bench/busybox:1", &small), ("10 000 files", "bench/files10k:1", &many)];
+    let mut table = String::from(
+        "| image | disk | pull+convert | fetch | unpack | mkfs | cache hit | layers fetched | file contents | as a directory | disk size |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, repo, tree) in images {
+        let reference = format!("{}/{repo}", registry.host());
+        for &format in &formats {
+            let f = measure(&registry, tmp.path(), &reference, format, RUNS).await;
+            table.push_str(&format!(
+                "| {name} | {} | {} | {} | {} | {} | {:.1} ms | {} | {} | {} | {} |\n",
+                format.as_str(),
+                ms(f.total),
+                ms(f.fetch),
+                ms(f.unpack),
+                ms(f.mkfs),
+                f.hit.as_secs_f64() * 1000.0,
+                kib(f.layer_bytes),
+                kib(f.info.unpacked_bytes),
+                kib(du(tree)),
+                kib(f.info.size_bytes),
+            ));
+        }
+    }
+    println!(
+        "\nimage pipeline, {} build, in {}, median of {RUNS} pulls into empty caches and of 5 cache hits:\n\n{table}",
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+        base.display()
     );
 }

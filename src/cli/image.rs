@@ -5,6 +5,7 @@
 //! (pulling, verifying, converting) is `crate::images`; this module only
 //! decides what to show and what may go.
 
+use super::progress::StderrProgress;
 use super::CliError;
 use crate::declaration::scan_dir;
 use crate::images::reference::ImageRef;
@@ -76,18 +77,21 @@ fn list(store: &ImageStore) -> Result<Vec<ImageInfo>, CliError> {
     store.list().map_err(|e| CliError::Image(crate::instances::error_chain(&e)))
 }
 
-pub async fn pull(store: &ImageStore, reference: &str, out: &mut impl Write, err: &mut impl Write) -> Result<(), CliError> {
-    let _ = writeln!(err, "pulling {reference} …");
+/// Pulls `reference`, drawing progress on `progress` (stderr), and prints
+/// only the digest on `out`: scripts read it from there.
+pub async fn pull<W: Write + Send>(store: &ImageStore, reference: &str, progress: &StderrProgress<W>, out: &mut impl Write) -> Result<(), CliError> {
+    progress.say(&format!("pulling {reference}"));
     let started = std::time::Instant::now();
-    let info = store.ensure(reference).await.map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
-    let _ = writeln!(
-        err,
+    let result = store.ensure_reporting(reference, progress).await;
+    progress.finish();
+    let info = result.map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
+    progress.say(&format!(
         "{} ({}, {} on disk) in {:.2}s",
         info.rootfs.display(),
         info.format.as_str(),
         human(info.size_bytes),
         started.elapsed().as_secs_f64()
-    );
+    ));
     writeln!(out, "{}", info.digest).map_err(CliError::Output)
 }
 
@@ -150,7 +154,7 @@ pub fn prune(store: &ImageStore, users: &BTreeMap<String, String>, out: &mut imp
     writeln!(out, "freed {}", human(freed)).map_err(CliError::Output)
 }
 
-fn human(bytes: u64) -> String {
+pub(super) fn human(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut v = bytes as f64;
     let mut u = 0;

@@ -23,6 +23,7 @@
 mod image;
 mod logs;
 mod plan;
+mod progress;
 mod status;
 mod validate;
 mod view;
@@ -43,7 +44,7 @@ use crate::state::VmState;
 use crate::store::{GuestPaths, Metadata, Store, StoreError};
 use async_trait::async_trait;
 use clap::{Parser, Subcommand};
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -365,7 +366,10 @@ async fn image_command(config_dir: &Path, settings: &Settings, command: &ImageCo
     let (stdout, stderr) = (io::stdout(), io::stderr());
     let mut out = stdout.lock();
     match command {
-        ImageCommand::Pull { reference } => image::pull(&store, reference, &mut out, &mut stderr.lock()).await?,
+        ImageCommand::Pull { reference } => {
+            let style = if stderr.is_terminal() { progress::Style::Terminal } else { progress::Style::Plain };
+            image::pull(&store, reference, &progress::StderrProgress::new(style, stderr), &mut out).await?
+        }
         ImageCommand::Ls { json } => image::ls(&store, &image::image_users(config_dir, settings), *json, &mut out)?,
         ImageCommand::Rm { image: query } => image::rm(&store, &image::image_users(config_dir, settings), query, &mut out)?,
         ImageCommand::Prune => image::prune(&store, &image::image_users(config_dir, settings), &mut out)?,

@@ -24,6 +24,7 @@
 //! one may be removed, is decided by its callers.
 
 pub mod auth;
+pub mod progress;
 pub mod reference;
 pub mod rootfs;
 mod source;
@@ -39,6 +40,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use self::auth::{AuthError, Credentials};
+pub use self::progress::{LogProgress, Progress, PullEvent, Silent};
 pub use self::reference::{ImageRef, ReferenceError, RegistryRef};
 pub use self::rootfs::{RootfsError, RootfsFormat};
 use self::source::{Resolved, Source};
@@ -266,9 +268,18 @@ impl ImageStore {
     /// Returns the cached image for `reference`, pulling and converting it
     /// first when needed. Registry tags are re-resolved (one manifest
     /// request, no blobs) unless the registry is unreachable, in which case
-    /// the last known digest is used.
-    #[tracing::instrument(skip(self), fields(digest))]
+    /// the last known digest is used. Progress goes to the log ([`LogProgress`]).
     pub async fn ensure(&self, reference: &str) -> Result<ImageInfo, ImageError> {
+        self.ensure_reporting(reference, &LogProgress).await
+    }
+
+    /// [`ImageStore::ensure`], telling `progress` what it does.
+    #[tracing::instrument(skip(self, progress), fields(digest))]
+    pub async fn ensure_reporting(
+        &self,
+        reference: &str,
+        progress: &dyn Progress,
+    ) -> Result<ImageInfo, ImageError> {
         let parsed = ImageRef::parse(reference).map_err(|source| ImageError::Reference {
             reference: reference.to_string(),
             source,
@@ -278,7 +289,7 @@ impl ImageStore {
         match &parsed {
             ImageRef::Registry(r) => {
                 if r.digest.is_some() {
-                    if let Some(info) = self.cached_ref(&canonical, None)? {
+                    if let Some(info) = self.cached_ref(&canonical, None, progress)? {
                         return Ok(info);
                     }
                 }
@@ -300,7 +311,7 @@ impl ImageStore {
                 let resolved = match source.resolve(&canonical, None).await {
                     Ok(resolved) => resolved,
                     Err(e) if e.is_unreachable() => {
-                        if let Some(info) = self.cached_ref(&canonical, None)? {
+                        if let Some(info) = self.cached_ref(&canonical, None, progress)? {
                             tracing::warn!(reference = %canonical, error = %e, "registry unreachable; using the cached image");
                             return Ok(info);
                         }
@@ -308,21 +319,22 @@ impl ImageStore {
                     }
                     Err(e) => return Err(e),
                 };
-                self.materialize(&source, resolved, &canonical, None).await
+                self.materialize(&source, resolved, &canonical, None, progress)
+                    .await
             }
             ImageRef::Layout { dir, tag } => {
                 let fingerprint = Fingerprint::of(&dir.join("index.json"));
-                if let Some(info) = self.cached_ref(&canonical, fingerprint)? {
+                if let Some(info) = self.cached_ref(&canonical, fingerprint, progress)? {
                     return Ok(info);
                 }
                 let source = Source::Layout { dir: dir.clone() };
                 let resolved = source.resolve(&canonical, tag.as_deref()).await?;
-                self.materialize(&source, resolved, &canonical, fingerprint)
+                self.materialize(&source, resolved, &canonical, fingerprint, progress)
                     .await
             }
             ImageRef::Archive { file, tag } => {
                 let fingerprint = Fingerprint::of(file);
-                if let Some(info) = self.cached_ref(&canonical, fingerprint)? {
+                if let Some(info) = self.cached_ref(&canonical, fingerprint, progress)? {
                     return Ok(info);
                 }
                 let work = self.temp_dir()?;
@@ -331,7 +343,7 @@ impl ImageStore {
                 blocking(move || source::extract_archive(&archive, &dest)).await?;
                 let source = Source::Layout { dir: layout };
                 let resolved = source.resolve(&canonical, tag.as_deref()).await?;
-                self.materialize(&source, resolved, &canonical, fingerprint)
+                self.materialize(&source, resolved, &canonical, fingerprint, progress)
                     .await
             }
         }
@@ -405,6 +417,7 @@ impl ImageStore {
         &self,
         canonical: &str,
         fingerprint: Option<Fingerprint>,
+        progress: &dyn Progress,
     ) -> Result<Option<ImageInfo>, ImageError> {
         let path = self.ref_path(canonical);
         let Ok(bytes) = fs::read(&path) else {
@@ -417,7 +430,13 @@ impl ImageStore {
         if record.reference != canonical || record.source != fingerprint {
             return Ok(None);
         }
-        self.load(&record.digest)
+        let info = self.load(&record.digest)?;
+        if info.is_some() {
+            progress.event(&PullEvent::Cached {
+                digest: &record.digest,
+            });
+        }
+        Ok(info)
     }
 
     /// Converts `resolved` unless its digest is already cached, under the
@@ -428,13 +447,28 @@ impl ImageStore {
         resolved: Resolved,
         canonical: &str,
         fingerprint: Option<Fingerprint>,
+        progress: &dyn Progress,
     ) -> Result<ImageInfo, ImageError> {
         let digest = resolved.manifest_digest.clone();
         tracing::Span::current().record("digest", digest.as_str());
+        progress.event(&PullEvent::Resolved {
+            digest: &digest,
+            layers: resolved.layers.len(),
+            bytes: resolved.layers.iter().map(|l| l.size).sum(),
+        });
         let _lock = self.lock(&digest).await?;
         let info = match self.load(&digest)? {
-            Some(info) => info,
-            None => self.convert(source, &resolved, canonical).await?,
+            Some(info) => {
+                for layer in &resolved.layers {
+                    progress.event(&PullEvent::LayerCached {
+                        digest: &layer.digest,
+                        size: layer.size,
+                    });
+                }
+                progress.event(&PullEvent::Cached { digest: &digest });
+                info
+            }
+            None => self.convert(source, &resolved, canonical, progress).await?,
         };
         let info = if info.references.iter().any(|r| r == canonical) {
             info
@@ -456,6 +490,7 @@ impl ImageStore {
         source: &Source<'_>,
         resolved: &Resolved,
         canonical: &str,
+        progress: &dyn Progress,
     ) -> Result<ImageInfo, ImageError> {
         let digest = resolved.manifest_digest.clone();
         self.conversions.fetch_add(1, Ordering::Relaxed);
@@ -472,7 +507,7 @@ impl ImageStore {
         let mut blob_bytes = 0;
         for (i, layer) in resolved.layers.iter().enumerate() {
             let path = blobs.join(format!("layer-{i}"));
-            source.fetch_blob(layer, &path).await?;
+            source.fetch_blob(layer, &path, progress).await?;
             blob_bytes += layer.size;
             layer_files.push(path);
         }
@@ -485,36 +520,51 @@ impl ImageStore {
             limits: self.options.limits,
             ..UnpackOptions::default()
         };
-        let (stats, d) = (digest.clone(), digest.clone());
-        let (root2, disk2) = (root.clone(), disk.clone());
-        let stats = blocking(move || -> Result<UnpackStats, ImageError> {
-            fs::create_dir(&root2).map_err(ImageError::io("create directory", &root2))?;
-            let unpack_err = |source| ImageError::Unpack {
-                digest: stats.clone(),
-                source,
-            };
-            let mut unpacker = unpack::Unpacker::new(&root2, options).map_err(unpack_err)?;
-            for path in &layer_files {
-                let file = fs::File::open(path).map_err(ImageError::io("open", path))?;
+        fs::create_dir(&root).map_err(ImageError::io("create directory", &root))?;
+        let mut unpacker =
+            unpack::Unpacker::new(&root, options).map_err(unpack_error(&digest))?;
+        let count = layer_files.len();
+        // One blocking task per layer, so each layer's start can be reported.
+        for (i, path) in layer_files.into_iter().enumerate() {
+            progress.event(&PullEvent::Unpacking {
+                index: i + 1,
+                count,
+            });
+            let unpack_err = unpack_error(&digest);
+            unpacker = blocking(move || {
+                let file = fs::File::open(&path).map_err(ImageError::io("open", &path))?;
                 unpacker.apply_layer(file).map_err(unpack_err)?;
                 // The blob is no longer needed; free its space early.
-                let _ = fs::remove_file(path);
-            }
-            let stats = unpacker.finish().map_err(unpack_err)?;
-            rootfs::build(&root2, &disk2, format)
+                let _ = fs::remove_file(&path);
+                Ok(unpacker)
+            })
+            .await?;
+        }
+        let unpack_err = unpack_error(&digest);
+        let stats = blocking(move || unpacker.finish().map_err(unpack_err)).await?;
+        let _ = fs::remove_dir(&blobs);
+        progress.event(&PullEvent::Unpacked {
+            layers: stats.layers,
+            entries: stats.entries,
+            bytes: stats.bytes,
+        });
+
+        progress.event(&PullEvent::Building { format });
+        let (d, disk2) = (digest.clone(), disk.clone());
+        blocking(move || {
+            rootfs::build(&root, &disk2, format)
                 .map_err(|source| ImageError::Rootfs { digest: d, source })?;
             fs::File::open(&disk2)
                 .and_then(|f| f.sync_all())
                 .map_err(ImageError::io("sync", &disk2))?;
-            fs::remove_dir_all(&root2).map_err(ImageError::io("remove", &root2))?;
-            Ok(stats)
+            fs::remove_dir_all(&root).map_err(ImageError::io("remove", &root))
         })
         .await?;
-        let _ = fs::remove_dir(&blobs);
 
         let size_bytes = fs::metadata(&disk)
             .map(|m| m.blocks() * 512)
             .map_err(ImageError::io("inspect", &disk))?;
+        progress.event(&PullEvent::Built { format, size_bytes });
         let record = ImageRecord {
             version: RECORD_VERSION,
             digest: digest.clone(),
@@ -656,6 +706,11 @@ fn sweep_temp_dirs(dir: &Path) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+}
+
+fn unpack_error(digest: &str) -> impl FnOnce(UnpackError) -> ImageError + Send + 'static {
+    let digest = digest.to_string();
+    move |source| ImageError::Unpack { digest, source }
 }
 
 fn absolutize(r: ImageRef) -> Result<ImageRef, ImageError> {

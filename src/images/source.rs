@@ -7,7 +7,7 @@
 //! It does not unpack layers, build disks or decide what is cached.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
@@ -15,8 +15,9 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::progress::{Progress, PullEvent, Silent};
 use super::reference::{valid_digest, RegistryRef};
 use super::ImageError;
 
@@ -207,17 +208,19 @@ impl Source<'_> {
                 reason: format!("config blob of {} bytes is too large", desc.size),
             });
         }
-        self.fetch_blob(desc, scratch).await?;
+        self.fetch_blob(desc, scratch, &Silent).await?;
         let bytes = std::fs::read(scratch).map_err(ImageError::io("read", scratch))?;
         let _ = std::fs::remove_file(scratch);
         Ok(bytes)
     }
 
-    /// Copies a blob to `dest`, checking its size and sha256 digest as it is written.
+    /// Copies a blob to `dest`, checking its size and sha256 digest as it
+    /// is written and reporting each chunk to `progress`.
     pub(crate) async fn fetch_blob(
         &self,
         desc: &Descriptor,
         dest: &Path,
+        progress: &dyn Progress,
     ) -> Result<(), ImageError> {
         if !valid_digest(&desc.digest) {
             return Err(ImageError::Manifest {
@@ -225,7 +228,12 @@ impl Source<'_> {
                 reason: "blob digest is not sha256".into(),
             });
         }
-        let (digest, size) = match self {
+        progress.event(&PullEvent::BlobStarted {
+            digest: &desc.digest,
+            size: desc.size,
+        });
+        let mut sink = BlobSink::create(desc, dest, progress).await?;
+        match self {
             Source::Registry {
                 client,
                 reference,
@@ -236,10 +244,6 @@ impl Source<'_> {
                     reference.repository.clone(),
                     desc.digest.clone(),
                 );
-                let reg_err = |source| ImageError::Registry {
-                    reference: reference.to_string(),
-                    source: Box::new(source),
-                };
                 client
                     .store_auth_if_needed(r.resolve_registry(), auth)
                     .await;
@@ -252,35 +256,35 @@ impl Source<'_> {
                 let mut stream = client
                     .pull_blob_stream(&r, &oci_desc)
                     .await
-                    .map_err(reg_err)?;
-                let mut file = tokio::fs::File::create(dest)
-                    .await
-                    .map_err(ImageError::io("create", dest))?;
-                let mut hasher = Sha256::new();
-                let mut size = 0u64;
+                    .map_err(|source| ImageError::Registry {
+                        reference: reference.to_string(),
+                        source: Box::new(source),
+                    })?;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(ImageError::io("download", dest))?;
-                    size += chunk.len() as u64;
-                    if size > desc.size {
+                    if !sink.push(&chunk).await? {
                         break;
                     }
-                    hasher.update(&chunk);
-                    file.write_all(&chunk)
-                        .await
-                        .map_err(ImageError::io("write", dest))?;
                 }
-                file.flush().await.map_err(ImageError::io("write", dest))?;
-                (format!("sha256:{:x}", hasher.finalize()), size)
             }
             Source::Layout { dir } => {
                 let src = blob_path(dir, &desc.digest)?;
-                let dest = dest.to_path_buf();
-                let limit = desc.size;
-                tokio::task::spawn_blocking(move || copy_hashing(&src, &dest, limit))
+                let mut input = tokio::fs::File::open(&src)
                     .await
-                    .map_err(|e| ImageError::Task(e.to_string()))??
+                    .map_err(ImageError::io("open", &src))?;
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = input
+                        .read(&mut buf)
+                        .await
+                        .map_err(ImageError::io("read", &src))?;
+                    if n == 0 || !sink.push(&buf[..n]).await? {
+                        break;
+                    }
+                }
             }
-        };
+        }
+        let (digest, size) = sink.finish().await?;
         if size != desc.size {
             return Err(ImageError::Size {
                 digest: desc.digest.clone(),
@@ -288,32 +292,74 @@ impl Source<'_> {
                 actual: size,
             });
         }
-        check_digest(&desc.digest, &digest)
+        check_digest(&desc.digest, &digest)?;
+        progress.event(&PullEvent::BlobVerified {
+            digest: &desc.digest,
+            size,
+        });
+        Ok(())
     }
 }
 
-/// Copies at most `limit + 1` bytes so an oversized blob is noticed without
-/// reading all of it.
-fn copy_hashing(src: &Path, dest: &Path, limit: u64) -> Result<(String, u64), ImageError> {
-    let input = std::fs::File::open(src).map_err(ImageError::io("open", src))?;
-    let mut input = input.take(limit.saturating_add(1));
-    let mut out = std::fs::File::create(dest).map_err(ImageError::io("create", dest))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ImageError::io("read", src)(e)),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(ImageError::io("write", dest))?;
-        size += n as u64;
+/// Where a blob's chunks go, from either source: a file, a running sha256
+/// and byte count, and the progress receiver.
+struct BlobSink<'a> {
+    desc: &'a Descriptor,
+    dest: &'a Path,
+    progress: &'a dyn Progress,
+    file: tokio::fs::File,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<'a> BlobSink<'a> {
+    async fn create(
+        desc: &'a Descriptor,
+        dest: &'a Path,
+        progress: &'a dyn Progress,
+    ) -> Result<BlobSink<'a>, ImageError> {
+        let file = tokio::fs::File::create(dest)
+            .await
+            .map_err(ImageError::io("create", dest))?;
+        Ok(BlobSink {
+            desc,
+            dest,
+            progress,
+            file,
+            hasher: Sha256::new(),
+            size: 0,
+        })
     }
-    Ok((format!("sha256:{:x}", hasher.finalize()), size))
+
+    /// Writes one chunk. Returns false once more bytes have arrived than
+    /// the descriptor announced: the blob is wrong, and the rest need not
+    /// be read to know it.
+    async fn push(&mut self, chunk: &[u8]) -> Result<bool, ImageError> {
+        self.size += chunk.len() as u64;
+        if self.size > self.desc.size {
+            return Ok(false);
+        }
+        self.hasher.update(chunk);
+        self.file
+            .write_all(chunk)
+            .await
+            .map_err(ImageError::io("write", self.dest))?;
+        self.progress.event(&PullEvent::BlobProgress {
+            digest: &self.desc.digest,
+            done: self.size,
+            size: self.desc.size,
+        });
+        Ok(true)
+    }
+
+    /// The digest and size of what was pushed.
+    async fn finish(mut self) -> Result<(String, u64), ImageError> {
+        self.file
+            .flush()
+            .await
+            .map_err(ImageError::io("write", self.dest))?;
+        Ok((format!("sha256:{:x}", self.hasher.finalize()), self.size))
+    }
 }
 
 fn blob_path(dir: &Path, digest: &str) -> Result<PathBuf, ImageError> {
@@ -477,8 +523,24 @@ mod tests {
         assert!(pick_tagged(&two, Some("2")).is_none());
     }
 
+    /// Keeps the events it receives, as their debug text.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<String>>);
+
+    impl Progress for Recorder {
+        fn event(&self, event: &PullEvent<'_>) {
+            self.0.lock().unwrap().push(format!("{event:?}"));
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
     #[tokio::test]
-    async fn layout_blobs_are_verified() {
+    async fn layout_blobs_are_verified_and_reported() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = dir.path().join("blobs/sha256");
         std::fs::create_dir_all(&blobs).unwrap();
@@ -491,20 +553,34 @@ mod tests {
             dir: dir.path().to_path_buf(),
         };
         let out = dir.path().join("out");
+        let seen = Recorder::default();
         let mut d = desc(&good, None);
         d.size = 5;
-        src.fetch_blob(&d, &out).await.unwrap();
+        src.fetch_blob(&d, &out, &seen).await.unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"hello");
+        assert_eq!(
+            seen.take(),
+            [
+                format!("BlobStarted {{ digest: {good:?}, size: 5 }}"),
+                format!("BlobProgress {{ digest: {good:?}, done: 5, size: 5 }}"),
+                format!("BlobVerified {{ digest: {good:?}, size: 5 }}"),
+            ]
+        );
         let mut bad = desc(&lying, None);
         bad.size = 8;
         assert!(matches!(
-            src.fetch_blob(&bad, &out).await,
+            src.fetch_blob(&bad, &out, &seen).await,
             Err(ImageError::Digest { .. })
         ));
+        assert!(
+            !seen.take().iter().any(|e| e.starts_with("BlobVerified")),
+            "a blob that failed its digest check is not reported verified"
+        );
         d.size = 4;
         assert!(matches!(
-            src.fetch_blob(&d, &out).await,
+            src.fetch_blob(&d, &out, &seen).await,
             Err(ImageError::Size { .. })
         ));
+        assert!(!seen.take().iter().any(|e| e.starts_with("BlobVerified")));
     }
 }

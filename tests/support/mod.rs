@@ -2,12 +2,14 @@
 //! when asked (and then fails on anything missing), the busybox root tree
 //! their guests boot and that tree as an OCI image, the hypeman CLI and
 //! daemon launchers, the fake Cloud Hypervisor ([`fake_ch`]) and the
-//! daemon-driving world of the end-to-end scenarios ([`daemon`]).
+//! daemon-driving world of the end-to-end scenarios ([`daemon`]), and a
+//! real local registry to pull images from ([`registry`]).
 
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod daemon;
 pub mod fake_ch;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
