@@ -1,5 +1,6 @@
 //! Checks request bodies against Cloud Hypervisor's OpenAPI document
-//! (`shared/spec/cloud-hypervisor-v53.0.openapi.yaml`).
+//! (`spec/cloud-hypervisor-v53.0.openapi.yaml` in this crate: the official
+//! v53.0 document, unchanged, under its Apache-2.0 license beside it).
 //!
 //! It understands the part of OpenAPI 3.0 that document uses: `$ref` to
 //! `#/components/schemas/…`, `type` (object, array, string, integer,
@@ -13,9 +14,9 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// Where the document lives relative to a checkout: `shared/` sits beside
-/// the repository in CI and above the worktrees on a developer machine.
-pub const SPEC_RELATIVE: &str = "shared/spec/cloud-hypervisor-v53.0.openapi.yaml";
+/// The document's file name, in this crate's `spec/` and in the project's
+/// `shared/spec/` reference folder.
+pub const SPEC_FILE: &str = "cloud-hypervisor-v53.0.openapi.yaml";
 
 pub struct OpenApi {
     root: Value,
@@ -99,9 +100,9 @@ impl OpenApi {
         OpenApi::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
-    /// [`SPEC_RELATIVE`] under `start` or one of its ancestors.
-    pub fn locate(start: &Path) -> Option<PathBuf> {
-        start.ancestors().map(|dir| dir.join(SPEC_RELATIVE)).find(|p| p.is_file())
+    /// The copy shipped with this crate.
+    pub fn bundled() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("spec").join(SPEC_FILE)
     }
 
     /// The schema a request body of `method path` must match; `None` when
@@ -330,13 +331,24 @@ components:
 
     #[test]
     fn the_real_document_loads() {
-        let start = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let path = OpenApi::locate(start).expect("shared/spec beside or above the checkout");
-        let api = OpenApi::load(&path).unwrap();
+        let api = OpenApi::load(&OpenApi::bundled()).unwrap();
         let schema = api.request_schema("/vm.create", "PUT").unwrap().expect("vm.create takes a body");
         let minimal = json!({"payload": {"kernel": "/k"}, "memory": {"size": 1, "hotplug_method": "VirtioMem"}});
         api.validate_value(schema, &minimal).unwrap();
         let bad = json!({"payload": {"kernel": "/k"}, "disks": [{"path": "/d", "image_type": "raw"}]});
         assert!(api.validate_value(schema, &bad).is_err());
+    }
+
+    /// Where the project's reference folder is at hand (`shared/spec/`
+    /// beside or above the checkout, as on the developers' machine), the
+    /// bundled copy must be the same document.
+    #[test]
+    fn the_bundled_copy_is_the_reference_one() {
+        let start = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let reference = start.ancestors().map(|d| d.join("shared/spec").join(SPEC_FILE)).find(|p| p.is_file());
+        if let Some(reference) = reference {
+            let ours = std::fs::read(OpenApi::bundled()).unwrap();
+            assert!(ours == std::fs::read(&reference).unwrap(), "{} differs from {}", OpenApi::bundled().display(), reference.display());
+        }
     }
 }
