@@ -586,3 +586,74 @@ async fn a_full_subnet_is_reported_and_a_deleted_guest_frees_its_address() {
     assert_eq!(lease_of(&env, "second").expect("leased").ip, "192.168.78.2");
     env.stop().await;
 }
+
+fn with_backoff(env: &mut Env, initial: Duration, max: Duration) {
+    let mut settings = (*env.settings).clone();
+    settings.reconcile.backoff_initial = initial;
+    settings.reconcile.backoff_max = max;
+    env.settings = Arc::new(settings);
+}
+
+/// A failing instance backs off for a minute here; editing or deleting its
+/// declaration is acted on at once, not after the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_or_deleted_declaration_does_not_wait_out_the_backoff() {
+    let mut env = Env::new();
+    with_backoff(&mut env, Duration::from_secs(60), Duration::from_secs(60));
+    env.start();
+    env.fake.fail(Op::Create, 0, Fault::Error);
+    env.write("fix", &decl("running", "256MiB"));
+    assert!(env.fake.wait_for_calls(Op::Create, 1, WAIT).await, "first create");
+    // The user fixes the declaration: a create follows well within WAIT.
+    env.write("fix", &decl("running", "512MiB"));
+    env.wait_for("fix", VmState::Running).await;
+
+    env.fake.fail(Op::Create, 0, Fault::Error);
+    env.write("gone", &decl("running", "256MiB"));
+    assert!(env.fake.wait_for_calls(Op::Create, 3, WAIT).await, "create of gone");
+    env.remove("gone");
+    env.wait_gone("gone").await;
+
+    // An unchanged declaration still waits: no second create of a third one.
+    env.fake.fail(Op::Create, 0, Fault::Error);
+    env.write("wait", &decl("running", "256MiB"));
+    assert!(env.fake.wait_for_calls(Op::Create, 4, WAIT).await, "create of wait");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(env.state("wait").await, VmState::Stopped, "still backing off");
+    env.stop().await;
+}
+
+/// A guest that keeps ending says so in `last_error` while it waits to boot
+/// again, and a changed declaration boots it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_shows_in_last_error() {
+    let mut env = Env::new();
+    with_backoff(&mut env, Duration::from_secs(60), Duration::from_secs(60));
+    env.start();
+    env.write("loop", &decl("running", "256MiB"));
+    env.wait_for("loop", VmState::Running).await;
+    // The first exit boots again at once; the second backs off.
+    for round in 1..=2 {
+        console_exit(&env, "loop", 3);
+        env.fake.guest_exit(&env.socket("loop"));
+        if round == 1 {
+            assert!(env.fake.wait_for_calls(Op::Create, 2, WAIT).await, "rebooted after the first exit");
+            env.wait_for("loop", VmState::Running).await;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let error = loop {
+        let meta = env.store().find_by_name("loop").unwrap().unwrap();
+        if let Some(error) = meta.last_error {
+            break error;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the crash loop never showed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(error.starts_with("crash loop: "), "{error}");
+    assert!(error.ends_with("(2 times in a row); booting again in 1m (backoff)"), "{error}");
+    assert_eq!(env.fake.vmms_started(), 2, "not booted during the backoff");
+    env.write("loop", &decl("running", "512MiB"));
+    env.wait_for("loop", VmState::Running).await;
+    env.stop().await;
+}

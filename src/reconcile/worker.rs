@@ -129,6 +129,35 @@ struct Memory {
     acted: bool,
     crashes: u32,
     running_since: Option<Instant>,
+    /// The declaration `not_before` was set under. A different one (fixed,
+    /// edited, or deleted) is not made to wait for the old one's backoff.
+    backoff_for: Option<Desired>,
+}
+
+impl Memory {
+    /// Starts a backoff of `wait` for what `desired` asked.
+    fn back_off(&mut self, desired: &Desired, wait: Duration) -> Instant {
+        let until = Instant::now() + wait;
+        self.not_before = Some(until);
+        self.backoff_for = Some(desired.clone());
+        until
+    }
+
+    /// Forgets failures and crashes when the declaration changed since the
+    /// backoff began: the user acted, so act on it now.
+    fn forget_backoff_unless(&mut self, desired: &Desired) -> bool {
+        if matches!(desired, Desired::Invalid) || self.not_before.is_none() {
+            return false;
+        }
+        if self.backoff_for.as_ref() == Some(desired) {
+            return false;
+        }
+        self.not_before = None;
+        self.backoff_for = None;
+        self.failures = 0;
+        self.crashes = 0;
+        true
+    }
 }
 
 async fn run_worker(name: String, ctx: Arc<Ctx>, mut rx: mpsc::Receiver<()>, mut stop: watch::Receiver<bool>) {
@@ -226,6 +255,9 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
             return None;
         }
         let (desired, spec, invalid) = read_desired(&ctx.instances, &ctx.instances_dir, name);
+        if mem.forget_backoff_unless(&desired) {
+            tracing::info!(instance = name, "the declaration changed; not waiting out the backoff");
+        }
         let obs = match ctx.instances.observe(name).await {
             Ok(o) => o,
             Err(e) => {
@@ -273,7 +305,7 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
             Err(e) => {
                 mem.failures += 1;
                 let wait = backoff(settings, mem.failures);
-                mem.not_before = Some(Instant::now() + wait);
+                mem.back_off(&desired, wait);
                 let text = format!("{step} failed: {}", error_chain(&e));
                 tracing::warn!(instance = name, retry_in = ?wait, "{text}");
                 let _ = ctx.instances.record_error(name, Some(text));
@@ -320,9 +352,19 @@ fn notice_surprises(name: &str, ctx: &Ctx, mem: &mut Memory, desired: &Desired, 
         mem.crashes += 1;
         if mem.crashes > 1 {
             let wait = backoff(settings, mem.crashes - 1);
-            mem.not_before = Some(Instant::now() + wait);
+            mem.back_off(desired, wait);
+            // Shown by `status` until the next boot succeeds.
+            let _ = ctx.instances.record_error(name, Some(crash_loop_message(what, mem.crashes, wait)));
         }
     }
+}
+
+/// What `status` shows while a guest that keeps ending waits to boot again.
+fn crash_loop_message(what: &str, crashes: u32, wait: Duration) -> String {
+    format!(
+        "crash loop: {what} ({crashes} times in a row); booting again in {} (backoff)",
+        humantime::format_duration(wait)
+    )
 }
 
 /// The instances directory of a config dir.
