@@ -8,7 +8,7 @@
 //! formats are init's (`hypeman_init::supervise`, `console`), so both sides
 //! compile the same ones. Parsing is pure; reading the tail is the caller's.
 
-use hypeman_init::console::{PREFIX, STARTING};
+use hypeman_init::console::{FATAL, PREFIX, STARTING};
 use hypeman_init::supervise::{AppExit, STOPPING_SUFFIX};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -26,6 +26,9 @@ pub enum GuestEnd {
     Killed { signal: i32 },
     /// Init was asked to stop the app (power button, SIGTERM to init).
     StopRequested,
+    /// Init itself failed (an entrypoint that cannot run, a disk it cannot
+    /// mount): its `fatal:` line says why.
+    InitFailed,
     /// No exit line: the VMM was killed or crashed, or the kernel died.
     Unknown,
 }
@@ -43,6 +46,9 @@ impl fmt::Display for GuestEnd {
             GuestEnd::Exited { status } => write!(f, "the app exited with status {status}"),
             GuestEnd::Killed { signal } => write!(f, "the app was killed by signal {signal}"),
             GuestEnd::StopRequested => f.write_str("init was asked to stop the app (power button or SIGTERM)"),
+            GuestEnd::InitFailed => f.write_str(
+                "hypeman-init failed: its `hypeman-init: fatal:` line in the app log (`hypeman logs`) says why",
+            ),
             GuestEnd::Unknown => f.write_str("the VM ended without an exit line from init (VMM killed or crashed?)"),
         }
     }
@@ -51,6 +57,7 @@ impl fmt::Display for GuestEnd {
 /// How the latest boot in `log` ended.
 pub fn parse(log: &str) -> GuestEnd {
     let mut exit = None;
+    let mut fatal = false;
     let mut stop_requested = false;
     for line in log.lines().rev() {
         // The console writes `\r\n`; the app's output may precede init's
@@ -61,11 +68,13 @@ pub fn parse(log: &str) -> GuestEnd {
         }
         if exit.is_none() {
             exit = AppExit::from_line(message);
+            fatal |= message.starts_with(FATAL);
         } else if message.ends_with(STOPPING_SUFFIX) {
             stop_requested = true;
         }
     }
     match exit {
+        None if fatal => GuestEnd::InitFailed,
         None => GuestEnd::Unknown,
         Some(_) if stop_requested => GuestEnd::StopRequested,
         Some(AppExit::Code(status)) => GuestEnd::Exited { status },
@@ -109,6 +118,23 @@ hypeman-init: starting [\"sh\", \"-c\", \"exit 3\"] as 0:0 in / (335 ms)\r\n";
         let crashed = format!("{BOOT}hypeman-init: app exited with status 0\r\n{BOOT}COUNTER 1\r\n");
         assert_eq!(parse(&crashed), GuestEnd::Unknown);
         assert_eq!(parse(""), GuestEnd::Unknown);
+    }
+
+    #[test]
+    fn a_fatal_init_error_is_not_taken_for_a_crashed_vmm() {
+        let fatal = format!(
+            "{BOOT}hypeman-init: fatal: cannot execute /bin/nope: No such file or directory (os error 2)\r\n\
+hypeman-init: synced; 0 leftover process(es) killed\r\nhypeman-init: powering off\r\n"
+        );
+        assert_eq!(parse(&fatal), GuestEnd::InitFailed);
+        assert!(!parse(&fatal).is_success());
+        // A fatal line of an earlier boot does not count.
+        let later = format!("{fatal}{BOOT}COUNTER 1\r\n");
+        assert_eq!(parse(&later), GuestEnd::Unknown);
+        // Nor does one after the app's own exit line (a failure while winding down).
+        let after = format!("{BOOT}hypeman-init: app exited with status 2\r\nhypeman-init: fatal: x\r\n");
+        assert_eq!(parse(&after), GuestEnd::Exited { status: 2 });
+        assert_eq!(serde_json::to_string(&GuestEnd::InitFailed).unwrap(), r#"{"how":"init-failed"}"#);
     }
 
     #[test]

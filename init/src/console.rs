@@ -9,6 +9,9 @@ use std::io::Write;
 pub const PREFIX: &str = "hypeman-init: ";
 /// The first line of every boot, after [`PREFIX`]; the version follows.
 pub const STARTING: &str = "starting (version ";
+/// How init's line for an error that ends the boot begins (after
+/// [`PREFIX`]); the host reports such a guest as failed in init.
+pub const FATAL: &str = "fatal: ";
 
 /// Prints one `hypeman-init: …` line. Writes to stderr, which is the console
 /// (the kernel opens `/dev/console` for PID 1, and [`attach`] re-opens it

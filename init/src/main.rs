@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use hypeman_init::console::{power_off, say, STARTING};
+use hypeman_init::console::{power_off, say, FATAL, STARTING};
 use hypeman_init::error::chain;
 
 fn main() -> ExitCode {
@@ -16,13 +16,13 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     std::panic::set_hook(Box::new(|info| {
-        say(&format!("fatal: panic: {info}"));
+        say(&format!("{FATAL}panic: {info}"));
         power_off();
     }));
     say(&format!("{STARTING}{})", env!("CARGO_PKG_VERSION")));
     match hypeman_init::boot::boot(started) {
         Ok(exit) => say(&exit.to_string()),
-        Err(e) => say(&format!("fatal: {}", chain(&e))),
+        Err(e) => say(&format!("{FATAL}{}", chain(&e))),
     }
     say(&hypeman_init::shutdown::wind_down().to_string());
     say("powering off");
