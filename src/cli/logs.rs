@@ -8,6 +8,7 @@ use crate::logs::{follow, tail_with_end, FollowStart, LogsError};
 use std::future::Future;
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Which of an instance's logs to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,17 +31,33 @@ impl LogSource {
     }
 }
 
+/// How often a follow checks that the guest it reads still exists.
+const GONE_POLL: Duration = Duration::from_millis(500);
+
+/// What `hypeman logs` prints: which log, how many lines first, and
+/// whether to keep following.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogsOptions {
+    pub which: LogSource,
+    pub tail: usize,
+    pub follow: bool,
+}
+
 /// Writes the last `tail` lines of the log to `out`, then, when `follow`,
 /// everything appended until `stop` resolves. A log that does not exist
 /// yet (the VM never booted) is empty, and followed until it appears. A
 /// reader that goes away (`| head`) ends the command quietly.
+///
+/// A follow is by name, like `tail -F`: when the guest is deleted (its
+/// declaration removed) it says so on `notes` and waits; when a guest of
+/// the same name is created again, it says so and follows that one's log
+/// from its start.
 pub(crate) async fn logs(
     ctx: &Context,
     query: &str,
-    which: LogSource,
-    tail: usize,
-    follow_on: bool,
+    opts: LogsOptions,
     out: &mut impl Write,
+    notes: &mut impl Write,
     stop: impl Future<Output = ()>,
 ) -> Result<(), CliError> {
     let name = view::resolve(ctx, query)?;
@@ -49,33 +66,38 @@ pub(crate) async fn logs(
         .find_by_name(&name)
         .map_err(|e| ctx.store_error(e))?
         .ok_or_else(|| CliError::NotCreated { name: name.clone() })?;
-    let paths = store.guest_paths(meta.id);
-    let path: PathBuf = match which {
-        LogSource::App => paths.app_log,
-        LogSource::Vmm => paths.vmm_log,
-        LogSource::Hypeman => paths.hypeman_log,
+    let which = opts.which;
+    let path_of = |id: ulid::Ulid| -> PathBuf {
+        let paths = store.guest_paths(id);
+        match which {
+            LogSource::App => paths.app_log,
+            LogSource::Vmm => paths.vmm_log,
+            LogSource::Hypeman => paths.hypeman_log,
+        }
     };
     let failed = |source: LogsError| CliError::Logs {
         name: name.clone(),
         source_name: which.as_str(),
         source,
     };
-    let (bytes, end) = match tail_with_end(&path, tail).await {
+    let (bytes, end) = match tail_with_end(&path_of(meta.id), opts.tail).await {
         Ok(read) => read,
         Err(LogsError::Open { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
             (Vec::new(), 0)
         }
         Err(e) => return Err(failed(e)),
     };
-    if !emit(out, &bytes)? || !follow_on {
+    if !emit(out, &bytes)? || !opts.follow {
         return Ok(());
     }
-    let mut chunks = follow(path, FollowStart::FromOffset(end));
+    let mut following = Some(meta.id);
+    let mut chunks = follow(path_of(meta.id), FollowStart::FromOffset(end));
+    let mut check = tokio::time::interval(GONE_POLL);
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => return Ok(()),
-            chunk = chunks.recv() => match chunk {
+            chunk = chunks.recv(), if following.is_some() => match chunk {
                 Some(Ok(bytes)) => {
                     if !emit(out, &bytes)? {
                         return Ok(());
@@ -84,8 +106,32 @@ pub(crate) async fn logs(
                 Some(Err(e)) => return Err(failed(e)),
                 None => return Ok(()),
             },
+            _ = check.tick() => {
+                if following.is_some_and(|id| store.guest_paths(id).dir.exists()) {
+                    continue;
+                }
+                let now = store.find_by_name(&name).map_err(|e| ctx.store_error(e))?;
+                match (following, now) {
+                    (Some(old), None) => {
+                        note(notes, &format!("{name} (ID {old}) was deleted, and its logs with it; waiting for it to be created again"))?;
+                        following = None;
+                    }
+                    (_, Some(meta)) if following != Some(meta.id) => {
+                        note(notes, &format!("{name} was created again (ID {}); following its {} log", meta.id, which.as_str()))?;
+                        following = Some(meta.id);
+                        chunks = follow(path_of(meta.id), FollowStart::FromOffset(0));
+                    }
+                    (_, _) => {}
+                }
+            }
         }
     }
+}
+
+/// One `hypeman: …` line for the person watching, on stderr, so that
+/// stdout stays the log's bytes alone.
+fn note(notes: &mut impl Write, text: &str) -> Result<(), CliError> {
+    writeln!(notes, "hypeman: {text}").map_err(CliError::Output)
 }
 
 /// Writes and flushes `bytes`; `false` when the reader is gone.

@@ -348,7 +348,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         } => {
             let mut out = stdout.lock();
             let stop = shutdown_signal()?;
-            logs::logs(&ctx, &name, source, tail, follow, &mut out, stop).await?;
+            let opts = logs::LogsOptions { which: source, tail, follow };
+            logs::logs(&ctx, &name, opts, &mut out, &mut io::stderr().lock(), stop).await?;
         }
         Command::Plan => {
             let rows = plan_rows(&ctx).await?;

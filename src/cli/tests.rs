@@ -529,10 +529,9 @@ async fn logs_prints_the_tail_then_follows() {
     logs::logs(
         &w.ctx,
         "web",
-        LogSource::App,
-        2,
-        false,
+        opts(LogSource::App, 2, false),
         &mut out,
+        &mut io::sink(),
         std::future::pending(),
     )
     .await
@@ -549,11 +548,59 @@ async fn logs_prints_the_tail_then_follows() {
         f.write_all(b"four\n").expect("append");
     });
     let stop = tokio::time::sleep(Duration::from_millis(800));
-    logs::logs(&w.ctx, "web", LogSource::App, 1, true, &mut out, stop)
+    logs::logs(&w.ctx, "web", opts(LogSource::App, 1, true), &mut out, &mut io::sink(), stop)
         .await
         .expect("follow");
     appender.await.expect("join");
     assert_eq!(out, b"three\r\nfour\n");
+}
+
+fn opts(which: LogSource, tail: usize, follow: bool) -> logs::LogsOptions {
+    logs::LogsOptions { which, tail, follow }
+}
+
+/// A follow outlives the guest: deleted, it says so on stderr and waits;
+/// created again under the same name, it follows the new guest's log.
+#[tokio::test]
+async fn logs_follow_goes_on_to_a_guest_created_again_under_the_name() {
+    let w = world();
+    w.declare("web", SMALL);
+    let first = w.guest("web", CH);
+    std::fs::write(w.store.guest_paths(first.id).app_log, b"old 1\n").expect("write log");
+    let store = w.store.clone();
+    let recreate = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let paths = store.guest_paths(first.id);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&paths.app_log).expect("open");
+        f.write_all(b"old 2\n").expect("append");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::remove_dir_all(&paths.dir).expect("delete the guest");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let second = w.guest("web", CH);
+        std::fs::write(w.store.guest_paths(second.id).app_log, b"new 1\n").expect("write log");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        second.id
+    };
+    let (mut out, mut notes) = (Vec::new(), Vec::new());
+    let (result, second) = tokio::join!(
+        logs::logs(&w.ctx, "web", opts(LogSource::App, 10, true), &mut out, &mut notes, recreate_stop()),
+        recreate
+    );
+    result.expect("follow");
+    assert_eq!(String::from_utf8_lossy(&out), "old 1\nold 2\nnew 1\n");
+    assert_eq!(
+        String::from_utf8_lossy(&notes),
+        format!(
+            "hypeman: web (ID {}) was deleted, and its logs with it; waiting for it to be created again\n\
+             hypeman: web was created again (ID {second}); following its app log\n",
+            first.id
+        )
+    );
+}
+
+/// Ends the follow of the test above once everything has happened.
+async fn recreate_stop() {
+    tokio::time::sleep(Duration::from_millis(3000)).await;
 }
 
 #[tokio::test]
@@ -565,10 +612,9 @@ async fn logs_of_a_guest_that_never_wrote_are_empty_and_of_an_uncreated_one_fail
         logs::logs(
             &w.ctx,
             "web",
-            LogSource::Vmm,
-            10,
-            false,
+            opts(LogSource::Vmm, 10, false),
             &mut out,
+            &mut io::sink(),
             std::future::pending()
         )
         .await,
@@ -578,10 +624,9 @@ async fn logs_of_a_guest_that_never_wrote_are_empty_and_of_an_uncreated_one_fail
     logs::logs(
         &w.ctx,
         "web",
-        LogSource::Vmm,
-        10,
-        false,
+        opts(LogSource::Vmm, 10, false),
         &mut out,
+        &mut io::sink(),
         std::future::pending(),
     )
     .await
