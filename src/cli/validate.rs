@@ -24,7 +24,11 @@ pub fn validate(
     let mut problems: Vec<Diagnostic> = Vec::new();
     // A mistyped --config-dir would otherwise be "ok: 0 instances".
     if !config_dir.is_dir() {
-        problems.push(Diagnostic::whole_file(config_dir, "not a directory"));
+        let what = if config_dir.exists() { "not a directory" } else { "does not exist" };
+        problems.push(Diagnostic::whole_file(
+            config_dir,
+            format!("{what}: --config-dir (or HYPEMAN_CONFIG_DIR) names the directory holding hypeman.toml and instances/"),
+        ));
     }
     let limits = match Settings::load(config_dir, data_dir) {
         Ok(settings) => settings.limits,

@@ -56,13 +56,34 @@ impl DeclarationError {
     /// and the daemon's report of a declaration it is not applying.
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
         match self {
-            DeclarationError::Read { path, source } => vec![Diagnostic::whole_file(
-                path,
-                format!("cannot read: {source}"),
-            )],
+            DeclarationError::Read { path, source } => {
+                vec![Diagnostic::whole_file(path, read_problem(path, source))]
+            }
             DeclarationError::Invalid { diagnostics, .. } => diagnostics.clone(),
         }
     }
+}
+
+/// Why a declaration could not be read, and what to do about it.
+fn read_problem(path: &Path, source: &io::Error) -> String {
+    if source.kind() == io::ErrorKind::NotFound {
+        if let Ok(target) = std::fs::read_link(path) {
+            return format!(
+                "a symbolic link to {}, which does not exist: fix the link or remove it",
+                target.display()
+            );
+        }
+    }
+    if path.is_dir() {
+        return not_a_file_problem(true);
+    }
+    format!("cannot read: {source}")
+}
+
+/// The problem with a `*.toml` entry that is not a regular file.
+fn not_a_file_problem(is_dir: bool) -> String {
+    let what = if is_dir { "a directory" } else { "not a regular file" };
+    format!("{what}: instances/ holds one <name>.toml file per instance; move it away or rename it")
 }
 
 /// Whether `name` is a valid instance name: 1 to 63 of `[a-z0-9-]`, starting
@@ -243,9 +264,10 @@ pub fn scan_dir(instances_dir: &Path, limits: &Limits) -> ScanResult {
                 // `metadata` follows symlinks, so a link to a directory or a
                 // dangling link is caught here, not mistaken for a file.
                 let outcome = match std::fs::metadata(&path) {
-                    Ok(meta) if !meta.is_file() => {
-                        Err(vec![Diagnostic::whole_file(&path, "not a regular file")])
-                    }
+                    Ok(meta) if !meta.is_file() => Err(vec![Diagnostic::whole_file(
+                        &path,
+                        not_a_file_problem(meta.is_dir()),
+                    )]),
                     Ok(_) | Err(_) => load_instance(&path, limits).map_err(|e| e.diagnostics()),
                 };
                 match outcome {

@@ -375,7 +375,7 @@ fn scan_sorts_files_into_valid_invalid_and_problems() {
     );
     assert_eq!(
         relative(&dir, &scan.invalid["adir"]),
-        ["adir.toml:1:1: not a regular file"]
+        ["adir.toml:1:1: a directory: instances/ holds one <name>.toml file per instance; move it away or rename it"]
     );
     assert_eq!(
         relative(&dir, &scan.invalid["broken"]),
@@ -383,7 +383,10 @@ fn scan_sorts_files_into_valid_invalid_and_problems() {
     );
     assert_eq!(
         relative(&dir, &scan.invalid["dangling"]),
-        ["dangling.toml:1:1: cannot read: No such file or directory (os error 2)"]
+        [format!(
+            "dangling.toml:1:1: a symbolic link to {}, which does not exist: fix the link or remove it",
+            store.join("missing.toml").display()
+        )]
     );
     assert_eq!(
         relative(&dir, &scan.problems),
