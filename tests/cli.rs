@@ -91,7 +91,18 @@ fn validate_fails_on_a_missing_config_dir() -> Result<()> {
     let missing = tmp.path().join("nope");
     let (code, _, err) = run(hypeman().arg("validate").arg("--config-dir").arg(&missing))?;
     assert_eq!(code, 1);
-    assert_eq!(err, format!("{}:1:1: not a directory\n", missing.display()));
+    assert_eq!(
+        err,
+        format!(
+            "{}:1:1: does not exist: --config-dir (or HYPEMAN_CONFIG_DIR) names the directory holding hypeman.toml and instances/\n",
+            missing.display()
+        )
+    );
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "")?;
+    let (code, _, err) = run(hypeman().arg("validate").arg("--config-dir").arg(&file))?;
+    assert_eq!(code, 1);
+    assert!(err.starts_with(&format!("{}:1:1: not a directory: ", file.display())), "{err}");
     Ok(())
 }
 
