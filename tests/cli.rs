@@ -350,3 +350,51 @@ fn image_cache_commands() -> Result<()> {
     assert_eq!(out.trim(), "[]");
     Ok(())
 }
+
+/// The daemon's log, when stderr is a file (a journal, `> daemon.log`),
+/// has no terminal colour codes; a second daemon on the same data dir is
+/// refused with one clear line; SIGTERM ends the first with status 0.
+#[test]
+fn a_daemon_logs_plain_text_and_a_second_one_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    std::fs::create_dir(tmp.path().join("instances"))?;
+    std::fs::write(tmp.path().join("hypeman.toml"), "default_hypervisor = \"qemu\"\n")?;
+    let data = tmp.path().join("data");
+    let log_path = tmp.path().join("daemon.log");
+    let mut daemon = hypeman()
+        .arg("daemon")
+        .arg("--config-dir")
+        .arg(tmp.path())
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read_to_string(&log_path)?.contains("hypeman daemon ready") {
+        if std::time::Instant::now() > deadline {
+            let _ = daemon.kill();
+            anyhow::bail!("the daemon never got ready: {}", std::fs::read_to_string(&log_path)?);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let second = run(hypeman()
+        .arg("daemon")
+        .arg("--config-dir")
+        .arg(tmp.path())
+        .arg("--data-dir")
+        .arg(&data));
+    let killed = Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status()?;
+    let status = daemon.wait()?;
+    let (code, out, err) = second?;
+    assert_eq!((code, out.as_str()), (1, ""));
+    assert_eq!(
+        err,
+        format!("hypeman: the daemon failed: another hypeman daemon already manages {}\n", data.display())
+    );
+    assert!(killed.success());
+    assert_eq!(status.code(), Some(0));
+    let log = std::fs::read_to_string(&log_path)?;
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
+    assert!(log.contains("stopping; VMs keep running"), "{log}");
+    Ok(())
+}

@@ -279,6 +279,8 @@ fn init_tracing(command: &Command) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
+        // Colours only for a person at a terminal, not in a log file or journal.
+        .with_ansi(io::stderr().is_terminal())
         .try_init();
 }
 
