@@ -210,6 +210,19 @@ impl RawQuantity {
         }
     }
 
+    /// Written as a plain number of bytes (`512`, `"512"`): a too-small
+    /// value like that was most likely meant in MiB or GiB.
+    pub(crate) fn is_unitless(&self) -> bool {
+        match self {
+            RawQuantity::Int(_) => true,
+            RawQuantity::Float(_) => false,
+            RawQuantity::Str(s) => {
+                let s = s.trim();
+                !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+            }
+        }
+    }
+
     pub(crate) fn rate(&self) -> Result<u64, UnitError> {
         match self {
             RawQuantity::Str(s) => parse_rate(s),

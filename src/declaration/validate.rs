@@ -301,7 +301,13 @@ fn memory(
     let mut memory_fits = false;
     if let Some(m) = memory {
         if m < MIN_MEMORY {
-            memory_field.report(p, format!("must be at least {MIN_MEMORY}"));
+            let unitless = raw_memory.is_some_and(|raw| raw.get_ref().is_unitless());
+            let hint = if unitless && m.0 > 0 {
+                format!("; a number without a unit is bytes: write \"{}MiB\" for {} MiB", m.0, m.0)
+            } else {
+                String::new()
+            };
+            memory_field.report(p, format!("must be at least {MIN_MEMORY}{hint}"));
         } else if m.0 % MEMORY_ALIGN.0 != 0 {
             memory_field.report(
                 p,
