@@ -61,6 +61,33 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs
     })
 }
 
+/// Whether a daemon holds `data_dir`'s lock, learnt from `/proc/locks`
+/// without touching the lock (taking it, even for an instant, could make a
+/// daemon starting at that moment fail). `None` when it cannot be told.
+pub fn is_running(data_dir: &std::path::Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(data_dir.join("daemon.lock")) {
+        Ok(meta) => meta,
+        // No lock file: no daemon ever ran on this data dir.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Some(false),
+        Err(_) => return None,
+    };
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(holds_flock(&locks, meta.dev(), meta.ino()))
+}
+
+/// Whether the `/proc/locks` text lists a flock on the file `(dev, ino)`.
+/// Its lines read `1: FLOCK  ADVISORY  WRITE 4242 fe:00:1234 0 EOF`, the
+/// device as hexadecimal major:minor and the inode in decimal.
+fn holds_flock(locks: &str, dev: u64, ino: u64) -> bool {
+    let want = format!("{:02x}:{:02x}:{ino}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    locks.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // A blocked waiter is listed as `1: -> FLOCK …`, one field later.
+        fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&want.as_str())
+    })
+}
+
 /// How long in-flight steps get to finish when the daemon stops.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -135,6 +162,30 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
 mod tests {
     use super::*;
     use crate::declaration::spec::HypervisorKind;
+
+    #[test]
+    fn a_held_lock_is_seen_in_proc_locks_without_taking_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(is_running(tmp.path()), Some(false), "no lock file yet");
+        let held = lock_data_dir(tmp.path()).unwrap();
+        assert_eq!(is_running(tmp.path()), Some(true));
+        assert_eq!(is_running(tmp.path()), Some(true), "looking does not take it");
+        drop(held);
+        assert_eq!(is_running(tmp.path()), Some(false), "released with its holder");
+        assert!(lock_data_dir(tmp.path()).is_ok());
+    }
+
+    #[test]
+    fn proc_locks_lines_are_matched_by_device_and_inode() {
+        let dev = nix::sys::stat::makedev(0xfe, 0);
+        let locks = "1: OFDLCK ADVISORY  READ -1 fe:00:77 0 EOF\n\
+                     2: FLOCK  ADVISORY  WRITE 4242 fe:00:1234 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 4343 fe:00:99 0 EOF\n";
+        assert!(holds_flock(locks, dev, 1234));
+        assert!(!holds_flock(locks, dev, 77), "not a flock");
+        assert!(!holds_flock(locks, dev, 99), "a waiter holds nothing");
+        assert!(!holds_flock(locks, nix::sys::stat::makedev(8, 1), 1234), "another device");
+    }
 
     #[test]
     fn oversized_guest_logs_rotate_and_small_ones_stay() {

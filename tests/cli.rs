@@ -268,7 +268,11 @@ fn wait_times_out_with_the_last_state() -> Result<()> {
     assert_eq!(code, 1);
     assert_eq!(
         err,
-        "hypeman: web did not become Running within 200ms: it is Stopped, last error: none\n"
+        format!(
+            "hypeman: no daemon is running on {}: declarations are not being applied (start `hypeman daemon`)\n\
+             hypeman: web did not become Running within 200ms: it is Stopped, last error: none\n",
+            tmp.path().join("data").display()
+        )
     );
     Ok(())
 }
@@ -358,6 +362,7 @@ fn image_cache_commands() -> Result<()> {
 fn a_daemon_logs_plain_text_and_a_second_one_is_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     std::fs::create_dir(tmp.path().join("instances"))?;
+    std::fs::write(tmp.path().join("instances/idle.toml"), "image = \"busybox\"\nstate = \"stopped\"\n")?;
     std::fs::write(tmp.path().join("hypeman.toml"), "default_hypervisor = \"qemu\"\n")?;
     let data = tmp.path().join("data");
     let log_path = tmp.path().join("daemon.log");
@@ -383,8 +388,20 @@ fn a_daemon_logs_plain_text_and_a_second_one_is_refused() -> Result<()> {
         .arg(tmp.path())
         .arg("--data-dir")
         .arg(&data));
+    let plan = |tmp: &Path| run(hypeman().arg("plan").arg("--config-dir").arg(tmp).arg("--data-dir").arg(&data));
+    let (_, _, plan_beside_a_daemon) = plan(tmp.path())?;
     let killed = Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status()?;
     let status = daemon.wait()?;
+    let (code, out, plan_alone) = plan(tmp.path())?;
+    assert_eq!(plan_beside_a_daemon, "", "no note while a daemon runs");
+    assert_eq!((code, out.as_str()), (0, "idle  Stopped -> stopped: nothing to do\n"));
+    assert_eq!(
+        plan_alone,
+        format!(
+            "hypeman: no daemon is running on {}: declarations are not being applied (start `hypeman daemon`)\n",
+            data.display()
+        )
+    );
     let (code, out, err) = second?;
     assert_eq!((code, out.as_str()), (1, ""));
     assert_eq!(

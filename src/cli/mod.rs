@@ -316,6 +316,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             match name {
                 Some(query) => {
                     let status = status_of(&ctx, &query).await?;
+                    note_if_no_daemon(&ctx);
                     if json {
                         write_json(&mut out, &status)?;
                     } else {
@@ -325,6 +326,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
                 }
                 None => {
                     let all = status_all(&ctx).await?;
+                    if !all.is_empty() {
+                        note_if_no_daemon(&ctx);
+                    }
                     if json {
                         write_json(&mut out, &all)?;
                     } else {
@@ -338,6 +342,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             state,
             timeout,
         } => {
+            note_if_no_daemon(&ctx);
             let status = wait_for(&ctx, &name, state, timeout, WAIT_POLL).await?;
             writeln!(stdout.lock(), "{} is {}", status.name, status.state)
                 .map_err(CliError::Output)?;
@@ -355,6 +360,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Plan => {
             let rows = plan_rows(&ctx).await?;
+            if !rows.is_empty() {
+                note_if_no_daemon(&ctx);
+            }
             plan::write_plan(&mut stdout.lock(), &rows).map_err(CliError::Output)?;
         }
         // Returned above: they need no guest store.
@@ -378,6 +386,19 @@ async fn image_command(config_dir: &Path, settings: &Settings, command: &ImageCo
         ImageCommand::Prune => image::prune(&store, &image::image_users(config_dir, settings), &mut out)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr, beside a command's normal output, that no daemon runs
+/// on the data dir: declarations are then not applied, and `status`
+/// shows the last state the daemon left.
+fn note_if_no_daemon(ctx: &Context) {
+    let data_dir = ctx.instances.store().data_dir();
+    if crate::daemon::is_running(data_dir) == Some(false) {
+        eprintln!(
+            "hypeman: no daemon is running on {}: declarations are not being applied (start `hypeman daemon`)",
+            data_dir.display()
+        );
+    }
 }
 
 fn write_json<T: serde::Serialize>(out: &mut impl Write, value: &T) -> Result<(), CliError> {
