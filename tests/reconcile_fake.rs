@@ -657,3 +657,46 @@ async fn a_crash_loop_shows_in_last_error() {
     env.wait_for("loop", VmState::Running).await;
     env.stop().await;
 }
+
+fn hypeman_log(env: &Env, name: &str) -> String {
+    let meta = env.store().find_by_name(name).unwrap().expect("guest exists");
+    std::fs::read_to_string(env.store().guest_paths(meta.id).hypeman_log).unwrap()
+}
+
+/// A declaration changed while in standby cannot be restored: the log says
+/// the snapshot is discarded because of which field, and it cold boots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_standby_cold_boots_and_the_log_says_why() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    env.write("web", &decl("running", "512MiB"));
+    assert!(env.fake.wait_for_calls(Op::Create, 2, WAIT).await, "restarted for the change");
+    env.wait_for("web", VmState::Running).await;
+    env.write("web", &decl("standby", "512MiB"));
+    env.wait_for("web", VmState::Standby).await;
+    env.write("web", &decl("running", "1GiB"));
+    assert!(env.fake.wait_for_calls(Op::Create, 3, WAIT).await, "cold booted");
+    env.wait_for("web", VmState::Running).await;
+    assert_eq!(env.fake.calls().iter().filter(|op| **op == Op::Restore).count(), 0, "never restored");
+    let log = hypeman_log(&env, "web");
+    assert!(
+        log.contains("power off (from Running): the declaration changed (memory); restarting to apply it\n"),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "discard snapshot (from Standby): the declaration changed (memory) since the snapshot; \
+             it cannot be restored, a cold boot follows\n"
+        ),
+        "{log}"
+    );
+    env.write("web", &decl("stopped", "2GiB"));
+    env.wait_for("web", VmState::Stopped).await;
+    // Stopping is no restart: no reason given.
+    let log = hypeman_log(&env, "web");
+    let last_power_off = log.lines().filter(|l| l.contains("power off (from")).last().expect("a power off");
+    assert!(last_power_off.ends_with("power off (from Running)"), "{log}");
+    env.stop().await;
+}

@@ -221,7 +221,8 @@ impl Instances {
         let paths = self.store.guest_paths(meta.id);
         let log = InstanceLog::open(&paths.hypeman_log).ok();
         if let Some(log) = &log {
-            let _ = log.append(&format!("{step} (from {})", obs.state));
+            let why = spec.and_then(|spec| self.why_restart(step, spec, &meta));
+            let _ = log.append(&format!("{step} (from {}){}", obs.state, why.unwrap_or_default()));
         }
         let result = self.act(step, spec, obs, &mut meta, &paths).await;
         if let Some(log) = &log {
@@ -231,6 +232,27 @@ impl Instances {
             };
         }
         result
+    }
+
+    /// Why a power off or a discarded snapshot was planned, when it is to
+    /// apply a changed declaration: `hypeman.log` says which fields.
+    fn why_restart(&self, step: &Step, spec: &InstanceSpec, meta: &Metadata) -> Option<String> {
+        if spec.state == DesiredState::Stopped {
+            return None;
+        }
+        let applied = meta.applied.as_ref()?;
+        let changed = crate::declaration::spec::changed_fields(applied, &spec.restart_fields(self.resolve_kind(spec)));
+        if changed.is_empty() {
+            return None;
+        }
+        let changed = changed.join(", ");
+        match step {
+            Step::DiscardSnapshot => {
+                Some(format!(": the declaration changed ({changed}) since the snapshot; it cannot be restored, a cold boot follows"))
+            }
+            Step::PowerOff => Some(format!(": the declaration changed ({changed}); restarting to apply it")),
+            _ => None,
+        }
     }
 
     async fn act(
