@@ -700,3 +700,30 @@ async fn a_change_in_standby_cold_boots_and_the_log_says_why() {
     assert!(last_power_off.ends_with("power off (from Running)"), "{log}");
     env.stop().await;
 }
+
+/// vim saves by renaming the file to a backup and writing a new one; the
+/// moment in between, no declaration exists. That must not touch the guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_editor_save_through_a_backup_rename_leaves_the_guest_alone() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    env.fake.clear_calls();
+    let dir = env.config_dir.join("instances");
+    for _ in 0..3 {
+        std::fs::rename(dir.join("web.toml"), dir.join("web.toml~")).unwrap();
+        // Longer than the daemon's debounce: the watcher has seen the gap.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        std::fs::write(dir.join("web.toml"), decl("running", "256MiB")).unwrap();
+        std::fs::remove_file(dir.join("web.toml~")).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(env.state("web").await, VmState::Running);
+    assert!(!env.fake.calls().contains(&Op::PowerOff), "{:?}", env.fake.calls());
+    // A removal that stays is carried out.
+    env.remove("web");
+    env.wait_gone("web").await;
+    env.stop().await;
+}

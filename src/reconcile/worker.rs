@@ -18,6 +18,12 @@ use tracing::Instrument;
 /// A guard against a planner/executor disagreement looping forever.
 const MAX_STEPS_PER_PASS: usize = 32;
 
+/// How long a declaration must stay gone before its instance is stopped
+/// and deleted. Editors save by renaming the file away and writing a new
+/// one (vim's backup), and `git checkout` removes and re-creates files: a
+/// gap of a few milliseconds must not restart, let alone delete, a guest.
+const ABSENT_GRACE: Duration = Duration::from_secs(1);
+
 /// A guest that stays up this long is no longer crash-looping.
 const STABLE_AFTER: Duration = Duration::from_secs(300);
 
@@ -132,6 +138,8 @@ struct Memory {
     /// The declaration `not_before` was set under. A different one (fixed,
     /// edited, or deleted) is not made to wait for the old one's backoff.
     backoff_for: Option<Desired>,
+    /// When the declaration was first seen gone, in this run of absences.
+    absent_since: Option<Instant>,
 }
 
 impl Memory {
@@ -274,6 +282,15 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
         let observed = obs.observed(mem.not_before);
         let now = Instant::now();
         let step = plan(&desired, &observed, now);
+        if desired != Desired::Absent {
+            mem.absent_since = None;
+        } else if step.acts() {
+            // Act on a removal only once the file has stayed gone a while.
+            let ready = *mem.absent_since.get_or_insert(now) + ABSENT_GRACE;
+            if now < ready {
+                return Some(ready);
+            }
+        }
         match &step {
             Step::Converged => {
                 mem.failures = 0;
