@@ -25,10 +25,35 @@ pub mod reconcile;
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
+    let mut last = s.clone();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // Two layers that say the same (`create failed: create failed`)
+        // are printed once.
+        if text != last {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        last = text;
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    enum Layer {
+        #[error("{0} failed")]
+        Op(&'static str, #[source] Box<Layer>),
+        #[error("the cause")]
+        Cause,
+    }
+
+    #[test]
+    fn a_chain_says_each_distinct_layer_once() {
+        use Layer::*;
+        let e = Op("create VM", Box::new(Op("create", Box::new(Op("create", Box::new(Cause))))));
+        assert_eq!(super::error_chain(&e), "create VM failed: create failed: the cause");
+    }
 }

@@ -159,9 +159,22 @@ pub async fn kill(id: ProcessId, timeout: Duration) -> bool {
     wait_gone(id, timeout).await
 }
 
-/// The last lines of a VMM's log on one line, for an error message.
-pub fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+/// How long `log` is now: where the output of a VMM about to start begins.
+pub fn log_end(log: &Path) -> u64 {
+    std::fs::metadata(log).map_or(0, |m| m.len())
+}
+
+/// The last lines a VMM wrote to its log since byte `from` (see
+/// [`log_end`]) on one line, for an error message: the output of earlier
+/// attempts, appended to the same log, is not this one's reason.
+pub fn log_tail(log: &Path, from: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(log) {
+        let from = if file.metadata().is_ok_and(|m| m.len() < from) { 0 } else { from };
+        let _ = file.seek(SeekFrom::Start(from)).and_then(|_| file.read_to_end(&mut bytes));
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
@@ -196,6 +209,22 @@ pub fn find_by_argument(socket: &Path) -> Option<ProcessId> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_tail_is_of_this_start_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("vmm.log");
+        assert_eq!(log_tail(&log, 0), "", "no log yet");
+        std::fs::write(&log, "qemu: could not open kernel file\n").unwrap();
+        let start = log_end(&log);
+        assert_eq!(log_tail(&log, start), "", "an earlier attempt's line is not this one's");
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"one\ntwo\n").unwrap();
+        assert_eq!(log_tail(&log, start), "one | two");
+        // Rotated (truncated) since: all of it is new.
+        std::fs::write(&log, "fresh\n").unwrap();
+        assert_eq!(log_tail(&log, start), "fresh");
+    }
 
     #[tokio::test]
     async fn detached_process_is_tracked_until_killed() {

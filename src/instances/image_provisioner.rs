@@ -165,6 +165,9 @@ impl Provisioner for ImageProvisioner {
         };
         let network = lease.map(|l| guest_network(l, &self.settings.network)).transpose()?;
         let kernel = self.settings.guest.kernel.clone().ok_or(ProvisionError::NoKernel)?;
+        // Checked here rather than left to the VMM, whose message would be
+        // buried in its log after the image work.
+        std::fs::File::open(&kernel).map_err(|source| ProvisionError::Kernel { path: kernel.clone(), source })?;
         let image = self
             .images
             .ensure(&spec.image)
@@ -317,6 +320,26 @@ mod tests {
         let provisioner = ImageProvisioner::new(Arc::new(settings)).unwrap();
         let err = provisioner.prepare(&spec("image = \"nginx\"\n"), &store.guest_paths(meta.id), &meta).await.unwrap_err();
         assert!(matches!(err, ProvisionError::NoKernel), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_kernel_is_named_before_any_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut settings = Settings::defaults();
+        settings.data_dir = tmp.path().join("data");
+        settings.guest.kernel = Some(tmp.path().join("vmlinuz"));
+        let store = crate::store::Store::open(&settings.data_dir).unwrap();
+        let meta = store.create_guest("web", crate::declaration::spec::HypervisorKind::Qemu).unwrap();
+        let provisioner = ImageProvisioner::new(Arc::new(settings)).unwrap();
+        let err = provisioner.prepare(&spec("image = \"nginx\"\n"), &store.guest_paths(meta.id), &meta).await.unwrap_err();
+        assert_eq!(
+            crate::error_chain(&err),
+            format!(
+                "cannot read the guest kernel {} (set by [guest] kernel in hypeman.toml): No such file or directory (os error 2)",
+                tmp.path().join("vmlinuz").display()
+            )
+        );
+        assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
     }
 
     fn have(tool: &str) -> bool {

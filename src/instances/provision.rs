@@ -31,6 +31,12 @@ pub enum ProvisionError {
     },
     #[error("no guest kernel configured (set [guest] kernel in hypeman.toml)")]
     NoKernel,
+    #[error("cannot read the guest kernel {} (set by [guest] kernel in hypeman.toml)", path.display())]
+    Kernel {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot set up the guest's network")]
     Network(#[from] crate::network::NetworkError),
     #[error("[network] is enabled but the guest has no address lease")]

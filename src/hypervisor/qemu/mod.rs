@@ -248,13 +248,14 @@ impl QemuBackend {
         }
         let _ = std::fs::remove_file(&guest.socket);
         let version = self.version().await.ok();
+        let log_start = process::log_end(&guest.vmm_log);
         let id = process::spawn_detached(&self.binary, args, &guest.vmm_log)
             .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: std::io::Error::other(e) })?;
         let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if !process::is_alive(id) {
-                return Err(backend(op)(QemuError::ExitedEarly { log_tail: process::log_tail(&guest.vmm_log) }));
+                return Err(backend(op)(QemuError::ExitedEarly { log_tail: process::log_tail(&guest.vmm_log, log_start) }));
             }
             match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
                 Ok(c) => return Ok((handle, c)),
