@@ -105,7 +105,7 @@ pub enum ConfigError {
     #[error("config has version {found}, this init reads version {CONFIG_VERSION}")]
     UnsupportedVersion { found: u64 },
 
-    #[error("config has neither an entrypoint nor a cmd, so there is nothing to run")]
+    #[error("nothing to run: the image defines no entrypoint or cmd, and the declaration sets neither (set `cmd` or `entrypoint` in it)")]
     NothingToRun,
 
     #[error("{field} must be an absolute path, not {value:?}")]
@@ -310,7 +310,7 @@ mod tests {
                 r#"{"version":2,"whatever":true}"#,
                 "version 2, this init reads version 1",
             ),
-            (r#"{"version":1,"hostname":"a"}"#, "nothing to run"),
+            (r#"{"version":1,"hostname":"a"}"#, "nothing to run: the image defines no entrypoint or cmd, and the declaration sets neither (set `cmd` or `entrypoint` in it)"),
             (
                 r#"{"version":1,"cmd":["x"],"hostname":"a","bogus":1}"#,
                 "expected shape",
