@@ -62,8 +62,8 @@ pub(crate) struct RawInstance {
     pub memory: Option<Spanned<RawQuantity>>,
     pub hotplug_memory: Option<Spanned<RawQuantity>>,
     pub overlay_size: Option<Spanned<RawQuantity>>,
-    pub entrypoint: Option<Vec<Spanned<String>>>,
-    pub cmd: Option<Vec<Spanned<String>>>,
+    pub entrypoint: Option<RawArgv>,
+    pub cmd: Option<RawArgv>,
     pub workdir: Option<Spanned<String>>,
     #[serde(default)]
     pub env: BTreeMap<Spanned<String>, Spanned<String>>,
@@ -102,6 +102,35 @@ pub(crate) struct RawVolume {
     pub source: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
     pub readonly: Option<bool>,
+}
+
+/// `entrypoint` and `cmd`: a list of strings, one per argument. A single
+/// string (as `docker-compose` allows) is refused with an example of the
+/// list, since splitting it into words would guess at quoting.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RawArgv(pub Vec<Spanned<String>>);
+
+impl<'de> Deserialize<'de> for RawArgv {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ArgvVisitor;
+
+        impl<'de> Visitor<'de> for ArgvVisitor {
+            type Value = RawArgv;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of strings, one per argument, such as [\"nginx\", \"-g\", \"daemon off;\"]")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<RawArgv, A::Error> {
+                let mut args = Vec::new();
+                while let Some(arg) = seq.next_element::<Spanned<String>>()? {
+                    args.push(arg);
+                }
+                Ok(RawArgv(args))
+            }
+        }
+
+        deserializer.deserialize_seq(ArgvVisitor)
+    }
 }
 
 /// A TOML integer of any size, saturated into an `i64`: out-of-range values

@@ -202,6 +202,7 @@ fn every_error_message() {
         case("size overflow", "image = \"x\"\noverlay_size = \"99999999TiB\"\n"),
         case("empty size", "image = \"x\"\nmemory = \"\"\n"),
         case("memory too small", "image = \"x\"\nmemory = \"32MiB\"\n"),
+        case("cmd as a single string", "image = \"x\"\ncmd = \"nginx -g 'daemon off;'\"\n"),
         case("memory as a bare number is bytes", "image = \"x\"\nmemory = 512\n"),
         case("memory as a unit-less string is bytes", "image = \"x\"\nmemory = \"1024\"\n"),
         case("memory not 2MiB-aligned", "image = \"x\"\nmemory = \"513MiB\"\n"),

@@ -91,9 +91,9 @@ pub(crate) fn validate(
     let overlay_size = overlay_size(p, raw.overlay_size.as_ref(), limits);
     let entrypoint = raw
         .entrypoint
-        .as_deref()
-        .map(|args| argv(p, "entrypoint", args, true));
-    let cmd = raw.cmd.as_deref().map(|args| argv(p, "cmd", args, false));
+        .as_ref()
+        .map(|args| argv(p, "entrypoint", &args.0, true));
+    let cmd = raw.cmd.as_ref().map(|args| argv(p, "cmd", &args.0, false));
     let workdir = raw.workdir.as_ref().map(|w| workdir(p, w));
     let env = env(p, &raw.env);
     let network = NetworkSpec {
