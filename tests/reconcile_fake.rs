@@ -696,7 +696,7 @@ async fn a_change_in_standby_cold_boots_and_the_log_says_why() {
     env.wait_for("web", VmState::Stopped).await;
     // Stopping is no restart: no reason given.
     let log = hypeman_log(&env, "web");
-    let last_power_off = log.lines().filter(|l| l.contains("power off (from")).last().expect("a power off");
+    let last_power_off = log.lines().rfind(|l| l.contains("power off (from")).expect("a power off");
     assert!(last_power_off.ends_with("power off (from Running)"), "{log}");
     env.stop().await;
 }
