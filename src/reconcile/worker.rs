@@ -127,6 +127,9 @@ struct Memory {
     /// The state seen last, and whether we acted since.
     last_seen: Option<VmState>,
     acted: bool,
+    /// The last step was a `PowerOff` that succeeded: the shut-down guest
+    /// the next look finds is the daemon's doing, not an ending.
+    powered_off: bool,
     crashes: u32,
     running_since: Option<Instant>,
 }
@@ -226,7 +229,10 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
             return None;
         }
         let (desired, spec, invalid) = read_desired(&ctx.instances, &ctx.instances_dir, name);
-        let obs = match ctx.instances.observe(name).await {
+        let powered_off = std::mem::take(&mut mem.powered_off);
+        // Boxed: a worker sleeps far longer than it steps, and its task
+        // would otherwise hold room for the largest step's state for good.
+        let obs = match Box::pin(ctx.instances.observe_after(name, powered_off)).await {
             Ok(o) => o,
             Err(e) => {
                 mem.failures += 1;
@@ -265,10 +271,11 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
         }
         tracing::info!(instance = name, from = %obs.state, step = %step, "reconcile step");
         mem.acted = true;
-        match ctx.instances.execute(name, &step, spec.as_ref(), &obs).await {
+        match Box::pin(ctx.instances.execute(name, &step, spec.as_ref(), &obs)).await {
             Ok(()) => {
                 mem.failures = 0;
                 mem.not_before = None;
+                mem.powered_off = step == Step::PowerOff;
             }
             Err(e) => {
                 mem.failures += 1;
