@@ -1,8 +1,8 @@
 //! Address management: which IPv4 address of the bridge's subnet a guest
 //! gets. Pure: the caller passes the addresses held by every other guest
-//! (read from their metadata) and persists the lease it gets back before
-//! anything uses it, so a lease survives restarts and a crash between
-//! choosing and recording only means choosing again.
+//! (a [`LeaseIndex`] built from their metadata) and persists the lease it
+//! gets back before anything uses it, so a lease survives restarts and a
+//! crash between choosing and recording only means choosing again.
 //!
 //! Layout of a subnet `N/p`: `N` is the network address, `N+1` the gateway
 //! (on the bridge), the broadcast address is never handed out, and guests
