@@ -1,9 +1,14 @@
 //! The daemon against the fake hypervisor at 1, 100 and 1000 declared
 //! instances: startup time, time from a declaration write to the first
-//! backend call (median, p99), and resident memory. All sizes run in one
-//! process, one after another, so the figures are comparable.
+//! backend call (median, p99), and resident memory. Then 100 and 1000
+//! networked instances (`[network] enabled`): each create leases an
+//! address; the fake provisioner makes no TAP, so no netlink is touched.
+//! All runs share one process, one after another, so the figures are
+//! comparable.
 //!
-//! Run: `cargo bench --bench daemon_fake`
+//! Run: `cargo bench --bench daemon_fake`, or with sizes to run only those
+//! (`cargo bench --bench daemon_fake -- 1000`), `net` for only the
+//! networked runs, `plain` for only the others.
 
 use hypeman::daemon::{self, DaemonConfig};
 use hypeman::declaration::spec::HypervisorKind;
@@ -26,8 +31,11 @@ fn rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn write_atomic(dir: &Path, name: &str, state: &str) {
-    let body = format!("image = \"docker.io/library/busybox:latest\"\nstate = \"{state}\"\nmemory = \"128MiB\"\n");
+fn write_atomic(dir: &Path, name: &str, state: &str, networked: bool) {
+    let mut body = format!("image = \"docker.io/library/busybox:latest\"\nstate = \"{state}\"\nmemory = \"128MiB\"\n");
+    if networked {
+        body.push_str("[network]\nenabled = true\n");
+    }
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, body).unwrap();
     std::fs::rename(&tmp, dir.join(format!("{name}.toml"))).unwrap();
@@ -38,13 +46,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-async fn run(n: usize, samples: usize) {
+async fn run(n: usize, samples: usize, networked: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let config_dir = tmp.path().join("etc");
     let dir = config_dir.join("instances");
     std::fs::create_dir_all(&dir).unwrap();
     for i in 0..n {
-        write_atomic(&dir, &format!("vm{i}"), "running");
+        write_atomic(&dir, &format!("vm{i}"), "running", networked);
     }
     let mut settings = Settings::defaults();
     settings.data_dir = tmp.path().join("data");
@@ -81,7 +89,7 @@ async fn run(n: usize, samples: usize) {
         let (state, op) = if (s / n) % 2 == 0 { ("stopped", Op::PowerOff) } else { ("running", Op::Create) };
         let before = fake.call_times(op, &socket).len();
         let t0 = Instant::now();
-        write_atomic(&dir, &name, state);
+        write_atomic(&dir, &name, state, networked);
         let first = loop {
             let times = fake.call_times(op, &socket);
             if times.len() > before {
@@ -99,8 +107,13 @@ async fn run(n: usize, samples: usize) {
     lat.sort();
     let _ = tx.send(());
     task.await.unwrap().unwrap();
+    if networked {
+        let leased = store.list().unwrap().guests.iter().filter(|g| g.network.is_some()).count();
+        assert_eq!(leased, n, "every networked guest holds a lease");
+    }
+    let kind = if networked { "networked" } else { "instances" };
     println!(
-        "{n:>5} instances | startup to all running {:>8.1} ms | write→first call median {:>6.2} ms  p99 {:>6.2} ms ({} samples) | RSS {:>6.1} MiB (+{:.1} MiB)",
+        "{n:>5} {kind:<9} | startup to all running {:>8.1} ms | write→first call median {:>6.2} ms  p99 {:>6.2} ms ({} samples) | RSS {:>6.1} MiB (+{:.1} MiB)",
         startup.as_secs_f64() * 1e3,
         percentile(&lat, 0.5).as_secs_f64() * 1e3,
         percentile(&lat, 0.99).as_secs_f64() * 1e3,
@@ -111,11 +124,21 @@ async fn run(n: usize, samples: usize) {
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; any other word picks what runs.
+    let words: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let sizes: Vec<usize> = words.iter().filter_map(|w| w.parse().ok()).collect();
+    let wanted = |n: usize, networked: bool| {
+        let kind = if networked { "net" } else { "plain" };
+        (sizes.is_empty() || sizes.contains(&n))
+            && (!words.iter().any(|w| w == "net" || w == "plain") || words.iter().any(|w| w == kind))
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     println!("hypeman daemon against the fake hypervisor ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     rt.block_on(async {
-        run(1, 100).await;
-        run(100, 200).await;
-        run(1000, 400).await;
+        for (n, samples, networked) in [(1, 100, false), (100, 200, false), (1000, 400, false), (100, 200, true), (1000, 400, true)] {
+            if wanted(n, networked) {
+                run(n, samples, networked).await;
+            }
+        }
     });
 }

@@ -468,6 +468,35 @@ async fn the_restart_policy_follows_the_declaration() {
     env.stop().await;
 }
 
+/// A guest the daemon powers off did not end by itself: no exit record, no
+/// console read, and `restart = "never"` does not hold back the next boot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_the_daemon_asked_for_is_not_an_ending() {
+    let mut env = Env::new();
+    env.start();
+    let never = |state: &str| format!("{}restart = \"never\"\n", decl(state, "256MiB"));
+    env.write("svc", &never("running"));
+    env.wait_for("svc", VmState::Running).await;
+    env.write("svc", &never("stopped"));
+    assert!(env.fake.wait_for_calls(Op::ShutdownVmm, 1, WAIT).await, "the VMM was ended");
+    env.wait_for("svc", VmState::Stopped).await;
+    // Past a resync, so a pass that would forget an exit has had its turn.
+    tokio::time::sleep(env.settings.reconcile.resync_interval * 2).await;
+    let meta = env.store().find_by_name("svc").unwrap().expect("guest exists");
+    assert_eq!(meta.exited, None);
+    assert_eq!(meta.last_error, None);
+    let log = std::fs::read_to_string(env.store().guest_paths(meta.id).hypeman_log).unwrap();
+    assert!(log.contains("power off (from Running)"), "{log}");
+    assert!(log.contains("stop VMM (from Shutdown)"), "{log}");
+    assert!(!log.contains("ended by itself"), "{log}");
+    assert!(!log.contains("forget the last exit"), "{log}");
+
+    env.write("svc", &never("running"));
+    assert!(env.fake.wait_for_calls(Op::Create, 2, WAIT).await, "booted again");
+    env.wait_for("svc", VmState::Running).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_logs_rotate_at_the_configured_size() {
     let mut env = Env::new();
@@ -725,5 +754,84 @@ async fn an_editor_save_through_a_backup_rename_leaves_the_guest_alone() {
     // A removal that stays is carried out.
     env.remove("web");
     env.wait_gone("web").await;
+    env.stop().await;
+}
+
+/// Waits until `name`'s recorded last error contains `want`.
+async fn wait_for_error(env: &Env, name: &str, want: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let error = env.store().find_by_name(name).unwrap().and_then(|m| m.last_error);
+        if error.as_deref().is_some_and(|e| e.contains(want)) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{name}: never failed with {want:?}; last error {error:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The daemon's lease index against deletes, a guest recreated under the
+/// same name, and a restart that must read every lease back from disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_index_follows_deletes_recreates_and_restarts() {
+    let mut env = Env::new();
+    // A /30 holds exactly one guest.
+    with_subnet(&mut env, "192.168.79.0/30");
+    env.start();
+    env.write("first", &networked("running"));
+    env.wait_for("first", VmState::Running).await;
+    let old = env.store().find_by_name("first").unwrap().expect("guest exists");
+    assert_eq!(old.network.expect("leased").ip, "192.168.79.2");
+
+    // Deleted and declared again: a new guest, on the address set free.
+    env.remove("first");
+    env.wait_gone("first").await;
+    env.write("first", &networked("running"));
+    env.wait_for("first", VmState::Running).await;
+    let first = env.store().find_by_name("first").unwrap().expect("guest exists");
+    assert_ne!(first.id, old.id);
+    assert_eq!(first.network.as_ref().expect("leased").ip, "192.168.79.2");
+
+    env.write("second", &networked("running"));
+    wait_for_error(&env, "second", "no free address left in 192.168.79.0/30 (1 in use)").await;
+
+    // Restarted with its error cleared: the new daemon knows the address is
+    // held before anything else leases one.
+    env.kill().await;
+    let mut second = env.store().find_by_name("second").unwrap().expect("guest exists");
+    second.last_error = None;
+    env.store().write_metadata(&second).unwrap();
+    env.start();
+    wait_for_error(&env, "second", "no free address left in 192.168.79.0/30 (1 in use)").await;
+    assert_eq!(lease_of(&env, "first"), first.network);
+    assert_eq!(lease_of(&env, "second"), None);
+    assert_eq!(env.state("first").await, VmState::Running);
+
+    env.remove("first");
+    env.wait_gone("first").await;
+    env.wait_for("second", VmState::Running).await;
+    assert_eq!(lease_of(&env, "second").expect("leased").ip, "192.168.79.2");
+    env.stop().await;
+}
+
+/// A guest record that cannot be read may hold any address: none is handed
+/// out until it can be read again (or is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_address_is_leased_while_a_guest_record_is_unreadable() {
+    let mut env = Env::new();
+    with_subnet(&mut env, "192.168.80.0/29");
+    let stray = env.settings.data_dir.join("guests").join("not-a-guest");
+    std::fs::create_dir_all(&stray).unwrap();
+    env.start();
+    env.write("net", &networked("running"));
+    wait_for_error(&env, "net", "1 guest record(s) cannot be read").await;
+    assert_eq!(lease_of(&env, "net"), None);
+    // A guest without networking is not held back.
+    env.write("plain", &decl("running", "256MiB"));
+    env.wait_for("plain", VmState::Running).await;
+
+    std::fs::remove_dir(&stray).unwrap();
+    env.wait_for("net", VmState::Running).await;
+    assert!(lease_of(&env, "net").is_some());
     env.stop().await;
 }

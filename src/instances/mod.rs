@@ -25,6 +25,7 @@ pub mod provision;
 use crate::declaration::spec::{DesiredState, HypervisorKind, InstanceSpec};
 use crate::hypervisor::{Backends, GuestVmm, Hypervisor, HypervisorError, Probe, VmInfo, VmmHandle};
 use crate::logs::InstanceLog;
+use crate::network::ipam::LeaseIndex;
 use crate::exit::GuestEnd;
 use crate::reconcile::plan::{Observed, Step};
 use crate::settings::Settings;
@@ -98,15 +99,38 @@ impl Observation {
     }
 }
 
+/// Whether an observation in `state` found a guest that ended without the
+/// daemon asking, so that the console must say how: its VMM is on record
+/// but gone, or the guest powered off inside its VMM though the daemon did
+/// not just power it off. A stop the daemon asked for is no such ending:
+/// where the VMM exits with its guest, `PowerOff` drops the record itself
+/// (`forget_vmm`); where it stays, `powered_off` says so.
+fn ended_by_itself(state: VmState, vmm_on_record: bool, powered_off: bool) -> bool {
+    match state {
+        VmState::Stopped => vmm_on_record,
+        VmState::Shutdown => !powered_off,
+        VmState::Created | VmState::Running | VmState::Paused | VmState::Standby | VmState::Unknown => false,
+    }
+}
+
 /// Observes and acts on instances; cheap to share.
 pub struct Instances {
     store: Arc<Store>,
     backends: Backends,
     settings: Arc<Settings>,
     provisioner: Arc<dyn Provisioner>,
-    /// Held from reading every guest's lease to recording a new one, so
-    /// two creates cannot pick the same free address.
-    leases: tokio::sync::Mutex<()>,
+    /// Every guest's address, read from the store at the first lease the
+    /// daemon hands out and kept up to date by each lease, release and
+    /// removal. Held from looking up the free addresses to recording a new
+    /// lease, so two creates cannot pick the same one.
+    leases: tokio::sync::Mutex<Option<LeaseBook>>,
+}
+
+/// The lease index and how many guest records could not be read when it
+/// was built: those may hold addresses it does not know.
+struct LeaseBook {
+    index: LeaseIndex,
+    unreadable: usize,
 }
 
 /// How often a stopping guest is looked at.
@@ -124,7 +148,7 @@ impl Instances {
         settings: Arc<Settings>,
         provisioner: Arc<dyn Provisioner>,
     ) -> Instances {
-        Instances { store, backends, settings, provisioner, leases: tokio::sync::Mutex::new(()) }
+        Instances { store, backends, settings, provisioner, leases: tokio::sync::Mutex::new(None) }
     }
 
     pub fn store(&self) -> &Store {
@@ -159,6 +183,15 @@ impl Instances {
 
     /// Derives the instance's state from the store and its VMM.
     pub async fn observe(&self, name: &str) -> Result<Observation, InstanceError> {
+        self.observe_after(name, false).await
+    }
+
+    /// [`Instances::observe`], told whether the daemon powered the guest
+    /// off since it last looked (`PowerOff` succeeded): a guest then found
+    /// shut down in its VMM did not end by itself, and its console is not
+    /// read. A daemon restarted in between does not know, and takes such a
+    /// guest for one that ended by itself (`init was asked to stop`).
+    pub async fn observe_after(&self, name: &str, powered_off: bool) -> Result<Observation, InstanceError> {
         let Some(meta) = self.store.find_by_name(name)? else {
             return Ok(Observation { meta: None, state: VmState::Stopped, snapshot: None, vmm: None, unreachable: None, ended: None });
         };
@@ -171,19 +204,10 @@ impl Instances {
             Probe::Alive { handle, state } => (state, Some(handle), None),
             Probe::Unreachable { reason } => (VmState::Unknown, None, Some(reason)),
         };
-        // A VMM on record that is gone, or a guest that powered off in its
-        // VMM: the console says why. A stop the daemon asked for has
-        // already dropped the record (`forget_vmm`) or is followed at once
-        // by `StopVmm`.
-        let ended = match state {
-            VmState::Stopped if meta.vmm.is_some() => Some(self.read_end(meta.id).await),
-            VmState::Shutdown => Some(self.read_end(meta.id).await),
-            VmState::Stopped
-            | VmState::Created
-            | VmState::Running
-            | VmState::Paused
-            | VmState::Standby
-            | VmState::Unknown => None,
+        let ended = if ended_by_itself(state, meta.vmm.is_some(), powered_off) {
+            Some(self.read_end(meta.id).await)
+        } else {
+            None
         };
         Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended })
     }
@@ -412,7 +436,11 @@ impl Instances {
                 // The TAP first: once the guest record is gone, nothing
                 // names it any more. Its lease goes with the record.
                 self.provisioner.release(meta).await?;
-                Ok(self.store.delete_guest(meta.id)?)
+                self.store.delete_guest(meta.id)?;
+                if let Some(book) = self.leases.lock().await.as_mut() {
+                    book.index.set(meta.id, None);
+                }
+                Ok(())
             }
         }
     }
@@ -577,21 +605,37 @@ impl Instances {
     async fn ensure_lease(&self, spec: &InstanceSpec, meta: &mut Metadata) -> Result<(), InstanceError> {
         if !spec.network.enabled {
             if meta.network.is_some() {
+                let mut slot = self.leases.lock().await;
                 self.provisioner.release(meta).await?;
                 meta.network = None;
                 self.store.write_metadata(meta)?;
+                if let Some(book) = slot.as_mut() {
+                    book.index.set(meta.id, None);
+                }
             }
             return Ok(());
         }
-        let _held = self.leases.lock().await;
-        let listing = self.store.list()?;
-        let others = crate::network::ipam::in_use(
-            listing.guests.iter().filter(|g| g.id != meta.id).filter_map(|g| g.network.as_ref()),
-        );
-        let lease = crate::network::ipam::lease_for(&self.settings.network.subnet, meta.id, meta.network.as_ref(), &others)?;
-        if meta.network.as_ref() != Some(&lease) {
-            if !listing.unreadable.is_empty() {
-                return Err(InstanceError::UnreadableLeases(listing.unreadable.len()));
+        let subnet = &self.settings.network.subnet;
+        let mut slot = self.leases.lock().await;
+        // An index that does not know what this guest's record says missed
+        // a change on disk: read every record again.
+        let mut reread = !slot.as_ref().is_some_and(|b| b.index.agrees(meta.id, meta.network.as_ref()));
+        loop {
+            let book = match &mut *slot {
+                Some(book) if !reread => book,
+                _ => slot.insert(self.read_leases()?),
+            };
+            let lease = crate::network::ipam::lease_for(subnet, meta.id, meta.network.as_ref(), &book.index.others_of(meta.id))?;
+            if meta.network.as_ref() == Some(&lease) {
+                return Ok(());
+            }
+            if book.unreadable > 0 {
+                if reread {
+                    return Err(InstanceError::UnreadableLeases(book.unreadable));
+                }
+                // They may have been repaired since: look again first.
+                reread = true;
+                continue;
             }
             if let Some(old) = &meta.network {
                 tracing::warn!(instance = %meta.name, old = %old.ip, new = %lease.ip, "the recorded address no longer fits the network settings; replacing it");
@@ -600,9 +644,21 @@ impl Instances {
             }
             meta.network = Some(lease);
             self.store.write_metadata(meta)?;
+            book.index.set(meta.id, meta.network.as_ref());
             tracing::info!(instance = %meta.name, ip = meta.network.as_ref().map(|l| l.ip.as_str()).unwrap_or(""), "guest address leased");
+            return Ok(());
         }
-        Ok(())
+    }
+
+    /// Every guest's lease, from the store.
+    fn read_leases(&self) -> Result<LeaseBook, StoreError> {
+        let listing = self.store.list()?;
+        let mut index = LeaseIndex::default();
+        for guest in &listing.guests {
+            index.set(guest.id, guest.network.as_ref());
+        }
+        tracing::debug!(leases = index.len(), unreadable = listing.unreadable.len(), "lease index read from the store");
+        Ok(LeaseBook { index, unreadable: listing.unreadable.len() })
     }
 
     /// Records an error for status; the store keeps it across restarts.
@@ -641,3 +697,23 @@ pub fn record_of(h: &VmmHandle) -> VmmRecord {
 }
 
 pub use crate::error_chain;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_ending_the_daemon_did_not_ask_for_is_read_from_the_console() {
+        use VmState::*;
+        assert!(ended_by_itself(Shutdown, true, false), "the guest powered off by itself");
+        assert!(!ended_by_itself(Shutdown, true, true), "the daemon powered it off");
+        assert!(ended_by_itself(Stopped, true, false), "the VMM on record went away");
+        // Its record must go whoever asked; PowerOff drops it itself when
+        // the VMM exits with the guest, so one left means a surprise.
+        assert!(ended_by_itself(Stopped, true, true));
+        assert!(!ended_by_itself(Stopped, false, false), "stopped and forgotten");
+        for state in [Created, Running, Paused, Standby, Unknown] {
+            assert!(!ended_by_itself(state, true, false), "{state}");
+        }
+    }
+}

@@ -1,8 +1,8 @@
 //! Address management: which IPv4 address of the bridge's subnet a guest
 //! gets. Pure: the caller passes the addresses held by every other guest
-//! (read from their metadata) and persists the lease it gets back before
-//! anything uses it, so a lease survives restarts and a crash between
-//! choosing and recording only means choosing again.
+//! (a [`LeaseIndex`] built from their metadata) and persists the lease it
+//! gets back before anything uses it, so a lease survives restarts and a
+//! crash between choosing and recording only means choosing again.
 //!
 //! Layout of a subnet `N/p`: `N` is the network address, `N+1` the gateway
 //! (on the bridge), the broadcast address is never handed out, and guests
@@ -15,7 +15,7 @@
 use super::names;
 use super::NetworkError;
 use crate::store::NetworkLease;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -107,12 +107,96 @@ impl FromStr for Subnet {
     }
 }
 
-/// The addresses that the given leases hold (unparsable ones hold none).
-pub fn in_use<'a>(leases: impl IntoIterator<Item = &'a NetworkLease>) -> BTreeSet<Ipv4Addr> {
-    leases
-        .into_iter()
-        .filter_map(|l| l.ip.parse().ok())
-        .collect()
+/// The addresses other guests hold, as the guest looking for one sees
+/// them.
+pub trait Taken {
+    fn is_taken(&self, ip: Ipv4Addr) -> bool;
+    /// How many of `subnet`'s guest addresses are taken (for the error
+    /// that says it is full).
+    fn taken_in(&self, subnet: &Subnet) -> usize;
+}
+
+impl Taken for BTreeSet<Ipv4Addr> {
+    fn is_taken(&self, ip: Ipv4Addr) -> bool {
+        self.contains(&ip)
+    }
+
+    fn taken_in(&self, subnet: &Subnet) -> usize {
+        self.iter().filter(|ip| subnet.is_guest_address(**ip)).count()
+    }
+}
+
+/// Which guest holds which address: every guest's recorded lease, kept in
+/// memory so that leasing an address needs no read of every guest's
+/// metadata. The metadata stays the truth: the caller builds the index from
+/// it and records each lease change once it is persisted.
+#[derive(Debug, Default)]
+pub struct LeaseIndex {
+    by_guest: HashMap<Ulid, Ipv4Addr>,
+    /// (address, holder). Two guests can hold one address (a copied guest
+    /// directory) until one of them is given another.
+    holders: BTreeSet<(Ipv4Addr, Ulid)>,
+}
+
+impl LeaseIndex {
+    /// Records that guest `id` holds `lease` (none: no address). An
+    /// unparsable lease holds none, as [`still_valid`] replaces it.
+    pub fn set(&mut self, id: Ulid, lease: Option<&NetworkLease>) {
+        if let Some(old) = self.by_guest.remove(&id) {
+            self.holders.remove(&(old, id));
+        }
+        if let Some(ip) = lease.and_then(|l| l.ip.parse().ok()) {
+            self.by_guest.insert(id, ip);
+            self.holders.insert((ip, id));
+        }
+    }
+
+    /// Whether the index has guest `id` holding what its metadata records
+    /// (`recorded`): if not, the store changed behind the index's back.
+    pub fn agrees(&self, id: Ulid, recorded: Option<&NetworkLease>) -> bool {
+        self.by_guest.get(&id).copied() == recorded.and_then(|l| l.ip.parse().ok())
+    }
+
+    /// How many guests hold an address.
+    pub fn len(&self) -> usize {
+        self.by_guest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_guest.is_empty()
+    }
+
+    /// The addresses every guest but `id` holds.
+    pub fn others_of(&self, id: Ulid) -> OthersOf<'_> {
+        OthersOf { index: self, id }
+    }
+
+    fn holders_of(&self, ip: Ipv4Addr) -> impl Iterator<Item = Ulid> + '_ {
+        self.holders.range((ip, Ulid::nil())..=(ip, Ulid::from(u128::MAX))).map(|(_, id)| *id)
+    }
+}
+
+/// [`LeaseIndex::others_of`].
+pub struct OthersOf<'a> {
+    index: &'a LeaseIndex,
+    id: Ulid,
+}
+
+impl Taken for OthersOf<'_> {
+    fn is_taken(&self, ip: Ipv4Addr) -> bool {
+        self.index.holders_of(ip).any(|holder| holder != self.id)
+    }
+
+    fn taken_in(&self, subnet: &Subnet) -> usize {
+        let ips: BTreeSet<Ipv4Addr> = self
+            .index
+            .holders
+            .iter()
+            .filter(|(ip, holder)| *holder != self.id && subnet.is_guest_address(*ip))
+            .map(|(ip, _)| *ip)
+            .collect();
+        ips.len()
+    }
 }
 
 /// Where guest `id`'s search starts, as an offset into the guest range.
@@ -126,21 +210,13 @@ fn start_offset(id: Ulid, capacity: u32) -> u32 {
 
 /// A free address for guest `id`: the first at or after its start point
 /// (wrapping) that no other guest holds.
-pub fn allocate(
-    subnet: &Subnet,
-    id: Ulid,
-    taken: &BTreeSet<Ipv4Addr>,
-) -> Result<Ipv4Addr, NetworkError> {
+pub fn allocate(subnet: &Subnet, id: Ulid, taken: &impl Taken) -> Result<Ipv4Addr, NetworkError> {
     let capacity = subnet.guest_capacity();
-    let held = taken.iter().filter(|ip| subnet.is_guest_address(**ip)).count();
-    if held >= capacity as usize {
-        return Err(NetworkError::Exhausted { subnet: *subnet, in_use: held });
-    }
     let start = start_offset(id, capacity);
     (0..capacity)
         .map(|step| Ipv4Addr::from(subnet.first_guest() + (start + step) % capacity))
-        .find(|ip| !taken.contains(ip))
-        .ok_or(NetworkError::Exhausted { subnet: *subnet, in_use: held })
+        .find(|ip| !taken.is_taken(*ip))
+        .ok_or_else(|| NetworkError::Exhausted { subnet: *subnet, in_use: taken.taken_in(subnet) })
 }
 
 /// The full lease record of guest `id` holding `ip`.
@@ -161,11 +237,11 @@ pub fn still_valid(
     recorded: &NetworkLease,
     subnet: &Subnet,
     id: Ulid,
-    others: &BTreeSet<Ipv4Addr>,
+    others: &impl Taken,
 ) -> bool {
     match recorded.ip.parse::<Ipv4Addr>() {
         Ok(ip) => {
-            subnet.is_guest_address(ip) && !others.contains(&ip) && *recorded == lease(subnet, id, ip)
+            subnet.is_guest_address(ip) && !others.is_taken(ip) && *recorded == lease(subnet, id, ip)
         }
         Err(_) => false,
     }
@@ -177,7 +253,7 @@ pub fn lease_for(
     subnet: &Subnet,
     id: Ulid,
     recorded: Option<&NetworkLease>,
-    others: &BTreeSet<Ipv4Addr>,
+    others: &impl Taken,
 ) -> Result<NetworkLease, NetworkError> {
     match recorded {
         Some(l) if still_valid(l, subnet, id, others) => Ok(l.clone()),
@@ -292,11 +368,69 @@ mod tests {
     }
 
     #[test]
-    fn in_use_reads_every_parsable_lease() {
-        let s = subnet("10.100.0.0/16");
-        let a = lease(&s, Ulid::nil(), Ipv4Addr::new(10, 100, 0, 9));
-        let mut b = a.clone();
-        b.ip = "garbage".into();
-        assert_eq!(in_use([&a, &b]), BTreeSet::from([Ipv4Addr::new(10, 100, 0, 9)]));
+    fn the_index_tracks_who_holds_what() {
+        let s = subnet("192.168.7.0/29");
+        let (a, b, c) = (Ulid::from(1u128), Ulid::from(2u128), Ulid::from(3u128));
+        let ip = |last: u8| Ipv4Addr::new(192, 168, 7, last);
+        let mut index = LeaseIndex::default();
+        index.set(a, Some(&lease(&s, a, ip(2))));
+        index.set(b, Some(&lease(&s, b, ip(3))));
+        assert_eq!(index.len(), 2);
+        assert!(index.others_of(a).is_taken(ip(3)));
+        assert!(!index.others_of(a).is_taken(ip(2)), "a guest's own address is not taken to it");
+        assert!(index.others_of(c).is_taken(ip(2)));
+        assert_eq!(index.others_of(c).taken_in(&s), 2);
+
+        // A new lease moves the guest; its old address is free again.
+        index.set(a, Some(&lease(&s, a, ip(4))));
+        assert!(!index.others_of(c).is_taken(ip(2)));
+        assert!(index.others_of(c).is_taken(ip(4)));
+        assert!(index.agrees(a, Some(&lease(&s, a, ip(4)))));
+        assert!(!index.agrees(a, Some(&lease(&s, a, ip(2)))), "the record moved behind its back");
+        assert!(!index.agrees(c, Some(&lease(&s, c, ip(5)))), "a guest it has never seen");
+        assert!(index.agrees(c, None));
+
+        // Removed: no longer held, and nothing is left of it.
+        index.set(a, None);
+        assert!(!index.others_of(c).is_taken(ip(4)));
+        assert_eq!(index.len(), 1);
+
+        // Two guests on one address (a copied guest): taken to each of them.
+        index.set(c, Some(&lease(&s, c, ip(3))));
+        assert!(index.others_of(b).is_taken(ip(3)));
+        assert!(index.others_of(c).is_taken(ip(3)));
+        assert_eq!(index.others_of(a).taken_in(&s), 1, "one address, however many holders");
+        index.set(b, None);
+        assert!(!index.others_of(c).is_taken(ip(3)));
+
+        // An unparsable lease holds nothing.
+        let mut garbled = lease(&s, b, ip(6));
+        garbled.ip = "garbage".into();
+        index.set(b, Some(&garbled));
+        assert!(!index.others_of(c).is_taken(ip(6)));
+        assert!(index.agrees(b, Some(&garbled)));
+    }
+
+    #[test]
+    fn allocation_against_the_index_matches_allocation_against_a_set() {
+        let s = subnet("192.168.7.0/29");
+        let mut index = LeaseIndex::default();
+        let mut set = BTreeSet::new();
+        let mut last = None;
+        for n in 0..5u128 {
+            let id = Ulid::from(n);
+            let ip = allocate(&s, id, &index.others_of(id)).unwrap();
+            assert_eq!(ip, allocate(&s, id, &set).unwrap());
+            index.set(id, Some(&lease(&s, id, ip)));
+            set.insert(ip);
+            last = Some(ip);
+        }
+        let late = Ulid::from(99u128);
+        let err = allocate(&s, late, &index.others_of(late)).unwrap_err();
+        assert_eq!(err.to_string(), "no free address left in 192.168.7.0/29 (5 in use)");
+        // In a full subnet a guest asking again gets its own address back.
+        let id = Ulid::from(4u128);
+        let again = lease_for(&s, id, None, &index.others_of(id)).unwrap();
+        assert_eq!(Some(again.ip.parse().unwrap()), last);
     }
 }

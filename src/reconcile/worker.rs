@@ -133,6 +133,9 @@ struct Memory {
     /// The state seen last, and whether we acted since.
     last_seen: Option<VmState>,
     acted: bool,
+    /// The last step was a `PowerOff` that succeeded: the shut-down guest
+    /// the next look finds is the daemon's doing, not an ending.
+    powered_off: bool,
     crashes: u32,
     running_since: Option<Instant>,
     /// The declaration `not_before` was set under. A different one (fixed,
@@ -266,7 +269,10 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
         if mem.forget_backoff_unless(&desired) {
             tracing::info!(instance = name, "the declaration changed; not waiting out the backoff");
         }
-        let obs = match ctx.instances.observe(name).await {
+        let powered_off = std::mem::take(&mut mem.powered_off);
+        // Boxed: a worker sleeps far longer than it steps, and its task
+        // would otherwise hold room for the largest step's state for good.
+        let obs = match Box::pin(ctx.instances.observe_after(name, powered_off)).await {
             Ok(o) => o,
             Err(e) => {
                 mem.failures += 1;
@@ -314,10 +320,11 @@ async fn reconcile_pass(name: &str, ctx: &Ctx, mem: &mut Memory, stop: &watch::R
         }
         tracing::info!(instance = name, from = %obs.state, step = %step, "reconcile step");
         mem.acted = true;
-        match ctx.instances.execute(name, &step, spec.as_ref(), &obs).await {
+        match Box::pin(ctx.instances.execute(name, &step, spec.as_ref(), &obs)).await {
             Ok(()) => {
                 mem.failures = 0;
                 mem.not_before = None;
+                mem.powered_off = step == Step::PowerOff;
             }
             Err(e) => {
                 mem.failures += 1;
