@@ -14,7 +14,7 @@ use super::names::check_ifname;
 use super::NetworkError;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
@@ -39,6 +39,49 @@ fn kind_of(link: &LinkMessage) -> Option<&InfoKind> {
         }),
         _ => None,
     })
+}
+
+/// What the kernel says about a guest's TAP, as far as its health goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapFacts {
+    /// A port of the guest bridge.
+    pub on_bridge: bool,
+    /// Administratively up.
+    pub up: bool,
+    /// Has carrier: a process (the VMM) holds a descriptor attached to it.
+    /// A persistent TAP nobody has open has none.
+    pub carrier: bool,
+}
+
+/// The health of a running guest's TAP, decided from what was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapHealth {
+    /// Present, on the bridge, up and held by the VMM.
+    Fine,
+    /// Held by the VMM but off the bridge or down: `ensure_tap` fixes it in
+    /// place and the guest's traffic flows again.
+    Misplaced,
+    /// No TAP of that name: it was deleted while the VMM ran.
+    Missing,
+    /// A TAP of that name that no VMM holds: a new device made after the
+    /// one the VMM opened was deleted. The VMM's descriptor stays bound to
+    /// the deleted device, so this one carries nothing for the guest.
+    Orphaned,
+}
+
+/// The pure half of the health check: what `facts` (`None`: no such
+/// link) mean for a guest whose VMM should be holding the TAP.
+pub fn tap_health(facts: Option<TapFacts>) -> TapHealth {
+    match facts {
+        None => TapHealth::Missing,
+        Some(TapFacts { carrier: false, .. }) => TapHealth::Orphaned,
+        Some(TapFacts { on_bridge: true, up: true, carrier: true }) => TapHealth::Fine,
+        Some(TapFacts { on_bridge: false, .. } | TapFacts { up: false, .. }) => TapHealth::Misplaced,
+    }
+}
+
+fn carrier_of(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| matches!(a, LinkAttribute::Carrier(c) if *c != 0))
 }
 
 fn controller_of(link: &LinkMessage) -> Option<u32> {
@@ -162,6 +205,23 @@ impl HostNetwork {
             .map_err(Self::netlink("bring up", name))
     }
 
+    /// What the kernel says about the TAP `name` (`None`: there is none),
+    /// for [`tap_health`]. An interface of that name that is not a TAP is
+    /// an error.
+    pub async fn tap_facts(&self, name: &str, bridge_index: u32) -> Result<Option<TapFacts>, NetworkError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(None);
+        };
+        if kind_of(&link) != Some(&InfoKind::Tun) {
+            return Err(NetworkError::WrongKind { interface: name.to_string(), expected: "TAP" });
+        }
+        Ok(Some(TapFacts {
+            on_bridge: controller_of(&link) == Some(bridge_index),
+            up: link.header.flags.contains(LinkFlags::Up),
+            carrier: carrier_of(&link),
+        }))
+    }
+
     /// Removes the TAP `name`; `false` when there was none. Refuses to
     /// remove an interface of that name that is not a TAP.
     pub async fn delete_tap(&self, name: &str) -> Result<bool, NetworkError> {
@@ -196,6 +256,16 @@ nix::ioctl_write_int_bad!(
 
 /// `ip tuntap add NAME mode tap vnet_hdr`, without the `ip`.
 fn create_persistent_tap(name: &str) -> Result<(), NetworkError> {
+    let tun = open_tap(name)?;
+    // SAFETY: the fd is attached to the new TAP; the argument is a plain int.
+    unsafe { tun_set_persist(tun.as_raw_fd(), 1) }
+        .map_err(|e| NetworkError::Tap { op: "make persistent", tap: name.to_string(), source: e.into() })?;
+    Ok(())
+}
+
+/// A descriptor attached to the TAP `name` (made if missing, gone again
+/// with the descriptor unless made persistent), as a VMM holds one.
+fn open_tap(name: &str) -> Result<std::fs::File, NetworkError> {
     check_ifname(name)?;
     let err = |op: &'static str| {
         let tap = name.to_string();
@@ -214,9 +284,7 @@ fn create_persistent_tap(name: &str) -> Result<(), NetworkError> {
     req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
     // SAFETY: the fd is open for the call and `req` is the ifreq it reads.
     unsafe { tun_set_iff(tun.as_raw_fd(), &req) }.map_err(|e| err("create")(e.into()))?;
-    // SAFETY: the fd is attached to the new TAP; the argument is a plain int.
-    unsafe { tun_set_persist(tun.as_raw_fd(), 1) }.map_err(|e| err("make persistent")(e.into()))?;
-    Ok(())
+    Ok(tun)
 }
 
 #[cfg(test)]
@@ -290,6 +358,58 @@ mod tests {
         });
         if ran.is_none() {
             eprintln!("bridge_and_tap_are_made_once_reused_and_removed did not run");
+        }
+    }
+
+    #[test]
+    fn the_health_of_a_tap_follows_from_its_facts() {
+        let facts = |on_bridge, up, carrier| Some(TapFacts { on_bridge, up, carrier });
+        assert_eq!(tap_health(None), TapHealth::Missing);
+        assert_eq!(tap_health(facts(true, true, true)), TapHealth::Fine);
+        assert_eq!(tap_health(facts(false, true, true)), TapHealth::Misplaced);
+        assert_eq!(tap_health(facts(true, false, true)), TapHealth::Misplaced);
+        assert_eq!(tap_health(facts(false, false, true)), TapHealth::Misplaced);
+        for (on_bridge, up) in [(true, true), (true, false), (false, true), (false, false)] {
+            assert_eq!(tap_health(facts(on_bridge, up, false)), TapHealth::Orphaned, "{on_bridge} {up}");
+        }
+    }
+
+    /// What the daemon's health check relies on, against the real kernel:
+    /// a TAP a VMM holds has carrier; deleting it leaves the VMM's
+    /// descriptor bound to the dead device, and a TAP made again under the
+    /// same name is a different device that descriptor never reaches.
+    #[test]
+    fn a_deleted_tap_made_again_is_not_the_one_the_vmm_holds() {
+        let ran = in_private_netns(|| {
+            Box::pin(async {
+                use std::io::Write;
+                let subnet: Subnet = "10.56.0.0/24".parse().unwrap();
+                let net = HostNetwork::connect().unwrap();
+                let bridge = net.ensure_bridge("hbtest1", &subnet).await.unwrap();
+                let tap = "hmtesttap000002";
+                net.ensure_tap(tap, bridge).await.unwrap();
+                let health = || async { tap_health(net.tap_facts(tap, bridge).await.unwrap()) };
+                assert_eq!(health().await, TapHealth::Orphaned, "nobody holds it yet");
+
+                let mut vmm = open_tap(tap).unwrap();
+                assert_eq!(health().await, TapHealth::Fine);
+                let index = net.link(tap).await.unwrap().unwrap().header.index;
+                net.handle.link().set(LinkUnspec::new_with_index(index).down().build()).execute().await.unwrap();
+                assert_eq!(health().await, TapHealth::Misplaced);
+                net.ensure_tap(tap, bridge).await.unwrap();
+                assert_eq!(health().await, TapHealth::Fine, "fixed in place, still held");
+
+                net.delete_tap(tap).await.unwrap();
+                assert_eq!(health().await, TapHealth::Missing);
+                net.ensure_tap(tap, bridge).await.unwrap();
+                assert_eq!(health().await, TapHealth::Orphaned, "the VMM's descriptor does not reach the new TAP");
+                // A virtio-net frame header and a minimal Ethernet frame.
+                let err = vmm.write_all(&[0u8; 12 + 60]).unwrap_err();
+                assert_eq!(err.raw_os_error(), Some(libc::EBADFD), "bound to the deleted device: {err}");
+            })
+        });
+        if ran.is_none() {
+            eprintln!("a_deleted_tap_made_again_is_not_the_one_the_vmm_holds did not run");
         }
     }
 }
