@@ -5,7 +5,7 @@ use hypeman::daemon::{self, DaemonConfig};
 use hypeman::declaration::spec::HypervisorKind;
 use hypeman::hypervisor::fake::{FakeHypervisor, Fault, Op};
 use hypeman::hypervisor::Backends;
-use hypeman::instances::provision::FakeProvisioner;
+use hypeman::instances::provision::{FakeProvisioner, ProvisionError, Provisioner};
 use hypeman::instances::Instances;
 use hypeman::settings::Settings;
 use hypeman::state::VmState;
@@ -21,6 +21,7 @@ struct Env {
     config_dir: PathBuf,
     settings: Arc<Settings>,
     fake: FakeHypervisor,
+    provisioner: Arc<dyn Provisioner>,
     daemon: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -45,6 +46,7 @@ impl Env {
             config_dir,
             settings: Arc::new(settings),
             fake: FakeHypervisor::new(HypervisorKind::Qemu),
+            provisioner: Arc::new(FakeProvisioner),
             daemon: None,
         }
     }
@@ -59,7 +61,7 @@ impl Env {
             config_dir: self.config_dir.clone(),
             settings: self.settings.clone(),
             backends: self.backends(),
-            provisioner: Arc::new(FakeProvisioner),
+            provisioner: self.provisioner.clone(),
             handle_sighup: false,
         };
         let task = tokio::spawn(async move {
@@ -833,5 +835,71 @@ async fn no_address_is_leased_while_a_guest_record_is_unreadable() {
     std::fs::remove_dir(&stray).unwrap();
     env.wait_for("net", VmState::Running).await;
     assert!(lease_of(&env, "net").is_some());
+    env.stop().await;
+}
+
+/// The host side of a guest network as the health check sees it, with a
+/// switch for the test to delete the TAP behind the daemon's back. A VMM
+/// started afterwards (a create or restore runs `prepare`) opens the TAP
+/// made again, as a real one would.
+struct DeletableTap {
+    deleted: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Provisioner for DeletableTap {
+    async fn prepare(
+        &self,
+        spec: &hypeman::declaration::spec::InstanceSpec,
+        guest: &hypeman::store::GuestPaths,
+        meta: &hypeman::store::Metadata,
+    ) -> Result<hypeman::hypervisor::VmConfig, ProvisionError> {
+        self.deleted.store(false, std::sync::atomic::Ordering::SeqCst);
+        FakeProvisioner.prepare(spec, guest, meta).await
+    }
+
+    async fn check_network(
+        &self,
+        meta: &hypeman::store::Metadata,
+    ) -> Result<Option<hypeman::network::host::TapHealth>, ProvisionError> {
+        use hypeman::network::host::TapHealth;
+        let deleted = self.deleted.load(std::sync::atomic::Ordering::SeqCst);
+        Ok(meta.network.as_ref().map(|_| if deleted { TapHealth::Missing } else { TapHealth::Fine }))
+    }
+}
+
+/// A running guest whose TAP is deleted goes through standby and back,
+/// which reconnects it, and its log says why; it is not rebooted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_whose_tap_was_deleted_is_reconnected_by_a_standby_restore_cycle() {
+    let mut env = Env::new();
+    let tap = Arc::new(DeletableTap { deleted: false.into() });
+    env.provisioner = tap.clone();
+    env.start();
+    env.write("web", &networked("running"));
+    env.wait_for("web", VmState::Running).await;
+    // Health checks of a healthy guest do nothing.
+    tokio::time::sleep(env.settings.reconcile.health_interval * 4).await;
+    assert_eq!(env.fake.calls().iter().filter(|op| **op == Op::Pause).count(), 0);
+
+    tap.deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(env.fake.wait_for_calls(Op::Restore, 1, WAIT).await, "restored");
+    env.wait_for("web", VmState::Running).await;
+    let ops: Vec<Op> = env
+        .fake
+        .calls()
+        .into_iter()
+        .filter(|op| matches!(op, Op::Create | Op::Boot | Op::Pause | Op::Snapshot | Op::Restore | Op::Resume | Op::PowerOff))
+        .collect();
+    assert_eq!(ops, vec![Op::Create, Op::Boot, Op::Pause, Op::Snapshot, Op::Restore, Op::Resume]);
+    let log = hypeman_log(&env, "web");
+    let lost = log.lines().filter(|l| l.contains("the guest lost its network")).count();
+    assert_eq!(lost, 1, "said once: {log}");
+    assert!(log.contains("a standby/restore cycle reconnects the guest"), "{log}");
+    assert!(log.contains("restore from standby: done"), "{log}");
+    // Healthy again: the stale snapshot goes and nothing more happens.
+    tokio::time::sleep(env.settings.reconcile.health_interval * 4).await;
+    assert_eq!(env.fake.calls().iter().filter(|op| **op == Op::Restore).count(), 1);
+    assert!(!env.instances().observe("web").await.unwrap().has_snapshot());
     env.stop().await;
 }

@@ -51,6 +51,7 @@ pub(crate) async fn look(ctx: &Context, name: &str, listed: Option<&Metadata>) -
                 vmm: None,
                 unreachable: None,
                 ended: None,
+                network_lost: false,
             };
             (observation, Some(error_chain(&e)))
         }

@@ -16,7 +16,7 @@ use crate::settings::Settings;
 use crate::store::{GuestPaths, Metadata};
 use async_trait::async_trait;
 use crate::hypervisor::NetConfig;
-use crate::network::host::HostNetwork;
+use crate::network::host::{tap_health, HostNetwork, TapHealth};
 use crate::settings::NetworkSettings;
 use crate::store::NetworkLease;
 use hypeman_init::config::{
@@ -235,6 +235,22 @@ impl Provisioner for ImageProvisioner {
             HostNetwork::connect()?.delete_tap(&lease.tap).await?;
         }
         Ok(())
+    }
+
+    async fn check_network(&self, meta: &Metadata) -> Result<Option<TapHealth>, ProvisionError> {
+        let Some(lease) = &meta.network else {
+            return Ok(None);
+        };
+        let host = HostNetwork::connect()?;
+        // A deleted bridge comes back too; its TAPs fell off it and are
+        // put back on below.
+        let bridge = host.ensure_bridge(&self.settings.network.bridge, &self.settings.network.subnet).await?;
+        let health = tap_health(host.tap_facts(&lease.tap, bridge).await?);
+        match health {
+            TapHealth::Fine => {}
+            TapHealth::Misplaced | TapHealth::Missing | TapHealth::Orphaned => host.ensure_tap(&lease.tap, bridge).await?,
+        }
+        Ok(Some(health))
     }
 }
 

@@ -18,6 +18,9 @@
 //! when the guest is stopped (`StopVmm` without a snapshot,
 //! `DiscardSnapshot`) or removed. A guest whose VMM ended on its own keeps
 //! an idle TAP until it is started again (which reuses it) or removed.
+//! `observe` of a live VM checks its TAP through the provisioner, which puts
+//! back what it can; a TAP its VMM no longer holds is reported as
+//! `network_lost`, for the planner to reconnect the guest.
 
 pub mod image_provisioner;
 pub mod provision;
@@ -25,6 +28,7 @@ pub mod provision;
 use crate::declaration::spec::{DesiredState, HypervisorKind, InstanceSpec};
 use crate::hypervisor::{Backends, GuestVmm, Hypervisor, HypervisorError, Probe, VmInfo, VmmHandle};
 use crate::logs::InstanceLog;
+use crate::network::host::TapHealth;
 use crate::network::ipam::LeaseIndex;
 use crate::exit::GuestEnd;
 use crate::reconcile::plan::{Observed, Step};
@@ -78,6 +82,9 @@ pub struct Observation {
     /// How the guest ended, when it ended without the daemon asking and
     /// nothing has dealt with that yet (see `Observed::ended`).
     pub ended: Option<GuestEnd>,
+    /// The live VM's TAP is not the one its VMM holds any more (see
+    /// `Observed::network_lost`).
+    pub network_lost: bool,
 }
 
 impl Observation {
@@ -94,6 +101,7 @@ impl Observation {
             applied: self.meta.as_ref().and_then(|m| m.applied.clone()),
             not_before,
             ended: self.ended,
+            network_lost: self.network_lost,
             exited: self.meta.as_ref().and_then(|m| m.exited.as_ref()).map(|e| (e.end, e.applied.clone())),
         }
     }
@@ -110,6 +118,24 @@ fn ended_by_itself(state: VmState, vmm_on_record: bool, powered_off: bool) -> bo
         VmState::Stopped => vmm_on_record,
         VmState::Shutdown => !powered_off,
         VmState::Created | VmState::Running | VmState::Paused | VmState::Standby | VmState::Unknown => false,
+    }
+}
+
+/// Whether a VM in `state` has a VMM that holds its TAP open: the TAP is
+/// opened when the VM is made (QEMU, a restore) or booted (Cloud
+/// Hypervisor), so a just-created VM is not checked.
+fn holds_tap(state: VmState) -> bool {
+    match state {
+        VmState::Running | VmState::Paused => true,
+        VmState::Created | VmState::Shutdown | VmState::Stopped | VmState::Standby | VmState::Unknown => false,
+    }
+}
+
+/// Whether a TAP in this health leaves the guest without its network.
+fn lost(health: TapHealth) -> bool {
+    match health {
+        TapHealth::Fine | TapHealth::Misplaced => false,
+        TapHealth::Missing | TapHealth::Orphaned => true,
     }
 }
 
@@ -193,7 +219,15 @@ impl Instances {
     /// guest for one that ended by itself (`init was asked to stop`).
     pub async fn observe_after(&self, name: &str, powered_off: bool) -> Result<Observation, InstanceError> {
         let Some(meta) = self.store.find_by_name(name)? else {
-            return Ok(Observation { meta: None, state: VmState::Stopped, snapshot: None, vmm: None, unreachable: None, ended: None });
+            return Ok(Observation {
+                meta: None,
+                state: VmState::Stopped,
+                snapshot: None,
+                vmm: None,
+                unreachable: None,
+                ended: None,
+                network_lost: false,
+            });
         };
         let snapshot = self.store.snapshot(meta.id)?;
         let backend = self.backend(meta.hypervisor)?;
@@ -209,7 +243,39 @@ impl Instances {
         } else {
             None
         };
-        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended })
+        let network_lost = holds_tap(state) && self.check_network(&meta, state).await;
+        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, network_lost })
+    }
+
+    /// The network half of the health check of a live VM: puts its TAP
+    /// back on the host side and says whether the guest lost its network
+    /// (its VMM holds a deleted TAP). A failed check is logged and taken as
+    /// no loss: a netlink hiccup must not cycle a guest.
+    async fn check_network(&self, meta: &Metadata, state: VmState) -> bool {
+        let health = match self.provisioner.check_network(meta).await {
+            Ok(Some(health)) => health,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::warn!(instance = %meta.name, error = %error_chain(&e), "cannot check the guest's TAP");
+                return false;
+            }
+        };
+        let tap = meta.network.as_ref().map(|l| l.tap.as_str()).unwrap_or("?");
+        let line = match health {
+            TapHealth::Fine => return false,
+            TapHealth::Misplaced => format!("TAP {tap} was off the bridge or down; put it back"),
+            // Said once, when first seen: the cycle that follows passes
+            // through Paused and looks again there.
+            TapHealth::Missing | TapHealth::Orphaned if state == VmState::Running => format!(
+                "the guest lost its network: TAP {tap} was deleted while the VM ran; it is made again, and a standby/restore cycle reconnects the guest"
+            ),
+            TapHealth::Missing | TapHealth::Orphaned => return true,
+        };
+        tracing::warn!(instance = %meta.name, "{line}");
+        if let Ok(log) = InstanceLog::open(&self.store.guest_paths(meta.id).hypeman_log) {
+            let _ = log.append(&line);
+        }
+        lost(health)
     }
 
     /// How the latest boot ended, from the tail of the console log.

@@ -11,6 +11,7 @@
 
 use crate::declaration::spec::InstanceSpec;
 use crate::hypervisor::VmConfig;
+use crate::network::host::TapHealth;
 use crate::store::{GuestPaths, Metadata};
 use async_trait::async_trait;
 
@@ -61,6 +62,16 @@ pub trait Provisioner: Send + Sync + 'static {
     async fn release(&self, meta: &Metadata) -> Result<(), ProvisionError> {
         let _ = meta;
         Ok(())
+    }
+
+    /// The health check of a guest whose VMM is live: how its TAP looked
+    /// (`None`: the guest has no network here), after putting back
+    /// whatever can be put back on the host side (a TAP made again, put on
+    /// the bridge, brought up). Whether the guest itself is reconnected is
+    /// the caller's to judge from the health. The default has no network.
+    async fn check_network(&self, meta: &Metadata) -> Result<Option<TapHealth>, ProvisionError> {
+        let _ = meta;
+        Ok(None)
     }
 }
 

@@ -40,6 +40,10 @@ pub struct Observed {
     /// with it yet: its VMM is gone but still on record (`Stopped`), or it
     /// powered off inside a live VMM (`Shutdown`).
     pub ended: Option<GuestEnd>,
+    /// The live VM's TAP was deleted behind the daemon's back: its VMM
+    /// holds a dead device, and only a VMM that opens the TAP again (a
+    /// restore, or a new boot) gives the guest its network back.
+    pub network_lost: bool,
     /// The recorded ending (see `Metadata::exited`) and the restart fields
     /// the ended VM ran with.
     pub exited: Option<(GuestEnd, Option<serde_json::Value>)>,
@@ -215,8 +219,12 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         (DesiredState::Running, Created) if stale => Step::PowerOff,
         (DesiredState::Running, Created) => Step::Boot,
         (DesiredState::Running, Running) if stale => Step::PowerOff,
+        // A lost network is repaired by a standby/restore cycle: the
+        // restored VMM opens the TAP anew, and the guest keeps its state.
+        (DesiredState::Running, Running) if observed.network_lost => Step::Pause,
         (DesiredState::Running, Running) if observed.has_snapshot => Step::DropStaleSnapshot,
         (DesiredState::Running, Running) => Step::Converged,
+        (DesiredState::Running, Paused) if observed.network_lost => Step::Snapshot,
         (DesiredState::Running, Paused) => Step::Resume,
         (DesiredState::Running, Shutdown) => Step::StopVmm,
         (DesiredState::Running, Standby) if stale => Step::DiscardSnapshot,
@@ -265,6 +273,7 @@ mod tests {
             applied: Some(json!({"memory": 1})),
             not_before: None,
             ended: None,
+            network_lost: false,
             exited: None,
         }
     }
@@ -483,5 +492,27 @@ mod tests {
         assert_eq!(walk(&present(DesiredState::Stopped), held.clone()), vec![Step::ForgetExit]);
         let forgotten = Observed { exited: None, ..held };
         assert_eq!(walk(&running_with(RestartPolicy::Never), forgotten), vec![Step::Create, Step::Boot]);
+    }
+
+    #[test]
+    fn a_lost_network_is_repaired_by_a_standby_restore_cycle_only_when_wanted_running() {
+        let lost = |state| Observed { network_lost: true, ..observed(state) };
+        let running = present(DesiredState::Running);
+        assert_eq!(plan(&running, &lost(Running), Instant::now()), Step::Pause);
+        assert_eq!(plan(&running, &lost(Paused), Instant::now()), Step::Snapshot);
+        // The restored VMM opened the TAP again: the usual path back.
+        assert_eq!(walk(&running, observed(Standby)), vec![Step::Restore, Step::Resume, Step::DropStaleSnapshot]);
+        // A change of declaration is a restart, which reconnects as well.
+        let stale = Observed { applied: Some(json!({"memory": 2})), ..lost(Running) };
+        assert_eq!(plan(&running, &stale, Instant::now()), Step::PowerOff);
+        // Going to standby or stopped anyway: no detour.
+        assert_eq!(plan(&present(DesiredState::Standby), &lost(Running), Instant::now()), Step::Pause);
+        assert_eq!(plan(&present(DesiredState::Standby), &lost(Paused), Instant::now()), Step::Snapshot);
+        assert_eq!(plan(&present(DesiredState::Stopped), &lost(Running), Instant::now()), Step::PowerOff);
+        assert_eq!(plan(&Desired::Absent, &lost(Running), Instant::now()), Step::PowerOff);
+        // Backing off still waits.
+        let later = Instant::now() + Duration::from_secs(5);
+        let waiting = Observed { not_before: Some(later), ..lost(Running) };
+        assert_eq!(plan(&running, &waiting, Instant::now()), Step::WaitUntil(later));
     }
 }
