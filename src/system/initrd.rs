@@ -6,6 +6,7 @@
 //! different kernel release or a rebuilt module gives a new key and a new
 //! initrd, and an unchanged setup is found again without writing anything.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -151,6 +152,71 @@ pub fn build_initrd(
     Ok(contents.summary(out.to_path_buf(), hash, true))
 }
 
+/// The cache directory, one `<hash>/initrd.cpio` entry per set of inputs.
+fn cache_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("system/initrd")
+}
+
+/// Entries being pruned are renamed to this prefix first: a name
+/// `cached_initrd` never looks up, so a crash halfway through a removal
+/// leaves nothing that could be booted, only something to sweep.
+const PRUNING_PREFIX: &str = ".pruning-";
+
+/// The key the initrd for these inputs has (or would have) in the cache.
+pub fn initrd_hash(init_binary: &Path, modules_dir: Option<&Path>) -> Result<String, SystemError> {
+    Ok(Contents::gather(init_binary, modules_dir)?.hash())
+}
+
+/// The cache key of `path` when it is an initrd of the cache under
+/// `data_dir` (as launch records name them), else `None`.
+pub fn cached_initrd_hash(data_dir: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(cache_dir(data_dir)).ok()?;
+    let mut parts = rel.components();
+    let hash = parts.next()?.as_os_str().to_str()?;
+    (!hash.starts_with('.')).then(|| hash.to_string())
+}
+
+/// Which entries of the cache (directory names) go: every entry not in
+/// `keep`, and the leftovers of removals a crash cut short.
+fn prunable<'a>(entries: &'a [String], keep: &BTreeSet<String>) -> Vec<&'a String> {
+    entries.iter().filter(|name| name.starts_with(PRUNING_PREFIX) || !keep.contains(*name)).collect()
+}
+
+/// Removes every cached initrd whose key is not in `keep`; returns the keys
+/// removed. Each entry is renamed out of the way first and then deleted,
+/// so it is either whole under its key or gone from it.
+pub fn prune_initrds(data_dir: &Path, keep: &BTreeSet<String>) -> Result<Vec<String>, SystemError> {
+    let dir = cache_dir(data_dir);
+    let listing = match std::fs::read_dir(&dir) {
+        Ok(listing) => listing,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SystemError::io("list", &dir, e)),
+    };
+    let mut entries = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| SystemError::io("list", &dir, e))?;
+        // Names that are not UTF-8 are not ours.
+        if let Ok(name) = entry.file_name().into_string() {
+            entries.push(name);
+        }
+    }
+    let mut removed = Vec::new();
+    for name in prunable(&entries, keep) {
+        let doomed = match name.strip_prefix(PRUNING_PREFIX) {
+            Some(_) => dir.join(name),
+            None => {
+                let doomed = dir.join(format!("{PRUNING_PREFIX}{name}"));
+                let from = dir.join(name);
+                std::fs::rename(&from, &doomed).map_err(|e| SystemError::io("move aside", &from, e))?;
+                removed.push(name.clone());
+                doomed
+            }
+        };
+        std::fs::remove_dir_all(&doomed).map_err(|e| SystemError::io("remove", &doomed, e))?;
+    }
+    Ok(removed)
+}
+
 /// The initrd under `<data_dir>/system/initrd/<hash>/initrd.cpio`, built
 /// only if no initrd with the same contents exists yet.
 pub fn cached_initrd(
@@ -160,7 +226,7 @@ pub fn cached_initrd(
 ) -> Result<Initrd, SystemError> {
     let contents = Contents::gather(init_binary, modules_dir)?;
     let hash = contents.hash();
-    let dir = data_dir.join("system/initrd").join(&hash);
+    let dir = cache_dir(data_dir).join(&hash);
     let path = dir.join("initrd.cpio");
     if path.is_file() {
         return Ok(contents.summary(path, hash, false));
@@ -357,5 +423,49 @@ mod tests {
             err.to_string(),
             format!("cannot read {}", tmp.path().join("nope").display())
         );
+    }
+
+    #[test]
+    fn pruning_keeps_what_is_kept_and_sweeps_cut_short_removals() {
+        let keep: BTreeSet<String> = ["aa".to_string()].into();
+        let entries: Vec<String> = ["aa", "bb", ".pruning-cc", ".pruning-aa"].map(String::from).into();
+        assert_eq!(prunable(&entries, &keep), ["bb", ".pruning-cc", ".pruning-aa"]);
+        assert!(prunable(&[], &keep).is_empty());
+    }
+
+    #[test]
+    fn old_initrds_are_pruned_and_kept_ones_still_served() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        assert!(prune_initrds(&data, &BTreeSet::new()).expect("no cache yet").is_empty());
+        let init = tmp.path().join("hypeman-init");
+        std::fs::write(&init, b"init v1").expect("write");
+        let old = cached_initrd(&data, &init, None).expect("v1");
+        std::fs::write(&init, b"init v2").expect("rewrite");
+        let snapshotted = cached_initrd(&data, &init, None).expect("v2");
+        std::fs::write(&init, b"init v3").expect("rewrite");
+        let current = cached_initrd(&data, &init, None).expect("v3");
+        assert_eq!(initrd_hash(&init, None).expect("hash"), current.hash);
+        assert_eq!(cached_initrd_hash(&data, &snapshotted.path), Some(snapshotted.hash.clone()));
+        assert_eq!(cached_initrd_hash(&data, Path::new("/boot/initrd.img")), None);
+        // A removal a crash cut short.
+        let cut_short = data.join("system/initrd/.pruning-0123");
+        std::fs::create_dir_all(&cut_short).expect("mkdir");
+        std::fs::write(cut_short.join("initrd.cpio"), b"half").expect("write");
+
+        let keep: BTreeSet<String> = [current.hash.clone(), snapshotted.hash.clone()].into();
+        assert_eq!(prune_initrds(&data, &keep).expect("prune"), [old.hash.clone()]);
+        assert!(!old.path.exists() && !cut_short.exists());
+        assert!(snapshotted.path.is_file() && current.path.is_file());
+        let mut left: Vec<_> = std::fs::read_dir(data.join("system/initrd"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        left.sort();
+        let mut want = vec![current.hash.clone(), snapshotted.hash.clone()];
+        want.sort();
+        assert_eq!(left, want);
+        assert!(!cached_initrd(&data, &init, None).expect("v3 again").built, "the current one is still served");
+        assert!(prune_initrds(&data, &keep).expect("again").is_empty(), "nothing more to do");
     }
 }

@@ -14,7 +14,7 @@ mod tsc;
 use std::path::PathBuf;
 
 pub use cpio::CpioWriter;
-pub use initrd::{build_initrd, cached_initrd, Initrd};
+pub use initrd::{build_initrd, cached_initrd, cached_initrd_hash, initrd_hash, prune_initrds, Initrd};
 pub use modules::{kernel_release, ModuleTree, GUEST_MODULES};
 pub use tsc::{host_tsc_khz, tsc_khz_from_cpuinfo};
 
