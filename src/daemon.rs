@@ -117,6 +117,11 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
     let _watcher = Watcher::start(dir.clone(), tx.clone())?;
     let _sighup = if cfg.handle_sighup { Some(watch::spawn_sighup(tx.clone())?) } else { None };
     let instances = Arc::new(Instances::new(store.clone(), cfg.backends, cfg.settings.clone(), cfg.provisioner));
+    // Before any worker, so no `prepare` runs meanwhile. Caches that change
+    // only when the daemon is upgraded or reconfigured, which restarts it.
+    if let Err(e) = instances.prune_caches().await {
+        tracing::warn!(error = %crate::instances::error_chain(&e), "cannot prune the caches; they are left as they are");
+    }
     let mut reconciler = Reconciler::new(instances, dir.clone());
     reconciler.nudge_all();
     tracing::info!(

@@ -35,6 +35,27 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, LaunchError> {
     serde_json::from_slice(&bytes).map_err(|source| LaunchError::Parse { path: path.to_path_buf(), source })
 }
 
+/// The initrd a launch record names, whichever backend wrote it (both keep
+/// the launch config under `config`); `None` when there is no record or it
+/// names none.
+pub fn recorded_initrd(path: &Path) -> Result<Option<PathBuf>, LaunchError> {
+    // Lenient on purpose: only the one field matters here, and a record of
+    // any version that has it must count.
+    #[derive(serde::Deserialize)]
+    struct Record {
+        config: Config,
+    }
+    #[derive(serde::Deserialize)]
+    struct Config {
+        initrd: Option<PathBuf>,
+    }
+    match read::<Record>(path) {
+        Ok(record) => Ok(record.config.initrd),
+        Err(LaunchError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Temp file, fsync, rename: a crash leaves the old record or the new.
 pub fn write<T: Serialize>(path: &Path, record: &T) -> Result<(), LaunchError> {
     let err = |source| LaunchError::Write { path: path.to_path_buf(), source };
@@ -43,4 +64,26 @@ pub fn write<T: Serialize>(path: &Path, record: &T) -> Result<(), LaunchError> {
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     f.write_all(&json).and_then(|()| f.sync_all()).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_initrd_of_a_record_of_either_backend() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut config = crate::hypervisor::conformance::bare_config();
+        config.initrd = Some("/data/system/initrd/ab/initrd.cpio".into());
+        let qemu = crate::hypervisor::qemu::LaunchRecord { version: 1, config: config.clone(), argv: vec!["-m".into()] };
+        let ch = crate::hypervisor::cloud_hypervisor::LaunchRecord { version: 1, config: config.clone() };
+        write(&tmp.path().join("launch.json"), &qemu).unwrap();
+        write(&tmp.path().join("ch-launch.json"), &ch).unwrap();
+        for file in ["launch.json", "ch-launch.json"] {
+            assert_eq!(recorded_initrd(&tmp.path().join(file)).unwrap(), config.initrd, "{file}");
+        }
+        assert_eq!(recorded_initrd(&tmp.path().join("none.json")).unwrap(), None);
+        std::fs::write(tmp.path().join("bad.json"), b"{}").unwrap();
+        assert!(matches!(recorded_initrd(&tmp.path().join("bad.json")), Err(LaunchError::Parse { .. })));
+    }
 }

@@ -237,6 +237,27 @@ impl Provisioner for ImageProvisioner {
         Ok(())
     }
 
+    async fn prune_cache(&self, in_use: &[PathBuf]) -> Result<(), ProvisionError> {
+        let data_dir = self.settings.data_dir.clone();
+        let init = self.init_binary.clone();
+        let modules = self.settings.guest.modules_dir.clone();
+        let in_use = in_use.to_vec();
+        let removed = tokio::task::spawn_blocking(move || {
+            let initrd_err = |e: crate::system::SystemError| ProvisionError::Disk { what: "initrd", path: init.clone(), source: e.into() };
+            let current = crate::system::initrd_hash(&init, modules.as_deref()).map_err(initrd_err)?;
+            let mut keep: std::collections::BTreeSet<String> =
+                in_use.iter().filter_map(|p| crate::system::cached_initrd_hash(&data_dir, p)).collect();
+            keep.insert(current);
+            crate::system::prune_initrds(&data_dir, &keep).map_err(initrd_err)
+        })
+        .await
+        .map_err(|e| ProvisionError::Other(format!("pruning task failed: {e}")))??;
+        if !removed.is_empty() {
+            tracing::info!(removed = removed.len(), "pruned initrds no VM or snapshot uses");
+        }
+        Ok(())
+    }
+
     async fn check_network(&self, meta: &Metadata) -> Result<Option<TapHealth>, ProvisionError> {
         let Some(lease) = &meta.network else {
             return Ok(None);
@@ -409,5 +430,31 @@ mod tests {
         assert!(status.success());
         let back = GuestConfig::parse(&std::fs::read(out2.join(CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(back.hostname, "other");
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_current_initrd_and_those_in_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let init = tmp.path().join("hypeman-init");
+        let mut settings = Settings::defaults();
+        settings.data_dir = tmp.path().join("data");
+        settings.guest.init = Some(init.clone());
+        let built = |text: &str| {
+            std::fs::write(&init, text).unwrap();
+            crate::system::cached_initrd(&settings.data_dir, &init, None).unwrap().path
+        };
+        let (old, in_use, current) = (built("v1"), built("v2"), built("v3"));
+        let provisioner = ImageProvisioner::new(Arc::new(settings.clone())).unwrap();
+        provisioner.prune_cache(&[in_use.clone(), "/boot/initrd.img".into()]).await.unwrap();
+        assert!(!old.exists());
+        assert!(in_use.is_file() && current.is_file());
+        // No longer in use: it goes; the current one never does.
+        provisioner.prune_cache(&[]).await.unwrap();
+        assert!(!in_use.exists() && current.is_file());
+        // Without the init binary the current key is unknown: nothing goes.
+        built("v4");
+        std::fs::remove_file(&init).unwrap();
+        assert!(provisioner.prune_cache(&[]).await.is_err());
+        assert!(current.is_file());
     }
 }

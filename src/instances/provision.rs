@@ -73,6 +73,15 @@ pub trait Provisioner: Send + Sync + 'static {
         let _ = meta;
         Ok(None)
     }
+
+    /// Drops what `prepare` cached that neither the current inputs nor any
+    /// of `in_use` (files named by live VMMs' and snapshots' launch records)
+    /// needs. Must not run while a `prepare` is under way. The default
+    /// caches nothing.
+    async fn prune_cache(&self, in_use: &[std::path::PathBuf]) -> Result<(), ProvisionError> {
+        let _ = in_use;
+        Ok(())
+    }
 }
 
 /// The provisioner paired with the fake hypervisor in tests and benchmarks:

@@ -454,7 +454,7 @@ mod tests {
         std::fs::write(cut_short.join("initrd.cpio"), b"half").expect("write");
 
         let keep: BTreeSet<String> = [current.hash.clone(), snapshotted.hash.clone()].into();
-        assert_eq!(prune_initrds(&data, &keep).expect("prune"), [old.hash.clone()]);
+        assert_eq!(prune_initrds(&data, &keep).expect("prune"), [old.hash.as_str()]);
         assert!(!old.path.exists() && !cut_short.exists());
         assert!(snapshotted.path.is_file() && current.path.is_file());
         let mut left: Vec<_> = std::fs::read_dir(data.join("system/initrd"))
