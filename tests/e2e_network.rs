@@ -393,3 +393,56 @@ fn a_volume_is_mounted_and_the_app_writes_to_it() {
     assert_eq!(proof.trim(), "written-by-the-guest");
     w.stop_daemon();
 }
+
+/// A TAP deleted behind the daemon's back while its guest runs: the health
+/// check makes it again and, since the VMM's descriptor stays bound to the
+/// deleted device, reconnects the guest by a standby/restore cycle, not a
+/// reboot. The host reaches the guest's own server again over the new TAP,
+/// and the guest's log says what happened.
+#[test]
+fn a_guest_whose_tap_is_deleted_is_reconnected_without_a_reboot() {
+    let Some((kernel_dir, init)) = support::real_vm("the lost TAP test", &["umoci", "mkfs.erofs", "mkfs.ext4", "ip"]) else {
+        return;
+    };
+    let mut w = World::new(&kernel_dir, &init);
+    w.serve();
+    w.start();
+    let script = guest_script(&format!("http://{GATEWAY}:{HOST_PORT}/ping"), "HOST_SAYS");
+    w.declare("web", "running", &script);
+    w.wait("web", "Running");
+    assert_eq!(w.wait_line("web", "HOST_SAYS"), "HOST_SAYS pong-from-host");
+    let web = w.status("web");
+    let (id, ip) = (web["id"].as_str().unwrap().to_string(), web["ip"].as_str().unwrap().to_string());
+    let tap = format!("hm{}", &id.to_ascii_lowercase()[13..]);
+    let fetch = || w.ns.command("busybox").args(["wget", "-q", "-O", "-", &format!("http://{ip}:{GUEST_PORT}/")]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&fetch().stdout).trim(), "hello-from-web");
+
+    let t = Instant::now();
+    w.ns.ip(&["link", "del", &tap]);
+    let log_path = w.data.join("guests").join(&id).join("logs/hypeman.log");
+    let t0 = Instant::now();
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("drop stale snapshot: done") {
+            break log;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "never restored; hypeman.log:\n{log}\n{}", w.daemon_log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(log.contains(&format!("the guest lost its network: TAP {tap} was deleted")), "{log}");
+    assert_eq!(log.matches("create VM (from").count(), 1, "restored, not booted again:\n{log}");
+    w.wait("web", "Running");
+    let t0 = Instant::now();
+    loop {
+        let out = fetch();
+        if String::from_utf8_lossy(&out.stdout).trim() == "hello-from-web" {
+            break;
+        }
+        assert!(t0.elapsed() < TIMEOUT, "host never reached web again: {}\n{log}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("web: TAP deleted → reached again in {:.2}s", t.elapsed().as_secs_f64());
+    let link = w.ns.ip(&["-o", "link", "show", "dev", &tap]);
+    assert!(link.contains(&format!("master {BRIDGE}")) && link.contains("LOWER_UP"), "on the bridge, held by the VMM: {link}");
+    w.stop_daemon();
+}
