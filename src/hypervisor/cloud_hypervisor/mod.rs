@@ -127,6 +127,16 @@ fn read_launch(path: &Path) -> Result<LaunchRecord, ChError> {
     Ok(launch::read(path)?)
 }
 
+/// The process serving `socket`: the one whose pid `vmm.ping` reports
+/// (when it reports one), else the one whose command line names the socket.
+fn serving_process(ping: &api::VmmPingResponse, socket: &Path) -> Option<ProcessId> {
+    let reported = ping.pid.and_then(|p| u32::try_from(p).ok()).and_then(|pid| {
+        let start_time = process::start_time(pid)?;
+        Some(ProcessId { pid, start_time })
+    });
+    reported.or_else(|| process::find_by_argument(socket))
+}
+
 /// The trait's view of Cloud Hypervisor's states.
 fn vm_state(state: api::VmState) -> Option<VmState> {
     match state {
@@ -269,10 +279,7 @@ impl CloudHypervisorBackend {
                 }
                 tracing::warn!(socket = %guest.socket.display(), "ending an empty VMM left by an unfinished create or restore");
                 let _ = client.vmm_shutdown().await;
-                let held = ping.pid.and_then(|p| u32::try_from(p).ok()).and_then(|pid| {
-                    process::start_time(pid).map(|start_time| ProcessId { pid, start_time })
-                });
-                if let Some(id) = held.or_else(|| process::find_by_argument(&guest.socket)) {
+                if let Some(id) = serving_process(&ping, &guest.socket) {
                     if !process::wait_gone(id, EXIT_TIMEOUT).await {
                         process::kill(id, EXIT_TIMEOUT).await;
                     }
@@ -419,11 +426,7 @@ impl Hypervisor for CloudHypervisorBackend {
             Err(e) if e.is_not_created() => VmState::Shutdown,
             Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
         };
-        let answered = ping.pid.and_then(|p| u32::try_from(p).ok()).and_then(|pid| {
-            let start_time = process::start_time(pid)?;
-            Some(ProcessId { pid, start_time })
-        });
-        let handle = match (recorded, answered.or_else(|| process::find_by_argument(&guest.socket))) {
+        let handle = match (recorded, serving_process(&ping, &guest.socket)) {
             (Some(h), _) => VmmHandle { version: version.or(h.version.clone()), ..h.clone() },
             (None, Some(p)) => VmmHandle { pid: p.pid, pid_start_time: p.start_time, socket: guest.socket.clone(), version },
             (None, None) => {
