@@ -153,10 +153,6 @@ fn backend(op: &'static str) -> impl Fn(QemuError) -> HypervisorError {
     move |e| HypervisorError::Backend { op, source: Box::new(e) }
 }
 
-fn pid_of(vmm: &VmmHandle) -> ProcessId {
-    vmm.process_id()
-}
-
 fn guest_dir(socket: &Path) -> Result<&Path, QemuError> {
     socket.parent().ok_or(QemuError::NoGuestDir)
 }
@@ -191,7 +187,7 @@ impl QemuBackend {
     async fn connect(&self, vmm: &VmmHandle) -> Result<QmpClient, HypervisorError> {
         match QmpClient::connect(&vmm.socket, QMP_TIMEOUT).await {
             Ok(c) => Ok(c),
-            Err(_) if !process::is_alive(pid_of(vmm)) => Err(HypervisorError::VmmGone { pid: vmm.pid }),
+            Err(_) if !process::is_alive(vmm.process_id()) => Err(HypervisorError::VmmGone { pid: vmm.pid }),
             Err(QmpError::Timeout { .. }) => Err(HypervisorError::Timeout { op: "QMP connect", secs: QMP_TIMEOUT.as_secs() }),
             Err(e) => Err(backend("QMP connect")(e.into())),
         }
@@ -213,7 +209,7 @@ impl QemuBackend {
     ) -> Result<Value, HypervisorError> {
         match c.execute(cmd, args).await {
             Ok(v) => Ok(v),
-            Err(_) if !process::is_alive(pid_of(vmm)) => Err(HypervisorError::VmmGone { pid: vmm.pid }),
+            Err(_) if !process::is_alive(vmm.process_id()) => Err(HypervisorError::VmmGone { pid: vmm.pid }),
             Err(QmpError::Timeout { .. }) => Err(HypervisorError::Timeout { op, secs: QMP_TIMEOUT.as_secs() }),
             Err(e) => Err(backend(op)(e.into())),
         }
@@ -343,7 +339,7 @@ impl Hypervisor for QemuBackend {
         let recorded = guest
             .recorded
             .as_ref()
-            .filter(|h| h.socket == guest.socket && process::is_alive(pid_of(h)));
+            .filter(|h| h.socket == guest.socket && process::is_alive(h.process_id()));
         let status = match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
             Ok(mut c) => c.execute("query-status", None).await,
             Err(e) => Err(e),
@@ -351,7 +347,7 @@ impl Hypervisor for QemuBackend {
         let answered = match status {
             Ok(ret) => ret.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
             Err(e) if e.is_not_listening() => {
-                let holder = recorded.map(pid_of).or_else(|| process::find_by_argument(&guest.socket));
+                let holder = recorded.map(VmmHandle::process_id).or_else(|| process::find_by_argument(&guest.socket));
                 return match holder {
                     Some(p) => Probe::Unreachable { reason: format!("QEMU process {} lives but its QMP socket refuses connections", p.pid) },
                     None => {
@@ -406,7 +402,7 @@ impl Hypervisor for QemuBackend {
             Err(e) => Err(e),
         };
         if let Err(e) = checked {
-            self.kill_quietly(pid_of(&handle)).await;
+            self.kill_quietly(handle.process_id()).await;
             return Err(e);
         }
         tracing::info!(pid = handle.pid, accel = self.accel.as_str(), "QEMU created the VM");
@@ -483,7 +479,7 @@ impl Hypervisor for QemuBackend {
         let (handle, mut c) = self.launch(guest, &args, op).await?;
         let launched = started.elapsed();
         if let Err(e) = self.restore_into(&mut c, &handle, dir).await {
-            self.kill_quietly(pid_of(&handle)).await;
+            self.kill_quietly(handle.process_id()).await;
             return Err(e);
         }
         tracing::info!(
@@ -496,7 +492,7 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn shutdown_vmm(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        let id = pid_of(vmm);
+        let id = vmm.process_id();
         let mut c = self.connect(vmm).await?;
         match c.execute("quit", None).await {
             // QEMU may exit before its reply reaches us.
@@ -514,7 +510,7 @@ impl Hypervisor for QemuBackend {
     }
 
     async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        if !process::kill(pid_of(vmm), EXIT_TIMEOUT).await {
+        if !process::kill(vmm.process_id(), EXIT_TIMEOUT).await {
             return Err(HypervisorError::Timeout { op: "kill", secs: EXIT_TIMEOUT.as_secs() });
         }
         let _ = std::fs::remove_file(&vmm.socket);
