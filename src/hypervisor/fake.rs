@@ -347,6 +347,7 @@ impl FakeHypervisor {
     }
 
     fn spawn(&self, guest: &GuestVmm, config: &VmConfig, state: VmState) -> Result<VmmHandle, HypervisorError> {
+        let memory_actual = self.running_memory_bytes(config.memory_bytes, config.hotplug_memory_bytes);
         self.with(|w| {
             if w.vmms.contains_key(&guest.socket) {
                 return Err(HypervisorError::AlreadyRunning { socket: guest.socket.clone() });
@@ -356,13 +357,7 @@ impl FakeHypervisor {
             let pid = w.next_pid;
             w.vmms.insert(
                 guest.socket.clone(),
-                FakeVmm {
-                    pid,
-                    state,
-                    config: config.clone(),
-                    memory_actual: config.memory_bytes + config.hotplug_memory_bytes,
-                    unresponsive: false,
-                },
+                FakeVmm { pid, state, config: config.clone(), memory_actual, unresponsive: false },
             );
             Ok(VmmHandle {
                 pid,
