@@ -19,7 +19,8 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
-/// A netlink connection to the current network namespace.
+/// A netlink connection to the current network namespace; clones share it.
+#[derive(Clone)]
 pub struct HostNetwork {
     handle: Handle,
 }
