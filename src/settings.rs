@@ -566,6 +566,24 @@ fn network(p: &mut Problems<'_>, raw: &RawNetwork) -> NetworkSettings {
     NetworkSettings { bridge, subnet, dns }
 }
 
+/// The size at `key`, at least `min`; `default` when absent or reported.
+fn size(p: &mut Problems<'_>, key: &str, raw: &Option<Spanned<RawQuantity>>, default: ByteSize, min: ByteSize) -> ByteSize {
+    match raw {
+        None => default,
+        Some(s) => match s.get_ref().size() {
+            Ok(bytes) if bytes >= min.0 => ByteSize(bytes),
+            Ok(_) => {
+                p.value(key, s.span(), format!("must be at least {min}"));
+                default
+            }
+            Err(e) => {
+                p.value(key, s.span(), e);
+                default
+            }
+        },
+    }
+}
+
 fn limits(p: &mut Problems<'_>, raw: &RawLimits) -> Limits {
     let defaults = Limits::default();
     let max_vcpus = match &raw.max_vcpus {
@@ -578,36 +596,18 @@ fn limits(p: &mut Problems<'_>, raw: &RawLimits) -> Limits {
             }
         },
     };
-    let mut size =
-        |key: &str, raw: &Option<Spanned<RawQuantity>>, default: ByteSize, min: ByteSize| match raw
-        {
-            None => default,
-            Some(s) => match s.get_ref().size() {
-                Ok(bytes) if bytes >= min.0 => ByteSize(bytes),
-                Ok(_) => {
-                    p.value(
-                        &format!("limits.{key}"),
-                        s.span(),
-                        format!("must be at least {min}"),
-                    );
-                    default
-                }
-                Err(e) => {
-                    p.value(&format!("limits.{key}"), s.span(), e);
-                    default
-                }
-            },
-        };
     Limits {
         max_vcpus,
         max_memory: size(
-            "max_memory",
+            p,
+            "limits.max_memory",
             &raw.max_memory,
             defaults.max_memory,
             MIN_MEMORY,
         ),
         max_overlay_size: size(
-            "max_overlay_size",
+            p,
+            "limits.max_overlay_size",
             &raw.max_overlay_size,
             defaults.max_overlay_size,
             MIN_OVERLAY_SIZE,
@@ -617,20 +617,7 @@ fn limits(p: &mut Problems<'_>, raw: &RawLimits) -> Limits {
 
 fn logs(p: &mut Problems<'_>, raw: &RawLogs) -> LogSettings {
     let defaults = LogSettings::default();
-    let max_size = match &raw.max_size {
-        None => defaults.max_size,
-        Some(s) => match s.get_ref().size() {
-            Ok(bytes) if bytes >= MIN_LOG_SIZE.0 => ByteSize(bytes),
-            Ok(_) => {
-                p.value("logs.max_size", s.span(), format!("must be at least {MIN_LOG_SIZE}"));
-                defaults.max_size
-            }
-            Err(e) => {
-                p.value("logs.max_size", s.span(), e);
-                defaults.max_size
-            }
-        },
-    };
+    let max_size = size(p, "logs.max_size", &raw.max_size, defaults.max_size, MIN_LOG_SIZE);
     let keep = match &raw.keep {
         None => defaults.keep,
         Some(k) => match usize::try_from(k.get_ref().0) {

@@ -17,6 +17,7 @@ use crate::store::{GuestPaths, Metadata};
 use async_trait::async_trait;
 use crate::hypervisor::NetConfig;
 use crate::network::host::{tap_health, HostNetwork, TapHealth};
+use crate::network::NetworkError;
 use crate::settings::NetworkSettings;
 use crate::store::NetworkLease;
 use hypeman_init::config::{
@@ -34,6 +35,10 @@ pub struct ImageProvisioner {
     images: Arc<ImageStore>,
     settings: Arc<Settings>,
     init_binary: PathBuf,
+    /// The netlink connection every network call shares (the health check
+    /// runs on each look at a live guest): opened at the first call, and
+    /// dropped after a failed one so that the next opens a fresh one.
+    host: std::sync::Mutex<Option<HostNetwork>>,
 }
 
 impl ImageProvisioner {
@@ -47,7 +52,47 @@ impl ImageProvisioner {
                 .and_then(|exe| exe.parent().map(|d| d.join("hypeman-init")))
                 .unwrap_or_else(|| PathBuf::from("hypeman-init")),
         };
-        Ok(ImageProvisioner { images: Arc::new(images), settings, init_binary })
+        Ok(ImageProvisioner { images: Arc::new(images), settings, init_binary, host: std::sync::Mutex::new(None) })
+    }
+
+    /// The shared netlink connection, opened if there is none.
+    fn host(&self) -> Result<HostNetwork, NetworkError> {
+        let mut slot = self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*slot {
+            Some(host) => Ok(host.clone()),
+            None => Ok(slot.insert(HostNetwork::connect()?).clone()),
+        }
+    }
+
+    /// Passes `result` on, dropping the shared connection when it failed:
+    /// the failure may have been the connection's.
+    fn settle<T>(&self, result: Result<T, NetworkError>) -> Result<T, NetworkError> {
+        if result.is_err() {
+            *self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+        result
+    }
+
+    /// The bridge, and the TAP `tap` on it: `prepare`'s host side.
+    async fn ensure_tap(&self, tap: &str) -> Result<(), NetworkError> {
+        let host = self.host()?;
+        let bridge = host.ensure_bridge(&self.settings.network.bridge, &self.settings.network.subnet).await?;
+        host.ensure_tap(tap, bridge).await
+    }
+
+    /// `check_network`'s host side: how the TAP `tap` looked, once what can
+    /// be put back is.
+    async fn repair_tap(&self, tap: &str) -> Result<TapHealth, NetworkError> {
+        let host = self.host()?;
+        // A deleted bridge comes back too; its TAPs fell off it and are
+        // put back on below.
+        let bridge = host.ensure_bridge(&self.settings.network.bridge, &self.settings.network.subnet).await?;
+        let health = tap_health(host.tap_facts(tap, bridge).await?);
+        match health {
+            TapHealth::Fine => {}
+            TapHealth::Misplaced | TapHealth::Missing | TapHealth::Orphaned => host.ensure_tap(tap, bridge).await?,
+        }
+        Ok(health)
     }
 }
 
@@ -189,9 +234,7 @@ impl Provisioner for ImageProvisioner {
         .map_err(|e| ProvisionError::Other(format!("provisioning task failed: {e}")))??;
         let net = match lease {
             Some(lease) => {
-                let host = HostNetwork::connect()?;
-                let bridge = host.ensure_bridge(&self.settings.network.bridge, &self.settings.network.subnet).await?;
-                host.ensure_tap(&lease.tap, bridge).await?;
+                self.settle(self.ensure_tap(&lease.tap).await)?;
                 Some(NetConfig {
                     tap: lease.tap.clone(),
                     mac: lease.mac.clone(),
@@ -232,7 +275,7 @@ impl Provisioner for ImageProvisioner {
 
     async fn release(&self, meta: &Metadata) -> Result<(), ProvisionError> {
         if let Some(lease) = &meta.network {
-            HostNetwork::connect()?.delete_tap(&lease.tap).await?;
+            self.settle(async { self.host()?.delete_tap(&lease.tap).await }.await)?;
         }
         Ok(())
     }
@@ -262,16 +305,7 @@ impl Provisioner for ImageProvisioner {
         let Some(lease) = &meta.network else {
             return Ok(None);
         };
-        let host = HostNetwork::connect()?;
-        // A deleted bridge comes back too; its TAPs fell off it and are
-        // put back on below.
-        let bridge = host.ensure_bridge(&self.settings.network.bridge, &self.settings.network.subnet).await?;
-        let health = tap_health(host.tap_facts(&lease.tap, bridge).await?);
-        match health {
-            TapHealth::Fine => {}
-            TapHealth::Misplaced | TapHealth::Missing | TapHealth::Orphaned => host.ensure_tap(&lease.tap, bridge).await?,
-        }
-        Ok(Some(health))
+        Ok(Some(self.settle(self.repair_tap(&lease.tap).await)?))
     }
 }
 

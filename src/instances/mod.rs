@@ -433,7 +433,7 @@ impl Instances {
                         Probe::Absent => {
                             // The VMM exited with its guest: nothing follows.
                             self.release_if_unused(obs, meta).await?;
-                            return self.forget_vmm(meta);
+                            return self.forget_vmm(obs, meta);
                         }
                         // StopVmm follows and releases what the VM used.
                         Probe::Alive { state: VmState::Shutdown, .. } => return Ok(()),
@@ -447,7 +447,7 @@ impl Instances {
                 }
                 backend.kill(&vmm).await.map_err(hv("kill"))?;
                 self.release_if_unused(obs, meta).await?;
-                self.forget_vmm(meta)
+                self.forget_vmm(obs, meta)
             }
             Step::StopVmm => {
                 let backend = self.backend(meta.hypervisor)?;
@@ -455,11 +455,7 @@ impl Instances {
                 if let Some(end) = obs.ended {
                     self.note_exit(meta, paths, end);
                 }
-                meta.vmm = None;
-                if obs.snapshot.is_none() {
-                    meta.applied = None;
-                }
-                self.store.write_metadata(meta)?;
+                self.forget_vmm(obs, meta)?;
                 self.release_if_unused(obs, meta).await
             }
             Step::DiscardSnapshot => {
@@ -485,7 +481,7 @@ impl Instances {
                 };
                 self.note_exit(meta, paths, end);
                 self.release_if_unused(obs, meta).await?;
-                self.forget_vmm(meta)
+                self.forget_vmm(obs, meta)
             }
             Step::ForgetExit => {
                 meta.exited = None;
@@ -524,11 +520,12 @@ impl Instances {
         meta.exited = Some(ExitRecord { end, applied: meta.applied.clone(), at: now_rfc3339() });
     }
 
-    /// The VMM exited with its guest (QEMU under `-no-reboot`): its record
-    /// names a process that is gone.
-    fn forget_vmm(&self, meta: &mut Metadata) -> Result<(), InstanceError> {
+    /// Drops the record of a VMM that is gone (ended, killed, or exited
+    /// with its guest as QEMU does under `-no-reboot`), and what it applied
+    /// unless a snapshot still holds that.
+    fn forget_vmm(&self, obs: &Observation, meta: &mut Metadata) -> Result<(), InstanceError> {
         meta.vmm = None;
-        if self.store.snapshot(meta.id)?.is_none() {
+        if obs.snapshot.is_none() {
             meta.applied = None;
         }
         self.store.write_metadata(meta)?;
