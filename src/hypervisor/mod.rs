@@ -216,6 +216,29 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn remove_disk(&self, vmm: &VmmHandle, id: &str) -> Result<(), HypervisorError>;
 }
 
+/// The end every backend's `kill` shares: SIGKILL, wait until the process
+/// is gone, remove its socket.
+pub(crate) async fn kill_vmm(vmm: &VmmHandle, timeout: std::time::Duration) -> Result<(), HypervisorError> {
+    if !process::kill(vmm.process_id(), timeout).await {
+        return Err(HypervisorError::Timeout { op: "kill", secs: timeout.as_secs() });
+    }
+    let _ = std::fs::remove_file(&vmm.socket);
+    Ok(())
+}
+
+/// The end every backend's orderly shutdown shares, once the VMM was asked
+/// to exit: wait for it (it holds locks on the disk images until it is
+/// gone), kill it if it will not go (`refusal` says so in the log), and
+/// remove its socket.
+pub(crate) async fn await_vmm_exit(vmm: &VmmHandle, timeout: std::time::Duration, refusal: &str) {
+    let id = vmm.process_id();
+    if !process::wait_gone(id, timeout).await {
+        tracing::warn!(pid = vmm.pid, "{refusal}; killing it");
+        process::kill(id, timeout).await;
+    }
+    let _ = std::fs::remove_file(&vmm.socket);
+}
+
 /// The backends a daemon can use, picked per instance at runtime.
 #[derive(Clone, Default)]
 pub struct Backends {

@@ -559,20 +559,12 @@ impl Hypervisor for CloudHypervisorBackend {
             Err(_) => {}
         }
         // The process holds OFD locks on the disk images until it exits.
-        if !process::wait_gone(id, EXIT_TIMEOUT).await {
-            tracing::warn!(pid = vmm.pid, "cloud-hypervisor ignored vmm.shutdown; killing it");
-            process::kill(id, EXIT_TIMEOUT).await;
-        }
-        let _ = std::fs::remove_file(&vmm.socket);
+        super::await_vmm_exit(vmm, EXIT_TIMEOUT, "cloud-hypervisor ignored vmm.shutdown").await;
         Ok(())
     }
 
     async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        if !process::kill(vmm.process_id(), EXIT_TIMEOUT).await {
-            return Err(HypervisorError::Timeout { op: "kill", secs: EXIT_TIMEOUT.as_secs() });
-        }
-        let _ = std::fs::remove_file(&vmm.socket);
-        Ok(())
+        super::kill_vmm(vmm, EXIT_TIMEOUT).await
     }
 
     async fn info(&self, vmm: &VmmHandle) -> Result<VmInfo, HypervisorError> {

@@ -501,20 +501,12 @@ impl Hypervisor for QemuBackend {
             Err(_) => {}
         }
         drop(c);
-        if !process::wait_gone(id, EXIT_TIMEOUT).await {
-            tracing::warn!(pid = vmm.pid, "QEMU ignored quit; killing it");
-            self.kill_quietly(id).await;
-        }
-        let _ = std::fs::remove_file(&vmm.socket);
+        super::await_vmm_exit(vmm, EXIT_TIMEOUT, "QEMU ignored quit").await;
         Ok(())
     }
 
     async fn kill(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        if !process::kill(vmm.process_id(), EXIT_TIMEOUT).await {
-            return Err(HypervisorError::Timeout { op: "kill", secs: EXIT_TIMEOUT.as_secs() });
-        }
-        let _ = std::fs::remove_file(&vmm.socket);
-        Ok(())
+        super::kill_vmm(vmm, EXIT_TIMEOUT).await
     }
 
     async fn info(&self, vmm: &VmmHandle) -> Result<VmInfo, HypervisorError> {
