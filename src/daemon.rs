@@ -7,7 +7,7 @@
 
 use crate::hypervisor::Backends;
 use crate::instances::{Instances, Provisioner};
-use crate::reconcile::worker::instances_dir;
+use crate::declaration::instances_dir;
 use crate::reconcile::Reconciler;
 use crate::settings::Settings;
 use crate::store::{Store, StoreError};
@@ -101,7 +101,7 @@ pub fn rotate_logs(store: &Store, max_bytes: u64, keep: usize) {
         let paths = store.guest_paths(guest.id);
         for log in [&paths.app_log, &paths.vmm_log, &paths.hypeman_log] {
             if let Err(e) = crate::logs::rotate_if_larger(log, max_bytes, keep) {
-                tracing::warn!(instance = %guest.name, error = %crate::instances::error_chain(&e), "cannot rotate a log");
+                tracing::warn!(instance = %guest.name, error = %crate::error_chain(&e), "cannot rotate a log");
             }
         }
     }
@@ -120,10 +120,10 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
     // Before any worker, so no `prepare` runs meanwhile. Caches that change
     // only when the daemon is upgraded or reconfigured, which restarts it.
     if let Err(e) = instances.prune_caches().await {
-        tracing::warn!(error = %crate::instances::error_chain(&e), "cannot prune the caches; they are left as they are");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot prune the caches; they are left as they are");
     }
     let mut reconciler = Reconciler::new(instances, dir.clone());
-    reconciler.nudge_all();
+    reconciler.nudge_all().await;
     tracing::info!(
         instances_dir = %dir.display(),
         data_dir = %cfg.settings.data_dir.display(),
@@ -144,13 +144,13 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
                     (Some(name), WatchReason::FileChanged | WatchReason::FileRemoved) => reconciler.nudge(&name),
                     (_, _) => {
                         tracing::info!("rescanning all instances");
-                        reconciler.nudge_all();
+                        reconciler.nudge_all().await;
                     }
                 },
                 None => break,
             },
             _ = resync.tick() => {
-                reconciler.nudge_all();
+                reconciler.nudge_all().await;
                 let store = store.clone();
                 let logs = cfg.settings.logs.clone();
                 tokio::task::spawn_blocking(move || rotate_logs(&store, logs.max_size.bytes(), logs.keep));

@@ -858,7 +858,7 @@ impl Provisioner for DeletableTap {
         FakeProvisioner.prepare(spec, guest, meta).await
     }
 
-    async fn check_network(
+    async fn tap_health(
         &self,
         meta: &hypeman::store::Metadata,
     ) -> Result<Option<hypeman::network::host::TapHealth>, ProvisionError> {

@@ -488,7 +488,7 @@ impl Context {
     /// A context over any [`Instances`]; tests pass one with the fake backend.
     pub fn new(config_dir: &Path, instances: Instances) -> Context {
         Context {
-            instances_dir: crate::reconcile::worker::instances_dir(config_dir),
+            instances_dir: crate::declaration::instances_dir(config_dir),
             instances,
         }
     }

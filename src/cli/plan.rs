@@ -6,7 +6,6 @@
 //! The daemon's error backoff lives in its memory, not on disk, so a plan
 //! here never says "backing off"; it says what the next attempt would be.
 
-use super::status::desired_label;
 use super::view::{self, View};
 use super::{CliError, Context};
 use crate::reconcile::plan::plan;
@@ -42,14 +41,14 @@ fn row(view: &View, now: Instant) -> PlanRow {
         // The daemon fails the same observation and retries later.
         Some(e) => format!("cannot observe: {e}"),
         None => {
-            let observed = obs.observed(None);
+            let observed = obs.observed(None, None);
             plan(&view.desired, &observed, now).to_string()
         }
     };
     PlanRow {
         name: view.name.clone(),
         state: obs.state,
-        desired: desired_label(&view.desired).to_string(),
+        desired: view.desired.label().to_string(),
         action,
     }
 }

@@ -7,8 +7,7 @@
 
 use super::view::{self, View};
 use super::{CliError, Context};
-use crate::declaration::spec::{changed_fields, HypervisorKind};
-use crate::reconcile::plan::Desired;
+use crate::declaration::spec::HypervisorKind;
 use crate::state::VmState;
 use serde::Serialize;
 use std::io::{self, Write};
@@ -62,41 +61,33 @@ pub(crate) async fn status_by_name(ctx: &Context, name: &str) -> InstanceStatus 
     from_view(ctx, &view)
 }
 
-pub(crate) fn desired_label(desired: &Desired) -> &'static str {
-    match desired {
-        Desired::Absent => "absent",
-        Desired::Invalid => "invalid",
-        Desired::Present { state, .. } => state.as_str(),
-    }
-}
-
 fn from_view(ctx: &Context, view: &View) -> InstanceStatus {
     let obs = &view.observation;
     let meta = obs.meta.as_ref();
     let hypervisor = meta
         .map(|m| m.hypervisor)
-        .or_else(|| view.spec.as_ref().map(|s| ctx.instances.resolve_kind(s)));
+        .or_else(|| view.desired.spec().map(|s| ctx.instances.resolve_kind(s)));
     // The most pressing first: a declaration that is not applied, a state
     // that could not be read, what the daemon recorded, and why a VMM does
     // not answer.
     let last_error = view
-        .invalid
-        .clone()
+        .desired
+        .invalid()
+        .map(str::to_string)
         .or_else(|| view.observe_error.clone())
         .or_else(|| meta.and_then(|m| m.last_error.clone()))
         .or_else(|| obs.unreachable.clone());
-    let pending_change = match (meta.and_then(|m| m.applied.as_ref()), &view.spec) {
-        (Some(applied), Some(spec)) => {
-            let desired = spec.restart_fields(ctx.instances.resolve_kind(spec));
-            let changed = changed_fields(applied, &desired);
+    let pending_change = match (meta, view.desired.spec()) {
+        (Some(meta), Some(spec)) => meta.applied.as_ref().and_then(|applied| {
+            let changed = spec.changes_since(applied, meta.hypervisor);
             (!changed.is_empty()).then(|| format!("{} (restart needed)", changed.join(", ")))
-        }
+        }),
         (None, _) | (_, None) => None,
     };
     InstanceStatus {
         name: view.name.clone(),
         id: meta.map(|m| m.id.to_string()),
-        desired_state: desired_label(&view.desired).to_string(),
+        desired_state: view.desired.label().to_string(),
         state: obs.state,
         hypervisor,
         ip: meta.and_then(|m| m.network.as_ref()).map(|n| n.ip.clone()),

@@ -38,7 +38,7 @@ pub fn validate(
         }
     };
     let scan = scan_dir(
-        &crate::reconcile::worker::instances_dir(config_dir),
+        &crate::declaration::instances_dir(config_dir),
         &limits,
     );
     problems.extend(scan.all_diagnostics());

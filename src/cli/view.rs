@@ -1,16 +1,14 @@
 //! One look at an instance, as the daemon would take it: its declaration
-//! read with the reconciler's own `read_desired`, and its state observed
-//! through `Instances::observe`. `status` and `plan` are renderings of this.
+//! read with `declaration::desired::read`, as the daemon's owners read it,
+//! and its state observed through `Instances::observe`, which changes
+//! nothing. `status` and `plan` are renderings of this.
 //!
 //! Owns which names exist (declared ∪ stored) and how a NAME typed by a user
 //! resolves. Must not act on anything it sees.
 
 use super::{CliError, Context};
-use crate::declaration::spec::InstanceSpec;
-use crate::declaration::{self, DeclFile};
+use crate::declaration::{self, DeclFile, Desired};
 use crate::instances::{error_chain, Observation};
-use crate::reconcile::plan::Desired;
-use crate::reconcile::worker::read_desired;
 use crate::state::VmState;
 use crate::store::{Metadata, StoreError};
 use std::collections::BTreeMap;
@@ -20,10 +18,6 @@ use std::collections::BTreeMap;
 pub(crate) struct View {
     pub name: String,
     pub desired: Desired,
-    /// The declaration, when it is valid.
-    pub spec: Option<InstanceSpec>,
-    /// Why the declaration is not applied, when it is invalid.
-    pub invalid: Option<String>,
     /// Always filled: when observing failed, the state is `Unknown` and
     /// the metadata is what the store listing held.
     pub observation: Observation,
@@ -35,7 +29,7 @@ pub(crate) struct View {
 /// Looks at the instance `name`. `listed` is its metadata from a listing
 /// taken just before, used only when observing fails.
 pub(crate) async fn look(ctx: &Context, name: &str, listed: Option<&Metadata>) -> View {
-    let (desired, spec, invalid) = read_desired(&ctx.instances, &ctx.instances_dir, name);
+    let desired = declaration::desired::read(&ctx.instances_dir, name, &ctx.instances.settings().limits);
     let (observation, observe_error) = match ctx.instances.observe(name).await {
         Ok(observation) => (observation, None),
         Err(e) => {
@@ -44,23 +38,13 @@ pub(crate) async fn look(ctx: &Context, name: &str, listed: Option<&Metadata>) -
             let snapshot = meta
                 .as_ref()
                 .and_then(|m| store.snapshot(m.id).ok().flatten());
-            let observation = Observation {
-                meta,
-                state: VmState::Unknown,
-                snapshot,
-                vmm: None,
-                unreachable: None,
-                ended: None,
-                network_lost: false,
-            };
+            let observation = Observation { meta, state: VmState::Unknown, snapshot, ..Observation::nothing() };
             (observation, Some(error_chain(&e)))
         }
     };
     View {
         name: name.to_string(),
         desired,
-        spec,
-        invalid,
         observation,
         observe_error,
     }
@@ -71,7 +55,7 @@ pub(crate) async fn look(ctx: &Context, name: &str, listed: Option<&Metadata>) -
 /// metadata when it has a guest. Sorted by name.
 pub(crate) fn names(ctx: &Context) -> Result<BTreeMap<String, Option<Metadata>>, CliError> {
     let mut all: BTreeMap<String, Option<Metadata>> = BTreeMap::new();
-    // A missing directory declares nothing; `read_desired` reports it for
+    // A missing directory declares nothing; `desired::read` reports it for
     // every stored instance.
     if let Ok(entries) = std::fs::read_dir(&ctx.instances_dir) {
         for entry in entries.flatten() {

@@ -15,12 +15,14 @@
 //!          └────────────► Vec<Diagnostic> ◄─┘
 //! ```
 
+pub mod desired;
 mod diagnostic;
 mod raw;
 pub mod spec;
 pub mod units;
 mod validate;
 
+pub use desired::Desired;
 pub use diagnostic::Diagnostic;
 pub(crate) use diagnostic::Problems;
 pub(crate) use raw::RawInt;
@@ -148,6 +150,11 @@ pub fn load_instance(path: &Path, limits: &Limits) -> Result<InstanceSpec, Decla
         path: path.to_path_buf(),
         diagnostics,
     })
+}
+
+/// The instances directory of a config dir: where declarations live.
+pub fn instances_dir(config_dir: &Path) -> PathBuf {
+    config_dir.join("instances")
 }
 
 /// What a file in the instances directory is.

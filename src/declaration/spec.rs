@@ -192,6 +192,28 @@ impl InstanceSpec {
     }
 }
 
+impl InstanceSpec {
+    /// The hypervisor this declaration runs on, for a guest whose record
+    /// pinned `pinned` when it was created: the declaration's own choice,
+    /// else the pinned one (never the settings' default of today).
+    pub fn hypervisor_for(&self, pinned: HypervisorKind) -> HypervisorKind {
+        self.hypervisor.unwrap_or(pinned)
+    }
+
+    /// The restart fields a VM made now from this declaration records.
+    pub fn applied_for(&self, pinned: HypervisorKind) -> serde_json::Value {
+        self.restart_fields(self.hypervisor_for(pinned))
+    }
+
+    /// The restart fields that differ between `applied` (what the VM or
+    /// snapshot was made from) and this declaration; empty when none does.
+    /// The one rule for "a restart is needed", used by the planner, the
+    /// executor's log and `status`.
+    pub fn changes_since(&self, applied: &serde_json::Value, pinned: HypervisorKind) -> Vec<String> {
+        changed_fields(applied, &self.applied_for(pinned))
+    }
+}
+
 /// The top-level keys whose values differ between two `restart_fields`.
 pub fn changed_fields(applied: &serde_json::Value, desired: &serde_json::Value) -> Vec<String> {
     let (Some(a), Some(d)) = (applied.as_object(), desired.as_object()) else {

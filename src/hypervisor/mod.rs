@@ -183,7 +183,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn running_memory_bytes(&self, memory_bytes: u64, hotplug_memory_bytes: u64) -> u64;
     /// The backend's version string, recorded with snapshots.
     async fn version(&self) -> Result<String, HypervisorError>;
-    /// Looks behind the guest's socket without changing anything.
+    /// Looks behind the guest's socket without changing anything: not even
+    /// a stale socket file is removed.
     async fn probe(&self, guest: &GuestVmm) -> Probe;
     /// Starts a VMM process and creates (not boots) the VM: `Stopped → Created`.
     /// Refuses when a VMM already answers on the guest's socket.
@@ -239,6 +240,20 @@ pub(crate) async fn await_vmm_exit(vmm: &VmmHandle, timeout: std::time::Duration
     let _ = std::fs::remove_file(&vmm.socket);
 }
 
+/// Every initrd that a launch record in `dir` (a guest directory, or a
+/// snapshot directory) names, whichever backend wrote it. Asked of every
+/// backend, installed or not: a snapshot taken by a backend missing today
+/// still needs its initrd when that backend comes back.
+pub fn recorded_initrds(dir: &Path) -> Result<Vec<PathBuf>, launch::LaunchError> {
+    let mut found = Vec::new();
+    for file in [qemu::LAUNCH_FILE, cloud_hypervisor::LAUNCH_FILE] {
+        if let Some(initrd) = launch::recorded_initrd(&dir.join(file))? {
+            found.push(initrd);
+        }
+    }
+    Ok(found)
+}
+
 /// The backends a daemon can use, picked per instance at runtime.
 #[derive(Clone, Default)]
 pub struct Backends {
@@ -282,13 +297,15 @@ pub(crate) mod conformance {
         GuestVmm { guest_dir: dir.to_path_buf(), socket: dir.join(socket), vmm_log: dir.join("vmm.log"), recorded: None }
     }
 
-    /// A socket file nobody listens on is absent, and is removed.
+    /// A socket file nobody listens on is absent, and a look leaves it
+    /// (observation changes nothing; the executor's `ClearStaleSocket`
+    /// removes it).
     pub async fn stale_socket_is_absent(hv: &dyn Hypervisor, socket: &str) {
         let dir = tempfile::tempdir().unwrap();
         let g = guest(dir.path(), socket);
         drop(std::os::unix::net::UnixListener::bind(&g.socket).unwrap());
         assert_eq!(hv.probe(&g).await, Probe::Absent);
-        assert!(!g.socket.exists());
+        assert!(g.socket.exists(), "a probe removes nothing");
         assert_eq!(hv.probe(&g).await, Probe::Absent);
     }
 

@@ -80,19 +80,17 @@ impl ImageProvisioner {
         host.ensure_tap(tap, bridge).await
     }
 
-    /// `check_network`'s host side: how the TAP `tap` looked, once what can
-    /// be put back is.
-    async fn repair_tap(&self, tap: &str) -> Result<TapHealth, NetworkError> {
+    /// `tap_health`'s host side: how the TAP `tap` looks on the bridge,
+    /// changing nothing. A bridge that is gone or down leaves every TAP
+    /// off it, which `repair_network` (`ensure_tap`) puts right.
+    async fn look_at_tap(&self, tap: &str) -> Result<TapHealth, NetworkError> {
         let host = self.host()?;
-        // A deleted bridge comes back too; its TAPs fell off it and are
-        // put back on below.
-        let bridge = host.ensure_bridge(&self.settings.network.bridge, &self.settings.network.subnet).await?;
-        let health = tap_health(host.tap_facts(tap, bridge).await?);
-        match health {
-            TapHealth::Fine => {}
-            TapHealth::Misplaced | TapHealth::Missing | TapHealth::Orphaned => host.ensure_tap(tap, bridge).await?,
-        }
-        Ok(health)
+        let bridge = host.bridge_index_if_up(&self.settings.network.bridge).await?;
+        let health = tap_health(host.tap_facts(tap, bridge.unwrap_or(0)).await?);
+        Ok(match (health, bridge) {
+            (TapHealth::Fine, None) => TapHealth::Misplaced,
+            (health, _) => health,
+        })
     }
 }
 
@@ -301,11 +299,20 @@ impl Provisioner for ImageProvisioner {
         Ok(())
     }
 
-    async fn check_network(&self, meta: &Metadata) -> Result<Option<TapHealth>, ProvisionError> {
+    async fn tap_health(&self, meta: &Metadata) -> Result<Option<TapHealth>, ProvisionError> {
         let Some(lease) = &meta.network else {
             return Ok(None);
         };
-        Ok(Some(self.settle(self.repair_tap(&lease.tap).await)?))
+        Ok(Some(self.settle(self.look_at_tap(&lease.tap).await)?))
+    }
+
+    async fn repair_network(&self, meta: &Metadata) -> Result<(), ProvisionError> {
+        let Some(lease) = &meta.network else {
+            return Ok(());
+        };
+        // A deleted bridge comes back too; its TAPs fell off it and are put
+        // back on.
+        Ok(self.settle(self.ensure_tap(&lease.tap).await)?)
     }
 }
 

@@ -64,14 +64,20 @@ pub trait Provisioner: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The health check of a guest whose VMM is live: how its TAP looked
-    /// (`None`: the guest has no network here), after putting back
-    /// whatever can be put back on the host side (a TAP made again, put on
-    /// the bridge, brought up). Whether the guest itself is reconnected is
-    /// the caller's to judge from the health. The default has no network.
-    async fn check_network(&self, meta: &Metadata) -> Result<Option<TapHealth>, ProvisionError> {
+    /// The health check of a guest whose VMM is live: how its TAP looks
+    /// (`None`: the guest has no network here). Changes nothing; what is
+    /// to be put back is the planner's to choose and `repair_network`'s to
+    /// do. The default has no network.
+    async fn tap_health(&self, meta: &Metadata) -> Result<Option<TapHealth>, ProvisionError> {
         let _ = meta;
         Ok(None)
+    }
+
+    /// Puts the host side of a live guest's network back: the bridge, and
+    /// its TAP on it and up. The default has no network.
+    async fn repair_network(&self, meta: &Metadata) -> Result<(), ProvisionError> {
+        let _ = meta;
+        Ok(())
     }
 
     /// Drops what `prepare` cached that neither the current inputs nor any

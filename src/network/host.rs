@@ -175,6 +175,16 @@ impl HostNetwork {
         Ok(index)
     }
 
+    /// The interface index of the bridge `name` when it is there and up;
+    /// `None` when it is gone or down. Changes nothing.
+    pub async fn bridge_index_if_up(&self, name: &str) -> Result<Option<u32>, NetworkError> {
+        Ok(self
+            .link(name)
+            .await?
+            .filter(|link| kind_of(link) == Some(&InfoKind::Bridge) && link.header.flags.contains(LinkFlags::Up))
+            .map(|link| link.header.index))
+    }
+
     /// The TAP `name`, persistent, a port of the bridge `bridge_index`, up;
     /// made if missing. An existing interface of that name that is not a
     /// TAP is an error.

@@ -1,14 +1,155 @@
-//! The reconciler: one worker per instance, each running
-//! observe → [`plan::plan`] → execute until converged.
+//! The reconciler: one owner task per instance ([`owner`]), each looking,
+//! planning ([`plan::plan`]) and acting until converged; errors mapped to
+//! what follows by [`policy::error_policy`].
 //!
-//! Level-triggered: a nudge carries no event, only a name, and every
-//! reconcile reads the latest declaration and observes the latest state.
-//! Bursts of nudges are coalesced (the first acts at once, the rest within
-//! the debounce window become one more pass). Errors back off
-//! exponentially; every instance is looked at again on a timer as a safety
-//! net, and a live VMM more often, to notice when it dies.
+//! ```text
+//!  watch / resync ──nudge(name)──► Reconciler ──► owner(name): select! { stop, request, nudge, timer }
+//!                                                   └─ tick: declaration::desired::read → Instances::observe
+//!                                                            → plan → Instances::execute → Outcome
+//! ```
+//!
+//! Level-triggered: a nudge carries no event, only a name, and every wake
+//! reads the latest declaration and observes the latest state. Bursts of
+//! nudges are coalesced (the first acts at once, the rest within the
+//! debounce window become one more look). Every instance is looked at again
+//! on a timer as a safety net, and a live VMM more often, to notice when it
+//! dies. Single-flight comes from ownership: only an instance's owner acts
+//! on it, and a new owner of a name waits until the one let go is gone.
 
+pub mod owner;
 pub mod plan;
-pub mod worker;
+pub mod policy;
 
-pub use worker::{Reconciler, ReconcilerHandle};
+pub use owner::{OwnerView, Request};
+
+use crate::declaration::{self, DeclFile};
+use crate::instances::{error_chain, Instances};
+use owner::{Ctx, Inbox};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How many requests may wait for one owner.
+const REQUEST_QUEUE: usize = 16;
+
+/// Owns the owners. Not `Clone`: the daemon's main loop holds it.
+pub struct Reconciler {
+    ctx: Arc<Ctx>,
+    owners: HashMap<String, OwnerHandle>,
+    /// Owners let go (their name was neither declared nor stored) whose
+    /// task may still be finishing a step; the next owner of the name waits
+    /// for it.
+    retired: HashMap<String, JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+}
+
+struct OwnerHandle {
+    nudges: mpsc::Sender<()>,
+    requests: mpsc::Sender<Request>,
+    task: JoinHandle<()>,
+}
+
+impl Reconciler {
+    pub fn new(instances: Arc<Instances>, instances_dir: PathBuf) -> Reconciler {
+        let (stop, _) = watch::channel(false);
+        Reconciler {
+            ctx: Arc::new(Ctx { instances, instances_dir }),
+            owners: HashMap::new(),
+            retired: HashMap::new(),
+            stop,
+        }
+    }
+
+    /// Asks the instance's owner to look again, starting it if needed.
+    pub fn nudge(&mut self, name: &str) {
+        let previous = match self.owners.get(name) {
+            Some(owner) => match owner.nudges.try_send(()) {
+                // Full: a look is already pending, which will see this change.
+                Ok(()) | Err(mpsc::error::TrySendError::Full(())) => return,
+                // The owner ended (stopped, or it panicked): start anew.
+                Err(mpsc::error::TrySendError::Closed(())) => self.owners.remove(name).map(|o| o.task),
+            },
+            None => self.retired.remove(name),
+        };
+        let (nudges, nudge_rx) = mpsc::channel(1);
+        let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
+        let inbox = Inbox { nudges: nudge_rx, requests: request_rx, stop: self.stop.subscribe() };
+        let task = tokio::spawn(owner::run(name.to_string(), self.ctx.clone(), inbox, previous));
+        self.owners.insert(name.to_string(), OwnerHandle { nudges, requests, task });
+    }
+
+    /// Every name worth a look: declared files (valid or not) and guests
+    /// in the store. Owners of names that are neither are let go.
+    pub async fn nudge_all(&mut self) {
+        let ctx = self.ctx.clone();
+        let names = tokio::task::spawn_blocking(move || known_names(&ctx)).await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "listing the instances failed");
+            Vec::new()
+        });
+        let gone: Vec<String> = self.owners.keys().filter(|n| names.binary_search(n).is_err()).cloned().collect();
+        for name in gone {
+            if let Some(owner) = self.owners.remove(&name) {
+                // Dropping its senders lets it go after its current step.
+                self.retired.insert(name, owner.task);
+            }
+        }
+        self.retired.retain(|_, task| !task.is_finished());
+        for name in &names {
+            self.nudge(name);
+        }
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// What the owner of `name` knows, or `None` when no owner runs for it.
+    pub async fn view(&self, name: &str) -> Option<OwnerView> {
+        let owner = self.owners.get(name)?;
+        let (reply, answer) = oneshot::channel();
+        owner.requests.send(Request::View(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Stops every owner after its current step (each step is safe to cut
+    /// short, but finishing it is kinder), waiting at most `timeout`.
+    pub async fn shutdown(mut self, timeout: Duration) {
+        let _ = self.stop.send(true);
+        let mut tasks: Vec<JoinHandle<()>> = self.owners.drain().map(|(_, o)| o.task).collect();
+        tasks.extend(self.retired.drain().map(|(_, t)| t));
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        let drain = async {
+            for task in tasks {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(timeout, drain).await.is_err() {
+            tracing::warn!("owners did not finish their steps in time; abandoning them");
+            for abort in aborts {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Declared names (valid or not) and stored guests' names, sorted, unique.
+fn known_names(ctx: &Ctx) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&ctx.instances_dir) {
+        for entry in entries.flatten() {
+            if let DeclFile::Instance(name) = declaration::instance_name(&entry.path()) {
+                names.push(name);
+            }
+        }
+    }
+    match ctx.instances.store().list() {
+        Ok(listing) => names.extend(listing.guests.into_iter().map(|m| m.name)),
+        Err(e) => tracing::error!(error = %error_chain(&e), "cannot list guests"),
+    }
+    names.sort();
+    names.dedup();
+    names
+}

@@ -409,10 +409,9 @@ impl Hypervisor for CloudHypervisorBackend {
                     Some(p) => Probe::Unreachable {
                         reason: format!("cloud-hypervisor process {} lives but its API socket refuses connections", p.pid),
                     },
-                    None => {
-                        let _ = std::fs::remove_file(&guest.socket);
-                        Probe::Absent
-                    }
+                    // A socket file no process serves: absent. The file is
+                    // left; removing it is a step the planner chooses.
+                    None => Probe::Absent,
                 };
             }
             Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },

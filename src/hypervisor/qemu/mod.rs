@@ -350,10 +350,9 @@ impl Hypervisor for QemuBackend {
                 let holder = recorded.map(VmmHandle::process_id).or_else(|| process::find_by_argument(&guest.socket));
                 return match holder {
                     Some(p) => Probe::Unreachable { reason: format!("QEMU process {} lives but its QMP socket refuses connections", p.pid) },
-                    None => {
-                        let _ = std::fs::remove_file(&guest.socket);
-                        Probe::Absent
-                    }
+                    // A socket file no process serves: absent. The file is
+                    // left; removing it is a step the planner chooses.
+                    None => Probe::Absent,
                 };
             }
             Err(e) => return Probe::Unreachable { reason: crate::instances::error_chain(&e) },

@@ -1,0 +1,358 @@
+//! Carrying out one planned step: backend calls and store writes, and what
+//! they turned out to do as an [`Outcome`]. The step's hop is checked
+//! against the state machine before any side effect; what changed is
+//! persisted after it. Which step comes next is not decided here.
+//!
+//! A step holds its inputs (the planner put them there), so nothing here
+//! finds a declaration or a VMM missing. The guest's record comes from the
+//! observation the step was planned on.
+//!
+//! Networking: a guest's TAP lives while a VMM or a snapshot may use it: it
+//! goes when the guest is stopped (`StopVmm` without a snapshot,
+//! `DiscardSnapshot`) or removed. A guest whose VMM ended on its own keeps
+//! an idle TAP until it is started again (which reuses it) or removed.
+
+use super::{error_chain, record_of, InstanceError, Instances, Observation};
+use crate::declaration::spec::InstanceSpec;
+use crate::exit::GuestEnd;
+use crate::hypervisor::{Hypervisor, HypervisorError, Probe, VmmHandle};
+use crate::logs::InstanceLog;
+use super::step::{Outcome, PauseFor, Step};
+use crate::store::{now_rfc3339, ExitRecord, GuestPaths, Metadata, SnapshotInfo};
+use std::sync::Arc;
+use tracing::Level;
+
+fn hv(op: &'static str) -> impl Fn(HypervisorError) -> InstanceError {
+    move |source| InstanceError::Hypervisor { op, source }
+}
+
+impl Instances {
+    /// Carries out one step planned on `obs`.
+    pub async fn execute(&self, name: &str, step: &Step, obs: &Observation) -> Result<Outcome, InstanceError> {
+        if let Some(to) = step.hop() {
+            obs.state.hop(to)?;
+        }
+        if let Step::Provision { spec } = step {
+            // The hypervisor is pinned here, once: later passes read it from
+            // the record, whatever the settings' default becomes.
+            let kind = self.resolve_kind(spec);
+            let name = name.to_string();
+            self.blocking(move |store| store.create_guest(&name, kind).map(drop)).await?;
+            return Ok(Outcome::Done);
+        }
+        let mut meta = obs.meta.clone().ok_or_else(|| InstanceError::NoGuest(name.to_string()))?;
+        let paths = self.store.guest_paths(meta.id);
+        let log = InstanceLog::open(&paths.hypeman_log).ok();
+        if let Some(log) = &log {
+            let _ = log.append(&format!("{step} (from {}){}", obs.state, why(step)));
+        }
+        let result = self.act(step, obs, &mut meta, &paths).await;
+        if let (Some(log), Ok(_)) = (&log, &result) {
+            let _ = log.append(&format!("{step}: done"));
+        }
+        result
+    }
+
+    async fn act(
+        &self,
+        step: &Step,
+        obs: &Observation,
+        meta: &mut Metadata,
+        paths: &GuestPaths,
+    ) -> Result<Outcome, InstanceError> {
+        let done = Ok(Outcome::Done);
+        match step {
+            Step::Converged
+            | Step::Blocked(_)
+            | Step::WaitUntil(_)
+            | Step::AwaitChange
+            | Step::AwaitPowerOff(_)
+            | Step::Provision { .. } => done,
+            Step::Adopt { vmm } => {
+                tracing::info!(instance = %meta.name, pid = vmm.pid, "adopting a running VMM");
+                meta.vmm = Some(record_of(vmm));
+                self.write_metadata(meta).await?;
+                done
+            }
+            Step::ClearStaleSocket { socket } => {
+                match std::fs::remove_file(socket) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(InstanceError::Hypervisor {
+                            op: "remove the stale socket",
+                            source: HypervisorError::Backend { op: "remove the stale socket", source: source.into() },
+                        })
+                    }
+                }
+                done
+            }
+            Step::RepairTap => {
+                let tap = meta.network.as_ref().map(|l| l.tap.clone()).unwrap_or_default();
+                self.provisioner.repair_network(meta).await?;
+                self.event(meta, Level::WARN, &format!("TAP {tap} was off the bridge or down; put it back"));
+                done
+            }
+            Step::Create { spec } => self.create(spec, meta, paths).await,
+            Step::Boot { vmm } => {
+                self.backend(meta.hypervisor)?.boot(vmm).await.map_err(hv("boot"))?;
+                done
+            }
+            Step::Pause { vmm, shrink, why } => {
+                let backend = self.backend(meta.hypervisor)?;
+                if *why == PauseFor::ReconnectNetwork {
+                    let tap = meta.network.as_ref().map(|l| l.tap.as_str()).unwrap_or("?");
+                    self.event(meta, Level::WARN, &format!(
+                        "the guest lost its network: TAP {tap} was deleted while the VM ran; it is made again, and a standby/restore cycle reconnects the guest"
+                    ));
+                }
+                if let Some(memory) = shrink {
+                    self.shrink_memory(backend.as_ref(), vmm, memory.boot_bytes, &meta.name).await;
+                }
+                backend.pause(vmm).await.map_err(hv("pause"))?;
+                done
+            }
+            Step::Resume { vmm, regrow } => {
+                let backend = self.backend(meta.hypervisor)?;
+                backend.resume(vmm).await.map_err(hv("resume"))?;
+                if let Some(memory) = regrow {
+                    self.grow_memory(backend.as_ref(), vmm, *memory, &meta.name).await;
+                }
+                done
+            }
+            Step::Snapshot { vmm } => self.snapshot(vmm, meta).await,
+            Step::Restore { spec, snapshot } => self.restore(spec, snapshot, meta, paths).await,
+            Step::PowerOff { vmm, booted: false, .. } => {
+                // Nothing booted that could hear the power button.
+                self.backend(meta.hypervisor)?.kill(vmm).await.map_err(hv("kill"))?;
+                self.release_if_unused(obs, meta).await?;
+                self.forget_vmm(obs, meta).await?;
+                Ok(Outcome::Killed)
+            }
+            Step::PowerOff { vmm, booted: true, .. } => {
+                self.backend(meta.hypervisor)?.power_off(vmm).await.map_err(hv("power off"))?;
+                let deadline = tokio::time::Instant::now() + self.settings.reconcile.stop_grace;
+                Ok(Outcome::PowerButtonPressed { deadline })
+            }
+            Step::Kill { vmm } => {
+                let grace = self.settings.reconcile.stop_grace;
+                self.event(meta, Level::WARN, &format!(
+                    "guest did not power off within {}; killing its VMM",
+                    humantime::format_duration(grace)
+                ));
+                self.backend(meta.hypervisor)?.kill(vmm).await.map_err(hv("kill"))?;
+                self.release_if_unused(obs, meta).await?;
+                self.forget_vmm(obs, meta).await?;
+                Ok(Outcome::Killed)
+            }
+            Step::StopVmm { vmm, end } => {
+                let backend = self.backend(meta.hypervisor)?;
+                self.end_vmm(backend.as_ref(), vmm).await?;
+                if let Some(end) = end {
+                    self.note_exit(meta, *end);
+                }
+                self.forget_vmm(obs, meta).await?;
+                self.release_if_unused(obs, meta).await?;
+                done
+            }
+            Step::DiscardSnapshot { .. } => {
+                let id = meta.id;
+                self.blocking(move |store| store.remove_snapshot(id)).await?;
+                meta.applied = None;
+                meta.vmm = None;
+                self.write_metadata(meta).await?;
+                self.provisioner.release(meta).await?;
+                done
+            }
+            Step::DropStaleSnapshot { vmm, regrow } => {
+                // Again here, in case the daemon died between the resume
+                // and the growth; a VM already grown is left alone.
+                if let Some(memory) = regrow {
+                    let backend = self.backend(meta.hypervisor)?;
+                    self.grow_memory(backend.as_ref(), vmm, *memory, &meta.name).await;
+                }
+                let id = meta.id;
+                self.blocking(move |store| store.remove_snapshot(id)).await?;
+                done
+            }
+            Step::RecordExit { end } => {
+                self.note_exit(meta, *end);
+                self.release_if_unused(obs, meta).await?;
+                self.forget_vmm(obs, meta).await?;
+                done
+            }
+            Step::ForgetVmm => {
+                // The VMM exited with its guest after the power button: the
+                // stop the daemon asked for is over.
+                self.release_if_unused(obs, meta).await?;
+                self.forget_vmm(obs, meta).await?;
+                done
+            }
+            Step::ForgetExit => {
+                meta.exited = None;
+                self.write_metadata(meta).await?;
+                done
+            }
+            Step::ForceKill { vmm } => {
+                // Bookkeeping outside the table: `Unknown` has no hops, and
+                // the next look finds what is left.
+                self.backend(meta.hypervisor)?.kill(vmm).await.map_err(hv("kill"))?;
+                meta.vmm = None;
+                self.write_metadata(meta).await?;
+                done
+            }
+            Step::Remove => {
+                // The TAP first: once the guest record is gone, nothing
+                // names it any more. Its lease goes with the record.
+                self.provisioner.release(meta).await?;
+                let id = meta.id;
+                self.blocking(move |store| store.delete_guest(id)).await?;
+                self.forget_lease(meta).await;
+                done
+            }
+        }
+    }
+
+    /// `Stopped → Created`: the lease, the disks, a VMM holding the VM.
+    async fn create(&self, spec: &InstanceSpec, meta: &mut Metadata, paths: &GuestPaths) -> Result<Outcome, InstanceError> {
+        // A declaration that names a hypervisor moves the guest to it; one
+        // that does not keeps the one pinned at creation.
+        let kind = spec.hypervisor_for(meta.hypervisor);
+        let backend = self.backend(kind)?;
+        meta.hypervisor = kind;
+        self.ensure_lease(spec, meta).await?;
+        let config = self.provisioner.prepare(spec, paths, meta).await?;
+        let guest = Self::guest_vmm(paths, meta);
+        let handle = backend.create(&guest, &config).await.map_err(hv("create"))?;
+        meta.vmm = Some(record_of(&handle));
+        meta.applied = Some(spec.applied_for(kind));
+        meta.last_error = None;
+        meta.exited = None;
+        self.write_metadata(meta).await?;
+        Ok(Outcome::Done)
+    }
+
+    /// `Paused → Standby`: the snapshot, committed only once complete, and
+    /// only then the end of the VMM.
+    async fn snapshot(&self, vmm: &VmmHandle, meta: &mut Metadata) -> Result<Outcome, InstanceError> {
+        let backend = self.backend(meta.hypervisor)?;
+        let id = meta.id;
+        let dir = self.blocking(move |store| store.begin_snapshot(id)).await?;
+        let taken = backend.snapshot(vmm, &dir).await.map_err(hv("snapshot"))?;
+        let memory = backend.info(vmm).await.ok().and_then(|i| i.memory_actual_bytes).unwrap_or(0);
+        let info = SnapshotInfo::new(meta.hypervisor, &taken.hypervisor_version, &taken.config_hash, memory);
+        self.blocking(move |store| store.commit_snapshot(id, &info)).await?;
+        // Only now, with a complete snapshot on disk, may the VMM go.
+        self.end_vmm(backend.as_ref(), vmm).await?;
+        meta.vmm = None;
+        self.write_metadata(meta).await?;
+        Ok(Outcome::Done)
+    }
+
+    /// `Standby → Paused`, or a clean fall back to `Stopped` when the
+    /// snapshot was taken by another hypervisor version or configuration.
+    async fn restore(
+        &self,
+        spec: &Arc<InstanceSpec>,
+        snap: &SnapshotInfo,
+        meta: &mut Metadata,
+        paths: &GuestPaths,
+    ) -> Result<Outcome, InstanceError> {
+        let backend = self.backend(meta.hypervisor)?;
+        let started = std::time::Instant::now();
+        self.ensure_lease(spec, meta).await?;
+        let config = self.provisioner.prepare(spec, paths, meta).await?;
+        tracing::debug!(instance = %meta.name, prepare_ms = started.elapsed().as_millis() as u64, "disks ready for the restore");
+        let version = backend.version().await.map_err(hv("version"))?;
+        let mismatch = if snap.hypervisor != meta.hypervisor {
+            Some(format!("it was taken with {}, the instance now uses {}", snap.hypervisor, meta.hypervisor))
+        } else if snap.hypervisor_version != version {
+            Some(format!("it was taken with {} {}, this host has {version}", snap.hypervisor, snap.hypervisor_version))
+        } else if snap.config_hash != config.config_hash() {
+            Some("the VM configuration changed since it was taken".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = mismatch {
+            self.event(meta, Level::WARN, &format!("snapshot cannot be restored ({why}); discarding it and cold booting"));
+            let id = meta.id;
+            self.blocking(move |store| store.remove_snapshot(id)).await?;
+            meta.applied = None;
+            self.write_metadata(meta).await?;
+            return Ok(Outcome::SnapshotUnusable { why });
+        }
+        let guest = Self::guest_vmm(paths, meta);
+        match backend.restore(&guest, &config, &paths.snapshot_latest).await {
+            Ok(handle) => {
+                meta.vmm = Some(record_of(&handle));
+                meta.last_error = None;
+                self.write_metadata(meta).await?;
+                Ok(Outcome::Done)
+            }
+            Err(e) => {
+                // Leave the snapshot in place for the next try, but no
+                // half-restored VMM behind.
+                if let Probe::Alive { handle, .. } = backend.probe(&guest).await {
+                    let _ = backend.kill(&handle).await;
+                }
+                Err(InstanceError::Hypervisor { op: "restore", source: e })
+            }
+        }
+    }
+
+    /// Keeps how the guest ended in the metadata (written by the caller)
+    /// and says so in the instance's log.
+    fn note_exit(&self, meta: &mut Metadata, end: GuestEnd) {
+        if let Ok(log) = InstanceLog::open(&self.store.guest_paths(meta.id).hypeman_log) {
+            let _ = log.append(&format!("the guest ended by itself: {end}"));
+        }
+        meta.exited = Some(ExitRecord { end, applied: meta.applied.clone(), at: now_rfc3339() });
+    }
+
+    /// Drops the record of a VMM that is gone (ended, killed, or exited
+    /// with its guest as QEMU does under `-no-reboot`), and what it applied
+    /// unless a snapshot still holds that.
+    async fn forget_vmm(&self, obs: &Observation, meta: &mut Metadata) -> Result<(), InstanceError> {
+        meta.vmm = None;
+        if obs.snapshot.is_none() {
+            meta.applied = None;
+        }
+        self.write_metadata(meta).await
+    }
+
+    /// Releases the host resources of a guest whose VMM is gone, unless a
+    /// snapshot still needs them.
+    async fn release_if_unused(&self, obs: &Observation, meta: &Metadata) -> Result<(), InstanceError> {
+        if obs.snapshot.is_none() {
+            self.provisioner.release(meta).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a VMM in order, and by force when it will not go.
+    async fn end_vmm(&self, backend: &dyn Hypervisor, vmm: &VmmHandle) -> Result<(), InstanceError> {
+        match backend.shutdown_vmm(vmm).await {
+            Ok(()) => Ok(()),
+            Err(HypervisorError::VmmGone { .. }) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "orderly VMM shutdown failed; killing it");
+                backend.kill(vmm).await.map_err(hv("kill"))
+            }
+        }
+    }
+}
+
+/// Why a power off or a discarded snapshot was planned, when it is to
+/// apply a changed declaration: `hypeman.log` says which fields.
+fn why(step: &Step) -> String {
+    match step {
+        Step::DiscardSnapshot { changed } if !changed.is_empty() => format!(
+            ": the declaration changed ({}) since the snapshot; it cannot be restored, a cold boot follows",
+            changed.join(", ")
+        ),
+        Step::PowerOff { changed, .. } if !changed.is_empty() => {
+            format!(": the declaration changed ({}); restarting to apply it", changed.join(", "))
+        }
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,368 @@
+//! The owner of one instance: a task that alone observes it, plans for it
+//! and acts on it, so two reconciles of one instance can never run at once.
+//!
+//! It waits in one `select!` over everything that can move it: the stop
+//! signal, requests (each answered on its own oneshot), nudges (a file
+//! changed), and one timer that stands for whatever comes next (the next
+//! step, a backoff, the debounce after a nudge, the grace of a removed
+//! declaration or of a pressed power button, the health tick). Each wake
+//! reads the declaration, observes, plans and takes at most one step, then
+//! sets the timer: a step that acted is followed at once, but requests and
+//! the stop signal are heard between any two steps.
+
+use super::plan::{plan, Hold, Outcome, Step, StepKind};
+use super::policy::{backoff, error_policy, Next};
+use crate::declaration::spec::DesiredState;
+use crate::declaration::{self, Desired};
+use crate::instances::{error_chain, Instances, Observation};
+use crate::state::VmState;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{Instrument, Level};
+
+/// A guard against a planner/executor disagreement looping forever: this
+/// many acting steps in a row without reaching a resting plan is a bug.
+const MAX_STEPS_IN_A_ROW: usize = 32;
+
+/// How long a declaration must stay gone before its instance is stopped
+/// and deleted. Editors save by renaming the file away and writing a new
+/// one (vim's backup), and `git checkout` removes and re-creates files: a
+/// gap of a few milliseconds must not restart, let alone delete, a guest.
+pub const ABSENT_GRACE: Duration = Duration::from_secs(1);
+
+/// A guest that stays up this long is no longer crash-looping.
+pub const STABLE_AFTER: Duration = Duration::from_secs(300);
+
+/// What an owner needs from the daemon; shared by every owner.
+pub struct Ctx {
+    pub instances: Arc<Instances>,
+    pub instances_dir: PathBuf,
+}
+
+/// A question for an instance's owner, answered on its oneshot.
+#[derive(Debug)]
+pub enum Request {
+    /// What the owner knows of its instance right now.
+    View(oneshot::Sender<OwnerView>),
+}
+
+/// The owner's own view of its instance: what it saw last and did last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnerView {
+    pub name: String,
+    /// `running`, `standby`, `stopped`, `absent`, `invalid`; `None` before
+    /// the first look.
+    pub desired: Option<&'static str>,
+    /// The state of the last look.
+    pub state: Option<VmState>,
+    /// The last step planned.
+    pub last_step: Option<StepKind>,
+    /// The last step's error and what follows it, until a step succeeds.
+    pub error: Option<String>,
+    /// Acting steps taken since the owner started.
+    pub steps: u64,
+}
+
+/// What an owner remembers between wakes; lost on restart, harmlessly.
+struct Memory {
+    failures: u32,
+    hold: Option<Hold>,
+    /// The declaration the hold began under. A different one (fixed,
+    /// edited, or deleted) is not made to wait for the old one's backoff.
+    hold_for: Option<Desired>,
+    /// The state the last look found, or the state the last step left the
+    /// instance in; `None` after a failed step, whose effect is unknown.
+    last_seen: Option<VmState>,
+    crashes: u32,
+    running_since: Option<Instant>,
+    /// When the declaration was first seen gone, in this run of absences.
+    absent_since: Option<Instant>,
+    /// The power button was pressed; the guest has until then.
+    stopping: Option<Instant>,
+    steps_in_a_row: usize,
+    view: OwnerView,
+}
+
+impl Memory {
+    fn new(name: &str) -> Memory {
+        Memory {
+            failures: 0,
+            hold: None,
+            hold_for: None,
+            last_seen: None,
+            crashes: 0,
+            running_since: None,
+            absent_since: None,
+            stopping: None,
+            steps_in_a_row: 0,
+            view: OwnerView { name: name.to_string(), desired: None, state: None, last_step: None, error: None, steps: 0 },
+        }
+    }
+
+    /// Holds back for `wait` for what `desired` asked.
+    fn back_off(&mut self, desired: &Desired, wait: Duration) -> Instant {
+        let until = Instant::now() + wait;
+        self.hold = Some(Hold::Until(until));
+        self.hold_for = Some(desired.clone());
+        until
+    }
+
+    /// Forgets failures and crashes when the declaration changed since the
+    /// hold began: the user acted, so act on it now.
+    fn forget_hold_unless(&mut self, desired: &Desired) -> bool {
+        if matches!(desired, Desired::Invalid(_)) || self.hold.is_none() {
+            return false;
+        }
+        if self.hold_for.as_ref() == Some(desired) {
+            return false;
+        }
+        self.hold = None;
+        self.hold_for = None;
+        self.failures = 0;
+        self.crashes = 0;
+        true
+    }
+}
+
+/// The channels an owner listens on.
+pub struct Inbox {
+    pub nudges: mpsc::Receiver<()>,
+    pub requests: mpsc::Receiver<Request>,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Runs the owner of `name` until it is stopped or let go (its nudge
+/// channel closed). `previous` is the task of an owner of the same name
+/// that was let go before this one started: it may still be finishing a
+/// step, so it is awaited first, and two owners of one name never overlap.
+pub async fn run(name: String, ctx: Arc<Ctx>, mut inbox: Inbox, previous: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(previous) = previous {
+        let _ = previous.await;
+    }
+    let settings = ctx.instances.settings().reconcile.clone();
+    let mut mem = Memory::new(&name);
+    // Started because of a nudge: the first look is due now.
+    let mut due = Instant::now();
+    let mut nudged = true;
+    let mut last_nudged_wake: Option<Instant> = None;
+    loop {
+        if *inbox.stop.borrow() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = inbox.stop.changed() => return,
+            Some(request) = inbox.requests.recv() => answer(request, &mem),
+            nudge = inbox.nudges.recv() => match nudge {
+                Some(()) => {
+                    // Debounce: wakes caused by nudges are at least
+                    // `debounce` apart; a burst becomes one more look.
+                    let ready = last_nudged_wake.map_or(Instant::now(), |t| t + settings.debounce);
+                    due = due.min(ready.max(Instant::now()));
+                    nudged = true;
+                }
+                // Let go by the reconciler: finish quietly.
+                None => return,
+            },
+            _ = tokio::time::sleep_until(due) => {
+                last_nudged_wake = if nudged { Some(Instant::now()) } else { None };
+                nudged = false;
+                // Boxed: an owner sleeps far longer than it steps, and its
+                // task would otherwise hold room for the largest step's
+                // state for good.
+                due = Box::pin(tick(&name, &ctx, &mut mem))
+                    .instrument(tracing::info_span!("reconcile", instance = %name))
+                    .await;
+            }
+        }
+    }
+}
+
+fn answer(request: Request, mem: &Memory) {
+    match request {
+        Request::View(reply) => {
+            let _ = reply.send(mem.view.clone());
+        }
+    }
+}
+
+/// One wake: read the declaration, look, plan, and take at most one step.
+/// Returns when to wake next (earlier if nudged or asked).
+async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
+    let instances = &ctx.instances;
+    let settings = &instances.settings().reconcile;
+    let desired = read_desired(ctx, name).await;
+    if mem.forget_hold_unless(&desired) {
+        tracing::info!(instance = name, "the declaration changed; not waiting out the backoff");
+    }
+    let obs = match instances.observe(name).await {
+        Ok(o) => o,
+        Err(e) => {
+            mem.failures += 1;
+            tracing::error!(instance = name, error = %error_chain(&e), "cannot observe the instance");
+            return Instant::now() + backoff(settings, mem.failures);
+        }
+    };
+    if matches!(obs.state, VmState::Stopped | VmState::Standby) && obs.meta.as_ref().is_some_and(|m| m.vmm.is_none()) {
+        // Nothing is on its way down any more.
+        mem.stopping = None;
+    }
+    notice_surprises(name, instances, mem, &desired, &obs).await;
+    let now = Instant::now();
+    let step = plan(&desired, &obs.observed(mem.hold, mem.stopping), now);
+    mem.view.desired = Some(desired.label());
+    mem.view.state = Some(obs.state);
+    mem.view.last_step = Some(step.kind());
+    if desired != Desired::Absent {
+        mem.absent_since = None;
+    } else if step.acts() {
+        // Act on a removal only once the file has stayed gone a while.
+        let ready = *mem.absent_since.get_or_insert(now) + ABSENT_GRACE;
+        if now < ready {
+            return ready;
+        }
+    }
+    let rest = if obs.state.requires_vmm() { settings.health_interval } else { settings.resync_interval };
+    if !step.acts() {
+        mem.steps_in_a_row = 0;
+    }
+    match &step {
+        Step::Converged => {
+            mem.failures = 0;
+            mem.hold = None;
+            mem.view.error = None;
+            let _ = instances.record_error(name, None).await;
+            return now + rest;
+        }
+        Step::Blocked(why) => {
+            let message = desired.invalid().map(str::to_string).unwrap_or_else(|| why.clone());
+            // Once per new reason, not on every resync.
+            if obs.meta.as_ref().and_then(|m| m.last_error.as_deref()) != Some(message.as_str()) {
+                tracing::warn!(instance = name, "{message}");
+            }
+            let _ = instances.record_error(name, Some(message)).await;
+            return now + rest;
+        }
+        Step::WaitUntil(t) | Step::AwaitPowerOff(t) => return *t,
+        // Looked at again on the usual timer, for a VMM that dies meanwhile;
+        // nothing is tried until the declaration changes.
+        Step::AwaitChange => return now + rest,
+        _ => {}
+    }
+    mem.steps_in_a_row += 1;
+    if mem.steps_in_a_row > MAX_STEPS_IN_A_ROW {
+        mem.steps_in_a_row = 0;
+        tracing::error!(instance = name, "no convergence after {MAX_STEPS_IN_A_ROW} steps; trying again later");
+        return now + settings.resync_interval;
+    }
+    tracing::info!(instance = name, from = %obs.state, step = %step, "reconcile step");
+    mem.view.steps += 1;
+    match Box::pin(instances.execute(name, &step, &obs)).await {
+        Ok(outcome) => {
+            mem.failures = 0;
+            mem.hold = None;
+            mem.view.error = None;
+            match outcome.check(step.kind(), obs.state) {
+                Ok(at) => mem.last_seen = Some(at),
+                Err(e) => {
+                    tracing::error!(instance = name, step = %step, outcome = ?outcome, error = %error_chain(&e), "the step ended where the state machine does not go");
+                    mem.last_seen = None;
+                }
+            }
+            match outcome {
+                Outcome::PowerButtonPressed { deadline } => mem.stopping = Some(deadline),
+                Outcome::Done | Outcome::Killed | Outcome::SnapshotUnusable { .. } => {
+                    if matches!(mem.last_seen, Some(VmState::Stopped | VmState::Standby)) {
+                        mem.stopping = None;
+                    }
+                }
+            }
+            // The next step is due at once.
+            Instant::now()
+        }
+        Err(e) => {
+            mem.failures += 1;
+            mem.last_seen = None;
+            let next = error_policy(e.kind(), mem.failures, settings);
+            let until = match next {
+                Next::RetryAfter(wait) => mem.back_off(&desired, wait),
+                Next::AwaitChange => {
+                    mem.hold = Some(Hold::ForChange);
+                    mem.hold_for = Some(desired.clone());
+                    Instant::now() + rest
+                }
+            };
+            let text = format!("{step} failed: {}; {}", error_chain(&e), next.describe());
+            match &obs.meta {
+                Some(meta) => instances.event(meta, Level::WARN, &text),
+                None => tracing::warn!(instance = name, "{text}"),
+            }
+            mem.view.error = Some(text.clone());
+            let _ = instances.record_error(name, Some(text)).await;
+            until
+        }
+    }
+}
+
+/// What the declaration of `name` asks for, read on the blocking pool.
+async fn read_desired(ctx: &Ctx, name: &str) -> Desired {
+    let dir = ctx.instances_dir.clone();
+    let name_owned = name.to_string();
+    let limits = ctx.instances.settings().limits.clone();
+    match tokio::task::spawn_blocking(move || declaration::desired::read(&dir, &name_owned, &limits)).await {
+        Ok(desired) => desired,
+        Err(e) => Desired::Invalid(format!("reading the declaration failed: {e}").into()),
+    }
+}
+
+/// Notices a VMM that died or a guest that powered off without being asked,
+/// and backs off restarts of a guest that keeps doing so.
+async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, desired: &Desired, obs: &Observation) {
+    let now_state = obs.state;
+    let settings = &instances.settings().reconcile;
+    let was = mem.last_seen.replace(now_state);
+    if now_state == VmState::Running {
+        let since = *mem.running_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= STABLE_AFTER {
+            mem.crashes = 0;
+        }
+    } else {
+        mem.running_since = None;
+    }
+    let Some(was) = was else { return };
+    // Down because the owner pressed the power button: no surprise.
+    if mem.stopping.is_some() || !matches!(was, VmState::Running | VmState::Paused) {
+        return;
+    }
+    let what = match now_state {
+        VmState::Shutdown => "the guest powered off",
+        VmState::Stopped | VmState::Standby => "the VMM exited",
+        VmState::Unknown => "the VMM stopped answering",
+        VmState::Created | VmState::Running | VmState::Paused => return,
+    };
+    let line = format!("{what} (was {was})");
+    match &obs.meta {
+        Some(meta) => instances.event(meta, Level::WARN, &line),
+        None => tracing::warn!(instance = name, "{line}"),
+    }
+    if matches!(desired, Desired::Present(spec) if spec.state == DesiredState::Running) {
+        mem.crashes += 1;
+        if mem.crashes > 1 {
+            let wait = backoff(settings, mem.crashes - 1);
+            mem.back_off(desired, wait);
+            // Shown by `status` until the next boot succeeds.
+            let _ = instances.record_error(name, Some(crash_loop_message(what, mem.crashes, wait))).await;
+        }
+    }
+}
+
+/// What `status` shows while a guest that keeps ending waits to boot again.
+fn crash_loop_message(what: &str, crashes: u32, wait: Duration) -> String {
+    format!(
+        "crash loop: {what} ({crashes} times in a row); booting again in {} (backoff)",
+        humantime::format_duration(wait)
+    )
+}

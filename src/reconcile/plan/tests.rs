@@ -1,0 +1,367 @@
+use super::*;
+use crate::declaration::spec::InstanceSpec;
+use crate::hypervisor::VmmHandle;
+use crate::store::SnapshotInfo;
+use std::sync::Arc;
+use crate::declaration::spec::{DesiredState, RestartPolicy};
+use crate::state::ALL_STATES;
+use std::time::Duration;
+use StepKind::*;
+use VmState::*;
+
+fn spec_with(state: DesiredState, memory: u64, restart: RestartPolicy) -> Arc<InstanceSpec> {
+    let text = format!("image = \"busybox\"\nstate = \"{state}\"\nmemory = \"{memory}MiB\"\nrestart = \"{restart}\"\n");
+    let spec = crate::declaration::parse_instance(std::path::Path::new("instances/web.toml"), &text, &Default::default())
+        .expect("valid");
+    Arc::new(spec)
+}
+
+fn present(state: DesiredState) -> Desired {
+    Desired::Present(spec_with(state, 256, RestartPolicy::Always))
+}
+
+fn applied() -> serde_json::Value {
+    spec_with(DesiredState::Running, 256, RestartPolicy::Always).applied_for(HypervisorKind::Qemu)
+}
+
+fn vmm() -> VmmHandle {
+    VmmHandle { pid: 42, pid_start_time: 7, socket: "/g/qmp.sock".into(), version: Some("9".into()) }
+}
+
+fn snapshot() -> SnapshotInfo {
+    SnapshotInfo::new(HypervisorKind::Qemu, "9", "h", 0)
+}
+
+fn observed(state: VmState) -> Observed {
+    let live = state.requires_vmm();
+    Observed {
+        exists: true,
+        state,
+        hypervisor: Some(HypervisorKind::Qemu),
+        vmm: live.then(vmm),
+        recorded_vmm: (live || state == Unknown).then(vmm),
+        snapshot: (state == Standby).then(snapshot),
+        applied: Some(applied()),
+        hold: None,
+        ended: None,
+        tap: None,
+        exited: None,
+        stale_socket: None,
+        stopping: None,
+    }
+}
+
+/// Follows the plan through a simulated world where every step succeeds
+/// (and a pressed power button powers the guest off at once), returning
+/// the path of steps to convergence.
+fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
+    let now = Instant::now();
+    let mut steps = Vec::new();
+    for _ in 0..20 {
+        let step = plan(desired, &obs, now);
+        if !step.acts() {
+            return steps;
+        }
+        let from = obs.state;
+        if let Some(to) = step.hop() {
+            assert!(from.can_transition_to(to), "{step:?} from {from} is not a hop");
+        }
+        let outcome = match &step {
+            Step::Restore { .. } => Outcome::Done,
+            Step::Kill { .. } => Outcome::Killed,
+            _ => Outcome::Done,
+        };
+        if let Some(to) = step.hop() {
+            obs.state = to;
+        }
+        match &step {
+            Step::Provision { .. } => {
+                obs.exists = true;
+                obs.hypervisor = Some(HypervisorKind::Qemu);
+            }
+            Step::Create { spec } => {
+                obs.applied = Some(spec.applied_for(HypervisorKind::Qemu));
+                obs.exited = None;
+                obs.vmm = Some(vmm());
+                obs.recorded_vmm = Some(vmm());
+            }
+            Step::Restore { .. } => {
+                obs.vmm = Some(vmm());
+                obs.recorded_vmm = Some(vmm());
+            }
+            Step::RecordExit { .. } => {
+                obs.exited = obs.ended.take().map(|end| (end, obs.applied.clone()));
+                obs.recorded_vmm = None;
+                if !obs.has_snapshot() {
+                    obs.applied = None;
+                }
+            }
+            Step::ForgetExit => obs.exited = None,
+            Step::Snapshot { .. } => {
+                obs.snapshot = Some(snapshot());
+                obs.vmm = None;
+                obs.recorded_vmm = None;
+            }
+            Step::DiscardSnapshot { .. } | Step::DropStaleSnapshot { .. } => obs.snapshot = None,
+            Step::StopVmm { .. } => {
+                if let Some(end) = obs.ended.take() {
+                    obs.exited = Some((end, obs.applied.clone()));
+                }
+                obs.vmm = None;
+                obs.recorded_vmm = None;
+                if !obs.has_snapshot() {
+                    obs.applied = None
+                }
+            }
+            Step::ForceKill { .. } => {
+                obs.state = if obs.has_snapshot() { Standby } else { Stopped };
+                obs.vmm = None;
+                obs.recorded_vmm = None;
+            }
+            Step::Remove => obs.exists = false,
+            _ => {}
+        }
+        assert!(outcome.check(step.kind(), from).is_ok(), "{step:?} from {from}: {outcome:?}");
+        steps.push(step.kind());
+    }
+    panic!("no convergence: {steps:?}");
+}
+
+#[test]
+fn every_desired_state_converges_from_every_observable_state() {
+    let cases: &[(DesiredState, VmState, &[StepKind])] = &[
+        (DesiredState::Running, Stopped, &[Create, Boot]),
+        (DesiredState::Running, Created, &[Boot]),
+        (DesiredState::Running, Running, &[]),
+        (DesiredState::Running, Paused, &[Resume]),
+        (DesiredState::Running, Shutdown, &[StopVmm, Create, Boot]),
+        (DesiredState::Running, Standby, &[Restore, Resume, DropStaleSnapshot]),
+        (DesiredState::Standby, Stopped, &[Create, Boot, Pause, Snapshot]),
+        (DesiredState::Standby, Running, &[Pause, Snapshot]),
+        (DesiredState::Standby, Paused, &[Snapshot]),
+        (DesiredState::Standby, Standby, &[]),
+        (DesiredState::Stopped, Running, &[PowerOff, StopVmm]),
+        (DesiredState::Stopped, Paused, &[Resume, PowerOff, StopVmm]),
+        (DesiredState::Stopped, Created, &[PowerOff, StopVmm]),
+        (DesiredState::Stopped, Standby, &[DiscardSnapshot]),
+        (DesiredState::Stopped, Stopped, &[]),
+    ];
+    for (want, from, expected) in cases {
+        let mut obs = observed(*from);
+        if *from == Standby && *want == DesiredState::Running {
+            obs.snapshot = Some(snapshot());
+        }
+        let got = walk(&present(*want), obs);
+        assert_eq!(&got, expected, "{want} from {from}");
+    }
+}
+
+#[test]
+fn removal_deletes_from_every_state_but_unknown_is_killed_first() {
+    for from in ALL_STATES {
+        let steps = walk(&Desired::Absent, observed(from));
+        assert_eq!(steps.last(), Some(&Remove), "from {from}: {steps:?}");
+        if from == Unknown {
+            assert_eq!(steps[0], ForceKill);
+        }
+    }
+    let gone = Observed { exists: false, ..observed(Stopped) };
+    assert_eq!(plan(&Desired::Absent, &gone, Instant::now()), Step::Converged);
+}
+
+#[test]
+fn invalid_declaration_touches_nothing_in_any_state() {
+    for from in ALL_STATES {
+        let step = plan(&Desired::Invalid("bad".into()), &observed(from), Instant::now());
+        assert!(matches!(step, Step::Blocked(_)), "{from}: {step:?}");
+    }
+}
+
+#[test]
+fn unknown_is_blocked_unless_deleted() {
+    for want in [DesiredState::Running, DesiredState::Standby, DesiredState::Stopped] {
+        assert!(matches!(plan(&present(want), &observed(Unknown), Instant::now()), Step::Blocked(_)));
+    }
+}
+
+#[test]
+fn a_changed_declaration_restarts_the_vm() {
+    let desired = Desired::Present(spec_with(DesiredState::Running, 512, RestartPolicy::Always));
+    assert_eq!(walk(&desired, observed(Running)), vec![PowerOff, StopVmm, Create, Boot]);
+    // From standby the old snapshot is useless: cold boot the new spec.
+    let mut obs = observed(Standby);
+    obs.snapshot = Some(snapshot());
+    assert_eq!(walk(&desired, obs), vec![DiscardSnapshot, Create, Boot]);
+    // Declared stopped: no restart needed, nothing to do.
+    let stopped = Desired::Present(spec_with(DesiredState::Stopped, 512, RestartPolicy::Always));
+    assert_eq!(walk(&stopped, Observed { applied: None, ..observed(Stopped) }), vec![]);
+}
+
+#[test]
+fn missing_guest_is_provisioned_first() {
+    let steps = walk(&present(DesiredState::Running), Observed::nothing());
+    assert_eq!(steps, vec![Provision, Create, Boot]);
+}
+
+#[test]
+fn backoff_waits_then_acts() {
+    let now = Instant::now();
+    let later = now + Duration::from_secs(5);
+    let obs = Observed { hold: Some(Hold::Until(later)), ..observed(Stopped) };
+    assert_eq!(plan(&present(DesiredState::Running), &obs, now), Step::WaitUntil(later));
+    assert_eq!(plan(&present(DesiredState::Running), &obs, later).kind(), Create);
+}
+
+#[test]
+fn an_error_that_needs_a_change_waits_for_one() {
+    let obs = Observed { hold: Some(Hold::ForChange), ..observed(Stopped) };
+    let far = Instant::now() + Duration::from_secs(3600);
+    assert_eq!(plan(&present(DesiredState::Running), &obs, far), Step::AwaitChange);
+    assert_eq!(plan(&Desired::Absent, &obs, far), Step::AwaitChange);
+    // An invalid declaration is reported as such, held or not.
+    assert!(matches!(plan(&Desired::Invalid("x".into()), &obs, far), Step::Blocked(_)));
+}
+
+#[test]
+fn every_acting_step_is_a_valid_hop_or_bookkeeping() {
+    let desired = [
+        Desired::Absent,
+        Desired::Invalid("bad".into()),
+        present(DesiredState::Running),
+        present(DesiredState::Standby),
+        present(DesiredState::Stopped),
+        Desired::Present(spec_with(DesiredState::Running, 768, RestartPolicy::Always)),
+    ];
+    for d in &desired {
+        for from in ALL_STATES {
+            for has_snapshot in [false, true] {
+                let obs = Observed { snapshot: has_snapshot.then(snapshot), ..observed(from) };
+                let step = plan(d, &obs, Instant::now());
+                if let Some(to) = step.hop() {
+                    assert!(from.can_transition_to(to), "{d:?} {from}: {step:?}");
+                }
+            }
+        }
+    }
+}
+
+fn running_with(restart: RestartPolicy) -> Desired {
+    Desired::Present(spec_with(DesiredState::Running, 256, restart))
+}
+
+#[test]
+fn the_restart_policy_decides_after_the_guest_ends_by_itself() {
+    use GuestEnd::*;
+    use RestartPolicy::*;
+    let ends = [Exited { status: 0 }, Exited { status: 1 }, Killed { signal: 9 }, StopRequested, GuestEnd::Unknown];
+    for policy in [Always, OnFailure, Never] {
+        for end in ends {
+            let expected = match (policy, end) {
+                (Always, _) => true,
+                (OnFailure, Exited { status: 0 }) => false,
+                (OnFailure, _) => true,
+                (Never, _) => false,
+            };
+            assert_eq!(restarts(policy, end), expected, "{policy} after {end}");
+            // QEMU exits with its guest: Stopped, with the VMM on record.
+            let obs = Observed { ended: Some(end), vmm: None, recorded_vmm: Some(vmm()), ..observed(Stopped) };
+            let steps = walk(&running_with(policy), obs.clone());
+            let want = if expected { vec![RecordExit, Create, Boot] } else { vec![RecordExit] };
+            assert_eq!(steps, want, "{policy} after {end}");
+            // Cloud Hypervisor keeps its VMM: Shutdown first.
+            let obs = Observed { ended: Some(end), ..observed(Shutdown) };
+            let steps = walk(&running_with(policy), obs);
+            let want = if expected { vec![StopVmm, Create, Boot] } else { vec![StopVmm] };
+            assert_eq!(steps, want, "{policy} after {end} (Shutdown)");
+        }
+    }
+}
+
+#[test]
+fn a_held_exit_is_visible_and_lifted_by_a_change_or_a_stop() {
+    let end = GuestEnd::Exited { status: 0 };
+    let held = Observed { applied: None, exited: Some((end, Some(applied()))), ..observed(Stopped) };
+    match plan(&running_with(RestartPolicy::OnFailure), &held, Instant::now()) {
+        Step::Blocked(why) => assert_eq!(why, "the app exited with status 0; restart = \"on-failure\" leaves it stopped"),
+        other => panic!("expected Blocked, got {other:?}"),
+    }
+    // The policy changed to one that restarts: boot.
+    assert_eq!(plan(&running_with(RestartPolicy::Always), &held, Instant::now()).kind(), Create);
+    // The declaration changed: boot the new one.
+    let changed = Desired::Present(spec_with(DesiredState::Running, 512, RestartPolicy::Never));
+    assert_eq!(walk(&changed, held.clone()), vec![Create, Boot]);
+    // Declared stopped, the ending is forgotten; running again boots.
+    assert_eq!(walk(&present(DesiredState::Stopped), held.clone()), vec![ForgetExit]);
+    let forgotten = Observed { exited: None, ..held };
+    assert_eq!(walk(&running_with(RestartPolicy::Never), forgotten), vec![Create, Boot]);
+}
+
+#[test]
+fn a_lost_network_is_repaired_by_a_standby_restore_cycle_only_when_wanted_running() {
+    let lost = |state| Observed { tap: Some(TapHealth::Missing), ..observed(state) };
+    let running = present(DesiredState::Running);
+    let now = Instant::now();
+    assert_eq!(plan(&running, &lost(Running), now).kind(), Pause);
+    assert_eq!(plan(&running, &lost(Paused), now).kind(), Snapshot);
+    // The restored VMM opened the TAP again: the usual path back.
+    assert_eq!(walk(&running, observed(Standby)), vec![Restore, Resume, DropStaleSnapshot]);
+    // A change of declaration is a restart, which reconnects as well.
+    let changed = spec_with(DesiredState::Running, 512, RestartPolicy::Always).applied_for(HypervisorKind::Qemu);
+    let stale = Observed { applied: Some(changed), ..lost(Running) };
+    assert_eq!(plan(&running, &stale, now).kind(), PowerOff);
+    // Going to standby or stopped anyway: no detour.
+    assert_eq!(plan(&present(DesiredState::Standby), &lost(Running), now).kind(), Pause);
+    assert_eq!(plan(&present(DesiredState::Standby), &lost(Paused), now).kind(), Snapshot);
+    assert_eq!(plan(&present(DesiredState::Stopped), &lost(Running), now).kind(), PowerOff);
+    assert_eq!(plan(&Desired::Absent, &lost(Running), now).kind(), PowerOff);
+    // Backing off still waits.
+    let later = now + Duration::from_secs(5);
+    let waiting = Observed { hold: Some(Hold::Until(later)), ..lost(Running) };
+    assert_eq!(plan(&running, &waiting, now), Step::WaitUntil(later));
+    // A TAP that is only off the bridge is put back in place.
+    let misplaced = Observed { tap: Some(TapHealth::Misplaced), ..observed(Running) };
+    assert_eq!(plan(&running, &misplaced, now), Step::RepairTap);
+}
+
+#[test]
+fn a_pressed_power_button_gets_its_grace_then_the_vmm_is_killed() {
+    let now = Instant::now();
+    let deadline = now + Duration::from_millis(300);
+    let stopping = Observed { stopping: Some(deadline), ..observed(Running) };
+    let stopped = present(DesiredState::Stopped);
+    assert_eq!(plan(&stopped, &stopping, now), Step::AwaitPowerOff(now + STOP_POLL));
+    assert_eq!(plan(&stopped, &stopping, deadline - Duration::from_millis(10)), Step::AwaitPowerOff(deadline));
+    assert_eq!(plan(&stopped, &stopping, deadline), Step::Kill { vmm: vmm() });
+    // Wanted running again meanwhile: the guest is on its way down anyway.
+    assert_eq!(plan(&present(DesiredState::Running), &stopping, now).kind(), AwaitPowerOff);
+    // Down inside its VMM: not an ending of its own.
+    let down = Observed { ended: Some(GuestEnd::StopRequested), ..Observed { state: Shutdown, ..stopping.clone() } };
+    assert_eq!(plan(&stopped, &down, now), Step::StopVmm { vmm: vmm(), end: None });
+    // Gone with its VMM (QEMU): forgotten, not recorded as an exit.
+    let gone = Observed { state: Stopped, vmm: None, ended: Some(GuestEnd::StopRequested), ..stopping };
+    assert_eq!(plan(&stopped, &gone, now), Step::ForgetVmm);
+    // Killed after the grace, the path goes through Shutdown.
+    assert_eq!(Outcome::Killed.check(Kill, Running), Ok(Stopped));
+    assert_eq!(Outcome::Killed.check(PowerOff, Created), Ok(Stopped));
+}
+
+#[test]
+fn a_restore_that_falls_back_to_a_cold_boot_is_a_path_the_table_knows() {
+    let why = Outcome::SnapshotUnusable { why: "another version".into() };
+    assert_eq!(why.check(Restore, Standby), Ok(Stopped));
+    assert_eq!(Outcome::Done.check(Restore, Standby), Ok(Paused));
+    assert!(Outcome::Done.check(Restore, Stopped).is_err(), "a restore from Stopped is refused");
+    assert_eq!(Outcome::PowerButtonPressed { deadline: Instant::now() }.check(PowerOff, Running), Ok(Running));
+}
+
+#[test]
+fn bookkeeping_comes_before_hops() {
+    let now = Instant::now();
+    let other = VmmHandle { pid: 43, ..vmm() };
+    let unrecorded = Observed { recorded_vmm: Some(other), ..observed(Running) };
+    assert_eq!(plan(&present(DesiredState::Running), &unrecorded, now), Step::Adopt { vmm: vmm() });
+    let stale = Observed { stale_socket: Some("/g/qmp.sock".into()), ..observed(Stopped) };
+    assert_eq!(plan(&present(DesiredState::Running), &stale, now).kind(), ClearStaleSocket);
+    assert_eq!(plan(&Desired::Absent, &stale, now).kind(), ClearStaleSocket);
+    assert!(matches!(plan(&Desired::Invalid("x".into()), &stale, now), Step::Blocked(_)));
+}
