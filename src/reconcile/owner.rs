@@ -102,9 +102,9 @@ impl Memory {
         }
     }
 
-    /// Holds back for `wait` for what `desired` asked.
-    fn back_off(&mut self, desired: &Desired, wait: Duration) -> Instant {
-        let until = Instant::now() + wait;
+    /// Holds back for `wait` from `now`, for what `desired` asked.
+    fn back_off(&mut self, desired: &Desired, now: Instant, wait: Duration) -> Instant {
+        let until = now + wait;
         self.hold = Some(Hold::Until(until));
         self.hold_for = Some(desired.clone());
         until
@@ -125,6 +125,41 @@ impl Memory {
         self.crashes = 0;
         true
     }
+
+    /// A removal is acted on only once the declaration stayed gone for
+    /// [`ABSENT_GRACE`]: until when to wait, or `None` to act now.
+    fn absent_wait(&mut self, desired: &Desired, acts: bool, now: Instant) -> Option<Instant> {
+        if *desired != Desired::Absent {
+            self.absent_since = None;
+            return None;
+        }
+        if !acts {
+            return None;
+        }
+        let ready = *self.absent_since.get_or_insert(now) + ABSENT_GRACE;
+        (now < ready).then_some(ready)
+    }
+
+    /// Tracks how long the guest has been running: one that stayed up
+    /// [`STABLE_AFTER`] is no longer crash-looping.
+    fn note_running(&mut self, state: VmState, now: Instant) {
+        if state == VmState::Running {
+            let since = *self.running_since.get_or_insert(now);
+            if now.duration_since(since) >= STABLE_AFTER {
+                self.crashes = 0;
+            }
+        } else {
+            self.running_since = None;
+        }
+    }
+}
+
+/// When the next look is due after a nudge at `now`: at once, unless the
+/// last look caused by a nudge was less than `debounce` ago. A burst of
+/// nudges becomes one more look.
+fn nudged_due(due: Instant, last_nudged_wake: Option<Instant>, now: Instant, debounce: Duration) -> Instant {
+    let ready = last_nudged_wake.map_or(now, |t| t + debounce).max(now);
+    due.min(ready)
 }
 
 /// The channels an owner listens on.
@@ -158,10 +193,7 @@ pub async fn run(name: String, ctx: Arc<Ctx>, mut inbox: Inbox, previous: Option
             Some(request) = inbox.requests.recv() => answer(request, &mem),
             nudge = inbox.nudges.recv() => match nudge {
                 Some(()) => {
-                    // Debounce: wakes caused by nudges are at least
-                    // `debounce` apart; a burst becomes one more look.
-                    let ready = last_nudged_wake.map_or(Instant::now(), |t| t + settings.debounce);
-                    due = due.min(ready.max(Instant::now()));
+                    due = nudged_due(due, last_nudged_wake, Instant::now(), settings.debounce);
                     nudged = true;
                 }
                 // Let go by the reconciler: finish quietly.
@@ -216,14 +248,8 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     mem.view.desired = Some(desired.label());
     mem.view.state = Some(obs.state);
     mem.view.last_step = Some(step.kind());
-    if desired != Desired::Absent {
-        mem.absent_since = None;
-    } else if step.acts() {
-        // Act on a removal only once the file has stayed gone a while.
-        let ready = *mem.absent_since.get_or_insert(now) + ABSENT_GRACE;
-        if now < ready {
-            return ready;
-        }
+    if let Some(ready) = mem.absent_wait(&desired, step.acts(), now) {
+        return ready;
     }
     let rest = if obs.state.requires_vmm() { settings.health_interval } else { settings.resync_interval };
     if !step.acts() {
@@ -288,7 +314,7 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             mem.last_seen = None;
             let next = error_policy(e.kind(), mem.failures, settings);
             let until = match next {
-                Next::RetryAfter(wait) => mem.back_off(&desired, wait),
+                Next::RetryAfter(wait) => mem.back_off(&desired, Instant::now(), wait),
                 Next::AwaitChange => {
                     mem.hold = Some(Hold::ForChange);
                     mem.hold_for = Some(desired.clone());
@@ -324,14 +350,7 @@ async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, d
     let now_state = obs.state;
     let settings = &instances.settings().reconcile;
     let was = mem.last_seen.replace(now_state);
-    if now_state == VmState::Running {
-        let since = *mem.running_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= STABLE_AFTER {
-            mem.crashes = 0;
-        }
-    } else {
-        mem.running_since = None;
-    }
+    mem.note_running(now_state, Instant::now());
     let Some(was) = was else { return };
     // Down because the owner pressed the power button: no surprise.
     if mem.stopping.is_some() || !matches!(was, VmState::Running | VmState::Paused) {
@@ -352,7 +371,7 @@ async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, d
         mem.crashes += 1;
         if mem.crashes > 1 {
             let wait = backoff(settings, mem.crashes - 1);
-            mem.back_off(desired, wait);
+            mem.back_off(desired, Instant::now(), wait);
             // Shown by `status` until the next boot succeeds.
             let _ = instances.record_error(name, Some(crash_loop_message(what, mem.crashes, wait))).await;
         }
@@ -365,4 +384,92 @@ fn crash_loop_message(what: &str, crashes: u32, wait: Duration) -> String {
         "crash loop: {what} ({crashes} times in a row); booting again in {} (backoff)",
         humantime::format_duration(wait)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::declaration::spec::InstanceSpec;
+
+    fn running(memory: &str) -> Desired {
+        let text = format!("image = \"busybox\"\nmemory = \"{memory}\"\n");
+        let spec: InstanceSpec =
+            declaration::parse_instance(std::path::Path::new("instances/web.toml"), &text, &Default::default()).unwrap();
+        Desired::Present(Arc::new(spec))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_nudges_is_one_more_look_after_the_debounce() {
+        let debounce = Duration::from_millis(100);
+        let idle = Instant::now() + Duration::from_secs(30);
+        // The first nudge after a quiet spell is looked at at once.
+        let now = Instant::now();
+        assert_eq!(nudged_due(idle, None, now, debounce), now);
+        // A nudge right after a nudged look waits out the debounce...
+        let looked = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let first = nudged_due(idle, Some(looked), Instant::now(), debounce);
+        assert_eq!(first, looked + debounce);
+        // ...and later ones in the window do not move it.
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(nudged_due(first, Some(looked), Instant::now(), debounce), first);
+        // Past the window, at once; never later than a look already due.
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let now = Instant::now();
+        assert_eq!(nudged_due(idle, Some(looked), now, debounce), now);
+        assert_eq!(nudged_due(looked, Some(looked), now, debounce), looked);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_removal_waits_out_the_absence_grace_and_a_return_resets_it() {
+        let mut mem = Memory::new("web");
+        let gone = Instant::now();
+        assert_eq!(mem.absent_wait(&Desired::Absent, true, gone), Some(gone + ABSENT_GRACE));
+        tokio::time::advance(ABSENT_GRACE / 2).await;
+        assert_eq!(mem.absent_wait(&Desired::Absent, true, Instant::now()), Some(gone + ABSENT_GRACE), "counted from the first look");
+        // Nothing to act on: no wait.
+        assert_eq!(mem.absent_wait(&Desired::Absent, false, Instant::now()), None);
+        tokio::time::advance(ABSENT_GRACE / 2).await;
+        assert_eq!(mem.absent_wait(&Desired::Absent, true, Instant::now()), None, "gone for the whole grace");
+        // The file came back (an editor's save): the next absence starts anew.
+        assert_eq!(mem.absent_wait(&running("256MiB"), true, Instant::now()), None);
+        let again = Instant::now();
+        assert_eq!(mem.absent_wait(&Desired::Absent, true, again), Some(again + ABSENT_GRACE));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backoff_holds_for_its_declaration_only() {
+        let mut mem = Memory::new("web");
+        let desired = running("256MiB");
+        mem.failures = 3;
+        mem.crashes = 2;
+        let until = mem.back_off(&desired, Instant::now(), Duration::from_secs(8));
+        assert_eq!(mem.hold, Some(Hold::Until(until)));
+        assert!(!mem.forget_hold_unless(&desired), "the same declaration waits");
+        assert!(!mem.forget_hold_unless(&Desired::Invalid("x".into())), "an invalid one changes nothing");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(mem.forget_hold_unless(&running("512MiB")), "an edit is acted on at once");
+        assert_eq!((mem.hold, mem.failures, mem.crashes), (None, 0, 0));
+        assert!(!mem.forget_hold_unless(&running("512MiB")), "nothing left to forget");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crashes_are_forgotten_once_the_guest_stayed_up() {
+        let mut mem = Memory::new("web");
+        mem.crashes = 3;
+        mem.note_running(VmState::Running, Instant::now());
+        tokio::time::advance(STABLE_AFTER - Duration::from_secs(1)).await;
+        mem.note_running(VmState::Running, Instant::now());
+        assert_eq!(mem.crashes, 3, "not yet");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        mem.note_running(VmState::Running, Instant::now());
+        assert_eq!(mem.crashes, 0);
+        // Down in between: the clock starts again.
+        mem.crashes = 1;
+        mem.note_running(VmState::Stopped, Instant::now());
+        mem.note_running(VmState::Running, Instant::now());
+        tokio::time::advance(STABLE_AFTER / 2).await;
+        mem.note_running(VmState::Running, Instant::now());
+        assert_eq!(mem.crashes, 1);
+    }
 }

@@ -365,3 +365,177 @@ fn bookkeeping_comes_before_hops() {
     assert_eq!(plan(&Desired::Absent, &stale, now).kind(), ClearStaleSocket);
     assert!(matches!(plan(&Desired::Invalid("x".into()), &stale, now), Step::Blocked(_)));
 }
+
+/// Property tests over every field of [`Observed`], each drawn from the
+/// values that matter to the planner (and a few that should not).
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    fn end() -> impl Strategy<Value = GuestEnd> {
+        select(vec![
+            GuestEnd::Exited { status: 0 },
+            GuestEnd::Exited { status: 3 },
+            GuestEnd::Killed { signal: 9 },
+            GuestEnd::StopRequested,
+            GuestEnd::InitFailed,
+            GuestEnd::Unknown,
+        ])
+    }
+
+    fn applied_values() -> Vec<serde_json::Value> {
+        vec![
+            applied(),
+            spec_with(DesiredState::Running, 512, RestartPolicy::Always).applied_for(HypervisorKind::Qemu),
+            spec_with(DesiredState::Running, 256, RestartPolicy::Always).applied_for(HypervisorKind::CloudHypervisor),
+        ]
+    }
+
+    fn handle() -> impl Strategy<Value = VmmHandle> {
+        select(vec![vmm(), VmmHandle { pid: 43, ..vmm() }])
+    }
+
+    /// Offsets from the planning instant, in ms: past, now, future.
+    fn offset() -> impl Strategy<Value = i64> {
+        select(vec![-1000i64, -1, 0, 1, 30, 1000])
+    }
+
+    fn at(now: Instant, ms: i64) -> Instant {
+        if ms >= 0 {
+            now + Duration::from_millis(ms as u64)
+        } else {
+            now - Duration::from_millis((-ms) as u64)
+        }
+    }
+
+    prop_compose! {
+        fn observed_at(now: Instant)(
+            exists in any::<bool>(),
+            state in select(ALL_STATES.to_vec()),
+            hypervisor in proptest::option::of(select(vec![HypervisorKind::Qemu, HypervisorKind::CloudHypervisor])),
+            vmm in proptest::option::of(handle()),
+            recorded_vmm in proptest::option::of(handle()),
+            has_snapshot in any::<bool>(),
+            applied in proptest::option::of(select(applied_values())),
+            hold in proptest::option::of(prop_oneof![offset().prop_map(Some), Just(None)]),
+            ended in proptest::option::of(end()),
+            tap in proptest::option::of(select(vec![TapHealth::Fine, TapHealth::Misplaced, TapHealth::Missing, TapHealth::Orphaned])),
+            exited in proptest::option::of((end(), proptest::option::of(select(applied_values())))),
+            stale_socket in any::<bool>(),
+            stopping in proptest::option::of(offset()),
+        ) -> Observed {
+            Observed {
+                exists,
+                state,
+                hypervisor,
+                vmm,
+                recorded_vmm,
+                snapshot: has_snapshot.then(snapshot),
+                applied,
+                hold: hold.map(|h| match h { Some(ms) => Hold::Until(at(now, ms)), None => Hold::ForChange }),
+                ended,
+                tap,
+                exited,
+                stale_socket: stale_socket.then(|| "/g/qmp.sock".into()),
+                stopping: stopping.map(|ms| at(now, ms)),
+            }
+        }
+    }
+
+    fn desired() -> impl Strategy<Value = Desired> {
+        let specs: Vec<Desired> = [DesiredState::Running, DesiredState::Standby, DesiredState::Stopped]
+            .into_iter()
+            .flat_map(|state| {
+                [(256, RestartPolicy::Always), (512, RestartPolicy::Never), (256, RestartPolicy::OnFailure)]
+                    .map(|(memory, restart)| Desired::Present(spec_with(state, memory, restart)))
+            })
+            .chain([Desired::Absent, Desired::Invalid("bad".into())])
+            .collect();
+        select(specs)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_plan_holds_its_invariants_for_any_observation(
+            (now, o, d) in Just(Instant::now()).prop_flat_map(|now| (Just(now), observed_at(now), desired()))
+        ) {
+            let step = plan(&d, &o, now);
+            // Pure: the same inputs plan the same step.
+            prop_assert_eq!(&plan(&d, &o, now), &step);
+            // Every hop is one the table allows.
+            if let Some(to) = step.hop() {
+                prop_assert!(o.state.can_transition_to(to), "{:?} from {}", step, o.state);
+            }
+            // An invalid declaration is never acted on.
+            if matches!(d, Desired::Invalid(_)) {
+                prop_assert!(matches!(step, Step::Blocked(_)), "{:?}", step);
+            }
+            // Holding back is honoured, except by a declaration that cannot act.
+            let acts_at_all = !matches!(d, Desired::Invalid(_)) && !(d == Desired::Absent && !o.exists);
+            match o.hold {
+                Some(Hold::ForChange) if acts_at_all => prop_assert_eq!(&step, &Step::AwaitChange),
+                Some(Hold::Until(t)) if acts_at_all && now < t => prop_assert_eq!(&step, &Step::WaitUntil(t)),
+                _ => {}
+            }
+            // Steps carry the VMM that was seen, never another.
+            match &step {
+                Step::Boot { vmm } | Step::Pause { vmm, .. } | Step::Resume { vmm, .. } | Step::Snapshot { vmm }
+                | Step::PowerOff { vmm, .. } | Step::Kill { vmm } | Step::StopVmm { vmm, .. }
+                | Step::DropStaleSnapshot { vmm, .. } | Step::Adopt { vmm } => {
+                    prop_assert_eq!(Some(vmm), o.vmm.as_ref());
+                }
+                Step::ForceKill { vmm } => {
+                    prop_assert_eq!(Some(vmm), o.recorded_vmm.as_ref());
+                    prop_assert_eq!(o.state, Unknown);
+                    prop_assert_eq!(&d, &Desired::Absent);
+                }
+                Step::Restore { snapshot, spec } => {
+                    prop_assert_eq!(Some(snapshot), o.snapshot.as_ref());
+                    prop_assert_eq!(o.state, Standby);
+                    prop_assert_eq!(&d, &Desired::Present(spec.clone()));
+                }
+                Step::Create { spec } => {
+                    prop_assert!(o.exists);
+                    prop_assert_eq!(&d, &Desired::Present(spec.clone()));
+                }
+                Step::Provision { .. } => prop_assert!(!o.exists),
+                // Data goes only when the declaration is gone.
+                Step::Remove => {
+                    prop_assert_eq!(&d, &Desired::Absent);
+                    prop_assert_eq!(o.state, Stopped);
+                }
+                Step::DiscardSnapshot { .. } => prop_assert_eq!(o.state, Standby),
+                // A guest the owner is stopping is not taken for one that ended.
+                Step::RecordExit { .. } => prop_assert!(o.stopping.is_none()),
+                Step::ClearStaleSocket { .. } => prop_assert!(matches!(o.state, Stopped | Standby)),
+                Step::Converged | Step::Blocked(_) | Step::WaitUntil(_) | Step::AwaitChange
+                | Step::AwaitPowerOff(_) | Step::RepairTap | Step::ForgetVmm | Step::ForgetExit => {}
+            }
+            if let Step::StopVmm { end: Some(_), .. } = &step {
+                prop_assert!(o.stopping.is_none(), "an ending of its own while being stopped");
+            }
+            // A pressed power button gets its grace, then the kill.
+            if let (Step::Kill { .. }, Some(deadline)) = (&step, o.stopping) {
+                prop_assert!(now >= deadline);
+            }
+            if let Step::AwaitPowerOff(t) = step {
+                prop_assert!(t > now && t <= now + STOP_POLL);
+            }
+        }
+
+        #[test]
+        fn any_consistent_start_converges(
+            (state, d, has_snapshot) in (select(ALL_STATES.to_vec()), desired(), any::<bool>())
+        ) {
+            // `walk` simulates a world where every step succeeds.
+            let start = Observed { snapshot: (has_snapshot || state == Standby).then(snapshot), ..observed(state) };
+            let steps = walk(&d, start);
+            // The longest way: a stale paused VM wanted in standby is resumed,
+            // restarted and snapshotted again (7 steps).
+            prop_assert!(steps.len() <= 7, "{:?}", steps);
+        }
+    }
+}
