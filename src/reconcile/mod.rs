@@ -89,6 +89,12 @@ impl Reconciler {
             tracing::error!(error = %e, "listing the instances failed");
             Vec::new()
         });
+        self.nudge_only(&names);
+    }
+
+    /// Lets go of the owners of names not in `names` (sorted) and nudges
+    /// every one of `names`.
+    fn nudge_only(&mut self, names: &[String]) {
         let gone: Vec<String> = self.owners.keys().filter(|n| names.binary_search(n).is_err()).cloned().collect();
         for name in gone {
             if let Some(owner) = self.owners.remove(&name) {
@@ -97,7 +103,7 @@ impl Reconciler {
             }
         }
         self.retired.retain(|_, task| !task.is_finished());
-        for name in &names {
+        for name in names {
             self.nudge(name);
         }
     }
@@ -152,4 +158,111 @@ fn known_names(ctx: &Ctx) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::declaration::spec::HypervisorKind;
+    use crate::hypervisor::fake::{FakeHypervisor, Op};
+    use crate::hypervisor::Backends;
+    use crate::instances::provision::FakeProvisioner;
+    use crate::settings::Settings;
+    use crate::state::VmState;
+    use crate::store::Store;
+
+    struct World {
+        _tmp: tempfile::TempDir,
+        fake: FakeHypervisor,
+        reconciler: Reconciler,
+    }
+
+    fn world() -> World {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("instances");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("web.toml"), "image = \"busybox\"\n").unwrap();
+        let mut settings = Settings::defaults();
+        settings.data_dir = tmp.path().join("data");
+        settings.default_hypervisor = HypervisorKind::Qemu;
+        settings.reconcile.debounce = Duration::from_millis(1);
+        let store = Arc::new(Store::open(&settings.data_dir).unwrap());
+        let fake = FakeHypervisor::new(HypervisorKind::Qemu);
+        let backends = Backends { cloud_hypervisor: None, qemu: Some(Arc::new(fake.clone())) };
+        let instances = Arc::new(Instances::new(store, backends, Arc::new(settings), Arc::new(FakeProvisioner)));
+        World { _tmp: tmp, fake, reconciler: Reconciler::new(instances, dir) }
+    }
+
+    async fn until(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !check() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn converged_running(reconciler: &Reconciler) -> OwnerView {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(view) = reconciler.view("web").await {
+                if view.state == Some(VmState::Running) && view.last_step == Some(plan::StepKind::Converged) {
+                    return view;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never converged");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// An owner let go while it is inside a step finishes that step before
+    /// the next owner of its name starts: one VM, never two creates at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_owner_waits_for_the_one_let_go() {
+        let mut w = world();
+        w.fake.hold(Op::Create);
+        w.reconciler.nudge("web");
+        until("the create to start", || w.fake.calls().contains(&Op::Create)).await;
+        // Let go mid-step (as a listing that misses the name would), then
+        // nudged again at once.
+        w.reconciler.nudge_only(&[]);
+        w.reconciler.nudge("web");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let creates = || w.fake.calls().iter().filter(|op| **op == Op::Create).count();
+        assert_eq!(creates(), 1, "the second owner did not start while the first was in its step");
+        w.fake.release(Op::Create);
+        let view = converged_running(&w.reconciler).await;
+        assert_eq!(creates(), 1);
+        assert_eq!(w.fake.vmms_started(), 1);
+        assert_eq!(view.error, None);
+        w.reconciler.shutdown(Duration::from_secs(5)).await;
+    }
+
+    /// The owner answers requests on their oneshot, between its steps.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owner_answers_what_it_knows() {
+        let mut w = world();
+        assert_eq!(w.reconciler.view("web").await, None, "no owner yet");
+        w.reconciler.nudge("web");
+        let view = converged_running(&w.reconciler).await;
+        assert_eq!(view.name, "web");
+        assert_eq!(view.desired, Some("running"));
+        assert_eq!(view.steps, 3, "provision, create, boot");
+        // Still answering while a step is held.
+        w.fake.hold(Op::Pause);
+        std::fs::write(w.reconciler.ctx.instances_dir.join("web.toml"), "image = \"busybox\"\nstate = \"standby\"\n").unwrap();
+        w.reconciler.nudge("web");
+        until("the pause to start", || w.fake.calls().contains(&Op::Pause)).await;
+        w.fake.release(Op::Pause);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let view = w.reconciler.view("web").await.expect("an owner");
+            if view.state == Some(VmState::Standby) && view.last_step == Some(plan::StepKind::Converged) {
+                assert_eq!(view.desired, Some("standby"));
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never stood by: {view:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        w.reconciler.shutdown(Duration::from_secs(5)).await;
+    }
 }
