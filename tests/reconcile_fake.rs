@@ -903,3 +903,58 @@ async fn a_guest_whose_tap_was_deleted_is_reconnected_by_a_standby_restore_cycle
     assert!(!env.instances().observe("web").await.unwrap().has_snapshot());
     env.stop().await;
 }
+
+/// Counts `prepare` calls and fails them as a host without a guest kernel
+/// would, until told a kernel is there.
+struct NoKernelYet {
+    prepares: std::sync::atomic::AtomicUsize,
+    kernel: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl Provisioner for NoKernelYet {
+    async fn prepare(
+        &self,
+        spec: &hypeman::declaration::spec::InstanceSpec,
+        guest: &hypeman::store::GuestPaths,
+        meta: &hypeman::store::Metadata,
+    ) -> Result<hypeman::hypervisor::VmConfig, ProvisionError> {
+        self.prepares.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !self.kernel.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ProvisionError::NoKernel);
+        }
+        FakeProvisioner.prepare(spec, guest, meta).await
+    }
+}
+
+/// An error only a change can clear is not retried on a timer: status says
+/// it waits for a change, and an edit of the declaration tries again. A
+/// transient one says when it is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_that_needs_a_change_waits_for_one_and_status_says_so() {
+    let mut env = Env::new();
+    let provisioner = Arc::new(NoKernelYet { prepares: 0.into(), kernel: false.into() });
+    env.provisioner = provisioner.clone();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    wait_for_error(&env, "web", "no guest kernel configured").await;
+    let error = env.store().find_by_name("web").unwrap().unwrap().last_error.unwrap();
+    assert!(error.ends_with("waiting for a change to the declaration or settings"), "{error}");
+    // Several backoff periods and resyncs later, still one try.
+    tokio::time::sleep(env.settings.reconcile.resync_interval * 3).await;
+    assert_eq!(provisioner.prepares.load(std::sync::atomic::Ordering::SeqCst), 1, "not retried");
+    // The kernel appears and the declaration is edited: tried at once.
+    provisioner.kernel.store(true, std::sync::atomic::Ordering::SeqCst);
+    env.write("web", &decl("running", "512MiB"));
+    env.wait_for("web", VmState::Running).await;
+    assert_eq!(env.store().find_by_name("web").unwrap().unwrap().last_error, None);
+
+    // A transient failure says when it is tried again.
+    env.fake.fail(Op::Pause, 0, Fault::Error);
+    env.write("web", &decl("standby", "512MiB"));
+    wait_for_error(&env, "web", "pause failed").await;
+    let error = env.store().find_by_name("web").unwrap().unwrap().last_error.unwrap();
+    assert!(error.contains("; retrying in "), "{error}");
+    env.wait_for("web", VmState::Standby).await;
+    env.stop().await;
+}
