@@ -13,7 +13,11 @@
 //! Problems are reported like declarations' (`path:line:column: message`,
 //! see [`Diagnostic`]), all of them at once.
 
-use crate::declaration::spec::{ByteSize, HypervisorKind};
+use crate::declaration::spec::ByteSize;
+use crate::hypervisor::HypervisorKind;
+// QEMU's accelerator is the backend's type; re-exported so the path
+// `settings::Accel` keeps working.
+pub use crate::hypervisor::qemu::Accel;
 use crate::declaration::units::RawQuantity;
 use crate::declaration::RawInt;
 use crate::declaration::{Diagnostic, Problems, MIN_MEMORY, MIN_OVERLAY_SIZE};
@@ -24,31 +28,6 @@ use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
-
-/// Which accelerator QEMU uses. `Auto` picks KVM only where it can run a
-/// stock kernel (not under a nested `kvm_pvm`), else TCG.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Auto => "auto",
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-impl fmt::Display for Accel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GuestSettings {

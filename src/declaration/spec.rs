@@ -5,6 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
+// The hypervisor layer's own types, which a spec names; re-exported so the
+// paths `declaration::spec::{HypervisorKind, IoLimit}` keep working.
+pub use crate::hypervisor::{HypervisorKind, IoLimit};
+
 /// A size in bytes, written by users as `"512MiB"`, `"1GiB"`, `"10G"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ByteSize(pub u64);
@@ -88,37 +92,6 @@ impl fmt::Display for RestartPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HypervisorKind {
-    CloudHypervisor,
-    Qemu,
-}
-
-impl HypervisorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HypervisorKind::CloudHypervisor => "cloud-hypervisor",
-            HypervisorKind::Qemu => "qemu",
-        }
-    }
-}
-
-impl fmt::Display for HypervisorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Token-bucket style limits; `None` means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
-pub struct IoLimit {
-    /// Bytes per second.
-    pub bytes_per_sec: Option<u64>,
-    /// Operations (disk) or packets (network) per second.
-    pub ops_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
