@@ -5,6 +5,7 @@
 //! per-instance logs. `cli` is the command line over all of it.
 
 pub mod cli;
+pub mod config_file;
 pub mod daemon;
 pub mod exit;
 pub mod declaration;
