@@ -50,6 +50,7 @@ let
       ../Cargo.toml
       ../Cargo.lock
       ../src
+      ../contract
       ../init
       ../benches
       ../tools

@@ -5,11 +5,11 @@
 //! (SIGTERM)` when something outside asked it to stop. The latest boot
 //! starts at init's `starting (version …)` line; a boot with no exit line
 //! ended some other way (VMM killed or crashed, kernel panic). The line
-//! formats are init's (`hypeman_init::supervise`, `console`), so both sides
-//! compile the same ones. Parsing is pure; reading the tail is the caller's.
+//! formats are the host↔guest contract's (`hypeman_contract::console`), so
+//! both sides compile the same ones. Parsing is pure; reading the tail is
+//! the caller's.
 
-use hypeman_init::console::{FATAL, PREFIX, STARTING};
-use hypeman_init::supervise::{AppExit, STOPPING_SUFFIX};
+use hypeman_contract::console::{AppExit, FATAL, PREFIX, STARTING, STOPPING_SUFFIX};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 

@@ -3,8 +3,13 @@
 //! `declaration` → `reconcile` → `instances` → `hypervisor`, with `store`
 //! holding what is on disk, `watch` noticing changes and `logs` reading the
 //! per-instance logs. `cli` is the command line over all of it.
+//! Both TOML files (`declaration`, `settings`) are read with `config_file`;
+//! what the guest's PID 1 must agree with is the `hypeman-contract` crate.
+//! Imports point one way: `tests/layers.rs` fails on a cycle or on a lower
+//! layer importing a higher one.
 
 pub mod cli;
+pub mod config_file;
 pub mod daemon;
 pub mod exit;
 pub mod declaration;

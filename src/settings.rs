@@ -13,10 +13,16 @@
 //! Problems are reported like declarations' (`path:line:column: message`,
 //! see [`Diagnostic`]), all of them at once.
 
-use crate::declaration::spec::{ByteSize, HypervisorKind};
-use crate::declaration::units::RawQuantity;
-use crate::declaration::RawInt;
-use crate::declaration::{Diagnostic, Problems, MIN_MEMORY, MIN_OVERLAY_SIZE};
+use crate::config_file::units::RawQuantity;
+use crate::config_file::{ByteSize, Diagnostic, Problems, RawInt};
+use crate::declaration::{MIN_MEMORY, MIN_OVERLAY_SIZE};
+use crate::hypervisor::HypervisorKind;
+// QEMU's accelerator is the backend's type; re-exported so the path
+// `settings::Accel` keeps working.
+pub use crate::hypervisor::qemu::Accel;
+// The bounds `[limits]` sets are the declaration's rules; re-exported so the
+// path `settings::Limits` keeps working.
+pub use crate::declaration::Limits;
 use serde::Deserialize;
 use std::fmt;
 use std::io;
@@ -24,31 +30,6 @@ use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
-
-/// Which accelerator QEMU uses. `Auto` picks KVM only where it can run a
-/// stock kernel (not under a nested `kvm_pvm`), else TCG.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Auto => "auto",
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-impl fmt::Display for Accel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GuestSettings {
@@ -92,14 +73,6 @@ impl Default for NetworkSettings {
             dns: Vec::new(),
         }
     }
-}
-
-/// Bounds on what one declaration may ask for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    pub max_vcpus: u32,
-    pub max_memory: ByteSize,
-    pub max_overlay_size: ByteSize,
 }
 
 /// Reconciler timing.
@@ -187,16 +160,6 @@ impl SettingsError {
                 format!("cannot read: {source}"),
             )],
             SettingsError::Invalid { diagnostics, .. } => diagnostics.clone(),
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_vcpus: 32,
-            max_memory: ByteSize(64 * ByteSize::GIB),
-            max_overlay_size: ByteSize(1024 * ByteSize::GIB),
         }
     }
 }

@@ -22,7 +22,7 @@ use hypeman::instances::image_provisioner::{ensure_overlay, write_config_disk, B
 use hypeman::settings::Accel;
 use hypeman::state::VmState;
 use hypeman::system::cached_initrd;
-use hypeman_init::config::{GuestConfig, CONFIG_VERSION};
+use hypeman_contract::config::{GuestConfig, CONFIG_VERSION};
 use support::{busybox_tree, real_vm};
 
 const COUNTER_SCRIPT: &str = "i=0; while true; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";

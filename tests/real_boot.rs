@@ -20,7 +20,7 @@ mod support;
 
 use hypeman::system::{cached_initrd, host_tsc_khz};
 use support::{busybox_tree, real_vm, which};
-use hypeman_init::config::{GuestConfig, CONFIG_FILE, CONFIG_VERSION};
+use hypeman_contract::config::{GuestConfig, CONFIG_FILE, CONFIG_VERSION};
 
 const COUNTER_SCRIPT: &str =
     "i=0; while [ $i -lt 5 ]; do i=$((i+1)); echo COUNTER $i; sleep 0.1; done";

@@ -18,16 +18,18 @@ use std::time::{Duration, Instant};
 
 use crate::acpi::AcpiEvents;
 use crate::command;
-use crate::config::{
-    GuestConfig, CONFIG_FILE, MODULE_LOAD_ORDER, OVERLAY_UPPER, OVERLAY_WORK, SERIAL_CONFIG,
-};
 use crate::console::say;
 use crate::disks;
 use crate::error::InitError;
 use crate::modules::{self, LoadOutcome};
 use crate::mounts;
 use crate::net;
-use crate::supervise::{self, AppExit, Launch, APP_STOP_GRACE};
+use crate::supervise::{self, Launch, APP_STOP_GRACE};
+use hypeman_contract::config::{
+    GuestConfig, CONFIG_FILE, OVERLAY_UPPER, OVERLAY_WORK, SERIAL_CONFIG,
+};
+use hypeman_contract::console::AppExit;
+use hypeman_contract::modules::{parse_load_order, MODULE_LOAD_ORDER};
 use crate::user::{self, Identity};
 
 /// How long to wait for the expected disks to show up in sysfs.
@@ -151,7 +153,7 @@ fn mount_kernel_filesystems() -> Result<(), InitError> {
 
 fn load_modules() -> Result<(), InitError> {
     let list = match std::fs::read_to_string(MODULE_LOAD_ORDER) {
-        Ok(text) => modules::parse_load_order(&text),
+        Ok(text) => parse_load_order(&text),
         // A kernel with every driver built in needs no list.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(InitError::io("read", MODULE_LOAD_ORDER, e)),
@@ -193,10 +195,10 @@ fn mount_root(
     config: &GuestConfig,
     disks: &std::collections::BTreeMap<String, PathBuf>,
 ) -> Result<(), InitError> {
-    let rootfs = disks[crate::config::SERIAL_ROOTFS]
+    let rootfs = disks[hypeman_contract::config::SERIAL_ROOTFS]
         .to_string_lossy()
         .into_owned();
-    let overlay_dev = &disks[crate::config::SERIAL_OVERLAY];
+    let overlay_dev = &disks[hypeman_contract::config::SERIAL_OVERLAY];
 
     mkdir(ROOTFS_MNT)?;
     let fstype = mounts::mount_any(
@@ -308,7 +310,7 @@ fn setup_network(config: &GuestConfig) -> Result<(), InitError> {
     let Some(network) = &config.network else {
         return Ok(());
     };
-    let mac = crate::config::parse_mac(&network.mac).map_err(|source| InitError::Config {
+    let mac = hypeman_contract::config::parse_mac(&network.mac).map_err(|source| InitError::Config {
         path: PathBuf::from(CONFIG_FILE),
         source,
     })?;
@@ -342,7 +344,7 @@ fn prepare_launch(config: &GuestConfig, identity: &Identity) -> Result<Launch, I
     let path_var = env
         .get("PATH")
         .map(String::as_str)
-        .unwrap_or(crate::config::DEFAULT_PATH);
+        .unwrap_or(hypeman_contract::config::DEFAULT_PATH);
     let program = command::resolve_program(&argv[0], path_var, Path::new("/"))?;
     let c = |s: &str| CString::new(s).map_err(|_| InitError::Nul { what: s.to_owned() });
     Ok(Launch {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{GuestConfig, DEFAULT_PATH};
+use hypeman_contract::config::{GuestConfig, DEFAULT_PATH};
 use crate::error::InitError;
 use crate::user::Identity;
 

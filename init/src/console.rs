@@ -1,23 +1,16 @@
 //! Talking to the serial console, which the host stores as the instance's
 //! `logs/app.log`: every init line starts with `hypeman-init:` so it can be
-//! told apart from the app's own output. Also the last act of init:
+//! told apart from the app's own output (the line formats are the
+//! contract's, `hypeman_contract::console`). Also the last act of init:
 //! syncing and powering off, which is how the host learns the app ended.
 
 use std::io::Write;
-
-/// What every init line starts with.
-pub const PREFIX: &str = "hypeman-init: ";
-/// The first line of every boot, after [`PREFIX`]; the version follows.
-pub const STARTING: &str = "starting (version ";
-/// How init's line for an error that ends the boot begins (after
-/// [`PREFIX`]); the host reports such a guest as failed in init.
-pub const FATAL: &str = "fatal: ";
 
 /// Prints one `hypeman-init: …` line. Writes to stderr, which is the console
 /// (the kernel opens `/dev/console` for PID 1, and [`attach`] re-opens it
 /// once devtmpfs is mounted). A failed write has nowhere to be reported.
 pub fn say(message: &str) {
-    let line = format!("{PREFIX}{message}\n");
+    let line = hypeman_contract::console::line(message);
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::ConfigError;
+use hypeman_contract::config::ConfigError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {

@@ -1,15 +1,14 @@
-//! hypeman-init: the guest's PID 1, and the guest contract it shares with
-//! the host.
+//! hypeman-init: the guest's PID 1.
 //!
-//! The host side of hypeman depends on this crate only for [`config`] (the
-//! `config.json` format, disk serials, initrd paths), so both sides compile
-//! the same definitions. Everything else is init's own: it runs inside the
-//! guest, static and single-threaded, and must never panic-loop the kernel.
+//! What it shares with the host (the config disk format, the console lines
+//! the host reads back, the initrd's module list) is `hypeman-contract`;
+//! the host does not link this crate. Everything here is init's own: it
+//! runs inside the guest, static and single-threaded, and must never
+//! panic-loop the kernel.
 
 pub mod acpi;
 pub mod boot;
 pub mod command;
-pub mod config;
 pub mod console;
 pub mod disks;
 pub mod error;

@@ -6,7 +6,8 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use hypeman_init::console::{power_off, say, FATAL, STARTING};
+use hypeman_contract::console::{starting, FATAL};
+use hypeman_init::console::{power_off, say};
 use hypeman_init::error::chain;
 
 fn main() -> ExitCode {
@@ -19,7 +20,7 @@ fn main() -> ExitCode {
         say(&format!("{FATAL}panic: {info}"));
         power_off();
     }));
-    say(&format!("{STARTING}{})", env!("CARGO_PKG_VERSION")));
+    say(&starting(env!("CARGO_PKG_VERSION")));
     match hypeman_init::boot::boot(started) {
         Ok(exit) => say(&exit.to_string()),
         Err(e) => say(&format!("{FATAL}{}", chain(&e))),

@@ -2,19 +2,10 @@
 //! builder resolved from `modules.dep`. Init does no dependency resolution of
 //! its own: the list is already ordered, so a failure here is reported per
 //! module and boot goes on (a missing driver shows up later as a missing disk).
+//! The list's path and format are the contract's (`hypeman_contract::modules`).
 
 use std::ffi::CString;
-use std::path::{Path, PathBuf};
-
-/// Paths listed in a load-order file: one per line, blank lines and `#`
-/// comments ignored, surrounding whitespace trimmed.
-pub fn parse_load_order(text: &str) -> Vec<PathBuf> {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(PathBuf::from)
-        .collect()
-}
+use std::path::Path;
 
 /// How loading one module went.
 #[derive(Debug)]
@@ -57,19 +48,6 @@ pub fn load(path: &Path) -> LoadOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_load_order_skipping_blanks_and_comments() {
-        let text = "# built by hypeman\n/lib/modules/6.1/kernel/a.ko\n\n  /lib/modules/6.1/kernel/b.ko  \n";
-        assert_eq!(
-            parse_load_order(text),
-            [
-                PathBuf::from("/lib/modules/6.1/kernel/a.ko"),
-                PathBuf::from("/lib/modules/6.1/kernel/b.ko")
-            ]
-        );
-        assert!(parse_load_order("").is_empty());
-    }
 
     #[test]
     fn a_missing_module_file_is_a_failure_not_a_panic() {

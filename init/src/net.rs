@@ -24,7 +24,7 @@ pub fn interface_by_mac(sys_root: &Path, mac: &[u8; 6]) -> Result<Option<String>
         let Ok(text) = std::fs::read_to_string(entry.path().join("address")) else {
             continue;
         };
-        if crate::config::parse_mac(text.trim()).ok().as_ref() == Some(mac) {
+        if hypeman_contract::config::parse_mac(text.trim()).ok().as_ref() == Some(mac) {
             return Ok(Some(entry.file_name().to_string_lossy().into_owned()));
         }
     }
@@ -239,12 +239,12 @@ mod tests {
             )
             .expect("write");
         }
-        let mac = crate::config::parse_mac("52:54:00:aa:bb:cc").expect("mac");
+        let mac = hypeman_contract::config::parse_mac("52:54:00:aa:bb:cc").expect("mac");
         assert_eq!(
             interface_by_mac(&sys, &mac).expect("scan").as_deref(),
             Some("eth1")
         );
-        let absent = crate::config::parse_mac("52:54:00:00:00:99").expect("mac");
+        let absent = hypeman_contract::config::parse_mac("52:54:00:00:00:99").expect("mac");
         assert_eq!(interface_by_mac(&sys, &absent).expect("scan"), None);
         assert_eq!(interface_names(&sys), ["eth0", "eth1", "lo"]);
         let _ = std::fs::remove_dir_all(&sys);

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::acpi::{AcpiEvent, AcpiEvents};
 use crate::error::InitError;
+use hypeman_contract::console::{signal_name, AppExit, STOPPING_SUFFIX};
 
 /// Everything the child needs, prepared before `fork` so the child does not
 /// allocate.
@@ -27,40 +28,6 @@ pub struct Launch {
     pub uid: u32,
     pub gid: u32,
 }
-
-/// How the app ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppExit {
-    Code(i32),
-    Signal(i32),
-}
-
-impl std::fmt::Display for AppExit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AppExit::Code(code) => write!(f, "app exited with status {code}"),
-            AppExit::Signal(sig) => {
-                write!(f, "app was killed by signal {sig} ({})", signal_name(*sig))
-            }
-        }
-    }
-}
-
-impl AppExit {
-    /// The inverse of `Display`: the host reads this line from the console
-    /// log to learn how the app ended.
-    pub fn from_line(message: &str) -> Option<AppExit> {
-        if let Some(code) = message.strip_prefix("app exited with status ") {
-            return code.trim().parse().ok().map(AppExit::Code);
-        }
-        let rest = message.strip_prefix("app was killed by signal ")?;
-        rest.split_whitespace().next()?.parse().ok().map(AppExit::Signal)
-    }
-}
-
-/// How every [`Notice::Stopping`] line ends, for the host to tell a stop
-/// from outside apart from the app ending by itself.
-pub const STOPPING_SUFFIX: &str = ", stopping app (SIGTERM)";
 
 /// Signals init passes on to the app instead of acting on them.
 const FORWARDED: [libc::c_int; 2] = [libc::SIGINT, libc::SIGHUP];
@@ -172,25 +139,6 @@ impl Stopper {
             }
             Some(_) | None => None,
         }
-    }
-}
-
-pub fn signal_name(sig: libc::c_int) -> &'static str {
-    match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGPWR => "SIGPWR",
-        _ => "other",
     }
 }
 
@@ -413,25 +361,6 @@ fn reap(app: libc::pid_t) -> Option<AppExit> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exit_lines_are_what_the_host_greps_for() {
-        assert_eq!(AppExit::Code(0).to_string(), "app exited with status 0");
-        assert_eq!(AppExit::Code(3).to_string(), "app exited with status 3");
-        assert_eq!(
-            AppExit::Signal(15).to_string(),
-            "app was killed by signal 15 (SIGTERM)"
-        );
-    }
-
-    #[test]
-    fn exit_lines_parse_back() {
-        for exit in [AppExit::Code(0), AppExit::Code(255), AppExit::Signal(9)] {
-            assert_eq!(AppExit::from_line(&exit.to_string()), Some(exit));
-        }
-        assert_eq!(AppExit::from_line("app exited with status x"), None);
-        assert_eq!(AppExit::from_line("starting (version 0.1.0)"), None);
-    }
 
     #[test]
     fn stop_lines_say_why_and_what() {

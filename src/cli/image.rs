@@ -5,7 +5,7 @@
 //! (pulling, verifying, converting) is `crate::images`; this module only
 //! decides what to show and what may go.
 
-use super::progress::StderrProgress;
+use super::progress::{human, StderrProgress};
 use super::CliError;
 use crate::declaration::scan_dir;
 use crate::images::reference::ImageRef;
@@ -152,21 +152,6 @@ pub fn prune(store: &ImageStore, users: &BTreeMap<String, String>, out: &mut imp
         }
     }
     writeln!(out, "freed {}", human(freed)).map_err(CliError::Output)
-}
-
-pub(super) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,6 @@ use std::io::Write;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::image::human;
 use crate::images::{Progress, PullEvent};
 
 /// How often a live download line is redrawn at most.
@@ -226,6 +225,23 @@ impl<W: Write + Send> StderrProgress<W> {
 impl<W: Write + Send> Progress for StderrProgress<W> {
     fn event(&self, event: &PullEvent<'_>) {
         self.draw(|view| view.render(event, Instant::now()));
+    }
+}
+
+/// A byte count as the pull lines and the `image` listings show it
+/// (`512 B`, `1.5 MiB`).
+pub(super) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

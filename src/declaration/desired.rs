@@ -7,8 +7,7 @@
 //! the filesystem; async callers run [`read`] in `spawn_blocking`.
 
 use super::spec::InstanceSpec;
-use super::{load_instance, DeclarationError};
-use crate::settings::Limits;
+use super::{load_instance, DeclarationError, Limits};
 use std::path::Path;
 use std::sync::Arc;
 

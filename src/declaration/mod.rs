@@ -16,22 +16,22 @@
 //! ```
 
 pub mod desired;
-mod diagnostic;
+mod limits;
 mod raw;
 pub mod spec;
-pub mod units;
 mod validate;
 
+// Problem reports are the config-file toolkit's; re-exported so the path
+// `declaration::Diagnostic` keeps working.
+pub use crate::config_file::Diagnostic;
 pub use desired::Desired;
-pub use diagnostic::Diagnostic;
-pub(crate) use diagnostic::Problems;
-pub(crate) use raw::RawInt;
+pub use limits::Limits;
 pub use validate::{
     DEFAULT_HOTPLUG_MEMORY, DEFAULT_MEMORY, DEFAULT_OVERLAY_SIZE, DEFAULT_VCPUS, HOTPLUG_ALIGN,
     MEMORY_ALIGN, MIN_MEMORY, MIN_OVERLAY_SIZE,
 };
 
-use crate::settings::Limits;
+use crate::config_file::Problems;
 use spec::InstanceSpec;
 use std::collections::BTreeMap;
 use std::io;

@@ -7,7 +7,7 @@
 //! for enums) so that one bad value is reported with the others instead of
 //! stopping the parse at the first.
 //!
-//! The whole format, with defaults (sizes and rates: see `units`):
+//! The whole format, with defaults (sizes and rates: see `config_file::units`):
 //!
 //! ```toml
 //! image = "docker.io/library/nginx:alpine"  # required; or "oci:/abs/dir[:tag]", "oci-archive:/abs/file[:tag]"
@@ -44,7 +44,8 @@
 //! `[network]` and `[disk_io]` may also be written inline
 //! (`disk_io = { iops = 1000 }`); TOML treats both spellings alike.
 
-use super::units::RawQuantity;
+use crate::config_file::units::RawQuantity;
+use crate::config_file::RawInt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -130,49 +131,5 @@ impl<'de> Deserialize<'de> for RawArgv {
         }
 
         deserializer.deserialize_seq(ArgvVisitor)
-    }
-}
-
-/// A TOML integer of any size, saturated into an `i64`: out-of-range values
-/// are then reported by the key's own range check ("must be between 1 and
-/// 32") instead of as a type error naming Rust types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RawInt(pub i64);
-
-impl fmt::Display for RawInt {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for RawInt {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct IntVisitor;
-
-        impl Visitor<'_> for IntVisitor {
-            type Value = RawInt;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a whole number")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawInt, E> {
-                Ok(RawInt(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawInt, E> {
-                Ok(RawInt(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-            fn visit_i128<E: de::Error>(self, v: i128) -> Result<RawInt, E> {
-                Ok(RawInt(i64::try_from(v).unwrap_or(if v < 0 {
-                    i64::MIN
-                } else {
-                    i64::MAX
-                })))
-            }
-            fn visit_u128<E: de::Error>(self, v: u128) -> Result<RawInt, E> {
-                Ok(RawInt(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-        }
-
-        deserializer.deserialize_any(IntVisitor)
     }
 }

@@ -5,35 +5,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
-/// A size in bytes, written by users as `"512MiB"`, `"1GiB"`, `"10G"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub const KIB: u64 = 1024;
-    pub const MIB: u64 = 1024 * 1024;
-    pub const GIB: u64 = 1024 * 1024 * 1024;
-
-    pub fn bytes(self) -> u64 {
-        self.0
-    }
-    pub fn mib(self) -> u64 {
-        self.0 / Self::MIB
-    }
-}
-
-impl fmt::Display for ByteSize {
-    /// The largest binary unit that divides the size exactly.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = self.0;
-        for (unit, name) in [(1u64 << 40, "TiB"), (Self::GIB, "GiB"), (Self::MIB, "MiB"), (Self::KIB, "KiB")] {
-            if b >= unit && b % unit == 0 {
-                return write!(f, "{}{name}", b / unit);
-            }
-        }
-        write!(f, "{b}B")
-    }
-}
+// Types a spec names that belong to the layers below (the config-file
+// toolkit's sizes, the hypervisor's backends and limits); re-exported so the
+// paths `declaration::spec::{ByteSize, HypervisorKind, IoLimit}` keep working.
+pub use crate::config_file::ByteSize;
+pub use crate::hypervisor::{HypervisorKind, IoLimit};
 
 /// What the user wants an instance to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,37 +64,6 @@ impl fmt::Display for RestartPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HypervisorKind {
-    CloudHypervisor,
-    Qemu,
-}
-
-impl HypervisorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HypervisorKind::CloudHypervisor => "cloud-hypervisor",
-            HypervisorKind::Qemu => "qemu",
-        }
-    }
-}
-
-impl fmt::Display for HypervisorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Token-bucket style limits; `None` means unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
-pub struct IoLimit {
-    /// Bytes per second.
-    pub bytes_per_sec: Option<u64>,
-    /// Operations (disk) or packets (network) per second.
-    pub ops_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]

@@ -6,14 +6,14 @@
 //! Every check reports into `Problems` and carries on with a stand-in value,
 //! so one run shows all of a file's problems.
 
-use super::diagnostic::Problems;
-use super::raw::{RawInstance, RawInt, RawVolume};
+use super::limits::Limits;
+use super::raw::{RawInstance, RawVolume};
 use super::spec::{
     ByteSize, DesiredState, HypervisorKind, InstanceSpec, IoLimit, NetworkSpec, RestartPolicy,
     VolumeSpec,
 };
-use super::units::RawQuantity;
-use crate::settings::Limits;
+use crate::config_file::units::RawQuantity;
+use crate::config_file::{Problems, RawInt};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;

@@ -12,7 +12,7 @@ use super::{
     DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
     VmmHandle,
 };
-use crate::declaration::spec::HypervisorKind;
+use super::HypervisorKind;
 use crate::state::VmState;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap};

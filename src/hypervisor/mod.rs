@@ -10,16 +10,27 @@
 
 pub mod cloud_hypervisor;
 pub mod fake;
+mod kind;
 pub mod launch;
 pub mod process;
 pub mod qemu;
 
-use crate::declaration::spec::{HypervisorKind, IoLimit};
+pub use kind::HypervisorKind;
+
 use crate::state::VmState;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Token-bucket style limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct IoLimit {
+    /// Bytes per second.
+    pub bytes_per_sec: Option<u64>,
+    /// Operations (disk) or packets (network) per second.
+    pub ops_per_sec: Option<u64>,
+}
 
 /// A disk attached to the guest, found there by its virtio serial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ use crate::network::host::{tap_health, HostNetwork, TapHealth};
 use crate::network::NetworkError;
 use crate::settings::NetworkSettings;
 use crate::store::NetworkLease;
-use hypeman_init::config::{
+use hypeman_contract::config::{
     GuestConfig, NetworkConfig, VolumeConfig, CONFIG_FILE, CONFIG_VERSION, SERIAL_CONFIG, SERIAL_OVERLAY,
     SERIAL_ROOTFS, SERIAL_VOLUME_PREFIX,
 };

@@ -78,7 +78,7 @@ mod tests {
         assert_eq!(m, mac(id()));
         assert_ne!(m, mac(Ulid::nil()));
         let text = format_mac(&m);
-        assert_eq!(hypeman_init::config::parse_mac(&text).unwrap(), m);
+        assert_eq!(hypeman_contract::config::parse_mac(&text).unwrap(), m);
         assert_eq!(format_mac(&[2, 0, 0x0a, 0x64, 0, 0xff]), "02:00:0a:64:00:ff");
     }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
 use super::error::StoreError;
-use crate::declaration::spec::HypervisorKind;
+use crate::hypervisor::HypervisorKind;
 use crate::exit::GuestEnd;
 
 /// The metadata format this build writes and the newest it reads.

@@ -162,7 +162,7 @@ impl Store {
     pub fn create_guest(
         &self,
         name: &str,
-        hypervisor: crate::declaration::spec::HypervisorKind,
+        hypervisor: crate::hypervisor::HypervisorKind,
     ) -> Result<Metadata, StoreError> {
         self.create_guest_with_id(Ulid::new(), name, hypervisor)
     }
@@ -171,7 +171,7 @@ impl Store {
         &self,
         id: Ulid,
         name: &str,
-        hypervisor: crate::declaration::spec::HypervisorKind,
+        hypervisor: crate::hypervisor::HypervisorKind,
     ) -> Result<Metadata, StoreError> {
         let _guard = self
             .create_lock

@@ -30,7 +30,7 @@ use super::error::StoreError;
 use super::metadata::{encode, versioned_value};
 use super::paths::{GuestPaths, SNAPSHOT_MARKER};
 use super::Store;
-use crate::declaration::spec::HypervisorKind;
+use crate::hypervisor::HypervisorKind;
 
 /// The marker format this build writes and the newest it reads.
 pub const SNAPSHOT_VERSION: u32 = 1;

@@ -9,7 +9,7 @@ use tempfile::TempDir;
 use ulid::Ulid;
 
 use super::*;
-use crate::declaration::spec::HypervisorKind;
+use crate::hypervisor::HypervisorKind;
 
 /// A fresh store holding one guest called `name`.
 pub(crate) fn store_with_guest(name: &str) -> (TempDir, Store, Metadata) {

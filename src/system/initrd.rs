@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use hypeman_init::config::MODULE_LOAD_ORDER;
+use hypeman_contract::modules::{format_load_order, MODULE_LOAD_ORDER};
 
 use super::cpio::CpioWriter;
 use super::modules::{ModuleTree, GUEST_MODULES};
@@ -112,14 +112,13 @@ impl Contents {
             cpio.dir(dir, 0o755)?;
         }
         cpio.file("init", 0o755, &self.init)?;
-        let mut order = String::from("# module load order, resolved from modules.dep by hypeman\n");
+        let mut listed = Vec::with_capacity(self.modules.len());
         for (rel, bytes) in &self.modules {
             let path = self.module_path(rel);
             cpio.file(&path, 0o644, bytes)?;
-            order.push('/');
-            order.push_str(&path);
-            order.push('\n');
+            listed.push(format!("/{path}"));
         }
+        let order = format_load_order(listed.iter().map(String::as_str));
         cpio.file(
             MODULE_LOAD_ORDER.trim_start_matches('/'),
             0o644,
@@ -329,7 +328,7 @@ mod tests {
             ]
         );
         // What init parses is exactly what the builder wrote.
-        let parsed = hypeman_init::modules::parse_load_order(&order);
+        let parsed = hypeman_contract::modules::parse_load_order(&order);
         assert_eq!(parsed.len(), listed.len());
         for path in &listed {
             let entry = find(path.trim_start_matches('/'));

@@ -17,7 +17,7 @@
 
 use super::api;
 use super::client::ChVersion;
-use crate::declaration::spec::IoLimit;
+use crate::hypervisor::IoLimit;
 use crate::hypervisor::VmConfig;
 use std::path::Path;
 

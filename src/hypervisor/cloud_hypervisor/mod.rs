@@ -34,7 +34,7 @@ use super::{
     DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
     VmmHandle,
 };
-use crate::declaration::spec::HypervisorKind;
+use crate::hypervisor::HypervisorKind;
 use crate::state::VmState;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

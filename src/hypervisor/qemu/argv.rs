@@ -193,7 +193,7 @@ pub fn argv(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::declaration::spec::IoLimit;
+    use crate::hypervisor::IoLimit;
 
     fn config() -> VmConfig {
         let disk = |id: &str, path: &str, readonly: bool| DiskConfig {

@@ -28,8 +28,7 @@ use super::{
     DiskConfig, GuestVmm, Hypervisor, HypervisorError, Probe, SnapshotMeta, VmConfig, VmInfo,
     VmmHandle,
 };
-use crate::declaration::spec::{HypervisorKind, IoLimit};
-use crate::settings::Accel;
+use super::{HypervisorKind, IoLimit};
 use crate::state::VmState;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -117,6 +116,32 @@ fn vm_state(status: &str) -> Option<VmState> {
         "paused" | "postmigrate" | "inmigrate" | "finish-migrate" => Some(VmState::Paused),
         "shutdown" => Some(VmState::Shutdown),
         _ => None,
+    }
+}
+
+/// Which accelerator QEMU uses, as configured. `Auto` picks KVM only where
+/// it can run a stock kernel (not under a nested `kvm_pvm`), else TCG; see
+/// [`resolve_accel`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -355,7 +380,7 @@ impl Hypervisor for QemuBackend {
                     None => Probe::Absent,
                 };
             }
-            Err(e) => return Probe::Unreachable { reason: crate::instances::error_chain(&e) },
+            Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
         };
         let Some(state) = vm_state(&answered) else {
             return Probe::Unreachable { reason: format!("QEMU is in run state {answered:?}") };

@@ -1,9 +1,9 @@
-//! The guest contract: what the host writes onto the config disk and where
-//! things live in the guest. Both sides compile this one file (the host
-//! through the `hypeman-init` path dependency), so the format cannot drift.
+//! The config disk: what the host writes onto it (`config.json`, validated
+//! the same way on both sides), the serials by which init finds each disk,
+//! and where things live in the guest.
 //!
 //! This module only describes and validates; it does no IO beyond parsing
-//! bytes handed to it, so the host can use it without touching a guest.
+//! bytes handed to it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -26,9 +26,6 @@ pub const SERIAL_CONFIG: &str = "config";
 pub const SERIAL_VOLUME_PREFIX: &str = "vol";
 /// Virtio-blk serials are at most 20 bytes (`VIRTIO_BLK_ID_BYTES`).
 pub const SERIAL_MAX_LEN: usize = 20;
-
-/// Path of the initrd's module list, one absolute path per line, in load order.
-pub const MODULE_LOAD_ORDER: &str = "/lib/modules/load-order";
 
 /// Directory name inside the overlay disk for overlayfs' upper layer.
 pub const OVERLAY_UPPER: &str = "upper";

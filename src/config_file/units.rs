@@ -1,6 +1,7 @@
 //! Human-written quantities: sizes (`"512MiB"`) and rates (`"100Mbit"`,
-//! `"10MiB/s"`). Owns their grammar and nothing else; which quantity a key
-//! takes and its bounds are the validators' business.
+//! `"10MiB/s"`), in declarations and in the settings file alike. Owns their
+//! grammar and [`ByteSize`], and nothing else; which quantity a key takes
+//! and its bounds are the validators' business.
 //!
 //! # Sizes
 //!
@@ -30,10 +31,39 @@
 //! `"100M"` could mean either and is rejected. A TOML integer is bytes per
 //! second. Rates are stored in bytes per second and must be whole bytes.
 
-use crate::declaration::spec::ByteSize;
 use serde::de::{self, Deserialize, Deserializer, Visitor};
 use std::fmt;
 use std::str::FromStr;
+
+/// A size in bytes, written by users as `"512MiB"`, `"1GiB"`, `"10G"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub const KIB: u64 = 1024;
+    pub const MIB: u64 = 1024 * 1024;
+    pub const GIB: u64 = 1024 * 1024 * 1024;
+
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+    pub fn mib(self) -> u64 {
+        self.0 / Self::MIB
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// The largest binary unit that divides the size exactly.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (unit, name) in [(1u64 << 40, "TiB"), (Self::GIB, "GiB"), (Self::MIB, "MiB"), (Self::KIB, "KiB")] {
+            if b >= unit && b % unit == 0 {
+                return write!(f, "{}{name}", b / unit);
+            }
+        }
+        write!(f, "{b}B")
+    }
+}
 
 /// Why a size or rate could not be read. Messages follow `key = value: `.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
