@@ -1,5 +1,8 @@
-//! The instance state machine: the seven states, the single-hop transition
-//! table, and the multi-hop orchestrations expressed as sequences of hops.
+//! The instance state machine: the seven states and the single-hop
+//! transition table. The multi-hop orchestrations of DESIGN.md (create,
+//! standby, restore, stop, delete) are the planner's walks from hop to hop
+//! (`reconcile::plan`, whose tests follow each one), and what a step did is
+//! an `Outcome` whose path is checked against this table.
 //!
 //! ```text
 //!            create            boot
@@ -18,8 +21,8 @@
 //! ```
 //!
 //! This module owns the rules only. It performs no IO and knows nothing of
-//! hypervisors; callers check a hop with [`VmState::can_transition_to`]
-//! before any side effect and record the new state after it.
+//! hypervisors; the executor checks a step's hop with [`VmState::hop`]
+//! before any side effect, and the owner checks the outcome's path after.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -65,15 +68,6 @@ impl VmState {
             Shutdown => matches!(to, Running | Stopped),
             Standby => matches!(to, Paused | Stopped),
             Unknown => false,
-        }
-    }
-
-    /// A state with no VMM and nothing in flight: reconciling can rest here.
-    pub fn is_terminal(self) -> bool {
-        use VmState::*;
-        match self {
-            Stopped | Standby => true,
-            Created | Running | Paused | Shutdown | Unknown => false,
         }
     }
 
@@ -144,77 +138,6 @@ pub enum StateError {
     InvalidTransition { from: VmState, to: VmState },
     #[error("{0:?} is not a state (expected one of Stopped, Created, Running, Paused, Shutdown, Standby, Unknown)")]
     UnknownName(String),
-    #[error("no orchestration leads from {from} to {goal}")]
-    NoPath { from: VmState, goal: VmState },
-}
-
-/// The multi-hop orchestrations of DESIGN.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Orchestration {
-    /// `Stopped → Created → Running`.
-    Create,
-    /// `Running → Paused → Standby`.
-    Standby,
-    /// `Standby → Paused → Running`.
-    Restore,
-    /// `Running|Paused|Created → Shutdown → Stopped`, or `Standby → Stopped`.
-    Stop,
-    /// `Shutdown → Running` (a guest that shut down, started again).
-    Start,
-    /// `any → Stopped`, then all data removed.
-    Delete,
-}
-
-impl Orchestration {
-    /// The hops this orchestration takes from `from`, each checked against
-    /// the table. An empty list means there is nothing to do.
-    pub fn hops(self, from: VmState) -> Result<Vec<Hop>, StateError> {
-        use VmState::*;
-        let path: &[VmState] = match (self, from) {
-            (Orchestration::Create, Stopped) => &[Created, Running],
-            (Orchestration::Create, Created) => &[Running],
-            (Orchestration::Create, Running) => &[],
-            (Orchestration::Standby, Running) => &[Paused, Standby],
-            (Orchestration::Standby, Paused) => &[Standby],
-            (Orchestration::Standby, Standby) => &[],
-            (Orchestration::Restore, Standby) => &[Paused, Running],
-            (Orchestration::Restore, Paused) => &[Running],
-            (Orchestration::Restore, Running) => &[],
-            (Orchestration::Stop, Created | Running | Paused) => &[Shutdown, Stopped],
-            (Orchestration::Stop, Shutdown | Standby) => &[Stopped],
-            (Orchestration::Stop, Stopped) => &[],
-            (Orchestration::Start, Shutdown) => &[Running],
-            (Orchestration::Start, Running) => &[],
-            (Orchestration::Delete, Created | Running | Paused) => &[Shutdown, Stopped],
-            (Orchestration::Delete, Shutdown | Standby) => &[Stopped],
-            // Unknown has no hops; delete force-removes the VMM and data.
-            (Orchestration::Delete, Stopped | Unknown) => &[],
-            (_, _) => {
-                return Err(StateError::NoPath {
-                    from,
-                    goal: self.goal(),
-                })
-            }
-        };
-        let mut hops = Vec::with_capacity(path.len());
-        let mut at = from;
-        for &to in path {
-            hops.push(at.hop(to)?);
-            at = to;
-        }
-        Ok(hops)
-    }
-
-    /// The state this orchestration ends in.
-    pub fn goal(self) -> VmState {
-        match self {
-            Orchestration::Create | Orchestration::Restore | Orchestration::Start => {
-                VmState::Running
-            }
-            Orchestration::Standby => VmState::Standby,
-            Orchestration::Stop | Orchestration::Delete => VmState::Stopped,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -267,11 +190,9 @@ mod tests {
     }
 
     #[test]
-    fn vmm_requirement_and_terminality() {
+    fn vmm_requirement() {
         let needs_vmm: Vec<_> = ALL_STATES.into_iter().filter(|s| s.requires_vmm()).collect();
         assert_eq!(needs_vmm, vec![Created, Running, Paused, Shutdown]);
-        let terminal: Vec<_> = ALL_STATES.into_iter().filter(|s| s.is_terminal()).collect();
-        assert_eq!(terminal, vec![Stopped, Standby]);
     }
 
     #[test]
@@ -282,45 +203,5 @@ mod tests {
             assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
         }
         assert!("asleep".parse::<VmState>().is_err());
-    }
-
-    #[test]
-    fn orchestrations_are_sequences_of_valid_hops() {
-        let all = [
-            Orchestration::Create,
-            Orchestration::Standby,
-            Orchestration::Restore,
-            Orchestration::Stop,
-            Orchestration::Start,
-            Orchestration::Delete,
-        ];
-        for o in all {
-            for from in ALL_STATES {
-                if let Ok(hops) = o.hops(from) {
-                    let end = hops.last().map(|h| h.to).unwrap_or(from);
-                    if !(o == Orchestration::Delete && from == Unknown) {
-                        assert_eq!(end, o.goal(), "{o:?} from {from}");
-                    }
-                    for w in hops.windows(2) {
-                        assert_eq!(w[0].to, w[1].from);
-                    }
-                }
-            }
-        }
-        let path = |o: Orchestration, from| -> Vec<VmState> {
-            o.hops(from).unwrap().into_iter().map(|h| h.to).collect()
-        };
-        assert_eq!(path(Orchestration::Create, Stopped), vec![Created, Running]);
-        assert_eq!(path(Orchestration::Standby, Running), vec![Paused, Standby]);
-        assert_eq!(path(Orchestration::Restore, Standby), vec![Paused, Running]);
-        assert_eq!(path(Orchestration::Stop, Running), vec![Shutdown, Stopped]);
-        assert_eq!(path(Orchestration::Stop, Standby), vec![Stopped]);
-        assert_eq!(path(Orchestration::Start, Shutdown), vec![Running]);
-        assert_eq!(path(Orchestration::Delete, Paused), vec![Shutdown, Stopped]);
-        assert!(path(Orchestration::Delete, Unknown).is_empty());
-        assert_eq!(
-            Orchestration::Standby.hops(Stopped),
-            Err(StateError::NoPath { from: Stopped, goal: Standby })
-        );
     }
 }
