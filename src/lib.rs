@@ -8,6 +8,7 @@ pub mod cli;
 pub mod daemon;
 pub mod exit;
 pub mod declaration;
+pub mod durable;
 pub mod hypervisor;
 pub mod images;
 pub mod logs;
