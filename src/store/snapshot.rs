@@ -96,12 +96,19 @@ impl Store {
     /// writes the marker last, and publishes it as `snapshot-latest`,
     /// replacing the previous snapshot. The marker is written with the
     /// current [`SNAPSHOT_VERSION`] whatever `info.version` says.
+    ///
+    /// This is the one place a snapshot becomes durable: every file and
+    /// directory under `.partial` is fsynced here, once, before the marker
+    /// exists, so a backend only writes its files and must not fsync them
+    /// again (a memory file is gigabytes; QEMU's `exec:cat` never syncs it).
     pub fn commit_snapshot(&self, id: Ulid, info: &SnapshotInfo) -> Result<(), StoreError> {
         let paths = self.guest_paths(id);
         let partial = paths.snapshot_partial();
         if !partial.is_dir() {
             return Err(StoreError::NoPartialSnapshot { path: partial });
         }
+        // All data first; the marker (itself fsynced, then its directory)
+        // is what makes the snapshot complete.
         durable::fsync_tree(&partial)?;
         let marker = partial.join(SNAPSHOT_MARKER);
         let info = SnapshotInfo {
