@@ -416,14 +416,9 @@ mod tests {
         assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
     }
 
-    fn have(tool: &str) -> bool {
-        Command::new(tool).arg("--help").output().is_ok()
-    }
-
     #[test]
     fn overlay_is_made_once_and_never_recreated() {
-        if !have("mkfs.ext4") {
-            eprintln!("skipped: mkfs.ext4 is not installed");
+        if !crate::test_gate::tools(&["mkfs.ext4"]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -441,8 +436,7 @@ mod tests {
 
     #[test]
     fn config_disk_holds_the_config() {
-        if !have("mkfs.erofs") || !have("fsck.erofs") {
-            eprintln!("skipped: erofs-utils is not installed");
+        if !crate::test_gate::tools(&["mkfs.erofs", "fsck.erofs"]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
