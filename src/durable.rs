@@ -184,11 +184,10 @@ pub fn sweep_temp_files(dir: &Path) -> Result<(), DurableError> {
     Ok(())
 }
 
-/// Makes the entries of `dir` (creations, renames, removals) durable.
+/// Makes the entries of `dir` (creations, renames, removals) durable. A
+/// directory is opened and synced as a file is.
 pub fn fsync_dir(dir: &Path) -> Result<(), DurableError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(DurableError::io("sync", dir))
+    fsync_file(dir)
 }
 
 /// Makes the contents of the file at `path` durable.
@@ -232,18 +231,16 @@ pub fn create_dir(path: &Path) -> Result<(), DurableError> {
 }
 
 pub fn remove_file_if_exists(path: &Path) -> Result<(), DurableError> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DurableError::Io {
-            op: "remove",
-            path: path.to_path_buf(),
-            source: e,
-        }),
-        _ => Ok(()),
-    }
+    removed(fs::remove_file(path), path)
 }
 
 pub fn remove_dir_all_if_exists(path: &Path) -> Result<(), DurableError> {
-    match fs::remove_dir_all(path) {
+    removed(fs::remove_dir_all(path), path)
+}
+
+/// A removal's outcome, where "already gone" is success.
+fn removed(result: io::Result<()>, path: &Path) -> Result<(), DurableError> {
+    match result {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DurableError::Io {
             op: "remove",
             path: path.to_path_buf(),
