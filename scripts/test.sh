@@ -8,6 +8,9 @@ scripts/setup.sh
 # parsed and their builtins-only logic evaluated.
 sh .ci/nix-parse-check.sh
 export HYPEMAN_REAL_VM=1
+# setup.sh installed every tool, so a test that would skip for a missing
+# one fails instead (tests/support/gate.rs; CI=true does the same).
+export HYPEMAN_REQUIRE_TOOLS=1
 HYPEMAN_GUEST_KERNEL_DIR=$(realpath target/guest-kernel)
 export HYPEMAN_GUEST_KERNEL_DIR
 cargo test --workspace -- --test-threads=2

@@ -13,6 +13,7 @@ pub mod config_file;
 pub mod daemon;
 pub mod exit;
 pub mod declaration;
+pub mod durable;
 pub mod hypervisor;
 pub mod images;
 pub mod logs;
@@ -24,6 +25,12 @@ pub mod system;
 pub mod watch;
 pub mod instances;
 pub mod reconcile;
+
+/// When a test may skip for a missing tool: the same file the integration
+/// tests use as `support::gate`, so the rule is written once.
+#[cfg(test)]
+#[path = "../tests/support/gate.rs"]
+pub(crate) mod test_gate;
 
 /// An error and its causes on one line, `a: b: c`: how every edge (the CLI,
 /// log lines, status) prints a chain, once.
@@ -60,5 +67,14 @@ mod tests {
         use Layer::*;
         let e = Op("create VM", Box::new(Op("create", Box::new(Op("create", Box::new(Cause))))));
         assert_eq!(super::error_chain(&e), "create VM failed: create failed: the cause");
+    }
+
+    #[test]
+    fn the_test_gate_finds_tools_by_path_and_by_name() {
+        use super::test_gate::installed;
+        assert!(installed("sh"), "sh is in every PATH");
+        assert!(installed("/bin/sh"));
+        assert!(!installed("/nonexistent/tool"));
+        assert!(!installed("hypeman-no-such-tool"));
     }
 }

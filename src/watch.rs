@@ -20,6 +20,7 @@
 //! parent directory renamed away, or an instances directory that is itself a
 //! symlink whose target was swapped (NixOS `/etc/static`).
 
+use crate::declaration::{self, DeclFile};
 use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use std::os::unix::fs::MetadataExt;
@@ -72,28 +73,21 @@ pub enum WatchError {
 }
 
 /// The instance name a directory entry declares, if it is a declaration
-/// candidate at all. Pure: looks at the file name only.
+/// candidate at all. Pure: looks at the file name only, so an event for a
+/// file that is already gone still maps to its instance.
 ///
-/// Any `NAME.toml` that is not an editor or temp file yields `NAME`, even when
-/// `NAME` is not a valid instance name: validation reports that, not us.
-/// Non-UTF-8 names yield `None` (they cannot name an instance).
+/// Which names are declarations is [`declaration::instance_name`]'s rule,
+/// the one the directory scan uses; this only turns it into what an event
+/// needs. A `NAME.toml` whose `NAME` is not a valid instance name still
+/// yields `NAME`: validation reports that, not us. Non-UTF-8 names yield
+/// `None` (they cannot name an instance; the scan reports them).
 pub fn candidate_name(path: &Path) -> Option<String> {
-    let file = path.file_name()?.to_str()?;
-    let is_editor_file = file.starts_with('.') // dotfiles, emacs `.#x` lock links
-        || file.ends_with('~')
-        || file.ends_with(".swp")
-        || file.ends_with(".swx")
-        || file.ends_with(".tmp")
-        || file == "4913" // vim probes whether it may create files with this name
-        || (file.starts_with('#') && file.ends_with('#'));
-    if is_editor_file {
-        return None;
+    path.file_name()?.to_str()?;
+    match declaration::instance_name(path) {
+        DeclFile::Instance(name) => Some(name),
+        DeclFile::InvalidName(file) => file.strip_suffix(".toml").map(str::to_owned),
+        DeclFile::Ignored => None,
     }
-    let stem = file.strip_suffix(".toml")?;
-    if stem.is_empty() {
-        return None;
-    }
-    Some(stem.to_owned())
 }
 
 /// Watches one instances directory until dropped.
@@ -482,6 +476,45 @@ mod tests {
                 *want,
                 "candidate_name({path:?})"
             );
+        }
+    }
+
+    /// The watcher and the scan read file names by one rule: every name
+    /// here is classified the same by both, editor and temp files included.
+    #[test]
+    fn the_watcher_and_the_scan_agree_on_every_name() {
+        use DeclFile::{Ignored, Instance, InvalidName};
+        let instance = |n: &str| Instance(n.into());
+        let invalid = |n: &str| InvalidName(n.into());
+        let table: Vec<(&str, DeclFile, Option<&str>)> = vec![
+            ("web.toml", instance("web"), Some("web")),
+            ("/etc/hypeman/instances/a-1.toml", instance("a-1"), Some("a-1")),
+            ("Web.toml", invalid("Web.toml"), Some("Web")),
+            ("web.prod.toml", invalid("web.prod.toml"), Some("web.prod")),
+            // Once a disagreement: the watcher took this for `#web`.
+            ("#web.toml", Ignored, None),
+            ("#web.toml#", Ignored, None),
+            (".#web.toml", Ignored, None),
+            (".web.toml", Ignored, None),
+            (".web.toml.swp", Ignored, None),
+            ("web.toml.swp", Ignored, None),
+            ("web.toml.swx", Ignored, None),
+            ("web.toml~", Ignored, None),
+            ("web.toml.tmp", Ignored, None),
+            ("web.toml.bak", Ignored, None),
+            ("4913", Ignored, None),
+            (".toml", Ignored, None),
+            ("toml", Ignored, None),
+            ("web.TOML", Ignored, None),
+            ("web", Ignored, None),
+            ("/", Ignored, None),
+        ];
+        // What `durable::write_atomic` leaves while it writes a declaration.
+        let temp = crate::durable::temp_path(Path::new("web.toml"));
+        let temp = temp.to_str().unwrap();
+        for (path, file, candidate) in table.iter().cloned().chain([(temp, Ignored, None)]) {
+            assert_eq!(declaration::instance_name(Path::new(path)), file, "instance_name({path:?})");
+            assert_eq!(candidate_name(Path::new(path)).as_deref(), candidate, "candidate_name({path:?})");
         }
     }
 

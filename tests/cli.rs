@@ -2,6 +2,8 @@
 //! and which of `--data-dir`, `HYPEMAN_DATA_DIR` and the settings file
 //! wins. Computations are tested in-process in `src/cli/tests.rs`.
 
+mod support;
+
 use anyhow::{Context as _, Result};
 use hypeman::declaration::spec::HypervisorKind;
 use hypeman::store::Store;
@@ -289,8 +291,7 @@ fn a_usage_error_exits_2() -> Result<()> {
 /// prune removes it once unused.
 #[test]
 fn image_cache_commands() -> Result<()> {
-    if Command::new("umoci").arg("--version").output().is_err() || !Path::new("/bin/busybox").exists() {
-        eprintln!("skipped: umoci or busybox-static is not installed");
+    if !support::gate::tools(&["umoci", "/bin/busybox"]) {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;

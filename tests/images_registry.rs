@@ -33,8 +33,7 @@ fn extract(image: &Path, into: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_from_a_real_registry_then_serve_from_cache() {
-    if let Some(tool) = missing_tool() {
-        println!("skipping registry test: {tool} is not installed");
+    if !support::gate::tools(support::registry::TOOLS) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -171,13 +171,17 @@ pub enum DeclFile {
 }
 
 /// Classify a path by its file name alone (no IO), so the watcher can map a
-/// file event to an instance name even after the file is gone.
+/// file event to an instance name even after the file is gone. The one rule
+/// for which names are declarations: the scan and `watch::candidate_name`
+/// both use it.
 ///
 /// Only `*.toml` counts. Names starting with `.` (dotfiles, Emacs `.#x.toml`
-/// lock links, vim's `.x.toml.swp`) or `#` (Emacs `#x.toml#` autosaves) are
-/// ignored; `x.toml~`, `x.toml.swp` and `x.toml.tmp` fail the extension
-/// test. Editors write these next to the real file while it is being edited,
-/// and treating them as declarations would create phantom instances.
+/// lock links, vim's `.x.toml.swp`, hypeman's own temp files) or `#` (Emacs
+/// `#x.toml#` autosaves) are ignored; `x.toml~`, `x.toml.swp`, `x.toml.tmp`
+/// and vim's `4913` probe fail the extension test. Editors write these next
+/// to the real file while it is being edited, and treating them as
+/// declarations would create phantom instances. A directory named `x.toml`
+/// is classified like a file here; the scan reports it as not a file.
 pub fn instance_name(path: &Path) -> DeclFile {
     let Some(file_name) = path.file_name() else {
         return DeclFile::Ignored;

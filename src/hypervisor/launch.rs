@@ -5,8 +5,9 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use crate::durable::{self, DurableError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -16,11 +17,17 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot encode {} as JSON", path.display())]
+    Encode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("cannot write {}", path.display())]
     Write {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: DurableError,
     },
     #[error("{} is not a launch record", path.display())]
     Parse {
@@ -56,14 +63,11 @@ pub fn recorded_initrd(path: &Path) -> Result<Option<PathBuf>, LaunchError> {
     }
 }
 
-/// Temp file, fsync, rename: a crash leaves the old record or the new.
+/// Temp file, fsync, rename, fsync the directory: a crash leaves the old
+/// record or the new, and a record that was written stays written.
 pub fn write<T: Serialize>(path: &Path, record: &T) -> Result<(), LaunchError> {
-    let err = |source| LaunchError::Write { path: path.to_path_buf(), source };
-    let json = serde_json::to_vec_pretty(record).map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&json).and_then(|()| f.sync_all()).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    let json = serde_json::to_vec_pretty(record).map_err(|source| LaunchError::Encode { path: path.to_path_buf(), source })?;
+    durable::write_atomic(path, &json).map_err(|source| LaunchError::Write { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -85,5 +89,24 @@ mod tests {
         assert_eq!(recorded_initrd(&tmp.path().join("none.json")).unwrap(), None);
         std::fs::write(tmp.path().join("bad.json"), b"{}").unwrap();
         assert!(matches!(recorded_initrd(&tmp.path().join("bad.json")), Err(LaunchError::Parse { .. })));
+    }
+
+    #[test]
+    fn a_rewrite_replaces_the_record_and_leaves_no_temp_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("launch.json");
+        let record = |argv: &str| crate::hypervisor::qemu::LaunchRecord {
+            version: 1,
+            config: crate::hypervisor::conformance::bare_config(),
+            argv: vec![argv.into()],
+        };
+        write(&path, &record("old")).unwrap();
+        write(&path, &record("new")).unwrap();
+        let read: crate::hypervisor::qemu::LaunchRecord = read(&path).unwrap();
+        assert_eq!(read.argv, ["new"]);
+        let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["launch.json"]);
+        let err = write(&tmp.path().join("gone/launch.json"), &record("x")).unwrap_err();
+        assert_eq!(err.to_string(), format!("cannot write {}", tmp.path().join("gone/launch.json").display()));
     }
 }

@@ -39,6 +39,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::durable::{self, DurableError};
+
 use self::auth::{AuthError, Credentials};
 pub use self::progress::{LogProgress, Progress, PullEvent, Silent};
 pub use self::reference::{ImageRef, ReferenceError, RegistryRef};
@@ -154,6 +156,8 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Durable(#[from] DurableError),
     #[error("background task failed: {0}")]
     Task(String),
 }
@@ -406,7 +410,7 @@ impl ImageStore {
         let trash = self.temp_dir()?;
         let doomed = trash.path.join("doomed");
         fs::rename(&image_dir, &doomed).map_err(ImageError::io("rename", &image_dir))?;
-        fsync_dir(&self.dir)?;
+        durable::fsync_dir(&self.dir)?;
         drop(trash);
         Ok(())
     }
@@ -481,7 +485,7 @@ impl ImageStore {
             digest: digest.clone(),
             source: fingerprint,
         };
-        write_atomic(&self.ref_path(canonical), &to_json(&record))?;
+        durable::write_atomic(&self.ref_path(canonical), &to_json(&record))?;
         Ok(info)
     }
 
@@ -554,9 +558,7 @@ impl ImageStore {
         blocking(move || {
             rootfs::build(&root, &disk2, format)
                 .map_err(|source| ImageError::Rootfs { digest: d, source })?;
-            fs::File::open(&disk2)
-                .and_then(|f| f.sync_all())
-                .map_err(ImageError::io("sync", &disk2))?;
+            durable::fsync_file(&disk2)?;
             fs::remove_dir_all(&root).map_err(ImageError::io("remove", &root))
         })
         .await?;
@@ -578,11 +580,12 @@ impl ImageStore {
             unpacked_bytes: stats.bytes,
             blob_bytes,
         };
-        write_atomic(&work.path.join(RECORD_FILE), &to_json(&record))?;
-        fsync_dir(&work.path)?;
+        // Also fsyncs the work directory, so every entry in it is durable
+        // before the rename below publishes it.
+        durable::write_atomic(&work.path.join(RECORD_FILE), &to_json(&record))?;
         let final_dir = self.image_dir(&digest);
         fs::rename(&work.path, &final_dir).map_err(ImageError::io("publish", &final_dir))?;
-        fsync_dir(&self.dir)?;
+        durable::fsync_dir(&self.dir)?;
         work.disarm();
         tracing::info!(
             reference = canonical,
@@ -602,7 +605,7 @@ impl ImageStore {
         if !record.references.iter().any(|r| r == canonical) {
             record.references.push(canonical.to_string());
             record.references.sort();
-            write_atomic(&path, &to_json(&record))?;
+            durable::write_atomic(&path, &to_json(&record))?;
         }
         self.load(digest)?
             .ok_or(ImageError::NotFound(digest.to_string()))
@@ -791,32 +794,6 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
     bytes.push(b'\n');
     bytes
-}
-
-fn write_atomic(target: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    use std::io::Write;
-    let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parent = target.parent().unwrap_or(Path::new("."));
-    let temp = parent.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
-    let result = fs::File::create(&temp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = result.and_then(|()| fs::rename(&temp, target)) {
-        let _ = fs::remove_file(&temp);
-        return Err(ImageError::io("write", target)(e));
-    }
-    fsync_dir(parent)
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), ImageError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(ImageError::io("sync", dir))
 }
 
 fn hex_of(digest: &str) -> &str {

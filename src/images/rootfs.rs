@@ -219,16 +219,6 @@ fn run(program: &'static str, cmd: &mut Command) -> Result<(), RootfsError> {
 mod tests {
     use super::*;
 
-    fn tool(name: &str) -> bool {
-        let found = ["/usr/bin", "/usr/sbin", "/sbin", "/bin"]
-            .iter()
-            .any(|d| Path::new(d).join(name).exists());
-        if !found {
-            eprintln!("skipping: {name} not installed");
-        }
-        found
-    }
-
     #[test]
     fn ext4_geometry_grows_with_files_not_just_bytes() {
         let small_files = TreeUsage {
@@ -247,7 +237,7 @@ mod tests {
     /// with many small files.
     #[test]
     fn twenty_thousand_small_files_fit_in_both_formats() {
-        if !tool("mkfs.ext4") || !tool("mkfs.erofs") || !tool("debugfs") {
+        if !crate::test_gate::tools(&["mkfs.ext4", "mkfs.erofs", "debugfs"]) {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -289,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_failing_mkfs_reports_its_output() {
-        if !tool("mkfs.erofs") {
+        if !crate::test_gate::tools(&["mkfs.erofs"]) {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();

@@ -2,14 +2,6 @@ use super::*;
 use std::io::Write;
 use std::process::Command;
 
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--help").output().is_ok();
-    if !ok {
-        eprintln!("skipping: {tool} not installed");
-    }
-    ok
-}
-
 /// Writes `bytes` as a blob of the layout at `dir` and returns its descriptor JSON.
 fn blob(dir: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
     let digest = source::sha256_digest(bytes);
@@ -114,7 +106,7 @@ fn temp_names(store: &ImageStore) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layout_image_is_converted_once_and_then_served_from_cache() {
-    if !have("mkfs.erofs") || !have("fsck.erofs") {
+    if !crate::test_gate::tools(&["mkfs.erofs", "fsck.erofs"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -193,7 +185,7 @@ async fn layout_image_is_converted_once_and_then_served_from_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_ensures_convert_once() {
-    if !have("mkfs.erofs") {
+    if !crate::test_gate::tools(&["mkfs.erofs"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -249,7 +241,7 @@ async fn tampered_blob_is_rejected_and_leaves_nothing() {
 
 #[tokio::test]
 async fn index_picks_the_host_platform_and_archives_work() {
-    if !have("mkfs.ext4") || !have("debugfs") {
+    if !crate::test_gate::tools(&["mkfs.ext4", "debugfs"]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@
 
 use super::provision::{ProvisionError, Provisioner};
 use crate::declaration::spec::InstanceSpec;
+use crate::durable;
 use crate::hypervisor::{DiskConfig, VmConfig};
 use crate::images::{ImageConfig, ImageStore, ImageStoreOptions};
 use crate::settings::Settings;
@@ -159,14 +160,16 @@ pub fn ensure_overlay(path: &Path, size: u64) -> Result<bool, ProvisionError> {
         return Ok(false);
     }
     let err = disk_error("overlay", path);
-    let tmp = path.with_extension("raw.tmp");
-    let f = std::fs::File::create(&tmp).map_err(|e| err(e.into()))?;
-    f.set_len(size).map_err(|e| err(e.into()))?;
-    drop(f);
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]).arg(&tmp))
-        .map_err(&err)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| err(e.into()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.into()))?;
+    let tmp = durable::temp_path(path);
+    let made = (|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        std::fs::File::create(&tmp)?.set_len(size)?;
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]).arg(&tmp))
+    })();
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    durable::publish(&tmp, path).map_err(|e| err(e.into()))?;
     Ok(true)
 }
 
@@ -184,15 +187,15 @@ pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), Provis
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| err(e.into()))?;
     std::fs::write(staging.join(CONFIG_FILE), &json).map_err(|e| err(e.into()))?;
-    let tmp = path.with_extension("erofs.tmp");
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = durable::temp_path(path);
     let built = run(Command::new("mkfs.erofs").arg("--quiet").arg(&tmp).arg(&staging));
     let _ = std::fs::remove_dir_all(&staging);
-    built.map_err(&err)?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.into()))?;
-    let copy_tmp = path.with_extension("json.tmp");
-    std::fs::write(&copy_tmp, &json).map_err(|e| err(e.into()))?;
-    std::fs::rename(&copy_tmp, &copy).map_err(|e| err(e.into()))?;
+    if let Err(e) = built {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    durable::publish(&tmp, path).map_err(|e| err(e.into()))?;
+    durable::write_atomic(&copy, &json).map_err(|e| err(e.into()))?;
     Ok(())
 }
 
@@ -420,14 +423,9 @@ mod tests {
         assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
     }
 
-    fn have(tool: &str) -> bool {
-        Command::new(tool).arg("--help").output().is_ok()
-    }
-
     #[test]
     fn overlay_is_made_once_and_never_recreated() {
-        if !have("mkfs.ext4") {
-            eprintln!("skipped: mkfs.ext4 is not installed");
+        if !crate::test_gate::tools(&["mkfs.ext4"]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -445,8 +443,7 @@ mod tests {
 
     #[test]
     fn config_disk_holds_the_config() {
-        if !have("mkfs.erofs") || !have("fsck.erofs") {
-            eprintln!("skipped: erofs-utils is not installed");
+        if !crate::test_gate::tools(&["mkfs.erofs", "fsck.erofs"]) {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -314,17 +314,19 @@ mod tests {
     fn in_private_netns<T: Send + 'static>(
         body: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
     ) -> Option<T> {
-        std::thread::spawn(move || {
+        let ran = std::thread::spawn(move || {
             // SAFETY: unshare(2) on this thread only.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
-                eprintln!("skipped: needs root (CAP_NET_ADMIN) and /dev/net/tun");
                 return None;
             }
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             Some(rt.block_on(body()))
         })
         .join()
-        .expect("namespace thread")
+        .expect("namespace thread");
+        // Decided on the test's own thread, so a failure is the test's.
+        crate::test_gate::capability("root (CAP_NET_ADMIN) and /dev/net/tun", ran.is_some());
+        ran
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use ulid::Ulid;
 
+use crate::durable::DurableError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot {op} {path}")]
@@ -84,5 +86,16 @@ impl StoreError {
     ) -> impl FnOnce(std::io::Error) -> StoreError {
         let path = path.into();
         move |source| StoreError::Io { op, path, source }
+    }
+}
+
+/// The store's file primitives are [`crate::durable`]'s; their failures
+/// become the store's own variants, so callers see one error type.
+impl From<DurableError> for StoreError {
+    fn from(e: DurableError) -> StoreError {
+        match e {
+            DurableError::Io { op, path, source } => StoreError::Io { op, path, source },
+            DurableError::Rename { from, to, source } => StoreError::Rename { from, to, source },
+        }
     }
 }

@@ -15,7 +15,6 @@
 //! and reports what is on disk. All IO here is blocking `std::fs`; async
 //! callers should use `spawn_blocking`.
 
-mod atomic;
 mod error;
 mod metadata;
 mod paths;
@@ -28,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ulid::Ulid;
+
+use crate::durable;
 
 pub use error::StoreError;
 pub use metadata::{now_rfc3339, ExitRecord, Metadata, NetworkLease, VmmRecord, CURRENT_VERSION};
@@ -114,7 +115,7 @@ impl Store {
             }
         }
         if created {
-            atomic::fsync_dir(&data_dir)?;
+            durable::fsync_dir(&data_dir)?;
         }
 
         let store = Store {
@@ -187,18 +188,18 @@ impl Store {
         let paths = self.guest_paths(id);
         let staging = self.guests_dir.join(format!(".{id}{CREATING_SUFFIX}"));
         let m = Metadata::new(id, name, hypervisor);
-        let built = (|| {
-            atomic::create_dir(&staging)?;
-            atomic::create_dir(&staging.join(paths::LOGS_DIR))?;
+        let built = (|| -> Result<(), StoreError> {
+            durable::create_dir(&staging)?;
+            durable::create_dir(&staging.join(paths::LOGS_DIR))?;
             let metadata = staging.join(paths::METADATA_FILE);
-            atomic::write_atomic(&metadata, &metadata::encode(&m, &metadata)?)
+            Ok(durable::write_atomic(&metadata, &metadata::encode(&m, &metadata)?)?)
         })();
         if let Err(e) = built {
             let _ = fs::remove_dir_all(&staging);
             return Err(e);
         }
-        atomic::rename(&staging, &paths.dir)?;
-        atomic::fsync_dir(&self.guests_dir)?;
+        durable::rename(&staging, &paths.dir)?;
+        durable::fsync_dir(&self.guests_dir)?;
         if let Ok(mut names) = self.names.lock() {
             names.insert(name.to_string(), id);
         }
@@ -332,10 +333,10 @@ impl Store {
             updated_at: now_rfc3339(),
             ..m.clone()
         };
-        atomic::write_atomic(
+        Ok(durable::write_atomic(
             &paths.metadata,
             &metadata::encode(&stamped, &paths.metadata)?,
-        )
+        )?)
     }
 
     /// Removes the guest and everything in its directory. The directory is
@@ -345,7 +346,7 @@ impl Store {
     pub fn delete_guest(&self, id: Ulid) -> Result<(), StoreError> {
         let paths = self.guest_paths(id);
         let existed = paths.dir.is_dir();
-        atomic::discard_dir(
+        durable::discard_dir(
             &paths.dir,
             &self.guests_dir.join(format!(".{id}{DELETING_SUFFIX}")),
         )?;
@@ -393,15 +394,17 @@ impl Store {
             let result = match &entry {
                 GuestEntry::Creating(path) => {
                     tracing::warn!(path = %path.display(), "removing a guest whose creation was interrupted");
-                    atomic::remove_dir_all_if_exists(path)
+                    durable::remove_dir_all_if_exists(path).map_err(StoreError::from)
                 }
                 GuestEntry::Deleting(path) => {
                     tracing::warn!(path = %path.display(), "finishing an interrupted guest deletion");
-                    atomic::remove_dir_all_if_exists(path)
+                    durable::remove_dir_all_if_exists(path).map_err(StoreError::from)
                 }
                 GuestEntry::Guest(id) => {
                     let paths = self.guest_paths(*id);
-                    atomic::sweep_temp_files(&paths.dir).and_then(|()| snapshot::recover(&paths))
+                    durable::sweep_temp_files(&paths.dir)
+                        .map_err(StoreError::from)
+                        .and_then(|()| snapshot::recover(&paths))
                 }
                 GuestEntry::Stray(_) => Ok(()),
             };

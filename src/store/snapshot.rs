@@ -25,7 +25,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
-use super::atomic;
+use crate::durable;
 use super::error::StoreError;
 use super::metadata::{encode, versioned_value};
 use super::paths::{GuestPaths, SNAPSHOT_MARKER};
@@ -75,7 +75,7 @@ impl Store {
     pub fn begin_snapshot(&self, id: Ulid) -> Result<PathBuf, StoreError> {
         let paths = self.existing_guest(id)?;
         match fs::create_dir(&paths.snapshots_dir) {
-            Ok(()) => atomic::fsync_dir(&paths.dir)?,
+            Ok(()) => durable::fsync_dir(&paths.dir)?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(source) => {
                 return Err(StoreError::Io {
@@ -86,9 +86,9 @@ impl Store {
             }
         }
         let partial = paths.snapshot_partial();
-        atomic::discard_dir(&partial, &paths.snapshot_trash())?;
-        atomic::create_dir(&partial)?;
-        atomic::fsync_dir(&paths.snapshots_dir)?;
+        durable::discard_dir(&partial, &paths.snapshot_trash())?;
+        durable::create_dir(&partial)?;
+        durable::fsync_dir(&paths.snapshots_dir)?;
         Ok(partial)
     }
 
@@ -96,19 +96,26 @@ impl Store {
     /// writes the marker last, and publishes it as `snapshot-latest`,
     /// replacing the previous snapshot. The marker is written with the
     /// current [`SNAPSHOT_VERSION`] whatever `info.version` says.
+    ///
+    /// This is the one place a snapshot becomes durable: every file and
+    /// directory under `.partial` is fsynced here, once, before the marker
+    /// exists, so a backend only writes its files and must not fsync them
+    /// again (a memory file is gigabytes; QEMU's `exec:cat` never syncs it).
     pub fn commit_snapshot(&self, id: Ulid, info: &SnapshotInfo) -> Result<(), StoreError> {
         let paths = self.guest_paths(id);
         let partial = paths.snapshot_partial();
         if !partial.is_dir() {
             return Err(StoreError::NoPartialSnapshot { path: partial });
         }
-        atomic::fsync_tree(&partial)?;
+        // All data first; the marker (itself fsynced, then its directory)
+        // is what makes the snapshot complete.
+        durable::fsync_tree(&partial)?;
         let marker = partial.join(SNAPSHOT_MARKER);
         let info = SnapshotInfo {
             version: SNAPSHOT_VERSION,
             ..info.clone()
         };
-        atomic::write_atomic(&marker, &encode(&info, &marker)?)?;
+        durable::write_atomic(&marker, &encode(&info, &marker)?)?;
         publish(&paths)?;
         tracing::debug!(%id, "snapshot committed");
         Ok(())
@@ -131,8 +138,8 @@ impl Store {
     pub fn remove_snapshot(&self, id: Ulid) -> Result<(), StoreError> {
         let paths = self.guest_paths(id);
         let trash = paths.snapshot_trash();
-        atomic::discard_dir(&paths.snapshot_latest, &trash)?;
-        atomic::discard_dir(&paths.snapshot_partial(), &trash)
+        durable::discard_dir(&paths.snapshot_latest, &trash)?;
+        Ok(durable::discard_dir(&paths.snapshot_partial(), &trash)?)
     }
 }
 
@@ -141,9 +148,9 @@ impl Store {
 /// and `recover` calls this again.
 fn publish(paths: &GuestPaths) -> Result<(), StoreError> {
     let trash = paths.snapshot_trash();
-    atomic::remove_dir_all_if_exists(&trash)?;
+    durable::remove_dir_all_if_exists(&trash)?;
     match fs::rename(&paths.snapshot_latest, &trash) {
-        Ok(()) => atomic::fsync_dir(&paths.snapshots_dir)?,
+        Ok(()) => durable::fsync_dir(&paths.snapshots_dir)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => {
             return Err(StoreError::Rename {
@@ -153,9 +160,9 @@ fn publish(paths: &GuestPaths) -> Result<(), StoreError> {
             })
         }
     }
-    atomic::rename(&paths.snapshot_partial(), &paths.snapshot_latest)?;
-    atomic::fsync_dir(&paths.snapshots_dir)?;
-    atomic::remove_dir_all_if_exists(&trash)
+    durable::rename(&paths.snapshot_partial(), &paths.snapshot_latest)?;
+    durable::fsync_dir(&paths.snapshots_dir)?;
+    Ok(durable::remove_dir_all_if_exists(&trash)?)
 }
 
 /// Brings a guest's snapshots dir back to a clean state after a crash:
@@ -174,10 +181,10 @@ pub(crate) fn recover(paths: &GuestPaths) -> Result<(), StoreError> {
             publish(paths)?;
         } else {
             tracing::warn!(guest = %paths.dir.display(), "removing an unfinished snapshot");
-            atomic::discard_dir(&partial, &paths.snapshot_trash())?;
+            durable::discard_dir(&partial, &paths.snapshot_trash())?;
         }
     }
-    atomic::remove_dir_all_if_exists(&paths.snapshot_trash())
+    Ok(durable::remove_dir_all_if_exists(&paths.snapshot_trash())?)
 }
 
 fn read_marker(dir: &Path) -> Result<Option<SnapshotInfo>, StoreError> {
@@ -377,7 +384,7 @@ mod tests {
             let partial = store.begin_snapshot(m.id).unwrap();
             write_hypervisor_files(&partial, "new");
             let marker = partial.join(SNAPSHOT_MARKER);
-            atomic::write_atomic(&marker, &encode(&info("new"), &marker).unwrap()).unwrap();
+            durable::write_atomic(&marker, &encode(&info("new"), &marker).unwrap()).unwrap();
             let paths = store.guest_paths(m.id);
             if crash_point == "old moved to trash" {
                 fs::rename(&paths.snapshot_latest, paths.snapshot_trash()).unwrap();

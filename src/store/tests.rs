@@ -211,7 +211,7 @@ fn a_crash_between_temp_write_and_rename_keeps_the_old_metadata() {
     let paths = store.guest_paths(m.id);
     let mut newer = before.clone();
     newer.last_error = Some("new".into());
-    let staged = atomic::stage(
+    let staged = durable::stage(
         &paths.metadata,
         &metadata::encode(&newer, &paths.metadata).unwrap(),
     )

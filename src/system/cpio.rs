@@ -158,12 +158,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_system_cpio_reads_our_archives() {
-        if std::process::Command::new("cpio")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            eprintln!("skipping: cpio is not installed");
+        if !crate::test_gate::tools(&["cpio"]) {
             return;
         }
         let mut w = CpioWriter::new(Vec::new());

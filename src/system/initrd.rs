@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::durable::{self, DurableError};
 use hypeman_contract::modules::{format_load_order, MODULE_LOAD_ORDER};
 
 use super::cpio::CpioWriter;
@@ -235,35 +236,25 @@ pub fn cached_initrd(
     Ok(contents.summary(path, hash, true))
 }
 
+/// Streams the archive into a temp file beside `out` and publishes it with
+/// [`durable`]'s commit (fsync, rename, fsync the directory).
 fn write_atomically(contents: &Contents, out: &Path) -> Result<(), SystemError> {
-    let dir = out.parent().unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let file = std::fs::File::create(&temp).map_err(|e| SystemError::io("create", &temp, e))?;
+    durable::stage_with(out, |file, temp| {
         let mut writer = contents.write_cpio(std::io::BufWriter::new(file))?;
-        writer
-            .flush()
-            .map_err(|e| SystemError::io("write", &temp, e))?;
-        let file = writer
-            .into_inner()
-            .map_err(|e| SystemError::io("write", &temp, e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| SystemError::io("fsync", &temp, e))?;
-        std::fs::rename(&temp, out).map_err(|e| SystemError::io("rename into place", out, e))?;
-        let dir_handle = std::fs::File::open(dir).map_err(|e| SystemError::io("open", dir, e))?;
-        dir_handle
-            .sync_all()
-            .map_err(|e| SystemError::io("fsync", dir, e))
-    })();
-    if result.is_err() {
-        // Best effort: a stray temp file is harmless.
-        let _ = std::fs::remove_file(&temp);
+        writer.flush().map_err(|e| SystemError::io("write", temp, e))
+    })?
+    .commit()?;
+    Ok(())
+}
+
+/// The file primitives' failures, as this module has always named them.
+impl From<DurableError> for SystemError {
+    fn from(e: DurableError) -> SystemError {
+        match e {
+            DurableError::Io { op, path, source } => SystemError::Io { op, path, source },
+            DurableError::Rename { to, source, .. } => SystemError::Io { op: "rename into place", path: to, source },
+        }
     }
-    result
 }
 
 #[cfg(test)]

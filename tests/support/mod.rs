@@ -1,5 +1,6 @@
 //! What the integration tests share: the gate that runs real-VM tests only
-//! when asked (and then fails on anything missing), the busybox root tree
+//! when asked (and then fails on anything missing), the rule for tests that
+//! need a host tool ([`gate`]), the busybox root tree
 //! their guests boot and that tree as an OCI image, the hypeman CLI and
 //! daemon launchers, the fake Cloud Hypervisor ([`fake_ch`]) and the
 //! daemon-driving world of the end-to-end scenarios ([`daemon`]), and a
@@ -9,6 +10,7 @@
 
 pub mod daemon;
 pub mod fake_ch;
+pub mod gate;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
@@ -22,14 +24,9 @@ pub fn require(path: &Path, how: &str) {
     assert!(path.exists(), "{} is missing: {how}", path.display());
 }
 
+/// Whether `program` is installed (in `PATH`, or at an absolute path).
 pub fn which(program: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    gate::installed(program)
 }
 
 /// `(kernel dir, static hypeman-init)` when `HYPEMAN_REAL_VM=1`, else `None`

@@ -37,6 +37,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
+/// Whether QEMU can give a NIC `limit`: only "no limit". Its tap netdev has
+/// no rate limiter (throttle groups are for block devices only), so any
+/// other limit would be silently ignored. The one place that decides it:
+/// validation refuses a declaration that names QEMU and sets a limit
+/// (pointing at the key), and [`QemuBackend`]'s create refuses a config
+/// that carries one (QEMU as the host's default hypervisor).
+pub fn supports_network_limit(limit: &IoLimit) -> bool {
+    *limit == IoLimit::default()
+}
+
 /// The launch record's file name, in the guest directory and in snapshots.
 pub const LAUNCH_FILE: &str = "launch.json";
 /// The migration stream's file name in a snapshot directory.
@@ -410,7 +420,7 @@ impl Hypervisor for QemuBackend {
         }
         let paths = LaunchPaths { qmp_socket: guest.socket.clone(), app_log: config.serial_log.clone() };
         if let Some(net) = &config.net {
-            if net.limit_down != IoLimit::default() || net.limit_up != IoLimit::default() {
+            if !supports_network_limit(&net.limit_down) || !supports_network_limit(&net.limit_up) {
                 // Declarations that name QEMU are refused at validation;
                 // this catches QEMU as the host's default hypervisor.
                 return Err(HypervisorError::Unsupported { backend: HypervisorKind::Qemu, what: "network bandwidth limits" });
@@ -636,6 +646,13 @@ mod tests {
     }
 
     use crate::hypervisor::conformance::bare_config;
+
+    #[test]
+    fn only_no_limit_is_a_network_limit_qemu_supports() {
+        assert!(supports_network_limit(&IoLimit::default()));
+        assert!(!supports_network_limit(&IoLimit { bytes_per_sec: Some(1), ops_per_sec: None }));
+        assert!(!supports_network_limit(&IoLimit { bytes_per_sec: None, ops_per_sec: Some(1) }));
+    }
 
     #[tokio::test]
     async fn a_network_bandwidth_limit_is_refused_before_anything_starts() {
