@@ -183,6 +183,15 @@ const DEFAULT_CH_BINARY: &str = "cloud-hypervisor";
 const DEFAULT_BRIDGE: &str = "hypeman0";
 
 impl Settings {
+    /// How the image store pulls and converts under these settings.
+    pub fn image_store_options(&self) -> crate::images::ImageStoreOptions {
+        crate::images::ImageStoreOptions {
+            insecure_registries: self.insecure_registries.clone(),
+            format: self.rootfs_format,
+            ..crate::images::ImageStoreOptions::default()
+        }
+    }
+
     /// Every default, without probing the host: `default_hypervisor` is
     /// Cloud Hypervisor here, while [`Settings::load`] picks QEMU when no
     /// Cloud Hypervisor binary is found. For tests and as a base to edit.

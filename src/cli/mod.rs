@@ -372,7 +372,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
 }
 
 async fn image_command(config_dir: &Path, settings: &Settings, command: &ImageCommand) -> Result<ExitCode, CliError> {
-    let store = crate::images::ImageStore::open(&settings.data_dir, crate::images::ImageStoreOptions::from_settings(settings))
+    let store = crate::images::ImageStore::open(&settings.data_dir, settings.image_store_options())
         .map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
     let (stdout, stderr) = (io::stdout(), io::stderr());
     let mut out = stdout.lock();

@@ -87,16 +87,6 @@ pub struct ImageStoreOptions {
     pub limits: UnpackLimits,
 }
 
-impl ImageStoreOptions {
-    pub fn from_settings(settings: &crate::settings::Settings) -> ImageStoreOptions {
-        ImageStoreOptions {
-            insecure_registries: settings.insecure_registries.clone(),
-            format: settings.rootfs_format,
-            ..ImageStoreOptions::default()
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("invalid image reference `{reference}`")]

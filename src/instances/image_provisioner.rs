@@ -12,7 +12,7 @@ use super::provision::{ProvisionError, Provisioner};
 use crate::declaration::spec::InstanceSpec;
 use crate::durable;
 use crate::hypervisor::{DiskConfig, VmConfig};
-use crate::images::{ImageConfig, ImageStore, ImageStoreOptions};
+use crate::images::{ImageConfig, ImageStore};
 use crate::settings::Settings;
 use crate::store::{GuestPaths, Metadata};
 use async_trait::async_trait;
@@ -44,7 +44,7 @@ pub struct ImageProvisioner {
 
 impl ImageProvisioner {
     pub fn new(settings: Arc<Settings>) -> Result<ImageProvisioner, ProvisionError> {
-        let images = ImageStore::open(&settings.data_dir, ImageStoreOptions::from_settings(&settings))
+        let images = ImageStore::open(&settings.data_dir, settings.image_store_options())
             .map_err(|e| ProvisionError::Other(format!("cannot open the image store: {}", super::error_chain(&e))))?;
         let init_binary = match &settings.guest.init {
             Some(p) => p.clone(),
