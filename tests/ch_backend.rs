@@ -210,7 +210,7 @@ async fn an_empty_vmm_of(env: &[(&str, &str)]) {
     let args = vec!["--api-socket".to_string(), format!("path={}", socket.display())];
     let empty = process::spawn_detached(&g.binary, &args, &g.dir.join("logs/vmm.log")).unwrap();
     // Listening, not merely bound: the socket file appears a moment before.
-    let client = hypeman::hypervisor::cloud_hypervisor::client::ApiClient::new(&socket);
+    let client = hypeman::hypervisor::cloud_hypervisor::client::ApiClient::new(&socket).unwrap();
     let t0 = Instant::now();
     while client.ping().await.is_err() {
         assert!(t0.elapsed() < Duration::from_secs(5), "the empty VMM never answered");

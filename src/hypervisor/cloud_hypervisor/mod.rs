@@ -119,6 +119,11 @@ fn backend(op: &'static str) -> impl Fn(ChError) -> HypervisorError {
     move |e| HypervisorError::Backend { op, source: Box::new(e) }
 }
 
+/// The client of the VMM on `socket`.
+fn api_client(socket: &Path, op: &'static str) -> Result<ApiClient, HypervisorError> {
+    ApiClient::new(socket).map_err(|e| backend(op)(e.into()))
+}
+
 fn guest_dir(socket: &Path) -> Result<&Path, ChError> {
     socket.parent().ok_or(ChError::NoGuestDir)
 }
@@ -250,7 +255,7 @@ impl CloudHypervisorBackend {
         Fut: std::future::Future<Output = Result<(), ApiError>>,
     {
         let _serial = self.exclusive(&vmm.socket).await;
-        let client = ApiClient::new(&vmm.socket);
+        let client = api_client(&vmm.socket, op)?;
         let (state, _) = self.state_of(vmm, &client, op).await?;
         if state != from {
             return Err(HypervisorError::WrongState { op, state });
@@ -262,7 +267,7 @@ impl CloudHypervisorBackend {
     /// until it answers. Refuses while a VM lives there; a VMM left empty
     /// by an unfinished create or restore is ended first.
     async fn launch(&self, guest: &GuestVmm, serial_log: &Path, op: &'static str) -> Result<(VmmHandle, ApiClient, ChVersion), HypervisorError> {
-        let client = ApiClient::new(&guest.socket);
+        let client = api_client(&guest.socket, op)?;
         match client.ping_within(PROBE_TIMEOUT).await {
             Err(e) if e.is_not_listening() => {
                 if process::find_by_argument(&guest.socket).is_some() {
@@ -396,7 +401,10 @@ impl Hypervisor for CloudHypervisorBackend {
     }
 
     async fn probe(&self, guest: &GuestVmm) -> Probe {
-        let client = ApiClient::new(&guest.socket);
+        let client = match ApiClient::new(&guest.socket) {
+            Ok(c) => c,
+            Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
+        };
         let recorded = guest
             .recorded
             .as_ref()
@@ -468,7 +476,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        match ApiClient::new(&vmm.socket).power_button().await {
+        match api_client(&vmm.socket, "power_off")?.power_button().await {
             Ok(()) => Ok(()),
             // The guest powered off so fast that the VMM exited mid-reply.
             Err(e) if !e.is_refusal() && !process::is_alive(vmm.process_id()) => Ok(()),
@@ -486,7 +494,7 @@ impl Hypervisor for CloudHypervisorBackend {
             return Err(backend(op)(ChError::NotEmpty { dir: dir.to_path_buf() }));
         }
         let _serial = self.exclusive(&vmm.socket).await;
-        let client = ApiClient::new(&vmm.socket);
+        let client = api_client(&vmm.socket, op)?;
         let (state, _) = self.state_of(vmm, &client, op).await?;
         if state != VmState::Paused {
             return Err(HypervisorError::WrongState { op, state });
@@ -550,7 +558,7 @@ impl Hypervisor for CloudHypervisorBackend {
             return Err(HypervisorError::VmmGone { pid: vmm.pid });
         }
         let _serial = self.exclusive(&vmm.socket).await;
-        match ApiClient::new(&vmm.socket).vmm_shutdown().await {
+        match api_client(&vmm.socket, "shutdown_vmm")?.vmm_shutdown().await {
             Ok(()) => {}
             Err(e) if process::is_alive(id) => {
                 tracing::warn!(error = %crate::error_chain(&e), "vmm.shutdown failed; killing cloud-hypervisor")
@@ -569,7 +577,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn info(&self, vmm: &VmmHandle) -> Result<VmInfo, HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        let (state, memory_actual_bytes) = self.state_of(vmm, &ApiClient::new(&vmm.socket), "info").await?;
+        let (state, memory_actual_bytes) = self.state_of(vmm, &api_client(&vmm.socket, "info")?, "info").await?;
         Ok(VmInfo { state, memory_actual_bytes })
     }
 
@@ -587,7 +595,7 @@ impl Hypervisor for CloudHypervisorBackend {
             return Err(backend(op)(ChError::MemoryOutOfRange { requested: total_bytes, min, max }));
         }
         let _serial = self.exclusive(&vmm.socket).await;
-        let client = ApiClient::new(&vmm.socket);
+        let client = api_client(&vmm.socket, op)?;
         let (_, requested) = self.state_of(vmm, &client, op).await?;
         client.resize_memory(total_bytes).await.map_err(|e| Self::api_error(vmm, op, e))?;
         if requested.is_some_and(|r| total_bytes < r) {
@@ -598,7 +606,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn add_disk(&self, vmm: &VmmHandle, disk: &DiskConfig) -> Result<(), HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        let added = ApiClient::new(&vmm.socket).add_disk(&config::disk(disk)).await;
+        let added = api_client(&vmm.socket, "add_disk")?.add_disk(&config::disk(disk)).await;
         match added.map_err(|e| Self::api_error(vmm, "add_disk", e))? {
             Some(pci) => tracing::info!(id = %pci.id, bdf = %pci.bdf, "disk hot-plugged"),
             None => tracing::info!(id = %disk.id, "disk added to the created VM"),
@@ -608,7 +616,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn remove_disk(&self, vmm: &VmmHandle, id: &str) -> Result<(), HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        ApiClient::new(&vmm.socket).remove_device(id).await.map_err(|e| Self::api_error(vmm, "remove_disk", e))
+        api_client(&vmm.socket, "remove_disk")?.remove_device(id).await.map_err(|e| Self::api_error(vmm, "remove_disk", e))
     }
 }
 
