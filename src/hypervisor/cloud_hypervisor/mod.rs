@@ -5,7 +5,7 @@
 //!   spawn ──vm.create──► Created ──vm.boot──► Running ◄──vm.resume── Paused
 //!                                              │  vm.pause ─────────►  │
 //!                     vm.power-button: the guest powers off and        │ vm.snapshot
-//!                     the VMM process exits                            ▼ (+ fsync)
+//!                     the VMM process exits                            ▼
 //!                                                       vmm.shutdown: process exits
 //!   restore: spawn ──vm.restore (OnDemand from v53, else Copy)──► Paused
 //! ```
@@ -22,6 +22,11 @@
 //! `Shutdown` (a VMM without a running guest), so the planner ends it and
 //! starts over. This module maps the API onto the [`Hypervisor`] trait; it
 //! does not decide which hop comes next and does not touch the store.
+//!
+//! Cloud Hypervisor never fsyncs a snapshot, and this backend leaves that
+//! to the store: its commit fsyncs every file and directory of the
+//! snapshot before it writes the marker, so a multi-GB memory file is
+//! fsynced once, there.
 
 pub mod api;
 pub mod client;
@@ -93,9 +98,9 @@ pub enum ChError {
     MissingFile { path: PathBuf },
     #[error("snapshot directory {} is not empty", dir.display())]
     NotEmpty { dir: PathBuf },
-    #[error("cannot make {} durable", path.display())]
-    Sync {
-        path: PathBuf,
+    #[error("cannot list or empty snapshot directory {}", dir.display())]
+    SnapshotDir {
+        dir: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -163,24 +168,9 @@ fn unplug_progress(lowest: u64, settled: u32, kib: u64) -> (u64, u32) {
     }
 }
 
-/// fsyncs every file in `dir`, then `dir`: Cloud Hypervisor never does.
-fn sync_dir_tree(dir: &Path) -> Result<(), ChError> {
-    let sync = |path: &Path| {
-        std::fs::File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| ChError::Sync { path: path.to_path_buf(), source })
-    };
-    let entries = std::fs::read_dir(dir).map_err(|source| ChError::Sync { path: dir.to_path_buf(), source })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| ChError::Sync { path: dir.to_path_buf(), source })?;
-        sync(&entry.path())?;
-    }
-    sync(dir)
-}
-
 /// Removes whatever a refused snapshot attempt left in `dir`.
 fn empty_dir(dir: &Path) -> Result<(), ChError> {
-    let err = |source| ChError::Sync { path: dir.to_path_buf(), source };
+    let err = |source| ChError::SnapshotDir { dir: dir.to_path_buf(), source };
     for entry in std::fs::read_dir(dir).map_err(err)? {
         std::fs::remove_file(entry.map_err(err)?.path()).map_err(err)?;
     }
@@ -489,7 +479,7 @@ impl Hypervisor for CloudHypervisorBackend {
         let record = guest_dir(&vmm.socket)
             .and_then(|g| read_launch(&g.join(LAUNCH_FILE)))
             .map_err(backend(op))?;
-        let entries = std::fs::read_dir(dir).map_err(|source| backend(op)(ChError::Sync { path: dir.to_path_buf(), source }))?;
+        let entries = std::fs::read_dir(dir).map_err(|source| backend(op)(ChError::SnapshotDir { dir: dir.to_path_buf(), source }))?;
         if entries.count() > 0 {
             return Err(backend(op)(ChError::NotEmpty { dir: dir.to_path_buf() }));
         }
@@ -516,7 +506,6 @@ impl Hypervisor for CloudHypervisorBackend {
             }
         }
         launch::write(&dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
-        sync_dir_tree(dir).map_err(backend(op))?;
         Ok(SnapshotMeta { hypervisor_version: version.to_string(), config_hash: record.config.config_hash() })
     }
 
@@ -670,14 +659,13 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_directories_are_synced_and_emptied() {
+    fn snapshot_directories_are_emptied() {
         let dir = tempfile::tempdir().unwrap();
         for name in SNAPSHOT_FILES {
             std::fs::write(dir.path().join(name), name).unwrap();
         }
-        sync_dir_tree(dir.path()).unwrap();
         empty_dir(dir.path()).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(matches!(sync_dir_tree(&dir.path().join("gone")), Err(ChError::Sync { .. })));
+        assert!(matches!(empty_dir(&dir.path().join("gone")), Err(ChError::SnapshotDir { .. })));
     }
 }
