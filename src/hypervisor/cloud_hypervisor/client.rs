@@ -239,6 +239,12 @@ impl ChVersion {
         })
     }
 
+    /// What `vmm.ping` says the VMM is: its `version`, or when that does
+    /// not parse, its `build_version`.
+    pub fn of_ping(ping: &api::VmmPingResponse) -> Option<ChVersion> {
+        ChVersion::parse(&ping.version).or_else(|| ping.build_version.as_deref().and_then(ChVersion::parse))
+    }
+
     /// From v49 a TAP given without `ip`/`mask` keeps the addresses it
     /// has (none, on a bridge port); before, it got 192.168.249.1/24.
     pub fn leaves_tap_addresses_alone(self) -> bool {
@@ -494,6 +500,21 @@ mod tests {
         assert_eq!(ChVersion::parse("v53"), None);
         assert!(ChVersion::parse("53.0").unwrap().not_found_is_404());
         assert!(!ChVersion::parse("52.0").unwrap().not_found_is_404());
+    }
+
+    #[test]
+    fn a_ping_falls_back_to_its_build_version() {
+        let ping = |version: &str, build: Option<&str>| api::VmmPingResponse {
+            build_version: build.map(str::to_string),
+            version: version.to_string(),
+            pid: None,
+            features: vec![],
+        };
+        let v53 = ChVersion { major: 53, minor: 0, patch: 0 };
+        assert_eq!(ChVersion::of_ping(&ping("53.0.0", Some("v52.0"))), Some(v53), "version comes first");
+        assert_eq!(ChVersion::of_ping(&ping("", Some("v53.0-12-gdeadbeef"))), Some(v53));
+        assert_eq!(ChVersion::of_ping(&ping("unknown", None)), None);
+        assert_eq!(ChVersion::of_ping(&ping("unknown", Some("dirty"))), None);
     }
 
     #[test]

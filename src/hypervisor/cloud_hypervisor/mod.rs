@@ -129,6 +129,11 @@ fn api_client(socket: &Path, op: &'static str) -> Result<ApiClient, HypervisorEr
     ApiClient::new(socket).map_err(|e| backend(op)(e.into()))
 }
 
+/// The version the VMM reports on `vmm.ping`.
+fn ping_version(ping: &api::VmmPingResponse) -> Result<ChVersion, ChError> {
+    ChVersion::of_ping(ping).ok_or_else(|| ChError::VersionParse(ping.version.clone()))
+}
+
 fn guest_dir(socket: &Path) -> Result<&Path, ChError> {
     socket.parent().ok_or(ChError::NoGuestDir)
 }
@@ -301,10 +306,7 @@ impl CloudHypervisorBackend {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let version = ChVersion::parse(&ping.version)
-            .or_else(|| ping.build_version.as_deref().and_then(ChVersion::parse))
-            .ok_or_else(|| ChError::VersionParse(ping.version.clone()));
-        let version = match version {
+        let version = match ping_version(&ping) {
             Ok(v) => v,
             Err(e) => {
                 process::kill(id, EXIT_TIMEOUT).await;
@@ -415,7 +417,7 @@ impl Hypervisor for CloudHypervisorBackend {
             }
             Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
         };
-        let version = ChVersion::parse(&ping.version).map(|v| v.to_string());
+        let version = ChVersion::of_ping(&ping).map(|v| v.to_string());
         let state = match client.info_within(PROBE_TIMEOUT).await {
             Ok(info) => match vm_state(info.state) {
                 Some(s) => s,
@@ -489,8 +491,15 @@ impl Hypervisor for CloudHypervisorBackend {
         if state != VmState::Paused {
             return Err(HypervisorError::WrongState { op, state });
         }
-        let ping = client.ping().await.map_err(|e| Self::api_error(vmm, op, e))?;
-        let version = ChVersion::parse(&ping.version).ok_or_else(|| backend(op)(ChError::VersionParse(ping.version.clone())))?;
+        // The handle carries what the VMM reported when it was launched or
+        // last probed; only a handle without one costs a `vmm.ping`.
+        let version = match vmm.version.as_deref().and_then(ChVersion::parse) {
+            Some(v) => v,
+            None => {
+                let ping = client.ping().await.map_err(|e| Self::api_error(vmm, op, e))?;
+                ping_version(&ping).map_err(backend(op))?
+            }
+        };
         let deadline = Instant::now() + RESTORING_TIMEOUT;
         let mut wait = Duration::from_millis(50);
         loop {
