@@ -172,6 +172,38 @@ async fn create_standby_restore_and_power_off() {
     assert!(matches!(g.backend.boot(&h2).await, Err(HypervisorError::VmmGone { .. })));
 }
 
+/// The requests the fake logged in `log`, in order.
+fn requests(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.starts_with("GET /") || l.starts_with("PUT /")).collect()
+}
+
+/// A snapshot checks the state and snapshots: the version it records is
+/// the one the handle carries from the launch or the last probe. Only a
+/// handle without one costs a `vmm.ping`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_takes_the_version_from_the_handle() {
+    let g = Guest::new(&[]);
+    let h = g.backend.create(&g.vmm(None), &g.config(0)).await.unwrap();
+    g.backend.boot(&h).await.unwrap();
+    g.backend.pause(&h).await.unwrap();
+    let snap = g.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    let from = g.vmm_log().len();
+    assert_eq!(g.backend.snapshot(&h, &snap).await.unwrap().hypervisor_version, "53.0.0");
+    assert_eq!(requests(&g.vmm_log()[from..]), ["GET /api/v1/vm.info -> 200", "PUT /api/v1/vm.snapshot -> 204"]);
+
+    let bare = VmmHandle { version: None, ..h.clone() };
+    let snap2 = g.dir.join("snap2");
+    std::fs::create_dir(&snap2).unwrap();
+    let from = g.vmm_log().len();
+    assert_eq!(g.backend.snapshot(&bare, &snap2).await.unwrap().hypervisor_version, "53.0.0");
+    assert_eq!(
+        requests(&g.vmm_log()[from..]),
+        ["GET /api/v1/vm.info -> 200", "GET /api/v1/vmm.ping -> 200", "PUT /api/v1/vm.snapshot -> 204"]
+    );
+    g.backend.shutdown_vmm(&h).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_finds_the_vmm_by_its_socket() {
     let g = Guest::new(&[]);
@@ -210,7 +242,7 @@ async fn an_empty_vmm_of(env: &[(&str, &str)]) {
     let args = vec!["--api-socket".to_string(), format!("path={}", socket.display())];
     let empty = process::spawn_detached(&g.binary, &args, &g.dir.join("logs/vmm.log")).unwrap();
     // Listening, not merely bound: the socket file appears a moment before.
-    let client = hypeman::hypervisor::cloud_hypervisor::client::ApiClient::new(&socket);
+    let client = hypeman::hypervisor::cloud_hypervisor::client::ApiClient::new(&socket).unwrap();
     let t0 = Instant::now();
     while client.ping().await.is_err() {
         assert!(t0.elapsed() < Duration::from_secs(5), "the empty VMM never answered");

@@ -34,7 +34,7 @@ impl Bench {
     fn server(&self, name: &str, options: Options) -> (FakeServer, ApiClient) {
         let socket = self.path(name);
         let server = FakeServer::start(&socket, options, support::fake_ch::spec()).unwrap();
-        (server, ApiClient::new(&socket))
+        (server, ApiClient::new(&socket).unwrap())
     }
 
     fn file(&self, name: &str) -> PathBuf {
@@ -298,6 +298,71 @@ async fn replies_are_framed_as_micro_http_frames_them() {
     let bye = raw("PUT /api/v1/vmm.shutdown HTTP/1.1\r\nHost: localhost\r\n\r\n");
     assert!(bye.starts_with("HTTP/1.1 200 OK\r\n") && bye.ends_with("Content-Length: 0\r\n\r\n"), "{bye}");
     assert_eq!(server.with_vmm(|v| v.state()), Some(VmState::Running));
+}
+
+/// micro-http gets what `ch-remote` gives it: a connection per request,
+/// closed by the client once the reply is read, and bodies sent with their
+/// `Content-Length`. The fake serves one connection at a time, so a
+/// connection left open would hold up the next one for its idle timeout.
+#[tokio::test]
+async fn each_request_comes_on_a_connection_of_its_own_closed_with_its_reply() {
+    let b = Bench::new();
+    let (server, client) = b.server("conn.sock", v(53));
+    let t0 = Instant::now();
+    client.ping().await.unwrap();
+    client.create(&config::vm_config(&b.config(0))).await.unwrap();
+    client.boot().await.unwrap();
+    assert_eq!(client.info().await.unwrap().state, api::VmState::Running);
+    assert_eq!(refused(&client.resize_memory(1 << 30).await.unwrap_err()).0, 500);
+    client.pause().await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "a request waited on an earlier connection: {:?}", t0.elapsed());
+
+    // Without yielding to the runtime, so nothing could close the last
+    // connection late: a raw request is served at once, not after the
+    // fake's idle timeout.
+    let mut raw = std::os::unix::net::UnixStream::connect(b.path("conn.sock")).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    raw.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    raw.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    raw.read_to_string(&mut reply).expect("the client's last connection was still open");
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+
+    let exchanges = server.exchanges();
+    let paths: Vec<&str> = exchanges.iter().map(|x| x.request.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/api/v1/vmm.ping", "/api/v1/vm.create", "/api/v1/vm.boot", "/api/v1/vm.info", "/api/v1/vm.resize", "/api/v1/vm.pause", "/api/v1/vm.info"]
+    );
+    let connections: Vec<u64> = exchanges.iter().map(|x| x.connection).collect();
+    assert!(connections.windows(2).all(|w| w[0] < w[1]), "a connection carried two requests: {connections:?}");
+    for x in &exchanges[..exchanges.len() - 1] {
+        assert_eq!(x.request.header("connection"), Some("close"), "{}", x.request.path);
+    }
+    for path in ["/api/v1/vm.create", "/api/v1/vm.resize"] {
+        let r = &exchanges.iter().find(|x| x.request.path == path).unwrap().request;
+        assert!(!r.body.is_empty(), "{path}");
+        assert_eq!(r.header("content-length"), Some(r.body.len().to_string().as_str()), "{path}");
+        assert_eq!(r.header("transfer-encoding"), None, "{path}");
+    }
+    assert_clean(&server);
+}
+
+/// No server at all, or a socket file nobody listens on (a VMM that
+/// died): both are "not listening", with the OS error kept, and neither
+/// is a refusal.
+#[tokio::test]
+async fn a_socket_nobody_serves_is_not_a_refusal() {
+    let b = Bench::new();
+    let missing = ApiClient::new(&b.path("none.sock")).unwrap().ping().await.unwrap_err();
+    assert!(matches!(&missing, ApiError::Connect { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{missing:?}");
+    assert!(missing.is_not_listening() && !missing.is_refusal());
+    let stale = b.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let e = ApiClient::new(&stale).unwrap().info().await.unwrap_err();
+    assert!(matches!(&e, ApiError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused), "{e:?}");
+    assert!(e.is_not_listening() && !e.is_refusal());
+    assert_eq!(e.to_string(), format!("cannot connect to {}", stale.display()));
 }
 
 #[test]

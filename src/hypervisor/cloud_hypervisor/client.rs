@@ -8,14 +8,17 @@
 //! exactly the reply, and closes; callers serialise calls per VMM, and the
 //! slow endpoints (boot, snapshot, restore) get long timeouts.
 //!
+//! The HTTP is reqwest's, bound to the socket, with its pool turned off
+//! and `Connection: close` on every request, so no connection is reused
+//! and each one ends as its reply is read, never left idle for a server
+//! that serves one connection at a time. No redirects, no proxies, no
+//! retries: a `PUT` is sent once.
+//!
 //! Errors keep the server's own message chain: plain text before v47, a
 //! JSON array of strings (outermost first) from v47 on. Any 2xx is success.
 
 use super::api;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use reqwest::{header, Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::fmt;
@@ -36,13 +39,13 @@ pub enum ApiError {
     Http {
         endpoint: Endpoint,
         #[source]
-        source: hyper::Error,
+        source: reqwest::Error,
     },
-    #[error("cannot build the request of {endpoint}")]
-    Request {
-        endpoint: Endpoint,
+    #[error("cannot set up an HTTP client for {}", socket.display())]
+    Client {
+        socket: PathBuf,
         #[source]
-        source: hyper::http::Error,
+        source: reqwest::Error,
     },
     #[error("cannot encode the body of {endpoint}")]
     Encode {
@@ -236,6 +239,12 @@ impl ChVersion {
         })
     }
 
+    /// What `vmm.ping` says the VMM is: its `version`, or when that does
+    /// not parse, its `build_version`.
+    pub fn of_ping(ping: &api::VmmPingResponse) -> Option<ChVersion> {
+        ChVersion::parse(&ping.version).or_else(|| ping.build_version.as_deref().and_then(ChVersion::parse))
+    }
+
     /// From v49 a TAP given without `ip`/`mask` keeps the addresses it
     /// has (none, on a bridge port); before, it got 192.168.249.1/24.
     pub fn leaves_tap_addresses_alone(self) -> bool {
@@ -258,17 +267,33 @@ impl fmt::Display for ChVersion {
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     socket: PathBuf,
+    http: reqwest::Client,
 }
 
 /// A successful reply: its status and body.
 struct Reply {
     status: StatusCode,
-    body: Bytes,
+    body: Vec<u8>,
 }
 
 impl ApiClient {
-    pub fn new(socket: &Path) -> ApiClient {
-        ApiClient { socket: socket.to_path_buf() }
+    pub fn new(socket: &Path) -> Result<ApiClient, ApiError> {
+        let http = reqwest::Client::builder()
+            .unix_socket(socket)
+            .http1_only()
+            // No idle connections: each request gets its own, closed after
+            // its reply.
+            .pool_max_idle_per_host(0)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
+            // reqwest is built with rustls (for oci-client); by default each
+            // client would read every system CA root (milliseconds, and an
+            // error on a host with none) for a socket that never speaks TLS.
+            .tls_certs_only(std::iter::empty())
+            .build()
+            .map_err(|source| ApiError::Client { socket: socket.to_path_buf(), source })?;
+        Ok(ApiClient { socket: socket.to_path_buf(), http })
     }
 
     pub fn socket(&self) -> &Path {
@@ -290,40 +315,40 @@ impl ApiClient {
 
     /// One request on a fresh connection, closed afterwards.
     async fn exchange(&self, endpoint: Endpoint, body: Option<Vec<u8>>) -> Result<Reply, ApiError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ApiError::Connect { socket: self.socket.clone(), source })?;
-        let http = |source| ApiError::Http { endpoint, source };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-        let mut request = Request::builder()
-            .method(endpoint.method())
-            .uri(format!("/api/v1/{}", endpoint.path()))
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::ACCEPT, "application/json");
-        if let Some(b) = &body {
-            // Stated outright: micro-http cannot read a chunked body.
-            request = request
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .header(hyper::header::CONTENT_LENGTH, b.len());
+        // The host names no one: every connection goes to the socket.
+        let url = format!("http://localhost/api/v1/{}", endpoint.path());
+        let mut request = self
+            .http
+            .request(endpoint.method(), url)
+            .header(header::ACCEPT, "application/json")
+            // Without it the connection, though never reused, is closed
+            // later by a background task (on a current-thread runtime, not
+            // before the caller yields), and a server that serves one
+            // connection at a time waits on it. With it, the connection
+            // ends as its reply is read.
+            .header(header::CONNECTION, "close");
+        if let Some(b) = body {
+            // A body of known size goes out with its Content-Length, never
+            // chunked: micro-http cannot read a chunked body.
+            request = request.header(header::CONTENT_TYPE, "application/json").body(b);
         }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|source| ApiError::Request { endpoint, source })?;
-        let exchange = async {
-            let response = sender.send_request(request).await.map_err(http)?;
-            let status = response.status();
-            let body = response.into_body().collect().await.map_err(http)?.to_bytes();
-            Ok(Reply { status, body })
-        };
-        tokio::pin!(exchange);
-        tokio::pin!(conn);
-        tokio::select! {
-            biased;
-            reply = &mut exchange => reply,
-            // The server may close right after replying (vmm.shutdown):
-            // the reply, if it came, is still there to read.
-            _ = &mut conn => exchange.await,
+        let response = request.send().await.map_err(|e| self.transport(endpoint, e))?;
+        let status = response.status();
+        // A 204 ends at its headers; a 200 from `vmm.shutdown` may be
+        // followed at once by the server closing: the reply is read either way.
+        let body = response.bytes().await.map_err(|e| self.transport(endpoint, e))?;
+        Ok(Reply { status, body: body.to_vec() })
+    }
+
+    /// A failure to connect keeps the OS error, so that "nothing listens"
+    /// can be told apart from a VMM that answers badly.
+    fn transport(&self, endpoint: Endpoint, e: reqwest::Error) -> ApiError {
+        if e.is_connect() {
+            if let Some(source) = io_cause(&e) {
+                return ApiError::Connect { socket: self.socket.clone(), source };
+            }
         }
+        ApiError::Http { endpoint, source: e }
     }
 
     async fn put_empty(&self, endpoint: Endpoint) -> Result<(), ApiError> {
@@ -427,6 +452,22 @@ impl ApiClient {
     }
 }
 
+/// The OS error under a reqwest error, rebuilt as an owned `io::Error`
+/// with the same code (the chain holds it only by reference).
+fn io_cause(e: &reqwest::Error) -> Option<std::io::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(match io.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(io.kind(), io.to_string()),
+            });
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// `file:///abs/dir`, as `vm.snapshot` and `vm.restore` take directories.
 pub fn file_url(dir: &Path) -> String {
     format!("file://{}", dir.display())
@@ -459,6 +500,21 @@ mod tests {
         assert_eq!(ChVersion::parse("v53"), None);
         assert!(ChVersion::parse("53.0").unwrap().not_found_is_404());
         assert!(!ChVersion::parse("52.0").unwrap().not_found_is_404());
+    }
+
+    #[test]
+    fn a_ping_falls_back_to_its_build_version() {
+        let ping = |version: &str, build: Option<&str>| api::VmmPingResponse {
+            build_version: build.map(str::to_string),
+            version: version.to_string(),
+            pid: None,
+            features: vec![],
+        };
+        let v53 = ChVersion { major: 53, minor: 0, patch: 0 };
+        assert_eq!(ChVersion::of_ping(&ping("53.0.0", Some("v52.0"))), Some(v53), "version comes first");
+        assert_eq!(ChVersion::of_ping(&ping("", Some("v53.0-12-gdeadbeef"))), Some(v53));
+        assert_eq!(ChVersion::of_ping(&ping("unknown", None)), None);
+        assert_eq!(ChVersion::of_ping(&ping("unknown", Some("dirty"))), None);
     }
 
     #[test]

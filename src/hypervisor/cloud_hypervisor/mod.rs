@@ -5,7 +5,7 @@
 //!   spawn ──vm.create──► Created ──vm.boot──► Running ◄──vm.resume── Paused
 //!                                              │  vm.pause ─────────►  │
 //!                     vm.power-button: the guest powers off and        │ vm.snapshot
-//!                     the VMM process exits                            ▼ (+ fsync)
+//!                     the VMM process exits                            ▼
 //!                                                       vmm.shutdown: process exits
 //!   restore: spawn ──vm.restore (OnDemand from v53, else Copy)──► Paused
 //! ```
@@ -22,6 +22,11 @@
 //! `Shutdown` (a VMM without a running guest), so the planner ends it and
 //! starts over. This module maps the API onto the [`Hypervisor`] trait; it
 //! does not decide which hop comes next and does not touch the store.
+//!
+//! Cloud Hypervisor never fsyncs a snapshot, and this backend leaves that
+//! to the store: its commit fsyncs every file and directory of the
+//! snapshot before it writes the marker, so a multi-GB memory file is
+//! fsynced once, there.
 
 pub mod api;
 pub mod client;
@@ -93,9 +98,9 @@ pub enum ChError {
     MissingFile { path: PathBuf },
     #[error("snapshot directory {} is not empty", dir.display())]
     NotEmpty { dir: PathBuf },
-    #[error("cannot make {} durable", path.display())]
-    Sync {
-        path: PathBuf,
+    #[error("cannot list or empty snapshot directory {}", dir.display())]
+    SnapshotDir {
+        dir: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -117,6 +122,16 @@ pub struct LaunchRecord {
 
 fn backend(op: &'static str) -> impl Fn(ChError) -> HypervisorError {
     move |e| HypervisorError::Backend { op, source: Box::new(e) }
+}
+
+/// The client of the VMM on `socket`.
+fn api_client(socket: &Path, op: &'static str) -> Result<ApiClient, HypervisorError> {
+    ApiClient::new(socket).map_err(|e| backend(op)(e.into()))
+}
+
+/// The version the VMM reports on `vmm.ping`.
+fn ping_version(ping: &api::VmmPingResponse) -> Result<ChVersion, ChError> {
+    ChVersion::of_ping(ping).ok_or_else(|| ChError::VersionParse(ping.version.clone()))
 }
 
 fn guest_dir(socket: &Path) -> Result<&Path, ChError> {
@@ -158,24 +173,9 @@ fn unplug_progress(lowest: u64, settled: u32, kib: u64) -> (u64, u32) {
     }
 }
 
-/// fsyncs every file in `dir`, then `dir`: Cloud Hypervisor never does.
-fn sync_dir_tree(dir: &Path) -> Result<(), ChError> {
-    let sync = |path: &Path| {
-        std::fs::File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| ChError::Sync { path: path.to_path_buf(), source })
-    };
-    let entries = std::fs::read_dir(dir).map_err(|source| ChError::Sync { path: dir.to_path_buf(), source })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| ChError::Sync { path: dir.to_path_buf(), source })?;
-        sync(&entry.path())?;
-    }
-    sync(dir)
-}
-
 /// Removes whatever a refused snapshot attempt left in `dir`.
 fn empty_dir(dir: &Path) -> Result<(), ChError> {
-    let err = |source| ChError::Sync { path: dir.to_path_buf(), source };
+    let err = |source| ChError::SnapshotDir { dir: dir.to_path_buf(), source };
     for entry in std::fs::read_dir(dir).map_err(err)? {
         std::fs::remove_file(entry.map_err(err)?.path()).map_err(err)?;
     }
@@ -250,7 +250,7 @@ impl CloudHypervisorBackend {
         Fut: std::future::Future<Output = Result<(), ApiError>>,
     {
         let _serial = self.exclusive(&vmm.socket).await;
-        let client = ApiClient::new(&vmm.socket);
+        let client = api_client(&vmm.socket, op)?;
         let (state, _) = self.state_of(vmm, &client, op).await?;
         if state != from {
             return Err(HypervisorError::WrongState { op, state });
@@ -262,7 +262,7 @@ impl CloudHypervisorBackend {
     /// until it answers. Refuses while a VM lives there; a VMM left empty
     /// by an unfinished create or restore is ended first.
     async fn launch(&self, guest: &GuestVmm, serial_log: &Path, op: &'static str) -> Result<(VmmHandle, ApiClient, ChVersion), HypervisorError> {
-        let client = ApiClient::new(&guest.socket);
+        let client = api_client(&guest.socket, op)?;
         match client.ping_within(PROBE_TIMEOUT).await {
             Err(e) if e.is_not_listening() => {
                 if process::find_by_argument(&guest.socket).is_some() {
@@ -306,10 +306,7 @@ impl CloudHypervisorBackend {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let version = ChVersion::parse(&ping.version)
-            .or_else(|| ping.build_version.as_deref().and_then(ChVersion::parse))
-            .ok_or_else(|| ChError::VersionParse(ping.version.clone()));
-        let version = match version {
+        let version = match ping_version(&ping) {
             Ok(v) => v,
             Err(e) => {
                 process::kill(id, EXIT_TIMEOUT).await;
@@ -396,7 +393,10 @@ impl Hypervisor for CloudHypervisorBackend {
     }
 
     async fn probe(&self, guest: &GuestVmm) -> Probe {
-        let client = ApiClient::new(&guest.socket);
+        let client = match ApiClient::new(&guest.socket) {
+            Ok(c) => c,
+            Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
+        };
         let recorded = guest
             .recorded
             .as_ref()
@@ -416,7 +416,7 @@ impl Hypervisor for CloudHypervisorBackend {
             }
             Err(e) => return Probe::Unreachable { reason: crate::error_chain(&e) },
         };
-        let version = ChVersion::parse(&ping.version).map(|v| v.to_string());
+        let version = ChVersion::of_ping(&ping).map(|v| v.to_string());
         let state = match client.info_within(PROBE_TIMEOUT).await {
             Ok(info) => match vm_state(info.state) {
                 Some(s) => s,
@@ -467,7 +467,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        match ApiClient::new(&vmm.socket).power_button().await {
+        match api_client(&vmm.socket, "power_off")?.power_button().await {
             Ok(()) => Ok(()),
             // The guest powered off so fast that the VMM exited mid-reply.
             Err(e) if !e.is_refusal() && !process::is_alive(vmm.process_id()) => Ok(()),
@@ -480,18 +480,25 @@ impl Hypervisor for CloudHypervisorBackend {
         let record = guest_dir(&vmm.socket)
             .and_then(|g| read_launch(&g.join(LAUNCH_FILE)))
             .map_err(backend(op))?;
-        let entries = std::fs::read_dir(dir).map_err(|source| backend(op)(ChError::Sync { path: dir.to_path_buf(), source }))?;
+        let entries = std::fs::read_dir(dir).map_err(|source| backend(op)(ChError::SnapshotDir { dir: dir.to_path_buf(), source }))?;
         if entries.count() > 0 {
             return Err(backend(op)(ChError::NotEmpty { dir: dir.to_path_buf() }));
         }
         let _serial = self.exclusive(&vmm.socket).await;
-        let client = ApiClient::new(&vmm.socket);
+        let client = api_client(&vmm.socket, op)?;
         let (state, _) = self.state_of(vmm, &client, op).await?;
         if state != VmState::Paused {
             return Err(HypervisorError::WrongState { op, state });
         }
-        let ping = client.ping().await.map_err(|e| Self::api_error(vmm, op, e))?;
-        let version = ChVersion::parse(&ping.version).ok_or_else(|| backend(op)(ChError::VersionParse(ping.version.clone())))?;
+        // The handle carries what the VMM reported when it was launched or
+        // last probed; only a handle without one costs a `vmm.ping`.
+        let version = match vmm.version.as_deref().and_then(ChVersion::parse) {
+            Some(v) => v,
+            None => {
+                let ping = client.ping().await.map_err(|e| Self::api_error(vmm, op, e))?;
+                ping_version(&ping).map_err(backend(op))?
+            }
+        };
         let deadline = Instant::now() + RESTORING_TIMEOUT;
         let mut wait = Duration::from_millis(50);
         loop {
@@ -507,7 +514,6 @@ impl Hypervisor for CloudHypervisorBackend {
             }
         }
         launch::write(&dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
-        sync_dir_tree(dir).map_err(backend(op))?;
         Ok(SnapshotMeta { hypervisor_version: version.to_string(), config_hash: record.config.config_hash() })
     }
 
@@ -549,7 +555,7 @@ impl Hypervisor for CloudHypervisorBackend {
             return Err(HypervisorError::VmmGone { pid: vmm.pid });
         }
         let _serial = self.exclusive(&vmm.socket).await;
-        match ApiClient::new(&vmm.socket).vmm_shutdown().await {
+        match api_client(&vmm.socket, "shutdown_vmm")?.vmm_shutdown().await {
             Ok(()) => {}
             Err(e) if process::is_alive(id) => {
                 tracing::warn!(error = %crate::error_chain(&e), "vmm.shutdown failed; killing cloud-hypervisor")
@@ -568,7 +574,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn info(&self, vmm: &VmmHandle) -> Result<VmInfo, HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        let (state, memory_actual_bytes) = self.state_of(vmm, &ApiClient::new(&vmm.socket), "info").await?;
+        let (state, memory_actual_bytes) = self.state_of(vmm, &api_client(&vmm.socket, "info")?, "info").await?;
         Ok(VmInfo { state, memory_actual_bytes })
     }
 
@@ -586,7 +592,7 @@ impl Hypervisor for CloudHypervisorBackend {
             return Err(backend(op)(ChError::MemoryOutOfRange { requested: total_bytes, min, max }));
         }
         let _serial = self.exclusive(&vmm.socket).await;
-        let client = ApiClient::new(&vmm.socket);
+        let client = api_client(&vmm.socket, op)?;
         let (_, requested) = self.state_of(vmm, &client, op).await?;
         client.resize_memory(total_bytes).await.map_err(|e| Self::api_error(vmm, op, e))?;
         if requested.is_some_and(|r| total_bytes < r) {
@@ -597,7 +603,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn add_disk(&self, vmm: &VmmHandle, disk: &DiskConfig) -> Result<(), HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        let added = ApiClient::new(&vmm.socket).add_disk(&config::disk(disk)).await;
+        let added = api_client(&vmm.socket, "add_disk")?.add_disk(&config::disk(disk)).await;
         match added.map_err(|e| Self::api_error(vmm, "add_disk", e))? {
             Some(pci) => tracing::info!(id = %pci.id, bdf = %pci.bdf, "disk hot-plugged"),
             None => tracing::info!(id = %disk.id, "disk added to the created VM"),
@@ -607,7 +613,7 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn remove_disk(&self, vmm: &VmmHandle, id: &str) -> Result<(), HypervisorError> {
         let _serial = self.exclusive(&vmm.socket).await;
-        ApiClient::new(&vmm.socket).remove_device(id).await.map_err(|e| Self::api_error(vmm, "remove_disk", e))
+        api_client(&vmm.socket, "remove_disk")?.remove_device(id).await.map_err(|e| Self::api_error(vmm, "remove_disk", e))
     }
 }
 
@@ -661,14 +667,13 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_directories_are_synced_and_emptied() {
+    fn snapshot_directories_are_emptied() {
         let dir = tempfile::tempdir().unwrap();
         for name in SNAPSHOT_FILES {
             std::fs::write(dir.path().join(name), name).unwrap();
         }
-        sync_dir_tree(dir.path()).unwrap();
         empty_dir(dir.path()).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(matches!(sync_dir_tree(&dir.path().join("gone")), Err(ChError::Sync { .. })));
+        assert!(matches!(empty_dir(&dir.path().join("gone")), Err(ChError::SnapshotDir { .. })));
     }
 }

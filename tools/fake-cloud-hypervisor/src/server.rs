@@ -16,11 +16,14 @@ use std::time::Duration;
 /// A client that connects and then says nothing is dropped after this.
 const IDLE: Duration = Duration::from_secs(10);
 
-/// One request and the status it got.
+/// One request, the status it got, and the connection it came on.
 #[derive(Debug, Clone)]
 pub struct Exchange {
     pub request: Request,
     pub status: u16,
+    /// Connections are numbered from 0 in the order they were accepted, so
+    /// a test can tell a reused connection from a fresh one.
+    pub connection: u64,
 }
 
 /// Everything the server shares with whoever watches it.
@@ -86,19 +89,19 @@ pub fn respond(shared: &Shared, spec: &OpenApi, request: &Request, log: &dyn Fn(
 
 /// Serves `listener` until the VMM exits or `shared` is told to stop.
 pub fn serve(listener: &UnixListener, shared: &Shared, spec: &OpenApi, log: &dyn Fn(&str)) -> Ended {
-    for conn in listener.incoming() {
+    for (number, conn) in (0u64..).zip(listener.incoming()) {
         if shared.stop.load(Ordering::SeqCst) {
             return Ended::Stopped;
         }
         let Ok(stream) = conn else { continue };
-        if let Some(Ended::Exit) = serve_connection(stream, shared, spec, log) {
+        if let Some(Ended::Exit) = serve_connection(stream, number, shared, spec, log) {
             return Ended::Exit;
         }
     }
     Ended::Stopped
 }
 
-fn serve_connection(stream: UnixStream, shared: &Shared, spec: &OpenApi, log: &dyn Fn(&str)) -> Option<Ended> {
+fn serve_connection(stream: UnixStream, connection: u64, shared: &Shared, spec: &OpenApi, log: &dyn Fn(&str)) -> Option<Ended> {
     let _ = stream.set_read_timeout(Some(IDLE));
     let mut writer = stream.try_clone().ok()?;
     let mut reader = BufReader::new(stream);
@@ -115,7 +118,7 @@ fn serve_connection(stream: UnixStream, shared: &Shared, spec: &OpenApi, log: &d
         };
         let (response, after) = respond(shared, spec, &request, log);
         log(&format!("{} {} -> {}", request.method, request.path, response.status));
-        shared.exchanges.lock().expect("poisoned").push(Exchange { request, status: response.status });
+        shared.exchanges.lock().expect("poisoned").push(Exchange { request, status: response.status, connection });
         let written = http::write_response(&mut writer, &response);
         if after == After::Exit {
             return Some(Ended::Exit);
