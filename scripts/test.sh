@@ -13,4 +13,6 @@ export HYPEMAN_REAL_VM=1
 export HYPEMAN_REQUIRE_TOOLS=1
 HYPEMAN_GUEST_KERNEL_DIR=$(realpath target/guest-kernel)
 export HYPEMAN_GUEST_KERNEL_DIR
+# The lint policy of Cargo.toml's [workspace.lints], warnings as errors.
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace -- --test-threads=2

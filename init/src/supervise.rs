@@ -164,6 +164,7 @@ pub fn run(
 
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut wanted: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; sigprocmask fills it in.
     let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointers to local sigsets.
     unsafe {

@@ -474,7 +474,7 @@ mod props {
                 prop_assert!(matches!(step, Step::Blocked(_)), "{:?}", step);
             }
             // Holding back is honoured, except by a declaration that cannot act.
-            let acts_at_all = !matches!(d, Desired::Invalid(_)) && !(d == Desired::Absent && !o.exists);
+            let acts_at_all = !matches!(d, Desired::Invalid(_)) && (d != Desired::Absent || o.exists);
             match o.hold {
                 Some(Hold::ForChange) if acts_at_all => prop_assert_eq!(&step, &Step::AwaitChange),
                 Some(Hold::Until(t)) if acts_at_all && now < t => prop_assert_eq!(&step, &Step::WaitUntil(t)),
