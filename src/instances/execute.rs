@@ -16,7 +16,6 @@ use super::{error_chain, record_of, InstanceError, Instances, Observation};
 use crate::declaration::spec::InstanceSpec;
 use crate::exit::GuestEnd;
 use crate::hypervisor::{Hypervisor, HypervisorError, Probe, VmmHandle};
-use crate::logs::InstanceLog;
 use super::step::{Outcome, PauseFor, Step};
 use crate::store::{now_rfc3339, ExitRecord, GuestPaths, Metadata, SnapshotInfo};
 use std::sync::Arc;
@@ -42,13 +41,10 @@ impl Instances {
         }
         let mut meta = obs.meta.clone().ok_or_else(|| InstanceError::NoGuest(name.to_string()))?;
         let paths = self.store.guest_paths(meta.id);
-        let log = InstanceLog::open(&paths.hypeman_log).ok();
-        if let Some(log) = &log {
-            let _ = log.append(&format!("{step} (from {}){}", obs.state, why(step)));
-        }
+        self.event(&meta, Level::INFO, &format!("{step} (from {}){}", obs.state, why(step)));
         let result = self.act(step, obs, &mut meta, &paths).await;
-        if let (Some(log), Ok(_)) = (&log, &result) {
-            let _ = log.append(&format!("{step}: done"));
+        if result.is_ok() {
+            self.event(&meta, Level::DEBUG, &format!("{step}: done"));
         }
         result
     }
@@ -69,7 +65,7 @@ impl Instances {
             | Step::AwaitPowerOff(_)
             | Step::Provision { .. } => done,
             Step::Adopt { vmm } => {
-                tracing::info!(instance = %meta.name, pid = vmm.pid, "adopting a running VMM");
+                self.event(meta, Level::INFO, &format!("adopting the running VMM (pid {})", vmm.pid));
                 meta.vmm = Some(record_of(vmm));
                 self.write_metadata(meta).await?;
                 done
@@ -303,9 +299,7 @@ impl Instances {
     /// Keeps how the guest ended in the metadata (written by the caller)
     /// and says so in the instance's log.
     fn note_exit(&self, meta: &mut Metadata, end: GuestEnd) {
-        if let Ok(log) = InstanceLog::open(&self.store.guest_paths(meta.id).hypeman_log) {
-            let _ = log.append(&format!("the guest ended by itself: {end}"));
-        }
+        self.event(meta, Level::INFO, &format!("the guest ended by itself: {end}"));
         meta.exited = Some(ExitRecord { end, applied: meta.applied.clone(), at: now_rfc3339() });
     }
 

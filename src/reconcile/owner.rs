@@ -284,7 +284,6 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
         tracing::error!(instance = name, "no convergence after {MAX_STEPS_IN_A_ROW} steps; trying again later");
         return now + settings.resync_interval;
     }
-    tracing::info!(instance = name, from = %obs.state, step = %step, "reconcile step");
     mem.view.steps += 1;
     match Box::pin(instances.execute(name, &step, &obs)).await {
         Ok(outcome) => {
