@@ -41,10 +41,11 @@ impl Instances {
         }
         let mut meta = obs.meta.clone().ok_or_else(|| InstanceError::NoGuest(name.to_string()))?;
         let paths = self.store.guest_paths(meta.id);
-        self.event(&meta, Level::INFO, &format!("{step} (from {}){}", obs.state, why(step)));
+        let journal = super::Journal::open(&paths, &meta.name);
+        journal.say(Level::INFO, &format!("{step} (from {}){}", obs.state, why(step)));
         let result = self.act(step, obs, &mut meta, &paths).await;
         if result.is_ok() {
-            self.event(&meta, Level::DEBUG, &format!("{step}: done"));
+            journal.say(Level::DEBUG, &format!("{step}: done"));
         }
         result
     }

@@ -89,6 +89,8 @@ pub enum InstanceError {
     NoGuest(String),
     #[error("a blocking task failed")]
     Join(#[source] tokio::task::JoinError),
+    #[error("the daemon is stopping")]
+    BlockingClosed,
 }
 
 impl InstanceError {
@@ -105,7 +107,8 @@ impl InstanceError {
             | InstanceError::UnreadableGuests(_)
             | InstanceError::UnreadableLaunch(_)
             | InstanceError::NoGuest(_)
-            | InstanceError::Join(_) => ErrorKind::Transient,
+            | InstanceError::Join(_)
+            | InstanceError::BlockingClosed => ErrorKind::Transient,
         }
     }
 }
@@ -146,7 +149,11 @@ pub struct Instances {
     settings: Arc<Settings>,
     provisioner: Arc<dyn Provisioner>,
     leases: leases::Leases,
+    blocking_slots: tokio::sync::Semaphore,
 }
+
+/// How many store or declaration reads and writes run at once.
+pub const BLOCKING_AT_ONCE: usize = 8;
 
 impl Instances {
     pub fn new(
@@ -155,7 +162,14 @@ impl Instances {
         settings: Arc<Settings>,
         provisioner: Arc<dyn Provisioner>,
     ) -> Instances {
-        Instances { store, backends, settings, provisioner, leases: leases::Leases::default() }
+        Instances {
+            store,
+            backends,
+            settings,
+            provisioner,
+            leases: leases::Leases::default(),
+            blocking_slots: tokio::sync::Semaphore::new(BLOCKING_AT_ONCE),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -185,10 +199,20 @@ impl Instances {
         F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
     {
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || f(&store)).await {
-            Ok(result) => Ok(result?),
-            Err(e) => Err(InstanceError::Join(e)),
-        }
+        Ok(self.run_blocking(move || f(&store)).await??)
+    }
+
+    /// Runs `f` on the blocking pool, at most [`BLOCKING_AT_ONCE`] at a
+    /// time: a thousand owners starting together would otherwise grow the
+    /// pool to hundreds of threads, each with its stack, for work the disk
+    /// does one fsync at a time anyway.
+    pub async fn run_blocking<T, F>(&self, f: F) -> Result<T, InstanceError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let _permit = self.blocking_slots.acquire().await.map_err(|_| InstanceError::BlockingClosed)?;
+        tokio::task::spawn_blocking(f).await.map_err(InstanceError::Join)
     }
 
     /// Writes the guest's record on the blocking pool.
@@ -235,15 +259,33 @@ impl Instances {
 
 /// See [`Instances::event`].
 pub fn event(paths: &GuestPaths, name: &str, level: tracing::Level, line: &str) {
-    match level {
-        tracing::Level::ERROR => tracing::error!(instance = name, "{line}"),
-        tracing::Level::WARN => tracing::warn!(instance = name, "{line}"),
-        tracing::Level::INFO => tracing::info!(instance = name, "{line}"),
-        tracing::Level::DEBUG => tracing::debug!(instance = name, "{line}"),
-        tracing::Level::TRACE => tracing::trace!(instance = name, "{line}"),
+    Journal::open(paths, name).say(level, line);
+}
+
+/// One instance's events, each said once in both places it is read, with
+/// `hypeman.log` held open for the several lines of one step.
+pub struct Journal {
+    name: String,
+    log: Option<InstanceLog>,
+}
+
+impl Journal {
+    pub fn open(paths: &GuestPaths, name: &str) -> Journal {
+        Journal { name: name.to_string(), log: InstanceLog::open(&paths.hypeman_log).ok() }
     }
-    if let Ok(log) = InstanceLog::open(&paths.hypeman_log) {
-        let _ = log.append(line);
+
+    pub fn say(&self, level: tracing::Level, line: &str) {
+        let name = self.name.as_str();
+        match level {
+            tracing::Level::ERROR => tracing::error!(instance = name, "{line}"),
+            tracing::Level::WARN => tracing::warn!(instance = name, "{line}"),
+            tracing::Level::INFO => tracing::info!(instance = name, "{line}"),
+            tracing::Level::DEBUG => tracing::debug!(instance = name, "{line}"),
+            tracing::Level::TRACE => tracing::trace!(instance = name, "{line}"),
+        }
+        if let Some(log) = &self.log {
+            let _ = log.append(line);
+        }
     }
 }
 

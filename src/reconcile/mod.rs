@@ -47,7 +47,7 @@ pub struct Reconciler {
 }
 
 struct OwnerHandle {
-    nudges: mpsc::Sender<()>,
+    nudge: Arc<tokio::sync::Notify>,
     requests: mpsc::Sender<Request>,
     task: JoinHandle<()>,
 }
@@ -56,7 +56,7 @@ impl Reconciler {
     pub fn new(instances: Arc<Instances>, instances_dir: PathBuf) -> Reconciler {
         let (stop, _) = watch::channel(false);
         Reconciler {
-            ctx: Arc::new(Ctx { instances, instances_dir }),
+            ctx: Arc::new(Ctx::new(instances, instances_dir)),
             owners: HashMap::new(),
             retired: HashMap::new(),
             stop,
@@ -66,19 +66,20 @@ impl Reconciler {
     /// Asks the instance's owner to look again, starting it if needed.
     pub fn nudge(&mut self, name: &str) {
         let previous = match self.owners.get(name) {
-            Some(owner) => match owner.nudges.try_send(()) {
-                // Full: a look is already pending, which will see this change.
-                Ok(()) | Err(mpsc::error::TrySendError::Full(())) => return,
-                // The owner ended (stopped, or it panicked): start anew.
-                Err(mpsc::error::TrySendError::Closed(())) => self.owners.remove(name).map(|o| o.task),
-            },
+            // A pending nudge stays one: the owner's next look sees this change.
+            Some(owner) if !owner.requests.is_closed() => {
+                owner.nudge.notify_one();
+                return;
+            }
+            // The owner ended (stopped, or it panicked): start anew.
+            Some(_) => self.owners.remove(name).map(|o| o.task),
             None => self.retired.remove(name),
         };
-        let (nudges, nudge_rx) = mpsc::channel(1);
+        let nudge = Arc::new(tokio::sync::Notify::new());
         let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
-        let inbox = Inbox { nudges: nudge_rx, requests: request_rx, stop: self.stop.subscribe() };
+        let inbox = Inbox { nudge: nudge.clone(), requests: request_rx, stop: self.stop.subscribe() };
         let task = tokio::spawn(owner::run(name.to_string(), self.ctx.clone(), inbox, previous));
-        self.owners.insert(name.to_string(), OwnerHandle { nudges, requests, task });
+        self.owners.insert(name.to_string(), OwnerHandle { nudge, requests, task });
     }
 
     /// Every name worth a look: declared files (valid or not) and guests
@@ -98,7 +99,7 @@ impl Reconciler {
         let gone: Vec<String> = self.owners.keys().filter(|n| names.binary_search(n).is_err()).cloned().collect();
         for name in gone {
             if let Some(owner) = self.owners.remove(&name) {
-                // Dropping its senders lets it go after its current step.
+                // Dropping its request sender lets it go after its current step.
                 self.retired.insert(name, owner.task);
             }
         }

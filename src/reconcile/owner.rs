@@ -3,7 +3,7 @@
 //!
 //! It waits in one `select!` over everything that can move it: the stop
 //! signal, requests (each answered on its own oneshot), nudges (a file
-//! changed), and one timer that stands for whatever comes next (the next
+//! changed; a stored permit, so a burst is one), and one timer that stands for whatever comes next (the next
 //! step, a backoff, the debounce after a nudge, the grace of a removed
 //! declaration or of a pressed power button, the health tick). Each wake
 //! reads the declaration, observes, plans and takes at most one step, then
@@ -36,10 +36,26 @@ pub const ABSENT_GRACE: Duration = Duration::from_secs(1);
 /// A guest that stays up this long is no longer crash-looping.
 pub const STABLE_AFTER: Duration = Duration::from_secs(300);
 
+/// How many owners look and step at once. The rest wait their turn
+/// holding only their sleeping task, so a thousand instances starting
+/// together do not hold a thousand looks and steps in flight, each waiting
+/// for the same disk (the store's writes are fsynced one at a time anyway).
+/// A step that takes long (an image pull, a large snapshot) holds one turn;
+/// the stop grace and every backoff are timers and hold none.
+pub const TURNS: usize = 32;
+
 /// What an owner needs from the daemon; shared by every owner.
 pub struct Ctx {
     pub instances: Arc<Instances>,
     pub instances_dir: PathBuf,
+    /// One permit per owner looking or stepping ([`TURNS`]).
+    pub turns: tokio::sync::Semaphore,
+}
+
+impl Ctx {
+    pub fn new(instances: Arc<Instances>, instances_dir: PathBuf) -> Ctx {
+        Ctx { instances, instances_dir, turns: tokio::sync::Semaphore::new(TURNS) }
+    }
 }
 
 /// A question for an instance's owner, answered on its oneshot.
@@ -164,12 +180,15 @@ fn nudged_due(due: Instant, last_nudged_wake: Option<Instant>, now: Instant, deb
 
 /// The channels an owner listens on.
 pub struct Inbox {
-    pub nudges: mpsc::Receiver<()>,
+    /// A nudge is a stored permit: any number of them before the owner
+    /// looks are one look.
+    pub nudge: Arc<tokio::sync::Notify>,
+    /// Closed when the reconciler lets the owner go.
     pub requests: mpsc::Receiver<Request>,
     pub stop: watch::Receiver<bool>,
 }
 
-/// Runs the owner of `name` until it is stopped or let go (its nudge
+/// Runs the owner of `name` until it is stopped or let go (its request
 /// channel closed). `previous` is the task of an owner of the same name
 /// that was let go before this one started: it may still be finishing a
 /// step, so it is awaited first, and two owners of one name never overlap.
@@ -190,16 +209,22 @@ pub async fn run(name: String, ctx: Arc<Ctx>, mut inbox: Inbox, previous: Option
         tokio::select! {
             biased;
             _ = inbox.stop.changed() => return,
-            Some(request) = inbox.requests.recv() => answer(request, &mem),
-            nudge = inbox.nudges.recv() => match nudge {
-                Some(()) => {
-                    due = nudged_due(due, last_nudged_wake, Instant::now(), settings.debounce);
-                    nudged = true;
-                }
+            request = inbox.requests.recv() => match request {
+                Some(request) => answer(request, &mem),
                 // Let go by the reconciler: finish quietly.
                 None => return,
             },
-            _ = tokio::time::sleep_until(due) => {
+            _ = inbox.nudge.notified() => {
+                due = nudged_due(due, last_nudged_wake, Instant::now(), settings.debounce);
+                nudged = true;
+            }
+            // A look due now skips the timer, whose 1 ms granularity would
+            // otherwise be paid between every two steps.
+            _ = wait_until(due) => {
+                let Ok(_turn) = ctx.turns.acquire().await else { return };
+                if *inbox.stop.borrow() {
+                    return;
+                }
                 last_nudged_wake = if nudged { Some(Instant::now()) } else { None };
                 nudged = false;
                 // Boxed: an owner sleeps far longer than it steps, and its
@@ -210,6 +235,13 @@ pub async fn run(name: String, ctx: Arc<Ctx>, mut inbox: Inbox, previous: Option
                     .await;
             }
         }
+    }
+}
+
+/// Returns at `due`, at once when it has passed.
+async fn wait_until(due: Instant) {
+    if due > Instant::now() {
+        tokio::time::sleep_until(due).await;
     }
 }
 
@@ -226,11 +258,13 @@ fn answer(request: Request, mem: &Memory) {
 async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     let instances = &ctx.instances;
     let settings = &instances.settings().reconcile;
-    let desired = read_desired(ctx, name).await;
+    // Boxed, like the step below: an owner holds room for what it awaits
+    // only while it looks.
+    let desired = Box::pin(read_desired(ctx, name)).await;
     if mem.forget_hold_unless(&desired) {
         tracing::info!(instance = name, "the declaration changed; not waiting out the backoff");
     }
-    let obs = match instances.observe(name).await {
+    let obs = match Box::pin(instances.observe(name)).await {
         Ok(o) => o,
         Err(e) => {
             mem.failures += 1;
@@ -260,7 +294,9 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             mem.failures = 0;
             mem.hold = None;
             mem.view.error = None;
-            let _ = instances.record_error(name, None).await;
+            if obs.meta.as_ref().is_some_and(|m| m.last_error.is_some()) {
+                let _ = instances.record_error(name, None).await;
+            }
             return now + rest;
         }
         Step::Blocked(why) => {
@@ -268,8 +304,8 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             // Once per new reason, not on every resync.
             if obs.meta.as_ref().and_then(|m| m.last_error.as_deref()) != Some(message.as_str()) {
                 tracing::warn!(instance = name, "{message}");
+                let _ = instances.record_error(name, Some(message)).await;
             }
-            let _ = instances.record_error(name, Some(message)).await;
             return now + rest;
         }
         Step::WaitUntil(t) | Step::AwaitPowerOff(t) => return *t,
@@ -337,9 +373,9 @@ async fn read_desired(ctx: &Ctx, name: &str) -> Desired {
     let dir = ctx.instances_dir.clone();
     let name_owned = name.to_string();
     let limits = ctx.instances.settings().limits.clone();
-    match tokio::task::spawn_blocking(move || declaration::desired::read(&dir, &name_owned, &limits)).await {
+    match ctx.instances.run_blocking(move || declaration::desired::read(&dir, &name_owned, &limits)).await {
         Ok(desired) => desired,
-        Err(e) => Desired::Invalid(format!("reading the declaration failed: {e}").into()),
+        Err(e) => Desired::Invalid(format!("reading the declaration failed: {}", error_chain(&e)).into()),
     }
 }
 
@@ -395,6 +431,29 @@ mod tests {
         let spec: InstanceSpec =
             declaration::parse_instance(std::path::Path::new("instances/web.toml"), &text, &Default::default()).unwrap();
         Desired::Present(Arc::new(spec))
+    }
+
+    /// What a sleeping owner costs: its task holds the `run` future for
+    /// good, and a look in progress only boxes what it awaits.
+    #[tokio::test]
+    async fn an_owner_and_its_look_stay_small() {
+        use crate::hypervisor::Backends;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::Store::open(tmp.path()).unwrap());
+        let settings = Arc::new(crate::settings::Settings::defaults());
+        let provisioner = Arc::new(crate::instances::provision::FakeProvisioner);
+        let instances = Arc::new(Instances::new(store, Backends::default(), settings, provisioner));
+        let ctx = Arc::new(Ctx::new(instances, tmp.path().join("instances")));
+        let nudge = Arc::new(tokio::sync::Notify::new());
+        let (_r, requests) = mpsc::channel(1);
+        let (_s, stop) = watch::channel(false);
+        let owner = run("web".into(), ctx.clone(), Inbox { nudge, requests, stop }, None);
+        let mut mem = Memory::new("web");
+        let look = tick("web", &ctx, &mut mem);
+        let (owner_bytes, look_bytes) = (std::mem::size_of_val(&owner), std::mem::size_of_val(&look));
+        eprintln!("owner future {owner_bytes} bytes, look {look_bytes} bytes");
+        assert!(owner_bytes <= 1024, "an owner's task holds {owner_bytes} bytes");
+        assert!(look_bytes <= 2048, "a look holds {look_bytes} bytes while it waits");
     }
 
     #[tokio::test(start_paused = true)]
