@@ -958,3 +958,26 @@ async fn an_error_that_needs_a_change_waits_for_one_and_status_says_so() {
     env.wait_for("web", VmState::Standby).await;
     env.stop().await;
 }
+
+/// A VMM that stops answering while its guest powers off (QEMU closing its
+/// QMP socket on the way out) is waited for like any stopping guest: no
+/// "does not answer" error, and it is killed after the grace if it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_stops_answering_while_stopping_is_not_an_error() {
+    let mut env = Env::new();
+    env.fake.set_guest_ignores_power_off(true);
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    let socket = env.socket("web");
+    env.write("web", &decl("stopped", "256MiB"));
+    assert!(env.fake.wait_for_calls(Op::PowerOff, 1, WAIT).await, "power button pressed");
+    env.fake.make_unresponsive(&socket, true);
+    env.wait_for("web", VmState::Stopped).await;
+    let meta = env.store().find_by_name("web").unwrap().unwrap();
+    assert_eq!(meta.last_error, None);
+    let log = hypeman_log(&env, "web");
+    assert!(!log.contains("does not answer"), "{log}");
+    assert!(log.contains("killing its VMM"), "{log}");
+    env.stop().await;
+}

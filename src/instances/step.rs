@@ -398,7 +398,10 @@ impl Outcome {
             Outcome::PowerButtonPressed { .. } => vec![],
             Outcome::Killed => match from {
                 Shutdown => vec![Stopped],
-                Stopped | Created | Running | Paused | Standby | Unknown => vec![Shutdown, Stopped],
+                // A VMM that did not answer has no hops; the next look
+                // finds what is left.
+                Unknown => vec![],
+                Stopped | Created | Running | Paused | Standby => vec![Shutdown, Stopped],
             },
             Outcome::SnapshotUnusable { .. } => vec![Stopped],
         }

@@ -46,13 +46,16 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         return step;
     }
     // The power button was pressed: whatever is wanted now, the guest is on
-    // its way down. Give it its grace, then kill it.
-    if let (Some(deadline), Running | Created, Some(vmm)) = (observed.stopping, observed.state, &observed.vmm) {
-        return if now < deadline {
-            Step::AwaitPowerOff(deadline.min(now + STOP_POLL))
-        } else {
-            Step::Kill { vmm: vmm.clone() }
-        };
+    // its way down. Give it its grace, then kill it. A VMM that stops
+    // answering meanwhile is exiting with its guest (QEMU closes its QMP
+    // socket on the way out).
+    if let (Some(deadline), Running | Created | Unknown) = (observed.stopping, observed.state) {
+        if now < deadline {
+            return Step::AwaitPowerOff(deadline.min(now + STOP_POLL));
+        }
+        if let Some(vmm) = observed.vmm.as_ref().or(observed.recorded_vmm.as_ref()) {
+            return Step::Kill { vmm: vmm.clone() };
+        }
     }
     let Some(spec) = spec else { return removal(observed) };
     let want = spec.state;

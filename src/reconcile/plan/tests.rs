@@ -338,8 +338,13 @@ fn a_pressed_power_button_gets_its_grace_then_the_vmm_is_killed() {
     let down = Observed { ended: Some(GuestEnd::StopRequested), ..Observed { state: Shutdown, ..stopping.clone() } };
     assert_eq!(plan(&stopped, &down, now), Step::StopVmm { vmm: vmm(), end: None });
     // Gone with its VMM (QEMU): forgotten, not recorded as an exit.
-    let gone = Observed { state: Stopped, vmm: None, ended: Some(GuestEnd::StopRequested), ..stopping };
+    let gone = Observed { state: Stopped, vmm: None, ended: Some(GuestEnd::StopRequested), ..stopping.clone() };
     assert_eq!(plan(&stopped, &gone, now), Step::ForgetVmm);
+    // A VMM that stops answering while its guest powers off is on its way
+    // out, not stuck: waited for, then killed by its record.
+    let exiting = Observed { state: Unknown, vmm: None, ..stopping.clone() };
+    assert_eq!(plan(&stopped, &exiting, now), Step::AwaitPowerOff(now + STOP_POLL));
+    assert_eq!(plan(&stopped, &exiting, deadline), Step::Kill { vmm: vmm() });
     // Killed after the grace, the path goes through Shutdown.
     assert_eq!(Outcome::Killed.check(Kill, Running), Ok(Stopped));
     assert_eq!(Outcome::Killed.check(PowerOff, Created), Ok(Stopped));
@@ -483,9 +488,15 @@ mod props {
             // Steps carry the VMM that was seen, never another.
             match &step {
                 Step::Boot { vmm } | Step::Pause { vmm, .. } | Step::Resume { vmm, .. } | Step::Snapshot { vmm }
-                | Step::PowerOff { vmm, .. } | Step::Kill { vmm } | Step::StopVmm { vmm, .. }
+                | Step::PowerOff { vmm, .. } | Step::StopVmm { vmm, .. }
                 | Step::DropStaleSnapshot { vmm, .. } | Step::Adopt { vmm } => {
                     prop_assert_eq!(Some(vmm), o.vmm.as_ref());
+                }
+                // The VMM that answered, else the one on record (it stopped
+                // answering on its way out).
+                Step::Kill { vmm } => {
+                    prop_assert_eq!(Some(vmm), o.vmm.as_ref().or(o.recorded_vmm.as_ref()));
+                    prop_assert!(o.stopping.is_some());
                 }
                 Step::ForceKill { vmm } => {
                     prop_assert_eq!(Some(vmm), o.recorded_vmm.as_ref());
