@@ -58,7 +58,18 @@ daemon=$!
 trap 'kill $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; pkill -f "$demo/data/guests/" 2>/dev/null || true' EXIT
 
 h wait hello --state Running --timeout 120s
-sleep 4
+# The app's first line, however long the boot takes on a busy machine.
+wait_for_hello() {
+    tries=0
+    until h logs hello --tail 50 | tr -d '\r' | grep -q "$1"; do
+        tries=$((tries + 1))
+        if [ "$tries" -gt 240 ]; then
+            echo "demo: the app never printed a line matching $1" >&2; exit 1
+        fi
+        sleep 0.5
+    done
+}
+wait_for_hello '^hello [0-9]'
 h status
 echo "== hypeman logs hello --tail 3"
 h logs hello --tail 3
@@ -72,15 +83,17 @@ if pgrep -f "$demo/data/guests/.*/qmp.sock" >/dev/null; then
 fi
 echo "no QEMU process is left; the snapshot is on disk:"
 du -sh "$demo"/data/guests/*/snapshots/snapshot-latest
-before=$(h logs hello --tail 1 | tr -d '\r')
+before=$(h logs hello --tail 50 | tr -d '\r' | grep '^hello [0-9]' | tail -n 1)
 echo "last line before standby: $before"
 
 echo "== state = \"running\" (restore: the counter continues)"
 set_state running
 h wait hello --state Running --timeout 60s
-sleep 3
+n=${before#hello }
+wait_for_hello "^hello $((n + 3))\$"
 echo "lines since the restore (they continue after \"$before\"):"
-h logs hello --tail 100 | tr -d '\r' | sed -n "/^$before\$/,\$p" | tail -n +2
+h logs hello --tail 100 | tr -d '\r' | awk -v b="$before" 'seen && /^hello [0-9]/; $0 == b { seen = 1 }'
+
 
 echo "== state = \"stopped\""
 set_state stopped
