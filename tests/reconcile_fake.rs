@@ -981,3 +981,56 @@ async fn a_vmm_that_stops_answering_while_stopping_is_not_an_error() {
     assert!(log.contains("killing its VMM"), "{log}");
     env.stop().await;
 }
+
+/// Holds `prepare` of every instance whose name starts with `slow` (an
+/// image pull that takes long) until released.
+struct SlowPulls {
+    released: std::sync::atomic::AtomicBool,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Provisioner for SlowPulls {
+    async fn prepare(
+        &self,
+        spec: &hypeman::declaration::spec::InstanceSpec,
+        guest: &hypeman::store::GuestPaths,
+        meta: &hypeman::store::Metadata,
+    ) -> Result<hypeman::hypervisor::VmConfig, ProvisionError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if spec.name.starts_with("slow") {
+            self.waiting.fetch_add(1, SeqCst);
+            while !self.released.load(SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        FakeProvisioner.prepare(spec, guest, meta).await
+    }
+}
+
+/// More instances than there are turns, all stuck preparing their disks,
+/// do not hold up another instance: a step lends its turn while it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_stuck_preparing_do_not_stall_the_others() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut env = Env::new();
+    let slow = Arc::new(SlowPulls { released: false.into(), waiting: 0.into() });
+    env.provisioner = slow.clone();
+    env.start();
+    let stuck = hypeman::instances::TURNS + 2;
+    for i in 0..stuck {
+        env.write(&format!("slow{i}"), &decl("running", "256MiB"));
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while slow.waiting.load(SeqCst) < stuck {
+        assert!(tokio::time::Instant::now() < deadline, "only {} of {stuck} reached prepare", slow.waiting.load(SeqCst));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.write("quick", &decl("running", "256MiB"));
+    env.wait_for("quick", VmState::Running).await;
+    slow.released.store(true, SeqCst);
+    for i in 0..stuck {
+        env.wait_for(&format!("slow{i}"), VmState::Running).await;
+    }
+    env.stop().await;
+}

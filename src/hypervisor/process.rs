@@ -26,6 +26,18 @@ pub enum ProcessError {
     Vanished { pid: u32 },
 }
 
+impl ProcessError {
+    /// As an `io::Error` of the kind its cause had, so a caller can tell a
+    /// binary that is not installed (`NotFound`) from other failures.
+    pub fn into_io(self) -> std::io::Error {
+        let kind = match &self {
+            ProcessError::Log { source, .. } | ProcessError::Spawn { source, .. } => source.kind(),
+            ProcessError::Vanished { .. } => std::io::ErrorKind::Other,
+        };
+        std::io::Error::new(kind, self)
+    }
+}
+
 /// A process identity that survives pid reuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcessId {

@@ -218,7 +218,7 @@ impl Instances {
         let backend = self.backend(kind)?;
         meta.hypervisor = kind;
         self.ensure_lease(spec, meta).await?;
-        let config = self.provisioner.prepare(spec, paths, meta).await?;
+        let config = self.lending_turn(self.provisioner.prepare(spec, paths, meta)).await?;
         let guest = Self::guest_vmm(paths, meta);
         let handle = backend.create(&guest, &config).await.map_err(hv("create"))?;
         meta.vmm = Some(record_of(&handle));
@@ -235,7 +235,7 @@ impl Instances {
         let backend = self.backend(meta.hypervisor)?;
         let id = meta.id;
         let dir = self.blocking(move |store| store.begin_snapshot(id)).await?;
-        let taken = backend.snapshot(vmm, &dir).await.map_err(hv("snapshot"))?;
+        let taken = self.lending_turn(backend.snapshot(vmm, &dir)).await.map_err(hv("snapshot"))?;
         let memory = backend.info(vmm).await.ok().and_then(|i| i.memory_actual_bytes).unwrap_or(0);
         let info = SnapshotInfo::new(meta.hypervisor, &taken.hypervisor_version, &taken.config_hash, memory);
         self.blocking(move |store| store.commit_snapshot(id, &info)).await?;
@@ -258,7 +258,7 @@ impl Instances {
         let backend = self.backend(meta.hypervisor)?;
         let started = std::time::Instant::now();
         self.ensure_lease(spec, meta).await?;
-        let config = self.provisioner.prepare(spec, paths, meta).await?;
+        let config = self.lending_turn(self.provisioner.prepare(spec, paths, meta)).await?;
         tracing::debug!(instance = %meta.name, prepare_ms = started.elapsed().as_millis() as u64, "disks ready for the restore");
         let version = backend.version().await.map_err(hv("version"))?;
         let mismatch = if snap.hypervisor != meta.hypervisor {

@@ -150,10 +150,20 @@ pub struct Instances {
     provisioner: Arc<dyn Provisioner>,
     leases: leases::Leases,
     blocking_slots: tokio::sync::Semaphore,
+    turns: tokio::sync::Semaphore,
 }
 
 /// How many store or declaration reads and writes run at once.
 pub const BLOCKING_AT_ONCE: usize = 8;
+
+/// How many instances are looked at or stepped at once. The rest wait
+/// their turn holding only their sleeping task, so a thousand instances
+/// starting together do not hold a thousand looks and steps in flight, each
+/// waiting for the same disk. A step lends its turn to the others while it
+/// waits on something that may take long (preparing disks, which may pull
+/// an image; writing a snapshot); the stop grace and every backoff are
+/// timers and hold none.
+pub const TURNS: usize = 32;
 
 impl Instances {
     pub fn new(
@@ -169,6 +179,7 @@ impl Instances {
             provisioner,
             leases: leases::Leases::default(),
             blocking_slots: tokio::sync::Semaphore::new(BLOCKING_AT_ONCE),
+            turns: tokio::sync::Semaphore::new(TURNS),
         }
     }
 
@@ -213,6 +224,23 @@ impl Instances {
     {
         let _permit = self.blocking_slots.acquire().await.map_err(|_| InstanceError::BlockingClosed)?;
         tokio::task::spawn_blocking(f).await.map_err(InstanceError::Join)
+    }
+
+    /// Waits for a turn to look at or step one instance ([`TURNS`]);
+    /// `None` once the daemon is stopping.
+    pub async fn turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.turns.acquire().await.ok()
+    }
+
+    /// Awaits `f` with the caller's turn lent to the others, and takes a
+    /// turn back after: for a wait inside a step that may take long.
+    async fn lending_turn<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.turns.add_permits(1);
+        let out = f.await;
+        if let Ok(permit) = self.turns.acquire().await {
+            permit.forget();
+        }
+        out
     }
 
     /// Writes the guest's record on the blocking pool.

@@ -36,25 +36,15 @@ pub const ABSENT_GRACE: Duration = Duration::from_secs(1);
 /// A guest that stays up this long is no longer crash-looping.
 pub const STABLE_AFTER: Duration = Duration::from_secs(300);
 
-/// How many owners look and step at once. The rest wait their turn
-/// holding only their sleeping task, so a thousand instances starting
-/// together do not hold a thousand looks and steps in flight, each waiting
-/// for the same disk (the store's writes are fsynced one at a time anyway).
-/// A step that takes long (an image pull, a large snapshot) holds one turn;
-/// the stop grace and every backoff are timers and hold none.
-pub const TURNS: usize = 32;
-
 /// What an owner needs from the daemon; shared by every owner.
 pub struct Ctx {
     pub instances: Arc<Instances>,
     pub instances_dir: PathBuf,
-    /// One permit per owner looking or stepping ([`TURNS`]).
-    pub turns: tokio::sync::Semaphore,
 }
 
 impl Ctx {
     pub fn new(instances: Arc<Instances>, instances_dir: PathBuf) -> Ctx {
-        Ctx { instances, instances_dir, turns: tokio::sync::Semaphore::new(TURNS) }
+        Ctx { instances, instances_dir }
     }
 }
 
@@ -221,7 +211,9 @@ pub async fn run(name: String, ctx: Arc<Ctx>, mut inbox: Inbox, previous: Option
             // A look due now skips the timer, whose 1 ms granularity would
             // otherwise be paid between every two steps.
             _ = wait_until(due) => {
-                let Ok(_turn) = ctx.turns.acquire().await else { return };
+                // One of `instances::TURNS`: looks and steps of many
+                // instances at once wait their turn here.
+                let Some(_turn) = ctx.instances.turn().await else { return };
                 if *inbox.stop.borrow() {
                     return;
                 }
@@ -333,13 +325,11 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
                     mem.last_seen = None;
                 }
             }
-            match outcome {
-                Outcome::PowerButtonPressed { deadline } => mem.stopping = Some(deadline),
-                Outcome::Done | Outcome::Killed | Outcome::SnapshotUnusable { .. } => {
-                    if matches!(mem.last_seen, Some(VmState::Stopped | VmState::Standby)) {
-                        mem.stopping = None;
-                    }
-                }
+            // Forgotten only by a look that finds no VMM on record (above):
+            // a step on the way (a stale socket cleared) must not make the
+            // stop the owner asked for look like the guest's own ending.
+            if let Outcome::PowerButtonPressed { deadline } = outcome {
+                mem.stopping = Some(deadline);
             }
             // The next step is due at once.
             Instant::now()
@@ -347,6 +337,8 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
         Err(e) => {
             mem.failures += 1;
             mem.last_seen = None;
+            // A failure ends the run of steps; the backoff paces what follows.
+            mem.steps_in_a_row = 0;
             let next = error_policy(e.kind(), mem.failures, settings);
             let until = match next {
                 Next::RetryAfter(wait) => mem.back_off(&desired, Instant::now(), wait),

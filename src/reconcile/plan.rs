@@ -25,14 +25,29 @@ pub fn restarts(policy: RestartPolicy, end: GuestEnd) -> bool {
 /// The next single step from `observed` toward `desired`.
 pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     use VmState::*;
+    // The power button was pressed: whatever is wanted now, the guest is on
+    // its way down. Give it its grace, then kill it. Finishing a stop the
+    // owner began is not acting on the declaration, so an invalid one does
+    // not hold it up. A VMM that stops answering meanwhile is exiting with
+    // its guest (QEMU closes its QMP socket on the way out).
+    let finishing_stop = match (observed.stopping, observed.state) {
+        (Some(deadline), Running | Created | Unknown) if now < deadline => {
+            Some(Step::AwaitPowerOff(deadline.min(now + STOP_POLL)))
+        }
+        (Some(_), Running | Created | Unknown) => {
+            observed.vmm.as_ref().or(observed.recorded_vmm.as_ref()).map(|vmm| Step::Kill { vmm: vmm.clone() })
+        }
+        (Some(_) | None, _) => None,
+    };
     let spec = match desired {
-        Desired::Invalid(_) => {
+        Desired::Invalid(_) if finishing_stop.is_none() => {
             return if observed.exists {
                 Step::Blocked("the declaration is invalid; the instance is left as it is".into())
             } else {
                 Step::Blocked("the declaration is invalid".into())
             };
         }
+        Desired::Invalid(_) => None,
         Desired::Absent if !observed.exists => return Step::Converged,
         Desired::Absent => None,
         Desired::Present(spec) => Some(spec),
@@ -42,20 +57,11 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         Some(Hold::ForChange) => return Step::AwaitChange,
         Some(Hold::Until(_)) | None => {}
     }
-    if let Some(step) = bookkeeping(observed) {
+    if let Some(step) = finishing_stop {
         return step;
     }
-    // The power button was pressed: whatever is wanted now, the guest is on
-    // its way down. Give it its grace, then kill it. A VMM that stops
-    // answering meanwhile is exiting with its guest (QEMU closes its QMP
-    // socket on the way out).
-    if let (Some(deadline), Running | Created | Unknown) = (observed.stopping, observed.state) {
-        if now < deadline {
-            return Step::AwaitPowerOff(deadline.min(now + STOP_POLL));
-        }
-        if let Some(vmm) = observed.vmm.as_ref().or(observed.recorded_vmm.as_ref()) {
-            return Step::Kill { vmm: vmm.clone() };
-        }
+    if let Some(step) = bookkeeping(observed) {
+        return step;
     }
     let Some(spec) = spec else { return removal(observed) };
     let want = spec.state;
@@ -188,9 +194,11 @@ fn bookkeeping(observed: &Observed) -> Option<Step> {
             return Some(Step::Adopt { vmm: vmm.clone() });
         }
     }
-    match (&observed.stale_socket, observed.state) {
-        (Some(socket), VmState::Stopped | VmState::Standby) => Some(Step::ClearStaleSocket { socket: socket.clone() }),
-        (Some(_) | None, _) => None,
+    // Only once no VMM is on record: a VMM that just exited is dealt with
+    // first (how it ended, or that the owner stopped it).
+    match (&observed.stale_socket, observed.state, &observed.recorded_vmm) {
+        (Some(socket), VmState::Stopped | VmState::Standby, None) => Some(Step::ClearStaleSocket { socket: socket.clone() }),
+        (Some(_) | None, _, _) => None,
     }
 }
 

@@ -290,7 +290,7 @@ impl CloudHypervisorBackend {
         let args = vec!["--api-socket".to_string(), format!("path={}", guest.socket.display())];
         let log_start = process::log_end(&guest.vmm_log);
         let id = process::spawn_detached_split(&self.binary, &args, serial_log, &guest.vmm_log)
-            .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: std::io::Error::other(e) })?;
+            .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: e.into_io() })?;
         let deadline = Instant::now() + START_TIMEOUT;
         let ping = loop {
             if !process::is_alive(id) {

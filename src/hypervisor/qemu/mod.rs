@@ -281,7 +281,7 @@ impl QemuBackend {
         let version = self.version().await.ok();
         let log_start = process::log_end(&guest.vmm_log);
         let id = process::spawn_detached(&self.binary, args, &guest.vmm_log)
-            .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: std::io::Error::other(e) })?;
+            .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: e.into_io() })?;
         let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

@@ -42,12 +42,7 @@ fn observed(state: VmState) -> Observed {
         recorded_vmm: (live || state == Unknown).then(vmm),
         snapshot: (state == Standby).then(snapshot),
         applied: Some(applied()),
-        hold: None,
-        ended: None,
-        tap: None,
-        exited: None,
-        stale_socket: None,
-        stopping: None,
+        ..Observed::nothing()
     }
 }
 
@@ -340,11 +335,22 @@ fn a_pressed_power_button_gets_its_grace_then_the_vmm_is_killed() {
     // Gone with its VMM (QEMU): forgotten, not recorded as an exit.
     let gone = Observed { state: Stopped, vmm: None, ended: Some(GuestEnd::StopRequested), ..stopping.clone() };
     assert_eq!(plan(&stopped, &gone, now), Step::ForgetVmm);
+    let gone = &gone;
     // A VMM that stops answering while its guest powers off is on its way
     // out, not stuck: waited for, then killed by its record.
     let exiting = Observed { state: Unknown, vmm: None, ..stopping.clone() };
     assert_eq!(plan(&stopped, &exiting, now), Step::AwaitPowerOff(now + STOP_POLL));
     assert_eq!(plan(&stopped, &exiting, deadline), Step::Kill { vmm: vmm() });
+    // An invalid declaration saved meanwhile does not hold up the kill.
+    let invalid = Desired::Invalid("broken".into());
+    assert_eq!(plan(&invalid, &stopping, now).kind(), AwaitPowerOff);
+    assert_eq!(plan(&invalid, &stopping, deadline), Step::Kill { vmm: vmm() });
+    // QEMU gone with its guest, its socket file left: the stop is forgotten
+    // as the owner's, before the socket is cleared.
+    let left = Observed { stale_socket: Some("/g/qmp.sock".into()), ..gone.clone() };
+    assert_eq!(plan(&stopped, &left, now), Step::ForgetVmm);
+    let forgotten = Observed { recorded_vmm: None, ended: None, ..left };
+    assert_eq!(plan(&stopped, &forgotten, now).kind(), ClearStaleSocket);
     // Killed after the grace, the path goes through Shutdown.
     assert_eq!(Outcome::Killed.check(Kill, Running), Ok(Stopped));
     assert_eq!(Outcome::Killed.check(PowerOff, Created), Ok(Stopped));
@@ -474,12 +480,19 @@ mod props {
             if let Some(to) = step.hop() {
                 prop_assert!(o.state.can_transition_to(to), "{:?} from {}", step, o.state);
             }
-            // An invalid declaration is never acted on.
+            // An invalid declaration is never acted on; only a stop the
+            // owner began is finished.
+            let finishing = matches!(o.state, Running | Created | Unknown)
+                && o.stopping.is_some_and(|deadline| now < deadline || o.vmm.is_some() || o.recorded_vmm.is_some());
             if matches!(d, Desired::Invalid(_)) {
-                prop_assert!(matches!(step, Step::Blocked(_)), "{:?}", step);
+                prop_assert!(
+                    matches!(step, Step::Blocked(_))
+                        || (finishing && matches!(step, Step::AwaitPowerOff(_) | Step::Kill { .. } | Step::WaitUntil(_) | Step::AwaitChange)),
+                    "{:?}", step
+                );
             }
             // Holding back is honoured, except by a declaration that cannot act.
-            let acts_at_all = !matches!(d, Desired::Invalid(_)) && (d != Desired::Absent || o.exists);
+            let acts_at_all = (!matches!(d, Desired::Invalid(_)) || finishing) && (d != Desired::Absent || o.exists);
             match o.hold {
                 Some(Hold::ForChange) if acts_at_all => prop_assert_eq!(&step, &Step::AwaitChange),
                 Some(Hold::Until(t)) if acts_at_all && now < t => prop_assert_eq!(&step, &Step::WaitUntil(t)),
