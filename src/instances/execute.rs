@@ -72,16 +72,7 @@ impl Instances {
                 done
             }
             Step::ClearStaleSocket { socket } => {
-                match std::fs::remove_file(socket) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(InstanceError::Hypervisor {
-                            op: "remove the stale socket",
-                            source: HypervisorError::Backend { op: "remove the stale socket", source: source.into() },
-                        })
-                    }
-                }
+                crate::durable::remove_file_if_exists(socket)?;
                 done
             }
             Step::RepairTap => {
@@ -122,8 +113,7 @@ impl Instances {
             Step::PowerOff { vmm, booted: false, .. } => {
                 // Nothing booted that could hear the power button.
                 self.backend(meta.hypervisor)?.kill(vmm).await.map_err(hv("kill"))?;
-                self.release_if_unused(obs, meta).await?;
-                self.forget_vmm(obs, meta).await?;
+                self.vmm_gone(obs, meta).await?;
                 Ok(Outcome::Killed)
             }
             Step::PowerOff { vmm, booted: true, .. } => {
@@ -138,8 +128,7 @@ impl Instances {
                     humantime::format_duration(grace)
                 ));
                 self.backend(meta.hypervisor)?.kill(vmm).await.map_err(hv("kill"))?;
-                self.release_if_unused(obs, meta).await?;
-                self.forget_vmm(obs, meta).await?;
+                self.vmm_gone(obs, meta).await?;
                 Ok(Outcome::Killed)
             }
             Step::StopVmm { vmm, end } => {
@@ -148,8 +137,7 @@ impl Instances {
                 if let Some(end) = end {
                     self.note_exit(meta, *end);
                 }
-                self.forget_vmm(obs, meta).await?;
-                self.release_if_unused(obs, meta).await?;
+                self.vmm_gone(obs, meta).await?;
                 done
             }
             Step::DiscardSnapshot { .. } => {
@@ -174,15 +162,13 @@ impl Instances {
             }
             Step::RecordExit { end } => {
                 self.note_exit(meta, *end);
-                self.release_if_unused(obs, meta).await?;
-                self.forget_vmm(obs, meta).await?;
+                self.vmm_gone(obs, meta).await?;
                 done
             }
             Step::ForgetVmm => {
                 // The VMM exited with its guest after the power button: the
                 // stop the daemon asked for is over.
-                self.release_if_unused(obs, meta).await?;
-                self.forget_vmm(obs, meta).await?;
+                self.vmm_gone(obs, meta).await?;
                 done
             }
             Step::ForgetExit => {
@@ -304,24 +290,19 @@ impl Instances {
         meta.exited = Some(ExitRecord { end, applied: meta.applied.clone(), at: now_rfc3339() });
     }
 
-    /// Drops the record of a VMM that is gone (ended, killed, or exited
-    /// with its guest as QEMU does under `-no-reboot`), and what it applied
-    /// unless a snapshot still holds that.
-    async fn forget_vmm(&self, obs: &Observation, meta: &mut Metadata) -> Result<(), InstanceError> {
-        meta.vmm = None;
-        if obs.snapshot.is_none() {
-            meta.applied = None;
-        }
-        self.write_metadata(meta).await
-    }
-
-    /// Releases the host resources of a guest whose VMM is gone, unless a
-    /// snapshot still needs them.
-    async fn release_if_unused(&self, obs: &Observation, meta: &Metadata) -> Result<(), InstanceError> {
+    /// After a VMM is gone (ended, killed, or exited with its guest as
+    /// QEMU does under `-no-reboot`): releases the host resources it used
+    /// unless a snapshot still needs them, then drops its record, and what
+    /// it applied unless a snapshot still holds that. The TAP goes first:
+    /// a crash in between leaves the VMM on record, and the next look
+    /// comes back here (the release is idempotent).
+    async fn vmm_gone(&self, obs: &Observation, meta: &mut Metadata) -> Result<(), InstanceError> {
         if obs.snapshot.is_none() {
             self.provisioner.release(meta).await?;
+            meta.applied = None;
         }
-        Ok(())
+        meta.vmm = None;
+        self.write_metadata(meta).await
     }
 
     /// Ends a VMM in order, and by force when it will not go.

@@ -87,6 +87,8 @@ pub enum InstanceError {
     NoBackend(HypervisorKind),
     #[error("instance {0} has no guest record")]
     NoGuest(String),
+    #[error(transparent)]
+    Durable(#[from] crate::durable::DurableError),
     #[error("a blocking task failed")]
     Join(#[source] tokio::task::JoinError),
     #[error("the daemon is stopping")]
@@ -107,6 +109,7 @@ impl InstanceError {
             | InstanceError::UnreadableGuests(_)
             | InstanceError::UnreadableLaunch(_)
             | InstanceError::NoGuest(_)
+            | InstanceError::Durable(_)
             | InstanceError::Join(_)
             | InstanceError::BlockingClosed => ErrorKind::Transient,
         }

@@ -10,11 +10,12 @@ impl Instances {
     /// `prepare` must not run meanwhile. Skipped while some guest record
     /// cannot be read, since its VMM or snapshot may need any entry.
     pub async fn prune_caches(&self) -> Result<(), InstanceError> {
+        let store = self.store.clone();
         let in_use = self
-            .blocking(|store| {
+            .run_blocking(move || -> Result<Vec<std::path::PathBuf>, InstanceError> {
                 let listing = store.list()?;
                 if !listing.unreadable.is_empty() {
-                    return Ok(Err(InstanceError::UnreadableGuests(listing.unreadable.len())));
+                    return Err(InstanceError::UnreadableGuests(listing.unreadable.len()));
                 }
                 let mut in_use = Vec::new();
                 for meta in &listing.guests {
@@ -29,14 +30,11 @@ impl Instances {
                         dirs.push(paths.snapshot_latest.clone());
                     }
                     for dir in dirs {
-                        match crate::hypervisor::recorded_initrds(&dir) {
-                            Ok(initrds) => in_use.extend(initrds),
-                            // Unknown means needed: keep everything.
-                            Err(e) => return Ok(Err(InstanceError::UnreadableLaunch(e))),
-                        }
+                        // Unknown means needed: keep everything.
+                        in_use.extend(crate::hypervisor::recorded_initrds(&dir).map_err(InstanceError::UnreadableLaunch)?);
                     }
                 }
-                Ok(Ok(in_use))
+                Ok(in_use)
             })
             .await??;
         self.provisioner.prune_cache(&in_use).await?;

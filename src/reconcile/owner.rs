@@ -108,12 +108,25 @@ impl Memory {
         }
     }
 
+    /// Holds back as `hold` says, for what `desired` asked.
+    fn hold(&mut self, desired: &Desired, hold: Hold) {
+        self.hold = Some(hold);
+        self.hold_for = Some(desired.clone());
+    }
+
     /// Holds back for `wait` from `now`, for what `desired` asked.
     fn back_off(&mut self, desired: &Desired, now: Instant, wait: Duration) -> Instant {
         let until = now + wait;
-        self.hold = Some(Hold::Until(until));
-        self.hold_for = Some(desired.clone());
+        self.hold(desired, Hold::Until(until));
         until
+    }
+
+    /// A look that converged or a step that succeeded: no failure holds
+    /// anything back any more.
+    fn succeeded(&mut self) {
+        self.failures = 0;
+        self.hold = None;
+        self.view.error = None;
     }
 
     /// Forgets failures and crashes when the declaration changed since the
@@ -283,9 +296,7 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     }
     match &step {
         Step::Converged => {
-            mem.failures = 0;
-            mem.hold = None;
-            mem.view.error = None;
+            mem.succeeded();
             if obs.meta.as_ref().is_some_and(|m| m.last_error.is_some()) {
                 let _ = instances.record_error(name, None).await;
             }
@@ -315,9 +326,7 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     mem.view.steps += 1;
     match Box::pin(instances.execute(name, &step, &obs)).await {
         Ok(outcome) => {
-            mem.failures = 0;
-            mem.hold = None;
-            mem.view.error = None;
+            mem.succeeded();
             match outcome.check(step.kind(), obs.state) {
                 Ok(at) => mem.last_seen = Some(at),
                 Err(e) => {
@@ -343,20 +352,25 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             let until = match next {
                 Next::RetryAfter(wait) => mem.back_off(&desired, Instant::now(), wait),
                 Next::AwaitChange => {
-                    mem.hold = Some(Hold::ForChange);
-                    mem.hold_for = Some(desired.clone());
+                    mem.hold(&desired, Hold::ForChange);
                     Instant::now() + rest
                 }
             };
             let text = format!("{step} failed: {}; {}", error_chain(&e), next.describe());
-            match &obs.meta {
-                Some(meta) => instances.event(meta, Level::WARN, &text),
-                None => tracing::warn!(instance = name, "{text}"),
-            }
+            warn(instances, name, &obs, &text);
             mem.view.error = Some(text.clone());
             let _ = instances.record_error(name, Some(text)).await;
             until
         }
+    }
+}
+
+/// A warning about the instance: an event in its `hypeman.log` too when
+/// it has a guest record.
+fn warn(instances: &Instances, name: &str, obs: &Observation, line: &str) {
+    match &obs.meta {
+        Some(meta) => instances.event(meta, Level::WARN, line),
+        None => tracing::warn!(instance = name, "{line}"),
     }
 }
 
@@ -389,11 +403,7 @@ async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, d
         VmState::Unknown => "the VMM stopped answering",
         VmState::Created | VmState::Running | VmState::Paused => return,
     };
-    let line = format!("{what} (was {was})");
-    match &obs.meta {
-        Some(meta) => instances.event(meta, Level::WARN, &line),
-        None => tracing::warn!(instance = name, "{line}"),
-    }
+    warn(instances, name, obs, &format!("{what} (was {was})"));
     if matches!(desired, Desired::Present(spec) if spec.state == DesiredState::Running) {
         mem.crashes += 1;
         if mem.crashes > 1 {
