@@ -222,6 +222,18 @@ pub fn find_by_argument(socket: &Path) -> Option<ProcessId> {
 mod tests {
     use super::*;
 
+    /// A VMM binary that is not installed stays `NotFound` through the
+    /// backend's `io::Error`, which the error policy reads as "needs a
+    /// change" rather than something to retry.
+    #[test]
+    fn a_missing_binary_is_not_found_through_into_io() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = spawn_detached(Path::new("/nonexistent/qemu-system-x86_64"), &[], &tmp.path().join("vmm.log")).unwrap_err();
+        assert_eq!(err.into_io().kind(), std::io::ErrorKind::NotFound);
+        let log = spawn_detached(Path::new("/bin/true"), &[], &tmp.path().join("no/such/dir/vmm.log")).unwrap_err();
+        assert_eq!(log.into_io().kind(), std::io::ErrorKind::NotFound, "the log's own error kind");
+    }
+
     #[test]
     fn a_log_tail_is_of_this_start_only() {
         let tmp = tempfile::tempdir().unwrap();
