@@ -513,7 +513,10 @@ async fn guest_logs_rotate_at_the_configured_size() {
     std::fs::write(&app, vec![b'x'; (1 << 20) + 1]).unwrap();
     let rotated = app.with_extension("log.1");
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !rotated.exists() {
+    // The rotation renames the copy into place, then truncates: wait for
+    // both, or the look can fall between the two.
+    let truncated = || std::fs::metadata(&app).map(|m| m.len() < 1 << 20).unwrap_or(false);
+    while !(rotated.exists() && truncated()) {
         assert!(tokio::time::Instant::now() < deadline, "never rotated");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
