@@ -404,7 +404,13 @@ async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, d
         VmState::Created | VmState::Running | VmState::Paused => return,
     };
     warn(instances, name, obs, &format!("{what} (was {was})"));
-    if matches!(desired, Desired::Present(spec) if spec.state == DesiredState::Running) {
+    // A crash loop is a guest that keeps ending and is booted again: one
+    // whose restart policy leaves it down (`on-failure` after exit 0,
+    // `never`) is not looping, and is not told "booting again".
+    let boots_again = |spec: &crate::declaration::spec::InstanceSpec| {
+        obs.ended.is_none_or(|end| super::plan::restarts(spec.restart, end))
+    };
+    if matches!(desired, Desired::Present(spec) if spec.state == DesiredState::Running && boots_again(spec)) {
         mem.crashes += 1;
         if mem.crashes > 1 {
             let wait = backoff(settings, mem.crashes - 1);
