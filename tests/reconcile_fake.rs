@@ -405,7 +405,7 @@ async fn guest_ignoring_the_power_button_is_killed_after_the_grace() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unresponsive_vmm_is_unknown_and_only_delete_clears_it() {
+async fn an_unresponsive_vmm_is_killed_when_declared_stopped_or_deleted() {
     let mut env = Env::new();
     env.start();
     env.write("hung", &decl("running", "256MiB"));
@@ -413,12 +413,78 @@ async fn unresponsive_vmm_is_unknown_and_only_delete_clears_it() {
     let socket = env.socket("hung");
     env.fake.make_unresponsive(&socket, true);
     env.wait_for("hung", VmState::Unknown).await;
+    // Wanted running, it is left alone: it may yet answer.
+    tokio::time::sleep(env.settings.reconcile.stop_grace * 2).await;
+    assert_eq!(env.state("hung").await, VmState::Unknown);
+    assert!(!env.fake.calls().contains(&Op::Kill));
+    // Declared stopped: killed, since it has not answered for longer than
+    // the stop grace (the plan's tests pin the timing), and stopped.
     env.write("hung", &decl("stopped", "256MiB"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(env.state("hung").await, VmState::Unknown, "only delete is allowed");
+    env.wait_for("hung", VmState::Stopped).await;
+    assert!(env.fake.calls().contains(&Op::Kill));
+    assert_eq!(env.fake.live_vmms(), 0);
+
+    // Hung again, then deleted: killed at once, and removed.
+    env.write("hung", &decl("running", "256MiB"));
+    env.wait_for("hung", VmState::Running).await;
+    env.fake.make_unresponsive(&env.socket("hung"), true);
+    env.wait_for("hung", VmState::Unknown).await;
     env.remove("hung");
     env.wait_gone("hung").await;
     assert_eq!(env.fake.live_vmms(), 0);
+    env.stop().await;
+}
+
+/// A guest that misses the power button (still booting) has it pressed
+/// again until it hears it, within the one grace of the first press.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_power_button_press_is_repeated() {
+    let mut env = Env::new();
+    let mut settings = (*env.settings).clone();
+    settings.reconcile.stop_grace = Duration::from_secs(10);
+    env.settings = Arc::new(settings);
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    env.fake.miss_power_presses(2);
+    env.write("web", &decl("stopped", "256MiB"));
+    env.wait_for("web", VmState::Stopped).await;
+    let presses = env.fake.calls().iter().filter(|op| **op == Op::PowerOff).count();
+    assert_eq!(presses, 3, "pressed until heard");
+    assert!(!env.fake.calls().contains(&Op::Kill), "powered off by itself, not killed");
+    env.stop().await;
+}
+
+/// A guest pinned to a backend that is not installed (any more) can still
+/// be removed: its recorded VMM, alive, is killed as a process, and its
+/// data goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_backend_is_missing_can_be_removed() {
+    let mut env = Env::new();
+    let store = env.store();
+    let meta = store.create_guest("orphan", HypervisorKind::CloudHypervisor).unwrap();
+    let paths = store.guest_paths(meta.id);
+    // A VMM the record names, still running: a stand-in process.
+    let mut child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+    let pid = child.id();
+    let start = hypeman::hypervisor::process::start_time(pid).unwrap();
+    let mut meta = meta;
+    meta.vmm = Some(hypeman::store::VmmRecord { pid, pid_start_time: start, socket: paths.ch_socket.clone(), version: None });
+    store.write_metadata(&meta).unwrap();
+    env.start();
+    // Declared, it cannot run: status says why, and nothing is killed.
+    env.write("orphan", &format!("{}hypervisor = \"cloud-hypervisor\"\n", decl("running", "256MiB")));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.store().find_by_name("orphan").unwrap().unwrap().last_error.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no error recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(child.try_wait().unwrap().is_none(), "its VMM is left running");
+    env.remove("orphan");
+    env.wait_gone("orphan").await;
+    assert!(!paths.dir.exists(), "its data is deleted");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(!status.success(), "its VMM was killed: {status:?}");
     env.stop().await;
 }
 
@@ -697,10 +763,12 @@ fn hypeman_log(env: &Env, name: &str) -> String {
     std::fs::read_to_string(env.store().guest_paths(meta.id).hypeman_log).unwrap()
 }
 
-/// A declaration changed while in standby cannot be restored: the log says
-/// the snapshot is discarded because of which field, and it cold boots.
+/// A declaration changed while in standby: the guest is restored as it
+/// was taken and shut down through its power button (so that it writes
+/// what it had not), then cold boots the new declaration; the log says
+/// which field. Declared stopped from standby, it goes the same way down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_in_standby_cold_boots_and_the_log_says_why() {
+async fn a_change_in_standby_restores_shuts_down_and_cold_boots() {
     let mut env = Env::new();
     env.start();
     env.write("web", &decl("running", "256MiB"));
@@ -710,28 +778,60 @@ async fn a_change_in_standby_cold_boots_and_the_log_says_why() {
     env.wait_for("web", VmState::Running).await;
     env.write("web", &decl("standby", "512MiB"));
     env.wait_for("web", VmState::Standby).await;
+    let before = env.fake.calls().len();
     env.write("web", &decl("running", "1GiB"));
     assert!(env.fake.wait_for_calls(Op::Create, 3, WAIT).await, "cold booted");
     env.wait_for("web", VmState::Running).await;
-    assert_eq!(env.fake.calls().iter().filter(|op| **op == Op::Restore).count(), 0, "never restored");
+    let since: Vec<Op> = env.fake.calls()[before..]
+        .iter()
+        .copied()
+        .filter(|op| matches!(op, Op::Create | Op::Boot | Op::Restore | Op::Resume | Op::PowerOff))
+        .collect();
+    assert_eq!(since, vec![Op::Restore, Op::Resume, Op::PowerOff, Op::Create, Op::Boot], "through the guest");
     let log = hypeman_log(&env, "web");
-    assert!(
-        log.contains("power off (from Running): the declaration changed (memory); restarting to apply it\n"),
+    assert_eq!(
+        log.matches("power off (from Running): the declaration changed (memory); restarting to apply it\n").count(),
+        2,
         "{log}"
     );
-    assert!(
-        log.contains(
-            "discard snapshot (from Standby): the declaration changed (memory) since the snapshot; \
-             it cannot be restored, a cold boot follows\n"
-        ),
-        "{log}"
-    );
-    env.write("web", &decl("stopped", "2GiB"));
+    assert!(!log.contains("discard snapshot"), "{log}");
+
+    env.write("web", &decl("standby", "1GiB"));
+    env.wait_for("web", VmState::Standby).await;
+    let before = env.fake.calls().len();
+    env.write("web", &decl("stopped", "1GiB"));
     env.wait_for("web", VmState::Stopped).await;
+    let since: Vec<Op> = env.fake.calls()[before..]
+        .iter()
+        .copied()
+        .filter(|op| matches!(op, Op::Restore | Op::Resume | Op::PowerOff))
+        .collect();
+    assert_eq!(since, vec![Op::Restore, Op::Resume, Op::PowerOff], "stopped through the guest");
+    let meta = env.store().find_by_name("web").unwrap().unwrap();
+    assert!(env.store().snapshot(meta.id).unwrap().is_none(), "no snapshot left");
     // Stopping is no restart: no reason given.
     let log = hypeman_log(&env, "web");
     let last_power_off = log.lines().rfind(|l| l.contains("power off (from")).expect("a power off");
     assert!(last_power_off.ends_with("power off (from Running)"), "{log}");
+    env.stop().await;
+}
+
+/// A snapshot that cannot be restored (a disk it names is gone) is the one
+/// that is discarded, and the record says why and what that cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrestorable_snapshot_is_discarded_and_the_log_says_why() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("standby", "256MiB"));
+    env.wait_for("web", VmState::Standby).await;
+    let meta = env.store().find_by_name("web").unwrap().unwrap();
+    std::fs::remove_file(env.store().guest_paths(meta.id).overlay).unwrap();
+    env.write("web", &decl("stopped", "256MiB"));
+    env.wait_for("web", VmState::Stopped).await;
+    assert_eq!(env.fake.calls().iter().filter(|op| **op == Op::Restore).count(), 0, "no VMM for it");
+    let log = hypeman_log(&env, "web");
+    assert!(log.contains("the standby snapshot cannot be restored (cannot prepare disk at "), "{log}");
+    assert!(log.contains("what the guest had not written to its disks is lost"), "{log}");
     env.stop().await;
 }
 
@@ -859,6 +959,16 @@ impl Provisioner for DeletableTap {
     ) -> Result<hypeman::hypervisor::VmConfig, ProvisionError> {
         self.deleted.store(false, std::sync::atomic::Ordering::SeqCst);
         FakeProvisioner.prepare(spec, guest, meta).await
+    }
+
+    /// A restore makes the TAP again, as the real provisioner does.
+    async fn prepare_restore(
+        &self,
+        meta: &hypeman::store::Metadata,
+        config: &hypeman::hypervisor::VmConfig,
+    ) -> Result<(), ProvisionError> {
+        self.deleted.store(false, std::sync::atomic::Ordering::SeqCst);
+        FakeProvisioner.prepare_restore(meta, config).await
     }
 
     async fn tap_health(

@@ -41,7 +41,7 @@ fn row(view: &View, now: Instant) -> PlanRow {
         // The daemon fails the same observation and retries later.
         Some(e) => format!("cannot observe: {e}"),
         None => {
-            let observed = obs.observed(None, None);
+            let observed = obs.observed(Default::default());
             plan(&view.desired, &observed, now).to_string()
         }
     };

@@ -104,6 +104,9 @@ struct World {
     /// Held operations and the calls let through so far.
     held: HashMap<Op, usize>,
     guest_ignores_power_off: bool,
+    /// Presses of the power button the guest misses before it hears one
+    /// (a guest still booting).
+    power_presses_missed: u32,
 }
 
 /// A test double of a hypervisor; clones share one world.
@@ -168,6 +171,12 @@ impl FakeHypervisor {
     /// period and a kill.
     pub fn set_guest_ignores_power_off(&self, ignore: bool) {
         self.with(|w| w.guest_ignores_power_off = ignore);
+    }
+
+    /// The guest misses the next `presses` presses of its power button,
+    /// as one whose init is not listening yet does.
+    pub fn miss_power_presses(&self, presses: u32) {
+        self.with(|w| w.power_presses_missed = presses);
     }
 
     /// The VMM on `socket` dies (as if killed with SIGKILL).
@@ -437,7 +446,11 @@ impl Hypervisor for FakeHypervisor {
 
     async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
         let fault = self.enter(Op::PowerOff, &vmm.socket).await?;
-        let ignore = self.with(|w| w.guest_ignores_power_off);
+        let ignore = self.with(|w| {
+            let missed = w.power_presses_missed > 0;
+            w.power_presses_missed = w.power_presses_missed.saturating_sub(1);
+            w.guest_ignores_power_off || missed
+        });
         self.on_vmm(vmm, |v| {
             match v.state {
                 VmState::Running if !ignore => v.state = VmState::Shutdown,
@@ -463,6 +476,13 @@ impl Hypervisor for FakeHypervisor {
         std::fs::write(dir.join("fake-vm.json"), json).map_err(backend)?;
         Self::finish(Op::Snapshot, fault)?;
         Ok(SnapshotMeta { hypervisor_version: FAKE_VERSION.to_string(), config_hash: snap.config.config_hash() })
+    }
+
+    fn snapshot_config(&self, dir: &Path) -> Result<VmConfig, HypervisorError> {
+        let bad = |source: Box<dyn std::error::Error + Send + Sync>| HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source };
+        let bytes = std::fs::read(dir.join("fake-vm.json")).map_err(|e| bad(e.into()))?;
+        let snap: FakeSnapshot = serde_json::from_slice(&bytes).map_err(|e| bad(e.into()))?;
+        Ok(snap.config)
     }
 
     async fn restore(&self, guest: &GuestVmm, config: &VmConfig, dir: &Path) -> Result<VmmHandle, HypervisorError> {

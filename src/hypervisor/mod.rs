@@ -213,6 +213,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Writes the paused VM's state and memory into the empty `dir`.
     async fn snapshot(&self, vmm: &VmmHandle, dir: &Path)
         -> Result<SnapshotMeta, HypervisorError>;
+    /// The launch configuration the snapshot in `dir` was taken under, from
+    /// the launch record it holds: what [`Hypervisor::restore`] must be
+    /// given, and what the host must provide (disks, TAP) for it.
+    fn snapshot_config(&self, dir: &Path) -> Result<VmConfig, HypervisorError>;
     /// Starts a VMM process and restores `dir` into it: `Standby → Paused`.
     async fn restore(&self, guest: &GuestVmm, config: &VmConfig, dir: &Path)
         -> Result<VmmHandle, HypervisorError>;
@@ -227,6 +231,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn add_disk(&self, vmm: &VmmHandle, disk: &DiskConfig) -> Result<(), HypervisorError>;
     async fn remove_disk(&self, vmm: &VmmHandle, id: &str) -> Result<(), HypervisorError>;
 }
+
+/// How long a killed VMM process may take to be gone.
+pub const KILL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The end every backend's `kill` shares: SIGKILL, wait until the process
 /// is gone, remove its socket.

@@ -42,7 +42,9 @@ impl Instances {
         let mut meta = obs.meta.clone().ok_or_else(|| InstanceError::NoGuest(name.to_string()))?;
         let paths = self.store.guest_paths(meta.id);
         let journal = super::Journal::open(&paths, &meta.name);
-        journal.say(Level::INFO, &format!("{step} (from {}){}", obs.state, why(step)));
+        // A repeated press is not news: the first one was logged.
+        let level = if matches!(step, Step::PressAgain { .. }) { Level::DEBUG } else { Level::INFO };
+        journal.say(level, &format!("{step} (from {}){}", obs.state, why(step)));
         let result = self.act(step, obs, &mut meta, &paths).await;
         if result.is_ok() {
             journal.say(Level::DEBUG, &format!("{step}: done"));
@@ -121,6 +123,11 @@ impl Instances {
                 let deadline = tokio::time::Instant::now() + self.settings.reconcile.stop_grace;
                 Ok(Outcome::PowerButtonPressed { deadline })
             }
+            Step::PressAgain { vmm } => {
+                // The grace runs from the first press: the owner keeps it.
+                self.backend(meta.hypervisor)?.power_off(vmm).await.map_err(hv("power off"))?;
+                Ok(Outcome::PowerButtonPressed { deadline: tokio::time::Instant::now() + self.settings.reconcile.stop_grace })
+            }
             Step::Kill { vmm } => {
                 let grace = self.settings.reconcile.stop_grace;
                 self.event(meta, Level::WARN, &format!(
@@ -140,7 +147,7 @@ impl Instances {
                 self.vmm_gone(obs, meta).await?;
                 done
             }
-            Step::DiscardSnapshot { .. } => {
+            Step::DiscardSnapshot => {
                 let id = meta.id;
                 self.blocking(move |store| store.remove_snapshot(id)).await?;
                 meta.applied = None;
@@ -178,8 +185,12 @@ impl Instances {
             }
             Step::ForceKill { vmm } => {
                 // Bookkeeping outside the table: `Unknown` has no hops, and
-                // the next look finds what is left.
-                self.backend(meta.hypervisor)?.kill(vmm).await.map_err(hv("kill"))?;
+                // the next look finds what is left. A VMM of a backend that
+                // is not installed (any more) is killed as a process.
+                match self.backend(meta.hypervisor) {
+                    Ok(backend) => backend.kill(vmm).await.map_err(hv("kill"))?,
+                    Err(_) => crate::hypervisor::kill_vmm(vmm, crate::hypervisor::KILL_TIMEOUT).await.map_err(hv("kill"))?,
+                }
                 meta.vmm = None;
                 self.write_metadata(meta).await?;
                 done
@@ -232,8 +243,11 @@ impl Instances {
         Ok(Outcome::Done)
     }
 
-    /// `Standby → Paused`, or a clean fall back to `Stopped` when the
-    /// snapshot was taken by another hypervisor version or configuration.
+    /// `Standby → Paused`: a new VMM restores the snapshot under the launch
+    /// configuration it was taken with, so a guest of an older declaration
+    /// (or of an older hypeman, whose VMs lacked a device this one adds)
+    /// comes back as it was and can be shut down cleanly. Only a snapshot
+    /// that cannot be restored at all is discarded, and the record says why.
     async fn restore(
         &self,
         spec: &Arc<InstanceSpec>,
@@ -244,26 +258,21 @@ impl Instances {
         let backend = self.backend(meta.hypervisor)?;
         let started = std::time::Instant::now();
         self.ensure_lease(spec, meta).await?;
-        let config = self.lending_turn(self.provisioner.prepare(spec, paths, meta)).await?;
-        tracing::debug!(instance = %meta.name, prepare_ms = started.elapsed().as_millis() as u64, "disks ready for the restore");
-        let version = backend.version().await.map_err(hv("version"))?;
-        let mismatch = if snap.hypervisor != meta.hypervisor {
-            Some(format!("it was taken with {}, the instance now uses {}", snap.hypervisor, meta.hypervisor))
-        } else if snap.hypervisor_version != version {
-            Some(format!("it was taken with {} {}, this host has {version}", snap.hypervisor, snap.hypervisor_version))
-        } else if snap.config_hash != config.config_hash() {
-            Some("the VM configuration changed since it was taken".to_string())
-        } else {
-            None
+        let unusable = match backend.snapshot_config(&paths.snapshot_latest) {
+            Ok(config) => match self.restorable(backend.as_ref(), snap, &config, meta).await? {
+                None => Ok(config),
+                Some(why) => Err(why),
+            },
+            Err(e) => Err(format!("its launch record cannot be read: {}", error_chain(&e))),
         };
-        if let Some(why) = mismatch {
-            self.event(meta, Level::WARN, &format!("snapshot cannot be restored ({why}); discarding it and cold booting"));
-            let id = meta.id;
-            self.blocking(move |store| store.remove_snapshot(id)).await?;
-            meta.applied = None;
-            self.write_metadata(meta).await?;
-            return Ok(Outcome::SnapshotUnusable { why });
+        let config = match unusable {
+            Ok(config) => config,
+            Err(why) => return self.discard_unusable(meta, why).await,
+        };
+        if let Err(e) = self.provisioner.prepare_restore(meta, &config).await {
+            return self.discard_unusable(meta, error_chain(&e)).await;
         }
+        tracing::debug!(instance = %meta.name, prepare_ms = started.elapsed().as_millis() as u64, "host ready for the restore");
         let guest = Self::guest_vmm(paths, meta);
         match backend.restore(&guest, &config, &paths.snapshot_latest).await {
             Ok(handle) => {
@@ -281,6 +290,43 @@ impl Instances {
                 Err(InstanceError::Hypervisor { op: "restore", source: e })
             }
         }
+    }
+
+    /// Why the snapshot, taken under `config`, cannot be restored on this
+    /// host (`None`: it can).
+    async fn restorable(
+        &self,
+        backend: &dyn Hypervisor,
+        snap: &SnapshotInfo,
+        config: &crate::hypervisor::VmConfig,
+        meta: &Metadata,
+    ) -> Result<Option<String>, InstanceError> {
+        if snap.hypervisor != meta.hypervisor {
+            return Ok(Some(format!("it was taken with {}, the instance now uses {}", snap.hypervisor, meta.hypervisor)));
+        }
+        let version = backend.version().await.map_err(hv("version"))?;
+        if snap.hypervisor_version != version {
+            return Ok(Some(format!("it was taken with {} {}, this host has {version}", snap.hypervisor, snap.hypervisor_version)));
+        }
+        if snap.config_hash != config.config_hash() {
+            return Ok(Some("its launch record is not the one it was taken with".to_string()));
+        }
+        Ok(None)
+    }
+
+    /// Discards a snapshot that cannot be restored, saying so in the log
+    /// and in the record: what the guest had not written is lost.
+    async fn discard_unusable(&self, meta: &mut Metadata, why: String) -> Result<Outcome, InstanceError> {
+        let message = format!(
+            "the standby snapshot cannot be restored ({why}); it was discarded, and what the guest had not written to its disks is lost"
+        );
+        self.event(meta, Level::WARN, &message);
+        let id = meta.id;
+        self.blocking(move |store| store.remove_snapshot(id)).await?;
+        meta.applied = None;
+        meta.last_error = Some(message);
+        self.write_metadata(meta).await?;
+        Ok(Outcome::SnapshotUnusable { why })
     }
 
     /// Keeps how the guest ended in the metadata (written by the caller)
@@ -322,10 +368,6 @@ impl Instances {
 /// apply a changed declaration: `hypeman.log` says which fields.
 fn why(step: &Step) -> String {
     match step {
-        Step::DiscardSnapshot { changed } if !changed.is_empty() => format!(
-            ": the declaration changed ({}) since the snapshot; it cannot be restored, a cold boot follows",
-            changed.join(", ")
-        ),
         Step::PowerOff { changed, .. } if !changed.is_empty() => {
             format!(": the declaration changed ({}); restarting to apply it", changed.join(", "))
         }

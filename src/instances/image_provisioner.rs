@@ -274,6 +274,14 @@ impl Provisioner for ImageProvisioner {
         })
     }
 
+    async fn prepare_restore(&self, _meta: &Metadata, config: &VmConfig) -> Result<(), ProvisionError> {
+        super::provision::files_present(super::provision::launch_files(config))?;
+        if let Some(net) = &config.net {
+            self.settle(self.ensure_tap(&net.tap).await)?;
+        }
+        Ok(())
+    }
+
     async fn release(&self, meta: &Metadata) -> Result<(), ProvisionError> {
         if let Some(lease) = &meta.network {
             self.settle(async { self.host()?.delete_tap(&lease.tap).await }.await)?;

@@ -13,7 +13,7 @@ use super::{error_chain, InstanceError, Instances};
 use crate::exit::GuestEnd;
 use crate::hypervisor::{Probe, VmmHandle};
 use crate::network::host::TapHealth;
-use super::step::{Hold, Observed};
+use super::step::{Observed, Recall};
 use crate::state::VmState;
 use crate::store::{Metadata, SnapshotInfo};
 
@@ -58,7 +58,7 @@ impl Observation {
     /// What the planner needs of this observation, with what the owner
     /// remembers: whether it holds back after an error, and whether it
     /// pressed the guest's power button (and until when the guest has).
-    pub fn observed(&self, hold: Option<Hold>, stopping: Option<tokio::time::Instant>) -> Observed {
+    pub fn observed(&self, recall: Recall) -> Observed {
         let meta = self.meta.as_ref();
         Observed {
             exists: meta.is_some(),
@@ -68,13 +68,26 @@ impl Observation {
             recorded_vmm: meta.and_then(|m| m.vmm.as_ref()).map(super::handle_of),
             snapshot: self.snapshot.clone(),
             applied: meta.and_then(|m| m.applied.clone()),
-            hold,
+            hold: recall.hold,
             ended: self.ended,
             tap: self.tap,
             exited: meta.and_then(|m| m.exited.as_ref()).map(|e| (e.end, e.applied.clone())),
             stale_socket: self.stale_socket.clone(),
-            stopping,
+            stopping: recall.stopping,
+            press_again: recall.press_again,
+            unanswered_until: recall.unanswered_until,
         }
+    }
+}
+
+/// What is behind a guest's socket when its backend is not installed: its
+/// recorded VMM, if that process still lives, which nothing here can ask.
+fn without_backend(meta: &Metadata) -> Probe {
+    match &meta.vmm {
+        Some(vmm) if crate::hypervisor::process::is_alive(super::handle_of(vmm).process_id()) => Probe::Unreachable {
+            reason: format!("{} is not installed, and its VMM (pid {}) still runs", meta.hypervisor, vmm.pid),
+        },
+        Some(_) | None => Probe::Absent,
     }
 }
 
@@ -115,9 +128,14 @@ impl Instances {
         let Some((meta, snapshot)) = found else {
             return Ok(Observation::nothing());
         };
-        let backend = self.backend(meta.hypervisor)?;
         let guest = Self::guest_vmm(&self.store.guest_paths(meta.id), &meta);
-        let (state, vmm, unreachable) = match backend.probe(&guest).await {
+        let probe = match self.backend(meta.hypervisor) {
+            Ok(backend) => backend.probe(&guest).await,
+            // Nothing can talk to its VMM; what is left can still be told
+            // from the record, so the instance can at least be removed.
+            Err(_) => without_backend(&meta),
+        };
+        let (state, vmm, unreachable) = match probe {
             Probe::Absent if snapshot.is_some() => (VmState::Standby, None, None),
             Probe::Absent => (VmState::Stopped, None, None),
             Probe::Alive { handle, state } => (state, Some(handle), None),

@@ -46,6 +46,25 @@ pub enum ProvisionError {
     Other(String),
 }
 
+/// The files a launch configuration names, with what each is for.
+pub fn launch_files(config: &VmConfig) -> Vec<(&'static str, &std::path::Path)> {
+    let mut files = vec![("kernel", config.kernel.as_path())];
+    files.extend(config.initrd.iter().map(|p| ("initrd", p.as_path())));
+    files.extend(config.disks.iter().map(|d| ("disk", d.path.as_path())));
+    files
+}
+
+/// Every one of `files` is there: a restore would otherwise fail inside
+/// the VMM, or worse, bring back a guest whose disk went missing.
+pub fn files_present<'a>(files: impl IntoIterator<Item = (&'static str, &'a std::path::Path)>) -> Result<(), ProvisionError> {
+    for (what, path) in files {
+        if let Err(source) = std::fs::metadata(path) {
+            return Err(ProvisionError::Disk { what, path: path.to_path_buf(), source: source.into() });
+        }
+    }
+    Ok(())
+}
+
 #[async_trait]
 pub trait Provisioner: Send + Sync + 'static {
     /// Makes everything the VM needs on disk and returns its launch config.
@@ -55,6 +74,16 @@ pub trait Provisioner: Send + Sync + 'static {
         guest: &GuestPaths,
         meta: &Metadata,
     ) -> Result<VmConfig, ProvisionError>;
+
+    /// Readies the host for restoring a snapshot taken under `config`
+    /// (which may be another declaration's, or an older hypeman's):
+    /// nothing on disk is rebuilt, every file it names must still be there,
+    /// and its TAP is made again if it went (a host reboot). The default
+    /// checks the files.
+    async fn prepare_restore(&self, meta: &Metadata, config: &VmConfig) -> Result<(), ProvisionError> {
+        let _ = meta;
+        files_present(launch_files(config))
+    }
 
     /// Removes the host resources `prepare` made that outlive a VMM (the
     /// guest's TAP), once the guest has neither a VMM nor a snapshot that
@@ -130,5 +159,10 @@ impl Provisioner for FakeProvisioner {
             serial_log: guest.app_log.clone(),
             vsock: None,
         })
+    }
+
+    /// The overlay it made must still be there; it has no kernel to check.
+    async fn prepare_restore(&self, _meta: &Metadata, config: &VmConfig) -> Result<(), ProvisionError> {
+        files_present(launch_files(config).into_iter().filter(|(what, _)| *what != "kernel"))
     }
 }

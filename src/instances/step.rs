@@ -25,6 +25,11 @@ use tokio::time::Instant;
 /// is down or its grace is over.
 pub const STOP_POLL: Duration = Duration::from_millis(50);
 
+/// How often the power button is pressed again while a guest has not
+/// powered off: a press the guest missed while still booting is repeated
+/// until it hears one or its grace ends.
+pub const PRESS_AGAIN_EVERY: Duration = Duration::from_secs(1);
+
 /// What is true right now, as observed through the store and the VMM, plus
 /// what the instance's owner remembers of its own recent actions.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +66,26 @@ pub struct Observed {
     /// The owner pressed the guest's power button; the guest has until
     /// then to power off.
     pub stopping: Option<Instant>,
+    /// While stopping: when the power button is pressed again, for a guest
+    /// that missed the press (it was still booting, its init not yet
+    /// listening). Init acts on the first press it hears and ignores the
+    /// rest.
+    pub press_again: Option<Instant>,
+    /// The VMM stopped answering: a guest declared stopped has its VMM
+    /// killed from then on (the grace a power button would have had).
+    pub unanswered_until: Option<Instant>,
+}
+
+/// What an instance's owner remembers of its own recent doings, which no
+/// look at the instance can see: handed to [`Observation::observed`].
+///
+/// [`Observation::observed`]: super::Observation::observed
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Recall {
+    pub hold: Option<Hold>,
+    pub stopping: Option<Instant>,
+    pub press_again: Option<Instant>,
+    pub unanswered_until: Option<Instant>,
 }
 
 impl Observed {
@@ -80,6 +105,8 @@ impl Observed {
             exited: None,
             stale_socket: None,
             stopping: None,
+            press_again: None,
+            unanswered_until: None,
         }
     }
 
@@ -160,20 +187,27 @@ pub enum Step {
     Resume { vmm: VmmHandle, regrow: Option<Memory> },
     /// `Paused → Standby`: snapshot, then end the VMM.
     Snapshot { vmm: VmmHandle },
-    /// `Standby → Paused`: a new VMM restores the snapshot.
+    /// `Standby → Paused`: a new VMM restores the snapshot, under the
+    /// launch configuration it was taken with (whatever the declaration
+    /// says now: a guest of an older declaration is restored to be shut
+    /// down cleanly). `spec` is the declaration, for the guest's lease.
     Restore { spec: Arc<InstanceSpec>, snapshot: SnapshotInfo },
     /// `Running|Created → Shutdown`: the power button (a `Created` VM, which
     /// nothing booted could hear, is killed). `changed` names the restart
     /// fields it is powered off to apply, when that is why.
     PowerOff { vmm: VmmHandle, booted: bool, changed: Vec<String> },
+    /// The guest has not powered off yet: press its power button again
+    /// (it may have missed the first press while still booting).
+    PressAgain { vmm: VmmHandle },
     /// The guest did not power off within its grace: kill its VMM.
     Kill { vmm: VmmHandle },
     /// `Shutdown → Stopped`: end the VMM; `end` is how the guest ended when
     /// it powered off by itself.
     StopVmm { vmm: VmmHandle, end: Option<GuestEnd> },
-    /// `Standby → Stopped`: remove the snapshot. `changed` names the restart
-    /// fields that made it useless, when that is why.
-    DiscardSnapshot { changed: Vec<String> },
+    /// `Standby → Stopped`: remove the snapshot, unrestored. Only for an
+    /// instance whose declaration is gone (its data goes with it); leaving
+    /// standby otherwise restores the guest and shuts it down.
+    DiscardSnapshot,
     /// A running VM restored from a snapshot: the snapshot is stale now.
     DropStaleSnapshot { vmm: VmmHandle, regrow: Option<Memory> },
     /// `Unknown`: kill the unanswering VMM (only on delete).
@@ -209,6 +243,7 @@ pub enum StepKind {
     Snapshot,
     Restore,
     PowerOff,
+    PressAgain,
     Kill,
     StopVmm,
     DiscardSnapshot,
@@ -239,9 +274,10 @@ impl Step {
             Step::Snapshot { .. } => StepKind::Snapshot,
             Step::Restore { .. } => StepKind::Restore,
             Step::PowerOff { .. } => StepKind::PowerOff,
+            Step::PressAgain { .. } => StepKind::PressAgain,
             Step::Kill { .. } => StepKind::Kill,
             Step::StopVmm { .. } => StepKind::StopVmm,
-            Step::DiscardSnapshot { .. } => StepKind::DiscardSnapshot,
+            Step::DiscardSnapshot => StepKind::DiscardSnapshot,
             Step::DropStaleSnapshot { .. } => StepKind::DropStaleSnapshot,
             Step::ForceKill { .. } => StepKind::ForceKill,
             Step::RecordExit { .. } => StepKind::RecordExit,
@@ -283,6 +319,7 @@ impl StepKind {
             | StepKind::Adopt
             | StepKind::ClearStaleSocket
             | StepKind::RepairTap
+            | StepKind::PressAgain
             | StepKind::Kill
             | StepKind::DropStaleSnapshot
             | StepKind::ForceKill
@@ -311,6 +348,7 @@ impl StepKind {
             | StepKind::Snapshot
             | StepKind::Restore
             | StepKind::PowerOff
+            | StepKind::PressAgain
             | StepKind::Kill
             | StepKind::StopVmm
             | StepKind::DiscardSnapshot
@@ -341,6 +379,7 @@ impl StepKind {
             StepKind::Snapshot => "snapshot to standby",
             StepKind::Restore => "restore from standby",
             StepKind::PowerOff => "power off",
+            StepKind::PressAgain => "press the power button again",
             StepKind::Kill => "kill the VMM after the stop grace",
             StepKind::StopVmm => "stop VMM",
             StepKind::DiscardSnapshot => "discard snapshot",
@@ -380,8 +419,9 @@ pub enum Outcome {
     /// The VM was killed (a `Created` VM, or one past its stop grace): it
     /// went down and its VMM is gone.
     Killed,
-    /// The snapshot could not be restored (another hypervisor version or
-    /// configuration) and was discarded: the guest cold boots instead.
+    /// The snapshot could not be restored (another hypervisor, another
+    /// version of it, a file it needs is gone) and was discarded: what the
+    /// guest had not written is lost, and the record says why.
     SnapshotUnusable { why: String },
 }
 

@@ -10,7 +10,7 @@
 //! sets the timer: a step that acted is followed at once, but requests and
 //! the stop signal are heard between any two steps.
 
-use super::plan::{plan, Hold, Outcome, Step, StepKind};
+use super::plan::{plan, Hold, Outcome, Recall, Step, StepKind, PRESS_AGAIN_EVERY};
 use super::policy::{backoff, error_policy, Next};
 use crate::declaration::spec::DesiredState;
 use crate::declaration::{self, Desired};
@@ -88,6 +88,10 @@ struct Memory {
     absent_since: Option<Instant>,
     /// The power button was pressed; the guest has until then.
     stopping: Option<Instant>,
+    /// When to press it again, for a guest that has not reacted yet.
+    press_again: Option<Instant>,
+    /// Since the VMM stopped answering, plus the stop grace.
+    unanswered_until: Option<Instant>,
     steps_in_a_row: usize,
     view: OwnerView,
 }
@@ -103,6 +107,8 @@ impl Memory {
             running_since: None,
             absent_since: None,
             stopping: None,
+            press_again: None,
+            unanswered_until: None,
             steps_in_a_row: 0,
             view: OwnerView { name: name.to_string(), desired: None, state: None, last_step: None, error: None, steps: 0 },
         }
@@ -280,10 +286,21 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     if matches!(obs.state, VmState::Stopped | VmState::Standby) && obs.meta.as_ref().is_some_and(|m| m.vmm.is_none()) {
         // Nothing is on its way down any more.
         mem.stopping = None;
+        mem.press_again = None;
     }
+    mem.unanswered_until = match obs.state {
+        VmState::Unknown => Some(mem.unanswered_until.unwrap_or_else(|| Instant::now() + settings.stop_grace)),
+        _ => None,
+    };
     notice_surprises(name, instances, mem, &desired, &obs).await;
     let now = Instant::now();
-    let step = plan(&desired, &obs.observed(mem.hold, mem.stopping), now);
+    let recall = Recall {
+        hold: mem.hold,
+        stopping: mem.stopping,
+        press_again: mem.press_again,
+        unanswered_until: mem.unanswered_until,
+    };
+    let step = plan(&desired, &obs.observed(recall), now);
     mem.view.desired = Some(desired.label());
     mem.view.state = Some(obs.state);
     mem.view.last_step = Some(step.kind());
@@ -338,7 +355,9 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             // a step on the way (a stale socket cleared) must not make the
             // stop the owner asked for look like the guest's own ending.
             if let Outcome::PowerButtonPressed { deadline } = outcome {
-                mem.stopping = Some(deadline);
+                // The grace runs from the first press.
+                mem.stopping = mem.stopping.or(Some(deadline));
+                mem.press_again = Some(Instant::now() + PRESS_AGAIN_EVERY);
             }
             // The next step is due at once.
             Instant::now()

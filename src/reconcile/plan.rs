@@ -10,7 +10,9 @@ use crate::declaration::Desired;
 use crate::exit::GuestEnd;
 use crate::network::host::TapHealth;
 use crate::state::VmState;
-pub use crate::instances::step::{Hold, Memory, Observed, Outcome, PauseFor, Step, StepKind, STOP_POLL};
+pub use crate::instances::step::{
+    Hold, Memory, Observed, Outcome, PauseFor, Recall, Step, StepKind, PRESS_AGAIN_EVERY, STOP_POLL,
+};
 use tokio::time::Instant;
 
 /// Whether `policy` boots a guest again after it ended this way.
@@ -31,8 +33,15 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     // not hold it up. A VMM that stops answering meanwhile is exiting with
     // its guest (QEMU closes its QMP socket on the way out).
     let finishing_stop = match (observed.stopping, observed.state) {
+        (Some(deadline), Running)
+            if now < deadline && observed.vmm.is_some() && observed.press_again.is_some_and(|t| now >= t) =>
+        {
+            observed.vmm.clone().map(|vmm| Step::PressAgain { vmm })
+        }
         (Some(deadline), Running | Created | Unknown) if now < deadline => {
-            Some(Step::AwaitPowerOff(deadline.min(now + STOP_POLL)))
+            let next_press =
+                observed.press_again.filter(|t| observed.state == Running && *t > now).unwrap_or(deadline);
+            Some(Step::AwaitPowerOff(deadline.min(next_press).min(now + STOP_POLL)))
         }
         (Some(_), Running | Created | Unknown) => {
             observed.vmm.as_ref().or(observed.recorded_vmm.as_ref()).map(|vmm| Step::Kill { vmm: vmm.clone() })
@@ -96,9 +105,34 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     };
     let network_lost = observed.tap.is_some_and(lost);
     let live = || observed.vmm.clone();
+    // A restored guest that runs again is no longer in standby: its
+    // snapshot goes before anything else is done with it (a power off
+    // would otherwise leave the old snapshot looking like a standby).
+    // Memory grows back only for a guest that is to go on running as it is.
+    if observed.state == Running && observed.has_snapshot() {
+        let keeps_running = want == DesiredState::Running && !stale;
+        if let Some(vmm) = live() {
+            return Step::DropStaleSnapshot { vmm, regrow: if keeps_running { Memory::of(spec) } else { None } };
+        }
+    }
     let step = match (want, observed.state) {
+        // A VMM that does not answer cannot be asked to power off: a guest
+        // declared stopped has it killed once the grace a power button
+        // would have had is over.
+        (DesiredState::Stopped, Unknown) => {
+            return match (&observed.recorded_vmm, observed.unanswered_until) {
+                (Some(vmm), Some(until)) if now >= until => Step::ForceKill { vmm: vmm.clone() },
+                (Some(_), Some(until)) => Step::WaitUntil(until),
+                (Some(_), None) => Step::Blocked("the VMM does not answer; waiting for it before killing it".into()),
+                (None, _) => Step::Blocked(
+                    "the VMM does not answer and is not on record; end the process holding its socket by hand".into(),
+                ),
+            }
+        }
         (_, Unknown) => {
-            return Step::Blocked("the VMM does not answer; only deleting the declaration can clear it".into())
+            return Step::Blocked(
+                "the VMM does not answer; declaring the instance stopped (or deleting it) has it killed".into(),
+            )
         }
         (DesiredState::Running, Stopped) => match held {
             Some(end) => return Step::Blocked(format!("{end}; restart = \"{}\" leaves it stopped", spec.restart)),
@@ -115,21 +149,24 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
             live().map(|vmm| Step::Pause { vmm, shrink: None, why: PauseFor::ReconnectNetwork })
         }
         (DesiredState::Running, Running) if observed.tap == Some(TapHealth::Misplaced) => Some(Step::RepairTap),
-        (DesiredState::Running, Running) if observed.has_snapshot() => {
-            live().map(|vmm| Step::DropStaleSnapshot { vmm, regrow: Memory::of(spec) })
-        }
         (DesiredState::Running, Running) => return Step::Converged,
         (DesiredState::Running, Paused) if network_lost => live().map(|vmm| Step::Snapshot { vmm }),
-        // A paused VM with a snapshot beside it was just restored.
+        // A paused VM with a snapshot beside it was just restored; one of
+        // an older declaration is only resumed to be shut down.
         (DesiredState::Running, Paused) => live().map(|vmm| Step::Resume {
             vmm,
-            regrow: if observed.has_snapshot() { Memory::of(spec) } else { None },
+            regrow: if observed.has_snapshot() && !stale { Memory::of(spec) } else { None },
         }),
         (DesiredState::Running | DesiredState::Standby | DesiredState::Stopped, Shutdown) => {
             live().map(|vmm| Step::StopVmm { vmm, end: ended_by_itself(observed) })
         }
-        (DesiredState::Running, Standby) if stale => return Step::DiscardSnapshot { changed },
-        (DesiredState::Running, Standby) => match &observed.snapshot {
+        // Leaving standby, for whatever is wanted next, goes through the
+        // guest: it is restored as it was taken, and a guest to be stopped
+        // or restarted for a changed declaration is then shut down through
+        // its power button, so that it flushes what it had not written.
+        // Only a snapshot that cannot be restored is discarded (the
+        // restore says why).
+        (DesiredState::Running | DesiredState::Stopped, Standby) => match &observed.snapshot {
             Some(snapshot) => return Step::Restore { spec: spec.clone(), snapshot: snapshot.clone() },
             None => return Step::Blocked("standby without a snapshot".into()),
         },
@@ -155,7 +192,6 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         (DesiredState::Stopped, Created | Running) => {
             live().map(|vmm| Step::PowerOff { vmm, booted: observed.state == Running, changed: Vec::new() })
         }
-        (DesiredState::Stopped, Standby) => return Step::DiscardSnapshot { changed: Vec::new() },
     };
     step.unwrap_or_else(no_vmm)
 }
@@ -180,7 +216,9 @@ fn removal(observed: &Observed) -> Step {
             live().map(|vmm| Step::PowerOff { vmm, booted: observed.state == Running, changed: Vec::new() })
         }
         Shutdown => live().map(|vmm| Step::StopVmm { vmm, end: ended_by_itself(observed) }),
-        Standby => return Step::DiscardSnapshot { changed: Vec::new() },
+        // The guest's data goes with its declaration: no need to restore
+        // it to shut it down.
+        Standby => return Step::DiscardSnapshot,
         Stopped => return Step::Remove,
     };
     step.unwrap_or_else(no_vmm)

@@ -517,6 +517,12 @@ impl Hypervisor for CloudHypervisorBackend {
         Ok(SnapshotMeta { hypervisor_version: version.to_string(), config_hash: record.config.config_hash() })
     }
 
+    fn snapshot_config(&self, dir: &Path) -> Result<VmConfig, HypervisorError> {
+        let record = read_launch(&dir.join(LAUNCH_FILE))
+            .map_err(|e| HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source: Box::new(e) })?;
+        Ok(record.config)
+    }
+
     async fn restore(&self, guest: &GuestVmm, config: &VmConfig, dir: &Path) -> Result<VmmHandle, HypervisorError> {
         let op = "restore";
         let bad = |e: ChError| HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source: Box::new(e) };

@@ -496,6 +496,12 @@ impl Hypervisor for QemuBackend {
         Ok(SnapshotMeta { hypervisor_version: version, config_hash: record.config.config_hash() })
     }
 
+    fn snapshot_config(&self, dir: &Path) -> Result<VmConfig, HypervisorError> {
+        let record = LaunchRecord::read(&dir.join(LAUNCH_FILE))
+            .map_err(|e| HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source: Box::new(e) })?;
+        Ok(record.config)
+    }
+
     async fn restore(&self, guest: &GuestVmm, config: &VmConfig, dir: &Path) -> Result<VmmHandle, HypervisorError> {
         let op = "restore";
         let bad = |e: QemuError| HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source: Box::new(e) };
