@@ -60,6 +60,7 @@ fn vm_config(work: &Path, kernel_dir: &Path, init: &Path, script: &str) -> VmCon
         hostname: "counter".into(),
         network: None,
         volumes: Vec::new(),
+        stop_grace_ms: None,
     };
     write_config_disk(&config_disk, &guest).expect("config disk");
     let disk = |id: &str, path: PathBuf, readonly: bool| DiskConfig { id: id.into(), path, readonly, limit: IoLimit::default() };

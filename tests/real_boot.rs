@@ -66,6 +66,7 @@ fn counter_config() -> GuestConfig {
         hostname: "counter".to_owned(),
         network: None,
         volumes: Vec::new(),
+        stop_grace_ms: None,
     }
 }
 

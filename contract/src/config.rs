@@ -60,6 +60,30 @@ pub struct GuestConfig {
     pub network: Option<NetworkConfig>,
     #[serde(default)]
     pub volumes: Vec<VolumeConfig>,
+    /// How long the host gives the guest to power off once it pressed the
+    /// power button (its `stop_grace`), in milliseconds: init fits the
+    /// app's SIGTERM → SIGKILL window inside it (see [`app_stop_window`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_ms: Option<u64>,
+}
+
+/// The app's window between SIGTERM and SIGKILL when the host gives no
+/// grace: Docker's default.
+pub const DEFAULT_APP_STOP_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What init keeps of the host's grace for itself after the app's window:
+/// reaping what is left, syncing, unmounting, powering off.
+pub const WIND_DOWN_RESERVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The app's window between SIGTERM and SIGKILL inside a host grace of
+/// `host_grace`: all of it but the wind-down reserve, and never less than
+/// half of it, so that the guest powers off by itself before the host
+/// kills it.
+pub fn app_stop_window(host_grace: Option<std::time::Duration>) -> std::time::Duration {
+    match host_grace {
+        None => DEFAULT_APP_STOP_WINDOW,
+        Some(grace) => grace.saturating_sub(WIND_DOWN_RESERVE).max(grace / 2),
+    }
 }
 
 /// Static IPv4 configuration of the guest's one network interface.
@@ -257,6 +281,33 @@ fn no_nul(field: &'static str, value: &str) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_apps_stop_window_fits_inside_the_hosts_grace() {
+        use std::time::Duration;
+        let s = Duration::from_secs;
+        assert_eq!(app_stop_window(None), s(10));
+        assert_eq!(app_stop_window(Some(s(30))), s(25));
+        assert_eq!(app_stop_window(Some(s(120))), s(115));
+        // A short grace: half of it, so the guest still powers off itself.
+        assert_eq!(app_stop_window(Some(s(6))), s(3));
+        assert_eq!(app_stop_window(Some(Duration::from_millis(300))), Duration::from_millis(150));
+        for grace in [0, 1, 999, 5_000, 10_000, 3_600_000] {
+            let grace = Duration::from_millis(grace);
+            assert!(app_stop_window(Some(grace)) <= grace, "{grace:?}");
+        }
+    }
+
+    #[test]
+    fn a_config_without_a_grace_still_parses() {
+        let c = GuestConfig::parse(FULL.as_bytes()).expect("valid");
+        assert_eq!(c.stop_grace_ms, None);
+        let with: serde_json::Value = serde_json::from_str(FULL).unwrap();
+        let mut with = with.as_object().unwrap().clone();
+        with.insert("stop_grace_ms".into(), 30_000.into());
+        let c = GuestConfig::parse(&serde_json::to_vec(&with).unwrap()).expect("valid");
+        assert_eq!(c.stop_grace_ms, Some(30_000));
+    }
 
     const FULL: &str = r#"{
         "version": 1,

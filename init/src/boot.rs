@@ -24,7 +24,7 @@ use crate::error::InitError;
 use crate::modules::{self, LoadOutcome};
 use crate::mounts;
 use crate::net;
-use crate::supervise::{self, Launch, APP_STOP_GRACE};
+use crate::supervise::{self, Launch};
 use hypeman_contract::config::{
     GuestConfig, CONFIG_FILE, OVERLAY_UPPER, OVERLAY_WORK, SERIAL_CONFIG,
 };
@@ -123,7 +123,9 @@ pub fn boot(started: Instant) -> Result<AppExit, InitError> {
         config.workdir,
         started.elapsed().as_millis()
     ));
-    supervise::run(&launch, acpi.as_ref(), APP_STOP_GRACE, |notice| {
+    // The app's SIGTERM → SIGKILL window, inside the host's grace.
+    let window = hypeman_contract::config::app_stop_window(config.stop_grace_ms.map(Duration::from_millis));
+    supervise::run(&launch, acpi.as_ref(), window, |notice| {
         say(&notice.to_string())
     })
 }

@@ -78,6 +78,7 @@ mod tests {
             hostname: "box".to_owned(),
             network: None,
             volumes: Vec::new(),
+            stop_grace_ms: None,
         }
     }
 

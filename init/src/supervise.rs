@@ -35,10 +35,6 @@ const FORWARDED: [libc::c_int; 2] = [libc::SIGINT, libc::SIGHUP];
 /// power button does.
 const STOPPING: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGPWR];
 
-/// How long the app has between SIGTERM and SIGKILL. Shorter than the
-/// host's default `stop_grace` (30 s), so the guest still syncs and powers
-/// off by itself; a host with a shorter grace kills the VM first.
-pub const APP_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Why init began to stop the app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

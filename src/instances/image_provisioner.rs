@@ -137,6 +137,7 @@ pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig, network: Option<Ne
             .enumerate()
             .map(|(i, v)| VolumeConfig { serial: format!("{SERIAL_VOLUME_PREFIX}{i}"), mount: v.mount.clone(), readonly: v.readonly })
             .collect(),
+        stop_grace_ms: None,
     }
 }
 
@@ -220,7 +221,9 @@ impl Provisioner for ImageProvisioner {
             .await
             .map_err(|e| ProvisionError::Image { reference: spec.image.clone(), source: e.into() })?;
         let (overlay, config_disk, size) = (guest.overlay.clone(), guest.config_disk.clone(), spec.overlay_size.bytes());
-        let config = guest_config(spec, &image.config, network);
+        // Init fits the app's stop window inside the host's grace.
+        let grace_ms = u64::try_from(self.settings.reconcile.stop_grace.as_millis()).unwrap_or(u64::MAX);
+        let config = GuestConfig { stop_grace_ms: Some(grace_ms), ..guest_config(spec, &image.config, network) };
         let data_dir = self.settings.data_dir.clone();
         let init = self.init_binary.clone();
         let modules = self.settings.guest.modules_dir.clone();
