@@ -413,6 +413,13 @@ impl Vmm {
         self.restore_in_progress(Instant::now()).is_err()
     }
 
+    /// Ends a prefault at once, as a test steps the fake.
+    pub fn end_prefault(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.prefault_until = None;
+        }
+    }
+
     /// Serves one request whose body already passed the spec check.
     pub fn handle(&mut self, endpoint: &str, body: &[u8]) -> (Response, After) {
         let now = Instant::now();
