@@ -417,6 +417,9 @@ fn raw(socket: &Path, method: &str, endpoint: &str, body: Option<&str>) -> (u16,
     (status, body.to_string())
 }
 
+/// A raw request (method, endpoint, body) to one fake: status and body.
+type Put = Box<dyn Fn(&str, &str, Option<&str>) -> (u16, String)>;
+
 /// The body of a v53 refusal: `["Error from API", headline, causes…]`.
 fn chain(headline: &str, causes: &[&str]) -> String {
     let mut items = vec!["Error from API", headline];
@@ -426,10 +429,10 @@ fn chain(headline: &str, causes: &[&str]) -> String {
 
 impl Bench {
     /// A server of `options` on `name` and the raw requests to it.
-    fn raw_server(&self, name: &str, options: Options) -> (FakeServer, impl Fn(&str, &str, Option<&str>) -> (u16, String)) {
+    fn raw_server(&self, name: &str, options: Options) -> (FakeServer, Put) {
         let socket = self.path(name);
         let server = FakeServer::start(&socket, options, support::fake_ch::spec()).unwrap();
-        (server, move |method: &str, endpoint: &str, body: Option<&str>| raw(&socket, method, endpoint, body))
+        (server, Box::new(move |method: &str, endpoint: &str, body: Option<&str>| raw(&socket, method, endpoint, body)))
     }
 
     fn create_body(&self, hotplug: u64) -> String {
