@@ -285,10 +285,91 @@ async fn a_snapshot_waits_out_the_v53_prefault() {
     let t0 = Instant::now();
     g.backend.snapshot(&h2, &snap2).await.unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(300), "the first attempts were refused");
-    assert!(g.vmm_log().contains("PUT /api/v1/vm.snapshot -> 500"));
+    let log = g.vmm_log();
+    let snapshots: Vec<&str> = requests(&log).into_iter().filter(|l| l.starts_with("PUT /api/v1/vm.snapshot")).collect();
+    // The first, before the standby, then refusals while prefaulting, then the one taken.
+    assert!(snapshots.len() >= 3, "{snapshots:?}");
+    assert_eq!(snapshots.first(), Some(&"PUT /api/v1/vm.snapshot -> 204"));
+    assert!(snapshots[1..snapshots.len() - 1].iter().all(|l| *l == "PUT /api/v1/vm.snapshot -> 500"), "{snapshots:?}");
+    assert_eq!(snapshots.last(), Some(&"PUT /api/v1/vm.snapshot -> 204"));
     for f in ["config.json", "state.json", "memory-ranges", LAUNCH_FILE] {
         assert!(snap2.join(f).is_file(), "{f}");
     }
+    g.backend.shutdown_vmm(&h2).await.unwrap();
+}
+
+/// A prefault that outlasts the wait: the standby's snapshot fails and
+/// says why, nothing is left in the directory, and the VM stays paused for
+/// the next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefault_that_never_ends_fails_the_snapshot_clearly() {
+    let mut g = Guest::new(&[("FAKE_CH_PREFAULT_MS", "3600000")]);
+    g.backend = CloudHypervisorBackend::new(g.binary.clone()).with_prefault_wait(Duration::from_millis(400));
+    let cfg = g.config(0);
+    let snap = g.standby(&cfg).await;
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    g.backend.resume(&h2).await.unwrap();
+    g.backend.pause(&h2).await.unwrap();
+    let snap2 = g.dir.join("snap2");
+    std::fs::create_dir(&snap2).unwrap();
+    let t0 = Instant::now();
+    let err = g.backend.snapshot(&h2, &snap2).await.unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(5), "bounded: {:?}", t0.elapsed());
+    assert_eq!(
+        hypeman::error_chain(&err),
+        "snapshot failed: API call failed: vm.snapshot was refused for 400ms because Cloud Hypervisor was still prefaulting \
+         the memory of an on-demand restore (\"VM on-demand memory restore is still in progress\"); gave up"
+    );
+    assert_eq!(std::fs::read_dir(&snap2).unwrap().count(), 0, "no launch record, no snapshot files");
+    assert_eq!(probe_state(&g, Some(&h2)).await, Some((h2.pid, VmState::Paused)));
+    g.backend.kill(&h2).await.unwrap();
+}
+
+/// Steps re-run after the daemon died between a call and its record: a VM
+/// already where the call leads is done, and the call is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_to_where_the_vm_already_is_is_done() {
+    let g = Guest::new(&[]);
+    let h = g.backend.create(&g.vmm(None), &g.config(512 << 20)).await.unwrap();
+    g.backend.boot(&h).await.unwrap();
+    g.backend.boot(&h).await.expect("booted already");
+    g.backend.pause(&h).await.unwrap();
+    g.backend.pause(&h).await.expect("paused already");
+    g.backend.resume(&h).await.unwrap();
+    g.backend.resume(&h).await.expect("running already");
+    // All plugged at boot: a resize to that size is not sent (v53 would
+    // answer it with a 500).
+    g.backend.resize_memory(&h, 768 << 20).await.unwrap();
+    let log = g.vmm_log();
+    let calls: Vec<&str> = requests(&log).into_iter().filter(|l| l.starts_with("PUT /api/v1/vm.")).collect();
+    assert_eq!(
+        calls,
+        ["PUT /api/v1/vm.create -> 204", "PUT /api/v1/vm.boot -> 204", "PUT /api/v1/vm.pause -> 204", "PUT /api/v1/vm.resume -> 204"]
+    );
+    assert!(matches!(g.backend.resume(&h).await, Ok(())));
+    g.backend.shutdown_vmm(&h).await.unwrap();
+}
+
+/// `vmm.shutdown`: a 200 with an empty body, then the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_shutdown_ends_the_process_with_status_0() {
+    let g = Guest::new(&[]);
+    let socket = g.dir.join("ch.sock");
+    let mut child = std::process::Command::new(&g.binary)
+        .args(["--api-socket", &format!("path={}", socket.display())])
+        .stderr(std::fs::File::create(g.dir.join("logs/vmm.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let client = hypeman::hypervisor::cloud_hypervisor::client::ApiClient::new(&socket).unwrap();
+    let t0 = Instant::now();
+    while client.ping().await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the VMM never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.vmm_shutdown().await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(g.vmm_log().contains("PUT /api/v1/vmm.shutdown -> 200"));
 }
 
 /// v49: 500s for everything, no restore mode, and a stale socket file

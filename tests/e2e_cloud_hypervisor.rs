@@ -176,3 +176,38 @@ fn a_snapshot_from_another_version_cold_boots() {
     w.stop_daemon();
     assert_no_violations(&w);
 }
+
+/// Standby → restore → standby at once: v53 is still prefaulting the
+/// on-demand restore when the second standby snapshots, refuses it with
+/// its real words, and the daemon waits the prefault out instead of
+/// failing the standby.
+#[test]
+fn a_standby_right_after_an_on_demand_restore_waits_out_the_prefault() {
+    let mut w = world(&[("FAKE_CH_PREFAULT_MS", "1500")]);
+    w.patience = Duration::from_secs(30);
+    w.start();
+    w.declare("standby");
+    w.wait("Standby");
+    w.declare("running");
+    w.wait("Running");
+    let restored = find(&audit(&w), 0, "PUT /api/v1/vm.restore -> 204").expect("restored");
+    let t0 = Instant::now();
+    w.declare("standby");
+    w.wait("Standby");
+    eprintln!("standby right after the restore: {:.2}s", t0.elapsed().as_secs_f64());
+    let lines = audit(&w);
+    let refused = find(&lines, restored, "PUT /api/v1/vm.snapshot -> 500").expect("the prefault refused the first snapshot");
+    find(&lines, refused, "PUT /api/v1/vm.snapshot -> 204").expect("then the snapshot was taken");
+    assert!(!w.vmm_running(), "standby leaves no VMM");
+    let snap = w.guest_dir().join("snapshots/snapshot-latest");
+    assert!(snap.join("snapshot.json").exists(), "snapshot is complete");
+    let log = std::fs::read_to_string(w.guest_dir().join("logs/hypeman.log")).unwrap_or_default();
+    // A step that fails is logged "<step> failed: …" (and retried later):
+    // the standby must have gone through without one.
+    assert!(!log.contains(" failed: "), "the standby did not fail on the way: {log}");
+    // And back again: the cycle goes on.
+    w.declare("running");
+    w.wait("Running");
+    w.stop_daemon();
+    assert_no_violations(&w);
+}

@@ -16,6 +16,10 @@
 //!
 //! Errors keep the server's own message chain: plain text before v47, a
 //! JSON array of strings (outermost first) from v47 on. Any 2xx is success.
+//! [`Refusal`] reads what a refusal means from the server's own words, as
+//! the real v53.0 binary sends them (reference/hypervisors.md, "Checked
+//! against the real cloud-hypervisor v53.0 binary"), so callers decide on a
+//! typed value and no caller matches text.
 
 use super::api;
 use reqwest::{header, Method, StatusCode};
@@ -68,6 +72,84 @@ pub enum ApiError {
         /// The server's error chain, outermost first.
         messages: Vec<String>,
     },
+    /// v53 went on refusing because an on-demand restore was still
+    /// prefaulting guest memory when the wait ran out.
+    #[error(
+        "{endpoint} was refused for {} because Cloud Hypervisor was still prefaulting the memory of an on-demand restore (\"{RESTORE_IN_PROGRESS}\"); gave up",
+        humantime::format_duration(*waited)
+    )]
+    StillRestoring { endpoint: Endpoint, waited: Duration },
+}
+
+/// The root cause v53 gives while an on-demand restore prefaults (#8556);
+/// its tail, "restore is still in progress", is what is matched.
+pub const RESTORE_IN_PROGRESS: &str = "VM on-demand memory restore is still in progress";
+
+/// What a refusal means, from the server's words. Each variant is a text
+/// the real server sends; the v46 spellings are the errors' `Debug` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No VM (or no config): 404 from v53, "VM is not created" before,
+    /// `VmNotCreated` up to v46.
+    NotCreated,
+    /// "VM is not running": pause, resume, shutdown or the power button
+    /// on a VMM whose VM is not booted (only created, or none at all).
+    NotRunning,
+    /// "VM is already created": a second create, a boot of a booted VM,
+    /// a restore into a VMM that holds a VM.
+    AlreadyCreated,
+    /// "Invalid transition: InvalidStateTransition(Paused, Paused)": the
+    /// VM is not in a state the call leads out of; `from == to` means it is
+    /// already where the call would take it.
+    InvalidTransition { from: api::VmState, to: api::VmState },
+    /// [`RESTORE_IN_PROGRESS`]: snapshot or migration during v53's prefault.
+    RestoreInProgress,
+    /// "File exists (os error 17)": snapshot files are created `O_EXCL`.
+    FileExists,
+    /// "Destination is not a directory: \"/dir\"" (snapshot or restore).
+    NotADirectory,
+    /// 400: the body did not fit the server's types (`["Bad Request"]`
+    /// for a body on an endpoint that takes none).
+    BadRequest,
+    /// Anything else; the message chain says what.
+    Other,
+}
+
+impl Refusal {
+    /// Reads `messages` (outermost first) as answered with `status`.
+    pub fn of(status: u16, messages: &[String]) -> Refusal {
+        let root = messages.last().map(String::as_str).unwrap_or_default();
+        // Up to v46 the whole body is one `Debug` form, `VmPause(VmNotRunning)`.
+        let debug = |name: &str| messages.iter().any(|m| m.contains(name));
+        if status == 404 || root == "VM is not created" || debug("VmNotCreated") {
+            Refusal::NotCreated
+        } else if root == "VM is not running" || debug("VmNotRunning") {
+            Refusal::NotRunning
+        } else if root == "VM is already created" || debug("VmAlreadyCreated") {
+            Refusal::AlreadyCreated
+        } else if root.ends_with("restore is still in progress") {
+            Refusal::RestoreInProgress
+        } else if root.ends_with("File exists (os error 17)") {
+            Refusal::FileExists
+        } else if messages.iter().any(|m| m.starts_with("Destination is not a directory")) {
+            Refusal::NotADirectory
+        } else if let Some((from, to)) = messages.iter().find_map(|m| invalid_transition(m)) {
+            Refusal::InvalidTransition { from, to }
+        } else if status == 400 {
+            Refusal::BadRequest
+        } else {
+            Refusal::Other
+        }
+    }
+}
+
+/// `InvalidStateTransition(Paused, Paused)` anywhere in `message`.
+fn invalid_transition(message: &str) -> Option<(api::VmState, api::VmState)> {
+    let inside = message.split_once("InvalidStateTransition(")?.1;
+    let (from, rest) = inside.split_once(", ")?;
+    let to = rest.split(')').next()?;
+    let state = |name: &str| serde_json::from_value::<api::VmState>(serde_json::Value::String(name.to_string())).ok();
+    Some((state(from)?, state(to)?))
 }
 
 impl ApiError {
@@ -80,31 +162,25 @@ impl ApiError {
         )
     }
 
+    /// What the server meant, when it refused.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            ApiError::Refused { status, messages, .. } => Some(Refusal::of(*status, messages)),
+            _ => None,
+        }
+    }
+
     /// The VMM holds no VM: 404 from v53, a 500 saying so before: "VM is
     /// not created" in v47–v52's chain, the error's `Debug` form up to v46
     /// (`VmInfo(VmNotCreated)`).
     pub fn is_not_created(&self) -> bool {
-        match self {
-            ApiError::Refused { status: 404, .. } => true,
-            ApiError::Refused { messages, .. } => mentions(messages, "not created") || mentions(messages, "vmnotcreated"),
-            _ => false,
-        }
-    }
-
-    /// v53 refuses a snapshot while an on-demand restore still prefaults
-    /// the guest's memory (`VmRestoring`).
-    pub fn is_restoring(&self) -> bool {
-        matches!(self, ApiError::Refused { messages, .. } if mentions(messages, "restoring"))
+        self.refusal() == Some(Refusal::NotCreated)
     }
 
     /// The server said anything at all (as opposed to a transport failure).
     pub fn is_refusal(&self) -> bool {
         matches!(self, ApiError::Refused { .. })
     }
-}
-
-fn mentions(messages: &[String], needle: &str) -> bool {
-    messages.iter().any(|m| m.to_ascii_lowercase().contains(needle))
 }
 
 /// The endpoints hypeman uses, with their method and how long each may take.
@@ -442,6 +518,31 @@ impl ApiClient {
         self.put_json(Endpoint::VmSnapshot, &body).await.map(|_| ())
     }
 
+    /// Snapshots as [`snapshot`](Self::snapshot) does, waiting out v53's
+    /// prefault after an on-demand restore: while the server answers
+    /// [`Refusal::RestoreInProgress`] the snapshot is asked again, every
+    /// 50 ms at first and at most every second, for up to `within`; then
+    /// [`ApiError::StillRestoring`]. The refusal comes before any file is
+    /// written, so `dir` is still empty for the next attempt.
+    pub async fn snapshot_after_prefault(&self, dir: &Path, within: Duration) -> Result<(), ApiError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.snapshot(dir).await {
+                Err(e) if e.refusal() == Some(Refusal::RestoreInProgress) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Err(ApiError::StillRestoring { endpoint: Endpoint::VmSnapshot, waited: within });
+                    }
+                    tracing::debug!(retry_in = ?pause, "an on-demand restore is still prefaulting; snapshot asked again");
+                    tokio::time::sleep(pause.min(deadline - now)).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                done => return done,
+            }
+        }
+    }
+
     pub async fn restore(&self, config: &api::RestoreConfig) -> Result<(), ApiError> {
         self.put_json(Endpoint::VmRestore, config).await.map(|_| ())
     }
@@ -532,13 +633,88 @@ mod tests {
         assert!(refused(500, &["VmBoot(VmNotCreated)"]).is_not_created());
         assert!(!refused(500, &["VmPause(InvalidStateTransition(Paused, Paused))"]).is_not_created());
         assert!(!refused(500, &["Error from API", "InvalidStateTransition(Running, Running)"]).is_not_created());
-        assert!(refused(500, &["Error from API", "The VM could not be snapshotted", "VM is restoring"]).is_restoring());
         let gone = ApiError::Connect {
             socket: "/x".into(),
             source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         };
         assert!(gone.is_not_listening());
         assert!(!gone.is_refusal());
+    }
+
+    /// Every refusal the real v53.0 binary was seen to send (the bodies
+    /// from reference/hypervisors.md), and what each means.
+    #[test]
+    fn the_real_v53_refusals_are_typed() {
+        use api::VmState::{Paused, Running};
+        let chain = |headline: &str, causes: &[&str]| {
+            let mut m = vec!["Error from API".to_string(), headline.to_string()];
+            m.extend(causes.iter().map(|c| c.to_string()));
+            m
+        };
+        let table: Vec<(u16, Vec<String>, Refusal)> = vec![
+            (404, chain("The VM info is not available", &["VM is not created"]), Refusal::NotCreated),
+            (500, chain("Error triggering power button", &["VM is not running"]), Refusal::NotRunning),
+            (500, chain("The VM could not resume", &["VM is not running"]), Refusal::NotRunning),
+            (500, chain("The VM could not shutdown", &["VM is not running"]), Refusal::NotRunning),
+            (400, vec!["Bad Request".to_string()], Refusal::BadRequest),
+            (500, chain("The VM could not be created", &["VM is already created"]), Refusal::AlreadyCreated),
+            (500, chain("The VM could not boot", &["VM is already created"]), Refusal::AlreadyCreated),
+            (500, chain("The VM could not boot", &["Cannot open kernel file", "No such file or directory (os error 2)"]), Refusal::Other),
+            (
+                500,
+                chain(
+                    "The VM could not be paused",
+                    &["Cannot pause VM", "Failed to pause migratable component", "Invalid transition: InvalidStateTransition(Paused, Paused)"],
+                ),
+                Refusal::InvalidTransition { from: Paused, to: Paused },
+            ),
+            (
+                500,
+                chain("The VM could not be snapshotted", &["Error creating VM config snapshot file", "File exists (os error 17)"]),
+                Refusal::FileExists,
+            ),
+            (500, chain("The VM could not be snapshotted", &["Destination is not a directory: \"/nonexistent/dir\""]), Refusal::NotADirectory),
+            (500, chain("The VM could not be snapshotted", &[RESTORE_IN_PROGRESS]), Refusal::RestoreInProgress),
+            (500, chain("Error starting migration sender", &[RESTORE_IN_PROGRESS]), Refusal::RestoreInProgress),
+            (500, chain("The VM could not be restored", &["VM is already created"]), Refusal::AlreadyCreated),
+            (
+                500,
+                chain(
+                    "The VM could not be restored",
+                    &["Cannot restore VM", "Failed to send migratable component snapshot", "Destination is not a directory: \"/nonexistent\""],
+                ),
+                Refusal::NotADirectory,
+            ),
+            (
+                500,
+                chain("The VM could not be resized", &["ResizeError(new size 0x0 and requested_size are identical\n\nStack backtrace:\n   0: x"]),
+                Refusal::Other,
+            ),
+            (
+                500,
+                chain(
+                    "The disk could not be added to the VM",
+                    &["Cannot open disk path", "I/O error (path=/nonexistent.raw op=open)", "No such file or directory (os error 2)"],
+                ),
+                Refusal::Other,
+            ),
+            // Up to v46: the error's Debug form, one plain-text message.
+            (500, vec!["VmPause(InvalidStateTransition(Running, Paused))".to_string()], Refusal::InvalidTransition { from: Running, to: Paused }),
+            (500, vec!["VmResume(VmNotRunning)".to_string()], Refusal::NotRunning),
+            // "restoring" alone is no longer read as the prefault: the real
+            // server never says it.
+            (500, chain("The VM could not be snapshotted", &["VM is restoring"]), Refusal::Other),
+            (500, chain("The VM could not be snapshotted", &["restore is still in progress: no, it is not"]), Refusal::Other),
+        ];
+        for (status, messages, want) in table {
+            assert_eq!(Refusal::of(status, &messages), want, "{status} {messages:?}");
+        }
+        let err = ApiError::StillRestoring { endpoint: Endpoint::VmSnapshot, waited: Duration::from_millis(1500) };
+        assert_eq!(
+            err.to_string(),
+            "vm.snapshot was refused for 1s 500ms because Cloud Hypervisor was still prefaulting the memory of an on-demand restore (\"VM on-demand memory restore is still in progress\"); gave up"
+        );
+        assert_eq!(err.refusal(), None, "not the server's word but the client's");
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 
-use self::client::{ApiClient, ApiError, ChVersion};
+use self::client::{ApiClient, ApiError, ChVersion, Endpoint, Refusal};
 use super::launch::{self, LaunchError};
 use super::process::{self, ProcessId};
 use super::{
@@ -60,8 +60,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a freshly spawned VMM may take to answer `vmm.ping`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a snapshot waits out v53's prefault after an on-demand restore.
-const RESTORING_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a snapshot waits out v53's prefault after an on-demand restore
+/// unless [`CloudHypervisorBackend::with_prefault_wait`] says otherwise. The
+/// prefault reads every page of the snapshot: minutes for a large guest on
+/// a slow disk.
+const PREFAULT_WAIT: Duration = Duration::from_secs(120);
 /// After a shrink, how often the VMM's resident memory is read, how many
 /// readings in a row must not fall below the lowest so far, and the most
 /// the wait may take.
@@ -173,18 +176,33 @@ fn unplug_progress(lowest: u64, settled: u32, kib: u64) -> (u64, u32) {
     }
 }
 
-/// Removes whatever a refused snapshot attempt left in `dir`.
-fn empty_dir(dir: &Path) -> Result<(), ChError> {
-    let err = |source| ChError::SnapshotDir { dir: dir.to_path_buf(), source };
-    for entry in std::fs::read_dir(dir).map_err(err)? {
-        std::fs::remove_file(entry.map_err(err)?.path()).map_err(err)?;
+/// Whether the server refused `endpoint` only because the VM already is in
+/// `target`, where the call would have taken it: a daemon that died after
+/// its request, or a state read just before someone else's. Done, then.
+fn already_there(endpoint: Endpoint, target: VmState, e: &ApiError) -> bool {
+    match e.refusal() {
+        // "Invalid transition: InvalidStateTransition(Paused, Paused)".
+        Some(Refusal::InvalidTransition { from, to }) => from == to && vm_state(to) == Some(target),
+        // A boot of a booted VM reads as a second create.
+        Some(Refusal::AlreadyCreated) => endpoint == Endpoint::VmBoot,
+        Some(
+            Refusal::NotCreated
+            | Refusal::NotRunning
+            | Refusal::RestoreInProgress
+            | Refusal::FileExists
+            | Refusal::NotADirectory
+            | Refusal::BadRequest
+            | Refusal::Other,
+        )
+        | None => false,
     }
-    Ok(())
 }
 
 pub struct CloudHypervisorBackend {
     binary: PathBuf,
     version: OnceCell<ChVersion>,
+    /// How long a snapshot waits out v53's prefault (see [`PREFAULT_WAIT`]).
+    prefault_wait: Duration,
     /// One request at a time per VMM: the server has one HTTP thread and a
     /// second request would only queue behind the first.
     serial: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
@@ -192,7 +210,14 @@ pub struct CloudHypervisorBackend {
 
 impl CloudHypervisorBackend {
     pub fn new(binary: PathBuf) -> CloudHypervisorBackend {
-        CloudHypervisorBackend { binary, version: OnceCell::new(), serial: Mutex::new(HashMap::new()) }
+        CloudHypervisorBackend { binary, version: OnceCell::new(), prefault_wait: PREFAULT_WAIT, serial: Mutex::new(HashMap::new()) }
+    }
+
+    /// Snapshots wait at most `wait` for v53 to finish prefaulting an
+    /// on-demand restore before they fail.
+    pub fn with_prefault_wait(mut self, wait: Duration) -> CloudHypervisorBackend {
+        self.prefault_wait = wait;
+        self
     }
 
     async fn exclusive(&self, socket: &Path) -> tokio::sync::OwnedMutexGuard<()> {
@@ -243,19 +268,33 @@ impl CloudHypervisorBackend {
     }
 
     /// Checks the VM's state, then makes one call: one hop of the state
-    /// machine, refused as `WrongState` rather than by the server.
-    async fn transition<F, Fut>(&self, vmm: &VmmHandle, op: &'static str, from: VmState, call: F) -> Result<(), HypervisorError>
+    /// machine `from → to`, refused as `WrongState` rather than by the
+    /// server. A VM already in `to` is done, whether the state read says so
+    /// or the server's refusal does ([`already_there`]): the hop is safe to
+    /// repeat after the daemon died between the call and its record.
+    async fn transition<F, Fut>(&self, vmm: &VmmHandle, endpoint: Endpoint, (from, to): (VmState, VmState), call: F) -> Result<(), HypervisorError>
     where
         F: FnOnce(ApiClient) -> Fut,
         Fut: std::future::Future<Output = Result<(), ApiError>>,
     {
+        let op = endpoint.path();
         let _serial = self.exclusive(&vmm.socket).await;
         let client = api_client(&vmm.socket, op)?;
         let (state, _) = self.state_of(vmm, &client, op).await?;
+        if state == to {
+            tracing::debug!(op, ?state, "the VM is already there");
+            return Ok(());
+        }
         if state != from {
             return Err(HypervisorError::WrongState { op, state });
         }
-        call(client).await.map_err(|e| Self::api_error(vmm, op, e))
+        match call(client).await {
+            Err(e) if already_there(endpoint, to, &e) => {
+                tracing::debug!(op, error = %crate::error_chain(&e), "the VM was already there");
+                Ok(())
+            }
+            done => done.map_err(|e| Self::api_error(vmm, op, e)),
+        }
     }
 
     /// Makes room on the guest's socket and starts a VMM on it, waiting
@@ -454,15 +493,18 @@ impl Hypervisor for CloudHypervisorBackend {
     }
 
     async fn boot(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        self.transition(vmm, "boot", VmState::Created, |c| async move { c.boot().await }).await
+        let hop = (VmState::Created, VmState::Running);
+        self.transition(vmm, Endpoint::VmBoot, hop, |c| async move { c.boot().await }).await
     }
 
     async fn pause(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        self.transition(vmm, "pause", VmState::Running, |c| async move { c.pause().await }).await
+        let hop = (VmState::Running, VmState::Paused);
+        self.transition(vmm, Endpoint::VmPause, hop, |c| async move { c.pause().await }).await
     }
 
     async fn resume(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
-        self.transition(vmm, "resume", VmState::Paused, |c| async move { c.resume().await }).await
+        let hop = (VmState::Paused, VmState::Running);
+        self.transition(vmm, Endpoint::VmResume, hop, |c| async move { c.resume().await }).await
     }
 
     async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError> {
@@ -499,19 +541,16 @@ impl Hypervisor for CloudHypervisorBackend {
                 ping_version(&ping).map_err(backend(op))?
             }
         };
-        let deadline = Instant::now() + RESTORING_TIMEOUT;
-        let mut wait = Duration::from_millis(50);
-        loop {
-            match client.snapshot(dir).await {
-                Ok(()) => break,
-                Err(e) if e.is_restoring() && Instant::now() + wait < deadline => {
-                    tracing::info!(retry_in = ?wait, "Cloud Hypervisor is still prefaulting an on-demand restore; snapshot retried");
-                    empty_dir(dir).map_err(backend(op))?;
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => return Err(Self::api_error(vmm, op, e)),
+        // A standby soon after an on-demand restore meets v53's prefault:
+        // the snapshot waits it out (bounded), the VM staying paused.
+        match client.snapshot_after_prefault(dir, self.prefault_wait).await {
+            Ok(()) => {}
+            // Checked empty above: someone wrote into it meanwhile.
+            Err(e) if e.refusal() == Some(Refusal::FileExists) => {
+                tracing::warn!(error = %crate::error_chain(&e), "the snapshot directory filled up under the snapshot");
+                return Err(backend(op)(ChError::NotEmpty { dir: dir.to_path_buf() }));
             }
+            Err(e) => return Err(Self::api_error(vmm, op, e)),
         }
         launch::write(&dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
         Ok(SnapshotMeta { hypervisor_version: version.to_string(), config_hash: record.config.config_hash() })
@@ -600,6 +639,11 @@ impl Hypervisor for CloudHypervisorBackend {
         let _serial = self.exclusive(&vmm.socket).await;
         let client = api_client(&vmm.socket, op)?;
         let (_, requested) = self.state_of(vmm, &client, op).await?;
+        if requested == Some(total_bytes) {
+            // v53 refuses a resize to the size already asked for (a 500 with
+            // a backtrace); there is nothing to do.
+            return Ok(());
+        }
         client.resize_memory(total_bytes).await.map_err(|e| Self::api_error(vmm, op, e))?;
         if requested.is_some_and(|r| total_bytes < r) {
             self.wait_unplugged(vmm).await;
@@ -673,13 +717,27 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_directories_are_emptied() {
-        let dir = tempfile::tempdir().unwrap();
-        for name in SNAPSHOT_FILES {
-            std::fs::write(dir.path().join(name), name).unwrap();
-        }
-        empty_dir(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(matches!(empty_dir(&dir.path().join("gone")), Err(ChError::SnapshotDir { .. })));
+    fn a_refusal_that_says_the_vm_is_there_already_is_done() {
+        let refused = |endpoint, messages: &[&str]| ApiError::Refused {
+            endpoint,
+            status: 500,
+            messages: messages.iter().map(|m| m.to_string()).collect(),
+        };
+        let twice = refused(
+            Endpoint::VmPause,
+            &["Error from API", "The VM could not be paused", "Cannot pause VM", "Failed to pause migratable component", "Invalid transition: InvalidStateTransition(Paused, Paused)"],
+        );
+        assert!(already_there(Endpoint::VmPause, VmState::Paused, &twice));
+        assert!(!already_there(Endpoint::VmResume, VmState::Running, &twice), "paused is not where a resume leads");
+        let resumed = refused(Endpoint::VmResume, &["Error from API", "The VM could not resume", "Invalid transition: InvalidStateTransition(Running, Running)"]);
+        assert!(already_there(Endpoint::VmResume, VmState::Running, &resumed));
+        let booted = refused(Endpoint::VmBoot, &["Error from API", "The VM could not boot", "VM is already created"]);
+        assert!(already_there(Endpoint::VmBoot, VmState::Running, &booted));
+        let created = refused(Endpoint::VmCreate, &["Error from API", "The VM could not be created", "VM is already created"]);
+        assert!(!already_there(Endpoint::VmCreate, VmState::Created, &created), "only a boot reads it as done");
+        let idle = refused(Endpoint::VmPause, &["Error from API", "The VM could not be paused", "VM is not running"]);
+        assert!(!already_there(Endpoint::VmPause, VmState::Paused, &idle), "not running is not paused");
+        let gone = ApiError::Connect { socket: "/x".into(), source: std::io::ErrorKind::NotFound.into() };
+        assert!(!already_there(Endpoint::VmPause, VmState::Paused, &gone));
     }
 }

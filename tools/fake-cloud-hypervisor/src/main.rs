@@ -8,7 +8,10 @@
 //! - `FAKE_CH_OPENAPI`: the OpenAPI document to validate against
 //!   (required: without it the fake refuses to start);
 //! - `FAKE_CH_VERSION` (`53.0.0`): the version it claims and behaves as;
-//! - `FAKE_CH_SNAPSHOT_DELAY_MS`, `FAKE_CH_PREFAULT_MS`, `FAKE_CH_RESIZE_MS`;
+//! - `FAKE_CH_SNAPSHOT_DELAY_MS`, `FAKE_CH_RESIZE_MS`;
+//! - `FAKE_CH_PREFAULT_MS` (0): how long an on-demand restore goes on
+//!   prefaulting after `vm.restore` answers (v53), refusing snapshots and
+//!   migrations meanwhile;
 //! - `FAKE_CH_NO_USERFAULTFD=1`: on-demand restores are refused;
 //! - `FAKE_CH_IGNORE_POWER_BUTTON=1`;
 //! - `FAKE_CH_AUDIT_LOG`: a file every log line is also appended to, so a

@@ -75,6 +75,14 @@ pub fn respond(shared: &Shared, spec: &OpenApi, request: &Request, log: &dyn Fn(
         Some(m) if m != request.method => return (Response::bare(405), After::Continue),
         Some(_) => {}
     }
+    if !request.body.is_empty() && matches!(spec.request_schema(&format!("/{endpoint}"), &request.method), Ok(None)) {
+        // The real server answers a body on an endpoint that takes none
+        // with a bare `["Bad Request"]`; it is still the client's mistake.
+        let problem = format!("{} /{endpoint} takes no body", request.method);
+        log(&format!("SPEC VIOLATION {problem}"));
+        shared.violations.lock().expect("poisoned").push(format!("{endpoint}: {problem}"));
+        return (Response::json(400, &serde_json::json!(["Bad Request"])), After::Continue);
+    }
     if let Err(problems) = spec.validate_request(&format!("/{endpoint}"), &request.method, &request.body) {
         for p in &problems {
             log(&format!("SPEC VIOLATION {} /{endpoint}: {p}", request.method));

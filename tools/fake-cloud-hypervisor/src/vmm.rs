@@ -15,6 +15,16 @@
 //! `COUNTER n` to the serial port (the process's stdout in `Tty` mode, a
 //! file truncated at every open in `File` mode, as the real VMM does). The
 //! counter is saved in `state.json`, so a restored guest carries on.
+//!
+//! Refusals are worded as the real v53.0 server words them wherever that
+//! was checked against the binary (reference/hypervisors.md, "Checked
+//! against the real cloud-hypervisor v53.0 binary"): `["Error from API",
+//! <headline of the endpoint>, <causes…>]`, e.g. "VM is not running" for
+//! pause/resume/shutdown/power-button without a booted VM, "VM is already
+//! created" for a second create, boot or a restore into a used VMM,
+//! "Invalid transition: InvalidStateTransition(Paused, Paused)" for a
+//! second pause, and [`RESTORE_IN_PROGRESS`] while an on-demand restore
+//! prefaults. Cases nobody checked keep descriptive texts of the fake's own.
 
 use crate::http::Response;
 use serde_json::{json, Value};
@@ -55,9 +65,10 @@ pub struct Options {
     pub version: Version,
     /// `vm.snapshot` takes this long (the server answers nothing meanwhile).
     pub snapshot_delay: Duration,
-    /// From v53, after an on-demand restore is resumed, memory is
-    /// prefaulted in the background for this long; snapshots are refused
-    /// until it is done.
+    /// From v53 an on-demand restore goes on prefaulting guest memory in
+    /// the background for this long after `vm.restore` has answered;
+    /// meanwhile `vm.snapshot` and `vm.send-migration` are refused with the
+    /// real server's words ([`RESTORE_IN_PROGRESS`]).
     pub prefault: Duration,
     /// Whether `OnDemand` restores can get a userfaultfd.
     pub userfaultfd: bool,
@@ -155,18 +166,28 @@ struct Vm {
     memory: Memory,
     counter: u64,
     serial: Serial,
-    /// Restored with `OnDemand`: v53 prefaults after the first resume.
-    on_demand: bool,
+    /// Restored `OnDemand` on v53: snapshots are refused until then.
     prefault_until: Option<Instant>,
     next_disk: u32,
 }
+
+/// What v53 answers a snapshot or migration while an on-demand restore
+/// still prefaults: the root cause of its chain, word for word (checked
+/// against the real v53.0 binary).
+pub const RESTORE_IN_PROGRESS: &str = "VM on-demand memory restore is still in progress";
+/// The root cause of lifecycle calls on a VMM with no booted VM.
+const NOT_RUNNING: &str = "VM is not running";
+const ALREADY_CREATED: &str = "VM is already created";
+const NO_SUCH_FILE: &str = "No such file or directory (os error 2)";
 
 /// A refusal, rendered by version in [`Vmm::refuse`].
 enum Fail {
     /// No VM (or no config) where one is needed.
     NotCreated,
-    /// Anything else the VMM refuses: the chain below the headline.
+    /// Anything else the VMM refuses: the one cause below the headline.
     Refused(String),
+    /// A cause with causes of its own, outermost first.
+    Chain(Vec<String>),
     /// The body does not deserialize into the server's types.
     BadRequest(String),
 }
@@ -202,13 +223,40 @@ fn open_serial(config: &Value) -> Result<Serial, String> {
     }
 }
 
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), Fail> {
+/// Creates a snapshot file as Cloud Hypervisor does: `O_EXCL`, mode 0600.
+/// `what` names it in the refusal ("VM config snapshot file").
+fn write_new(path: &Path, what: &str, bytes: &[u8]) -> Result<(), Fail> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
-        .map_err(|e| Fail::Refused(format!("Error creating {}: {e}", path.display())))?;
-    f.write_all(bytes).map_err(|e| Fail::Refused(format!("Error writing {}: {e}", path.display())))
+        .map_err(|e| Fail::Chain(vec![format!("Error creating {what}"), e.to_string()]))?;
+    f.write_all(bytes).map_err(|e| Fail::Chain(vec![format!("Error writing {what}"), e.to_string()]))
+}
+
+/// `path` cannot be opened: the chain v53 gives for a disk image.
+fn disk_missing(path: &str) -> Fail {
+    Fail::Chain(vec!["Cannot open disk path".into(), format!("I/O error (path={path} op=open)"), NO_SUCH_FILE.into()])
+}
+
+/// The text of `vm.resize` to the size the VM already has: v53 passes
+/// virtio-mem's own error up with its `anyhow` backtrace, so the body is
+/// long and spans lines. The first line is the real one; the frames are
+/// this fake's (they differ by build anyway).
+fn identical_size(hotplugged: u64) -> String {
+    format!(
+        "ResizeError(new size 0x{hotplugged:x} and requested_size are identical\n\n\
+         Stack backtrace:\n   \
+         0: anyhow::error::<impl anyhow::Error>::msg\n   \
+         1: virtio_devices::mem::Mem::resize\n   \
+         2: vmm::memory_manager::MemoryManager::virtio_mem_resize\n   \
+         3: vmm::memory_manager::MemoryManager::resize\n   \
+         4: vmm::vm::Vm::resize\n   \
+         5: vmm::Vmm::vm_resize\n   \
+         6: std::sys::backtrace::__rust_begin_short_backtrace)"
+    )
 }
 
 impl Vmm {
@@ -267,17 +315,18 @@ impl Vmm {
         match endpoint {
             "vm.create" => "The VM could not be created".into(),
             "vm.boot" => "The VM could not boot".into(),
-            "vm.pause" => "The VM could not pause".into(),
+            "vm.pause" => "The VM could not be paused".into(),
             "vm.resume" => "The VM could not resume".into(),
-            "vm.shutdown" => "The VM could not shut down".into(),
+            "vm.shutdown" => "The VM could not shutdown".into(),
             "vm.delete" => "The VM could not be deleted".into(),
             "vm.power-button" => "Error triggering power button".into(),
-            "vm.info" => "The VM information is not available".into(),
+            "vm.info" => "The VM info is not available".into(),
             "vm.resize" => "The VM could not be resized".into(),
             "vm.add-disk" => "The disk could not be added to the VM".into(),
             "vm.remove-device" => "The device could not be removed from the VM".into(),
             "vm.snapshot" => "The VM could not be snapshotted".into(),
             "vm.restore" => "The VM could not be restored".into(),
+            "vm.send-migration" => "Error starting migration sender".into(),
             other => format!("{other} failed"),
         }
     }
@@ -305,17 +354,20 @@ impl Vmm {
             let (status, cause) = match fail {
                 Fail::NotCreated => (500, "VmNotCreated".to_string()),
                 Fail::Refused(cause) => (500, cause),
+                Fail::Chain(causes) => (500, causes.join(": ")),
                 Fail::BadRequest(cause) => (400, format!("SerdeJsonDeserialize({cause:?})")),
             };
             let body = format!("{}({cause})", Self::debug_variant(endpoint));
             return Response { status, body: Some(body.into_bytes()) };
         }
-        let (status, cause) = match fail {
-            Fail::NotCreated => (if v.major >= 53 { 404 } else { 500 }, "VM is not created".to_string()),
-            Fail::Refused(cause) => (500, cause),
-            Fail::BadRequest(cause) => (400, cause),
+        let (status, causes) = match fail {
+            Fail::NotCreated => (if v.major >= 53 { 404 } else { 500 }, vec!["VM is not created".to_string()]),
+            Fail::Refused(cause) => (500, vec![cause]),
+            Fail::Chain(causes) => (500, causes),
+            Fail::BadRequest(cause) => (400, vec![cause]),
         };
-        let chain = ["Error from API".to_string(), Self::headline(endpoint), cause];
+        let mut chain = vec!["Error from API".to_string(), Self::headline(endpoint)];
+        chain.extend(causes);
         Response::json(status, &json!(chain))
     }
 
@@ -323,13 +375,49 @@ impl Vmm {
         self.vm.as_mut().ok_or(Fail::NotCreated)
     }
 
-    fn hop(&mut self, from: VmState, to: VmState) -> Result<&mut Vm, Fail> {
-        let vm = self.vm()?;
-        if vm.state != from {
-            return Err(Fail::Refused(format!("InvalidStateTransition({}, {})", vm.state.name(), to.name())));
+    /// The VM as the lifecycle calls need it: booted (a VM object exists,
+    /// not just its config), else "VM is not running" whether or not there
+    /// is a config.
+    fn booted(&mut self) -> Result<&mut Vm, Fail> {
+        self.vm.as_mut().filter(|vm| vm.state != VmState::Created).ok_or_else(|| Fail::Refused(NOT_RUNNING.into()))
+    }
+
+    /// `vm.pause` / `vm.resume`: `Running ⇄ Paused`; asking for the state
+    /// the VM is already in is an invalid transition, in the real words.
+    fn pause_or_resume(&mut self, to: VmState) -> Result<(), Fail> {
+        let vm = self.booted()?;
+        if vm.state == to {
+            let (verb, name) = if to == VmState::Paused { ("pause", "Paused") } else { ("resume", "Running") };
+            return Err(Fail::Chain(vec![
+                format!("Cannot {verb} VM"),
+                format!("Failed to {verb} migratable component"),
+                format!("Invalid transition: InvalidStateTransition({name}, {name})"),
+            ]));
         }
         vm.state = to;
-        Ok(vm)
+        Ok(())
+    }
+
+    /// v53 refuses snapshots and migrations while an on-demand restore
+    /// still prefaults guest memory.
+    fn restore_in_progress(&self, now: Instant) -> Result<(), Fail> {
+        let prefaulting = self.vm.as_ref().and_then(|vm| vm.prefault_until).is_some_and(|t| now < t);
+        if self.opts.version.major >= 53 && prefaulting {
+            return Err(Fail::Refused(RESTORE_IN_PROGRESS.into()));
+        }
+        Ok(())
+    }
+
+    /// Whether an on-demand restore is still prefaulting (tests look).
+    pub fn prefaulting(&self) -> bool {
+        self.restore_in_progress(Instant::now()).is_err()
+    }
+
+    /// Ends a prefault at once, as a test steps the fake.
+    pub fn end_prefault(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.prefault_until = None;
+        }
     }
 
     /// Serves one request whose body already passed the spec check.
@@ -348,24 +436,16 @@ impl Vmm {
             "vmm.shutdown" => Ok((Response::empty_ok(), After::Exit)),
             "vm.create" => self.create(body, now).map(|()| (Response::no_content(), After::Continue)),
             "vm.boot" => self.boot(now).map(|()| (Response::no_content(), After::Continue)),
-            "vm.pause" => self.hop(VmState::Running, VmState::Paused).map(|_| (Response::no_content(), After::Continue)),
-            "vm.resume" => {
-                let (version, prefault) = (self.opts.version, self.opts.prefault);
-                self.hop(VmState::Paused, VmState::Running).map(|vm| {
-                    if vm.on_demand && version.major >= 53 && vm.prefault_until.is_none() {
-                        vm.prefault_until = Some(now + prefault);
-                    }
-                    (Response::no_content(), After::Continue)
-                })
-            }
+            "vm.pause" => self.pause_or_resume(VmState::Paused).map(|()| (Response::no_content(), After::Continue)),
+            "vm.resume" => self.pause_or_resume(VmState::Running).map(|()| (Response::no_content(), After::Continue)),
             "vm.power-button" => {
                 let ignore = self.opts.ignore_power_button;
-                self.vm().map(|vm| {
+                self.booted().map(|vm| {
                     let off = vm.state == VmState::Running && !ignore;
                     (Response::no_content(), if off { After::Exit } else { After::Continue })
                 })
             }
-            "vm.shutdown" => self.vm().map(|vm| {
+            "vm.shutdown" => self.booted().map(|vm| {
                 // The Vm is dropped, its config kept: it reads as Created.
                 vm.state = VmState::Created;
                 vm.serial = Serial::None;
@@ -381,6 +461,9 @@ impl Vmm {
             "vm.remove-device" => self.remove_device(&body).map(|()| (Response::no_content(), After::Continue)),
             "vm.snapshot" => self.snapshot(&body, now).map(|()| (Response::no_content(), After::Continue)),
             "vm.restore" => self.restore(&body, now).map(|()| (Response::no_content(), After::Continue)),
+            "vm.send-migration" => self.restore_in_progress(now).and_then(|()| {
+                Err(Fail::Refused("fake-cloud-hypervisor does not emulate vm.send-migration".into()))
+            }),
             other => Err(Fail::Refused(format!("fake-cloud-hypervisor does not emulate {other}"))),
         };
         match result {
@@ -404,7 +487,7 @@ impl Vmm {
 
     fn create(&mut self, config: Value, now: Instant) -> Result<(), Fail> {
         if self.vm.is_some() {
-            return Err(Fail::Refused("VM is already created".into()));
+            return Err(Fail::Refused(ALREADY_CREATED.into()));
         }
         // Beyond the spec: what the server's own types would refuse.
         let method = config.pointer("/memory/hotplug_method").and_then(Value::as_str).unwrap_or("Acpi");
@@ -440,7 +523,6 @@ impl Vmm {
             memory,
             counter: 0,
             serial: Serial::None,
-            on_demand: false,
             prefault_until: None,
             next_disk: 0,
         });
@@ -450,24 +532,22 @@ impl Vmm {
     fn boot(&mut self, now: Instant) -> Result<(), Fail> {
         let vm = self.vm()?;
         if vm.state != VmState::Created {
-            return Err(Fail::Refused(format!("InvalidStateTransition({}, Running)", vm.state.name())));
+            // A VM object exists (booted, paused): the same words as a
+            // second create.
+            return Err(Fail::Refused(ALREADY_CREATED.into()));
         }
-        let mut files: Vec<(&str, String)> = Vec::new();
-        if let Some(k) = vm.config.pointer("/payload/kernel").and_then(Value::as_str) {
-            files.push(("kernel", k.to_string()));
+        let missing = |pointer: &str| {
+            vm.config.pointer(pointer).and_then(Value::as_str).filter(|p| !Path::new(p).exists()).is_some()
+        };
+        if missing("/payload/kernel") {
+            return Err(Fail::Chain(vec!["Cannot open kernel file".into(), NO_SUCH_FILE.into()]));
         }
-        if let Some(i) = vm.config.pointer("/payload/initramfs").and_then(Value::as_str) {
-            files.push(("initramfs", i.to_string()));
+        if missing("/payload/initramfs") {
+            return Err(Fail::Chain(vec!["Cannot open initramfs file".into(), NO_SUCH_FILE.into()]));
         }
-        for d in vm.config.get("disks").and_then(Value::as_array).into_iter().flatten() {
-            if let Some(p) = d.get("path").and_then(Value::as_str) {
-                files.push(("disk image", p.to_string()));
-            }
-        }
-        for (what, path) in files {
-            if !Path::new(&path).exists() {
-                return Err(Fail::Refused(format!("Error opening {what} {path}: No such file or directory (os error 2)")));
-            }
+        let disks = vm.config.get("disks").and_then(Value::as_array).into_iter().flatten();
+        if let Some(path) = disks.filter_map(|d| d.get("path").and_then(Value::as_str)).find(|p| !Path::new(p).exists()) {
+            return Err(disk_missing(path));
         }
         vm.serial = open_serial(&vm.config).map_err(Fail::Refused)?;
         let plugged = u64_at(&vm.config, "/memory/hotplugged_size").unwrap_or(0);
@@ -513,6 +593,9 @@ impl Vmm {
         if !m.virtio_mem && desired < m.actual(now) {
             return Err(Fail::Refused("ACPI memory hotplug cannot shrink memory".into()));
         }
+        if m.virtio_mem && desired / BLOCK * BLOCK == m.to {
+            return Err(Fail::Refused(identical_size(m.to - m.base)));
+        }
         m.request(desired / BLOCK * BLOCK, now);
         // The server records the new size in the VM's config at once,
         // whatever the guest does with it.
@@ -537,7 +620,7 @@ impl Vmm {
         let vm = self.vm()?;
         let path = disk.get("path").and_then(Value::as_str).unwrap_or_default().to_string();
         if !Path::new(&path).exists() {
-            return Err(Fail::Refused(format!("Error opening disk image {path}: No such file or directory (os error 2)")));
+            return Err(disk_missing(&path));
         }
         let id = match disk.get("id").and_then(Value::as_str) {
             Some(id) => id.to_string(),
@@ -574,26 +657,25 @@ impl Vmm {
     }
 
     fn snapshot(&mut self, body: &Value, now: Instant) -> Result<(), Fail> {
-        let (version, delay) = (self.opts.version, self.opts.snapshot_delay);
+        let delay = self.opts.snapshot_delay;
+        self.vm()?;
+        self.restore_in_progress(now)?;
         let vm = self.vm()?;
         if vm.state != VmState::Paused {
             return Err(Fail::Refused(format!("InvalidStateTransition({}, Paused): the VM must be paused", vm.state.name())));
         }
-        if version.major >= 53 && vm.prefault_until.is_some_and(|t| now < t) {
-            return Err(Fail::Refused("VmRestoring: the on-demand restore is still prefaulting guest memory".into()));
-        }
         let dir = file_url(body.get("destination_url").and_then(Value::as_str).unwrap_or_default())?;
         if !dir.is_dir() {
-            return Err(Fail::Refused(format!("Snapshot directory {} does not exist", dir.display())));
+            return Err(Fail::Refused(format!("Destination is not a directory: {dir:?}")));
         }
         std::thread::sleep(delay);
         let memory = vm.memory.actual(now);
         let config = serde_json::to_vec_pretty(&vm.config).expect("a JSON value serializes");
         let state = json!({ "fake_cloud_hypervisor": 1, "memory_actual_size": memory, "counter": vm.counter });
-        write_new(&dir.join("config.json"), &config)?;
-        write_new(&dir.join("state.json"), state.to_string().as_bytes())?;
+        write_new(&dir.join("config.json"), "VM config snapshot file", &config)?;
+        write_new(&dir.join("state.json"), "VM state snapshot file", state.to_string().as_bytes())?;
         // Guest RAM; shared memory is written sparsely, so this is holes.
-        write_new(&dir.join("memory-ranges"), b"")?;
+        write_new(&dir.join("memory-ranges"), "memory ranges file", b"")?;
         OpenOptions::new()
             .write(true)
             .open(dir.join("memory-ranges"))
@@ -602,23 +684,30 @@ impl Vmm {
     }
 
     fn restore(&mut self, body: &Value, now: Instant) -> Result<(), Fail> {
-        if self.vm.is_some() {
-            return Err(Fail::Refused("VM is already created".into()));
-        }
         let v = self.opts.version;
         for field in ["memory_restore_mode", "resume"] {
             if v.major < 52 && body.get(field).is_some() {
                 return Err(Fail::BadRequest(format!("unknown field `{field}`")));
             }
         }
+        if self.vm.is_some() {
+            return Err(Fail::Refused(ALREADY_CREATED.into()));
+        }
         let on_demand = body.get("memory_restore_mode").and_then(Value::as_str) == Some("OnDemand");
         if on_demand && body.get("prefault").and_then(Value::as_bool) == Some(true) {
             return Err(Fail::Refused("OnDemand memory restore is incompatible with prefault".into()));
         }
+        let dir = file_url(body.get("source_url").and_then(Value::as_str).unwrap_or_default())?;
+        if !dir.is_dir() {
+            return Err(Fail::Chain(vec![
+                "Cannot restore VM".into(),
+                "Failed to send migratable component snapshot".into(),
+                format!("Destination is not a directory: {dir:?}"),
+            ]));
+        }
         if on_demand && !self.opts.userfaultfd {
             return Err(Fail::Refused("Error restoring memory: cannot create a userfaultfd: Operation not permitted (os error 1)".into()));
         }
-        let dir = file_url(body.get("source_url").and_then(Value::as_str).unwrap_or_default())?;
         let read = |name: &str| -> Result<Value, Fail> {
             let bytes = std::fs::read(dir.join(name)).map_err(|e| Fail::Refused(format!("Error reading {name}: {e}")))?;
             serde_json::from_slice(&bytes).map_err(|e| Fail::Refused(format!("Error parsing {name}: {e}")))
@@ -651,8 +740,9 @@ impl Vmm {
             memory,
             counter: u64_at(&state, "/counter").unwrap_or(0),
             serial,
-            on_demand,
-            prefault_until: (resume && on_demand && v.major >= 53).then(|| now + self.opts.prefault),
+            // The background prefault starts as the restore answers,
+            // whether or not the VM is resumed.
+            prefault_until: (on_demand && v.major >= 53 && !self.opts.prefault.is_zero()).then(|| now + self.opts.prefault),
             next_disk: 0,
         });
         Ok(())
