@@ -37,10 +37,15 @@ pub async fn plan_rows(ctx: &Context) -> Result<Vec<PlanRow>, CliError> {
 
 fn row(view: &View, now: Instant) -> PlanRow {
     let obs = &view.observation;
-    let action = match &view.observe_error {
+    let action = match (&view.observe_error, &obs.blind) {
+        // What the plan would do, and why it cannot do much of it.
+        (Some(e), Some(_)) => {
+            let observed = obs.observed(Default::default());
+            format!("{} ({e})", plan(&view.desired, &observed, now))
+        }
         // The daemon fails the same observation and retries later.
-        Some(e) => format!("cannot observe: {e}"),
-        None => {
+        (Some(e), None) => format!("cannot observe: {e}"),
+        (None, _) => {
             let observed = obs.observed(Default::default());
             plan(&view.desired, &observed, now).to_string()
         }

@@ -263,7 +263,7 @@ async fn status_of_every_kind_of_instance() {
     assert_eq!(by_name(&all, "orphan").desired_state, "absent");
 
     let legacy = by_name(&all, "legacy");
-    assert_eq!(legacy.state, VmState::Unknown);
+    assert_eq!(legacy.state, VmState::Stopped);
     assert_eq!(
         legacy.last_error.as_deref(),
         Some("no qemu backend is available on this host")
@@ -441,7 +441,7 @@ async fn wait_times_out_naming_the_last_state_and_error() {
     .expect_err("never runs");
     assert_eq!(
         err.to_string(),
-        "legacy did not become Running within 250ms: it is Unknown, \
+        "legacy did not become Running within 250ms: it is Stopped, \
          last error: no qemu backend is available on this host"
     );
     assert!(matches!(

@@ -31,7 +31,10 @@ pub(crate) struct View {
 pub(crate) async fn look(ctx: &Context, name: &str, listed: Option<&Metadata>) -> View {
     let desired = declaration::desired::read(&ctx.instances_dir, name, &ctx.instances.settings().limits);
     let (observation, observe_error) = match ctx.instances.observe(name).await {
-        Ok(observation) => (observation, None),
+        Ok(observation) => {
+            let blind = observation.blind.clone();
+            (observation, blind)
+        }
         Err(e) => {
             let store = ctx.instances.store();
             let meta = listed.cloned();

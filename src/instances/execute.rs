@@ -142,7 +142,7 @@ impl Instances {
                 let backend = self.backend(meta.hypervisor)?;
                 self.end_vmm(backend.as_ref(), vmm).await?;
                 if let Some(end) = end {
-                    self.note_exit(meta, *end);
+                    self.note_exit(meta, end.clone());
                 }
                 self.vmm_gone(obs, meta).await?;
                 done
@@ -168,7 +168,7 @@ impl Instances {
                 done
             }
             Step::RecordExit { end } => {
-                self.note_exit(meta, *end);
+                self.note_exit(meta, end.clone());
                 self.vmm_gone(obs, meta).await?;
                 done
             }

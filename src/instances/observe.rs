@@ -34,6 +34,9 @@ pub struct Observation {
     pub tap: Option<TapHealth>,
     /// The VMM socket file is there but no process serves it.
     pub stale_socket: Option<std::path::PathBuf>,
+    /// What this look could not see: no backend of the guest's hypervisor
+    /// is installed, so its VMM was judged by its process alone.
+    pub blind: Option<String>,
 }
 
 impl Observation {
@@ -48,6 +51,7 @@ impl Observation {
             ended: None,
             tap: None,
             stale_socket: None,
+            blind: None,
         }
     }
 
@@ -69,9 +73,9 @@ impl Observation {
             snapshot: self.snapshot.clone(),
             applied: meta.and_then(|m| m.applied.clone()),
             hold: recall.hold,
-            ended: self.ended,
+            ended: self.ended.clone(),
             tap: self.tap,
-            exited: meta.and_then(|m| m.exited.as_ref()).map(|e| (e.end, e.applied.clone())),
+            exited: meta.and_then(|m| m.exited.as_ref()).map(|e| (e.end.clone(), e.applied.clone())),
             stale_socket: self.stale_socket.clone(),
             stopping: recall.stopping,
             press_again: recall.press_again,
@@ -129,11 +133,11 @@ impl Instances {
             return Ok(Observation::nothing());
         };
         let guest = Self::guest_vmm(&self.store.guest_paths(meta.id), &meta);
-        let probe = match self.backend(meta.hypervisor) {
-            Ok(backend) => backend.probe(&guest).await,
+        let (probe, blind) = match self.backend(meta.hypervisor) {
+            Ok(backend) => (backend.probe(&guest).await, None),
             // Nothing can talk to its VMM; what is left can still be told
             // from the record, so the instance can at least be removed.
-            Err(_) => without_backend(&meta),
+            Err(e) => (without_backend(&meta), Some(e.to_string())),
         };
         let (state, vmm, unreachable) = match probe {
             Probe::Absent if snapshot.is_some() => (VmState::Standby, None, None),
@@ -149,7 +153,7 @@ impl Instances {
         };
         let ended = if looks_ended(state, meta.vmm.is_some()) { Some(self.read_end(meta.id).await) } else { None };
         let tap = if holds_tap(state) { self.tap_health(&meta).await } else { None };
-        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, tap, stale_socket })
+        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, tap, stale_socket, blind })
     }
 
     /// The network half of the health check of a live VM: how its TAP

@@ -427,7 +427,7 @@ async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, d
     // whose restart policy leaves it down (`on-failure` after exit 0,
     // `never`) is not looping, and is not told "booting again".
     let boots_again = |spec: &crate::declaration::spec::InstanceSpec| {
-        obs.ended.is_none_or(|end| super::plan::restarts(spec.restart, end))
+        obs.ended.as_ref().is_none_or(|end| super::plan::restarts(spec.restart, end))
     };
     if matches!(desired, Desired::Present(spec) if spec.state == DesiredState::Running && boots_again(spec)) {
         mem.crashes += 1;

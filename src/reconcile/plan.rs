@@ -16,7 +16,7 @@ pub use crate::instances::step::{
 use tokio::time::Instant;
 
 /// Whether `policy` boots a guest again after it ended this way.
-pub fn restarts(policy: RestartPolicy, end: GuestEnd) -> bool {
+pub fn restarts(policy: RestartPolicy, end: &GuestEnd) -> bool {
     match policy {
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure => !end.is_success(),
@@ -78,7 +78,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         return Step::Provision { spec: spec.clone() };
     }
     if observed.state == Stopped {
-        if let Some(end) = observed.ended {
+        if let Some(end) = observed.ended.clone() {
             return match observed.stopping {
                 Some(_) => Step::ForgetVmm,
                 None => Step::RecordExit { end },
@@ -97,9 +97,9 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     // the declaration changes or says otherwise.
     let held = match (&observed.exited, observed.state) {
         (Some((end, ran_with)), Stopped)
-            if ran_with.as_ref() == Some(&applied_now) && !restarts(spec.restart, *end) =>
+            if ran_with.as_ref() == Some(&applied_now) && !restarts(spec.restart, end) =>
         {
-            Some(*end)
+            Some(end.clone())
         }
         (Some(_), _) | (None, _) => None,
     };
@@ -245,7 +245,7 @@ fn bookkeeping(observed: &Observed) -> Option<Step> {
 fn ended_by_itself(observed: &Observed) -> Option<GuestEnd> {
     match observed.stopping {
         Some(_) => None,
-        None => observed.ended,
+        None => observed.ended.clone(),
     }
 }
 

@@ -258,23 +258,30 @@ fn running_with(restart: RestartPolicy) -> Desired {
 fn the_restart_policy_decides_after_the_guest_ends_by_itself() {
     use GuestEnd::*;
     use RestartPolicy::*;
-    let ends = [Exited { status: 0 }, Exited { status: 1 }, Killed { signal: 9 }, StopRequested, GuestEnd::Unknown];
+    let ends = [
+        Exited { status: 0 },
+        Exited { status: 1 },
+        Killed { signal: 9 },
+        StopRequested,
+        KernelPanic { reason: "No working init found".into() },
+        GuestEnd::Unknown,
+    ];
     for policy in [Always, OnFailure, Never] {
-        for end in ends {
-            let expected = match (policy, end) {
+        for end in ends.clone() {
+            let expected = match (policy, &end) {
                 (Always, _) => true,
                 (OnFailure, Exited { status: 0 }) => false,
                 (OnFailure, _) => true,
                 (Never, _) => false,
             };
-            assert_eq!(restarts(policy, end), expected, "{policy} after {end}");
+            assert_eq!(restarts(policy, &end), expected, "{policy} after {end}");
             // QEMU exits with its guest: Stopped, with the VMM on record.
-            let obs = Observed { ended: Some(end), vmm: None, recorded_vmm: Some(vmm()), ..observed(Stopped) };
+            let obs = Observed { ended: Some(end.clone()), vmm: None, recorded_vmm: Some(vmm()), ..observed(Stopped) };
             let steps = walk(&running_with(policy), obs.clone());
             let want = if expected { vec![RecordExit, Create, Boot] } else { vec![RecordExit] };
             assert_eq!(steps, want, "{policy} after {end}");
             // Cloud Hypervisor keeps its VMM: Shutdown first.
-            let obs = Observed { ended: Some(end), ..observed(Shutdown) };
+            let obs = Observed { ended: Some(end.clone()), ..observed(Shutdown) };
             let steps = walk(&running_with(policy), obs);
             let want = if expected { vec![StopVmm, Create, Boot] } else { vec![StopVmm] };
             assert_eq!(steps, want, "{policy} after {end} (Shutdown)");
@@ -435,7 +442,8 @@ mod props {
             GuestEnd::Exited { status: 3 },
             GuestEnd::Killed { signal: 9 },
             GuestEnd::StopRequested,
-            GuestEnd::InitFailed,
+            GuestEnd::InitFailed { reason: "no entrypoint".into() },
+            GuestEnd::KernelPanic { reason: "No working init found".into() },
             GuestEnd::Unknown,
         ])
     }
