@@ -394,6 +394,48 @@ fn a_volume_is_mounted_and_the_app_writes_to_it() {
     w.stop_daemon();
 }
 
+/// A file the app wrote to a volume just before standby, without `sync`,
+/// is on the volume once the instance is declared stopped: leaving standby
+/// restores the guest and shuts it down through its power button, so its
+/// page cache is written back, where discarding the snapshot would lose it.
+/// The image is checked as a fresh mount would see it: its journal
+/// replayed on a copy (`e2fsck -fy`), then read with `debugfs`.
+#[test]
+fn a_volume_write_just_before_standby_survives_declaring_stopped() {
+    let Some((kernel_dir, init)) =
+        support::real_vm("the standby flush test", &["umoci", "mkfs.erofs", "mkfs.ext4", "debugfs", "e2fsck", "ip"])
+    else {
+        return;
+    };
+    let mut w = World::new(&kernel_dir, &init);
+    let volume = w.tmp.path().join("data.ext4");
+    std::fs::File::create(&volume).unwrap().set_len(32 << 20).unwrap();
+    support::run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&volume));
+    w.start();
+    let script = "echo unsynced-but-kept > /data/late.txt; echo WROTE; sleep 3600";
+    let extra = format!("[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", volume.display());
+    w.declare_with("late", "running", script, &extra);
+    w.wait("late", "Running");
+    w.wait_line("late", "WROTE");
+    w.declare_with("late", "standby", script, &extra);
+    w.wait("late", "Standby");
+    w.declare_with("late", "stopped", script, &extra);
+    w.wait("late", "Stopped");
+    let copy = w.tmp.path().join("check.ext4");
+    std::fs::copy(&volume, &copy).unwrap();
+    // Exit status 1 means "errors corrected" (a replayed journal); only
+    // more than that is a damaged filesystem.
+    let fsck = Command::new("e2fsck").args(["-fy"]).arg(&copy).output().unwrap();
+    assert!(fsck.status.code().is_some_and(|c| c <= 1), "e2fsck: {fsck:?}");
+    let kept = support::run_ok(Command::new("debugfs").args(["-R", "cat /late.txt"]).arg(&copy));
+    assert_eq!(kept.trim(), "unsynced-but-kept");
+    let id = w.status("late")["id"].as_str().expect("an id").to_string();
+    let hypeman = std::fs::read_to_string(w.data.join("guests").join(id).join("logs/hypeman.log")).unwrap();
+    assert!(hypeman.contains("restore from standby (from Standby)"), "{hypeman}");
+    assert!(!hypeman.contains("discard snapshot"), "{hypeman}");
+    w.stop_daemon();
+}
+
 /// A TAP deleted behind the daemon's back while its guest runs: the health
 /// check makes it again and, since the VMM's descriptor stays bound to the
 /// deleted device, reconnects the guest by a standby/restore cycle, not a
