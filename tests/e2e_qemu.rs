@@ -255,3 +255,28 @@ fn bench_cold_boot_standby_restore() {
         w.stop_daemon();
     }
 }
+
+/// A VMM that stops answering (QEMU frozen with SIGSTOP) while the guest
+/// is declared stopped is killed once it has been silent for `stop_grace`,
+/// and the instance ends Stopped: deleting the declaration is not the only
+/// way out.
+#[test]
+fn a_hung_vmm_declared_stopped_is_killed_and_ends_stopped() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let mut w = world(&kernel_dir, &init);
+    w.reconcile_setting("stop_grace", "\"3s\"");
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    let pid = w.status()["pid"].as_u64().expect("a live VMM") as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    w.wait("Unknown");
+    let t = Instant::now();
+    w.declare("stopped");
+    w.wait("Stopped");
+    eprintln!("hung VMM declared stopped: Stopped after {:.2}s (stop_grace 3s)", t.elapsed().as_secs_f64());
+    assert!(!w.vmm_running(), "the frozen QEMU was killed");
+    let log = std::fs::read_to_string(w.guest_dir().join("logs/hypeman.log")).unwrap();
+    assert!(log.contains("kill unresponsive VMM (from Unknown)"), "{log}");
+    w.stop_daemon();
+}
