@@ -280,3 +280,17 @@ fn a_hung_vmm_declared_stopped_is_killed_and_ends_stopped() {
     assert!(log.contains("kill unresponsive VMM (from Unknown)"), "{log}");
     w.stop_daemon();
 }
+
+/// The documented minimum memory boots the bundled kernel and runs the app.
+#[test]
+fn the_minimum_memory_boots() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let mut w = world(&kernel_dir, &init);
+    w.memory = hypeman::declaration::MIN_MEMORY.to_string();
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    let took = w.wait_counter_above(2);
+    eprintln!("memory = {:?}: the app ran, third line {:.2}s after Running", w.memory, took.as_secs_f64());
+    w.stop_daemon();
+}

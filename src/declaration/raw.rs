@@ -15,7 +15,7 @@
 //! restart = "always"           # always | on-failure | never: when the guest ends on its own
 //! hypervisor = "cloud-hypervisor"  # cloud-hypervisor | qemu; default: the settings' default_hypervisor
 //! vcpus = 1                    # 1..=limits.max_vcpus
-//! memory = "512MiB"            # >= 64MiB, a multiple of 2MiB
+//! memory = "512MiB"            # >= 80MiB, a multiple of 2MiB
 //! hotplug_memory = "0"         # 0 or a multiple of 128MiB; memory + hotplug_memory <= limits.max_memory
 //! overlay_size = "1GiB"        # 16MiB..=limits.max_overlay_size
 //! entrypoint = ["/bin/sh", "-c"]  # default: the image's

@@ -13,6 +13,7 @@
 use super::plan::{plan, Hold, Outcome, Recall, Step, StepKind, PRESS_AGAIN_EVERY};
 use super::policy::{backoff, error_policy, Next};
 use crate::declaration::spec::DesiredState;
+use crate::exit::GuestEnd;
 use crate::declaration::{self, Desired};
 use crate::instances::{error_chain, Instances, Observation};
 use crate::state::VmState;
@@ -422,6 +423,11 @@ async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, d
         VmState::Unknown => "the VMM stopped answering",
         VmState::Created | VmState::Running | VmState::Paused => return,
     };
+    // How it ended, when the console tells (a kernel panic, init failing).
+    let what = match &obs.ended {
+        Some(end @ (GuestEnd::KernelPanic { .. } | GuestEnd::InitFailed { .. })) => format!("{what}: {end}"),
+        Some(_) | None => what.to_string(),
+    };
     warn(instances, name, obs, &format!("{what} (was {was})"));
     // A crash loop is a guest that keeps ending and is booted again: one
     // whose restart policy leaves it down (`on-failure` after exit 0,
@@ -435,7 +441,7 @@ async fn notice_surprises(name: &str, instances: &Instances, mem: &mut Memory, d
             let wait = backoff(settings, mem.crashes - 1);
             mem.back_off(desired, Instant::now(), wait);
             // Shown by `status` until the next boot succeeds.
-            let _ = instances.record_error(name, Some(crash_loop_message(what, mem.crashes, wait))).await;
+            let _ = instances.record_error(name, Some(crash_loop_message(&what, mem.crashes, wait))).await;
         }
     }
 }
