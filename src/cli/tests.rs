@@ -73,7 +73,7 @@ impl World {
 
     /// The restart fields of a declaration, as the daemon records them
     /// when it creates the VM.
-    fn applied(&self, text: &str) -> serde_json::Value {
+    fn applied(&self, text: &str) -> crate::store::AppliedDeclaration {
         let path = self.tmp.path().join("x.toml");
         let spec = crate::declaration::parse_instance(
             &path,

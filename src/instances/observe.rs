@@ -15,7 +15,7 @@ use crate::hypervisor::{Probe, VmmHandle};
 use crate::network::host::TapHealth;
 use super::step::{Hold, Observed};
 use crate::state::VmState;
-use crate::store::{Metadata, SnapshotInfo};
+use crate::store::{Metadata, SnapshotInfo, StoreError};
 
 /// What one look at an instance found.
 #[derive(Debug, Clone)]
@@ -34,6 +34,10 @@ pub struct Observation {
     pub tap: Option<TapHealth>,
     /// The VMM socket file is there but no process serves it.
     pub stale_socket: Option<std::path::PathBuf>,
+    /// A guest record that cannot be read may be this instance's: what it
+    /// is and what is wrong with it. The state is then `Unknown`, and
+    /// nothing may be done that assumes the instance has no guest.
+    pub unreadable_record: Option<String>,
 }
 
 impl Observation {
@@ -48,7 +52,13 @@ impl Observation {
             ended: None,
             tap: None,
             stale_socket: None,
+            unreadable_record: None,
         }
+    }
+
+    /// The look at a name that an unreadable guest record may hold.
+    pub fn unreadable(why: String) -> Observation {
+        Observation { state: VmState::Unknown, unreadable_record: Some(why), ..Observation::nothing() }
     }
 
     pub fn has_snapshot(&self) -> bool {
@@ -74,8 +84,26 @@ impl Observation {
             exited: meta.and_then(|m| m.exited.as_ref()).map(|e| (e.end, e.applied.clone())),
             stale_socket: self.stale_socket.clone(),
             stopping,
+            unreadable_record: self.unreadable_record.clone(),
         }
     }
+}
+
+/// Why nothing is done for an instance whose record may be the unreadable
+/// one `e` names: the file, what is wrong with it, and where to read how to
+/// repair it.
+fn unreadable_reason(e: &StoreError) -> String {
+    let newer = matches!(e, StoreError::MaybeHeldByUnreadable { problem, .. }
+        if matches!(**problem, StoreError::UnsupportedVersion { .. } | StoreError::UnsupportedAppliedVersion { .. }));
+    let what = if newer {
+        "a newer hypeman wrote it, and this one leaves it untouched"
+    } else {
+        "its VMM, if one runs, is not managed"
+    };
+    format!(
+        "{}; {what}: nothing is done for this instance until the record is repaired (README: Repairing a damaged record)",
+        error_chain(e)
+    )
 }
 
 /// Whether a guest in `state` looks like it ended, so that its console is
@@ -111,7 +139,13 @@ impl Instances {
                 }
                 None => Ok(None),
             })
-            .await?;
+            .await;
+        let found = match found {
+            Err(InstanceError::Store(e @ StoreError::MaybeHeldByUnreadable { .. })) => {
+                return Ok(Observation::unreadable(unreadable_reason(&e)));
+            }
+            other => other?,
+        };
         let Some((meta, snapshot)) = found else {
             return Ok(Observation::nothing());
         };
@@ -131,7 +165,7 @@ impl Instances {
         };
         let ended = if looks_ended(state, meta.vmm.is_some()) { Some(self.read_end(meta.id).await) } else { None };
         let tap = if holds_tap(state) { self.tap_health(&meta).await } else { None };
-        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, tap, stale_socket })
+        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, tap, stale_socket, unreadable_record: None })
     }
 
     /// The network half of the health check of a live VM: how its TAP

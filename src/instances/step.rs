@@ -14,7 +14,7 @@ use crate::exit::GuestEnd;
 use crate::hypervisor::VmmHandle;
 use crate::network::host::TapHealth;
 use crate::state::{StateError, VmState};
-use crate::store::SnapshotInfo;
+use crate::store::{AppliedDeclaration, SnapshotInfo};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,8 +40,8 @@ pub struct Observed {
     pub recorded_vmm: Option<VmmHandle>,
     /// The complete snapshot on disk.
     pub snapshot: Option<SnapshotInfo>,
-    /// The restart fields the current VM or snapshot was made from.
-    pub applied: Option<serde_json::Value>,
+    /// The declaration the current VM or snapshot was made from.
+    pub applied: Option<AppliedDeclaration>,
     /// The owner holds back after an error: no step until then, or until
     /// the declaration changes.
     pub hold: Option<Hold>,
@@ -53,14 +53,17 @@ pub struct Observed {
     /// How the live VM's TAP looks, for a guest with a network whose VMM
     /// holds its TAP open.
     pub tap: Option<TapHealth>,
-    /// The recorded ending (see `Metadata::exited`) and the restart fields
+    /// The recorded ending (see `Metadata::exited`) and the declaration
     /// the ended VM ran with.
-    pub exited: Option<(GuestEnd, Option<serde_json::Value>)>,
+    pub exited: Option<(GuestEnd, Option<AppliedDeclaration>)>,
     /// A VMM socket file that no process serves any more.
     pub stale_socket: Option<PathBuf>,
     /// The owner pressed the guest's power button; the guest has until
     /// then to power off.
     pub stopping: Option<Instant>,
+    /// A guest record that cannot be read may be this instance's (see
+    /// `Observation::unreadable_record`): why nothing may be done.
+    pub unreadable_record: Option<String>,
 }
 
 impl Observed {
@@ -80,6 +83,7 @@ impl Observed {
             exited: None,
             stale_socket: None,
             stopping: None,
+            unreadable_record: None,
         }
     }
 
