@@ -209,7 +209,7 @@ impl Instances {
         // finds it under the right backend's socket and knows what it was
         // made from (the next look adopts it). Killed before the spawn, the
         // guest is still `Stopped` and this step runs again.
-        meta.applied = Some(spec.applied_for(kind));
+        meta.applied = Some(Box::new(spec.applied_for(kind)));
         meta.exited = None;
         self.write_metadata(meta).await?;
         let guest = Self::guest_vmm(paths, meta);

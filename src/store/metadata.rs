@@ -39,8 +39,8 @@ pub struct Metadata {
     pub vmm: Option<VmmRecord>,
     /// The declaration the current VM or snapshot was made from; written
     /// before its VMM is started, so a VMM found after a crash is never
-    /// without it.
-    pub applied: Option<AppliedDeclaration>,
+    /// without it. Boxed: a record is held by every look in progress.
+    pub applied: Option<Box<AppliedDeclaration>>,
     pub last_error: Option<String>,
     pub network: Option<NetworkLease>,
     /// How the guest last ended on its own, until it boots again or is
@@ -58,7 +58,7 @@ pub struct ExitRecord {
     pub end: GuestEnd,
     /// The declaration the ended VM ran with: a changed declaration
     /// boots again whatever the policy.
-    pub applied: Option<AppliedDeclaration>,
+    pub applied: Option<Box<AppliedDeclaration>>,
     /// RFC 3339, when the daemon noticed.
     pub at: String,
 }
@@ -221,13 +221,13 @@ mod tests {
             socket: PathBuf::from("/var/lib/hypeman/guests/01ARZ3NDEKTSV4RRFFQ69G5FAV/ch.sock"),
             version: Some("v44.0".into()),
         });
-        m.applied = Some(AppliedDeclaration {
+        m.applied = Some(Box::new(AppliedDeclaration {
             image: "docker.io/library/nginx:alpine".into(),
             hypervisor: Some(HypervisorKind::CloudHypervisor),
             vcpus: 2,
             env: [("GREETING".to_string(), "hello".to_string())].into(),
             ..AppliedDeclaration::default()
-        });
+        }));
         m.network = Some(NetworkLease {
             ip: "10.100.0.2".into(),
             cidr: 16,

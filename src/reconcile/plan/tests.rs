@@ -514,7 +514,7 @@ mod props {
                 exited,
                 stale_socket: stale_socket.then(|| "/g/qmp.sock".into()),
                 stopping: stopping.map(|ms| at(now, ms)),
-                unreadable_record: unreadable.then(|| "the guest record /g/metadata.json cannot be read".into()),
+                unreadable_record: unreadable.then(|| "the guest record /g/metadata.json cannot be read".to_string()),
             }
         }
     }
