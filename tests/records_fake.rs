@@ -272,7 +272,16 @@ async fn killed_after_the_intent_before_the_spawn() {
     env.declare("web", "running", "");
     assert!(env.qemu.wait_for_calls(Op::Create, 1, WAIT).await, "the create began");
     env.kill().await;
+    // The killed daemon's call must never take effect (a task of the test
+    // process, unlike a killed process's, would carry on once let go): it
+    // fails without effect when released.
+    env.qemu.fail(Op::Create, 0, Fault::Error);
     env.qemu.release(Op::Create);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.qemu.pending_faults() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the held create never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     let meta = env.meta("web");
     assert_eq!(meta.hypervisor, HypervisorKind::Qemu);
