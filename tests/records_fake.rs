@@ -409,3 +409,46 @@ async fn an_upgrade_from_the_previous_format_keeps_both_guests() {
     assert_eq!(new["applied"]["memory_bytes"], 256u64 << 20);
     env.stop().await;
 }
+
+/// A host whose default hypervisor flips (here from Cloud Hypervisor, as
+/// when `cloud-hypervisor` was on `PATH`, to QEMU) while its guests run or
+/// stand by, under declarations that name none: the daemon started again
+/// restarts nothing and restores the standby guest on the hypervisor its
+/// snapshot was taken with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_hypervisor_that_flips_restarts_nothing() {
+    let mut env = Env::new();
+    let mut settings = (*env.settings).clone();
+    settings.default_hypervisor = HypervisorKind::CloudHypervisor;
+    env.settings = Arc::new(settings);
+    env.start();
+    env.declare("run", "running", "");
+    env.declare("snap", "running", "");
+    env.wait_for("run", VmState::Running).await;
+    env.wait_for("snap", VmState::Running).await;
+    env.declare("snap", "standby", "");
+    env.wait_for("snap", VmState::Standby).await;
+    env.stop().await;
+    assert_eq!(env.meta("run").hypervisor, HypervisorKind::CloudHypervisor);
+
+    let mut settings = (*env.settings).clone();
+    settings.default_hypervisor = HypervisorKind::Qemu;
+    env.settings = Arc::new(settings);
+    env.ch.clear_calls();
+    env.start();
+    env.declare("snap", "running", "");
+    env.wait_for("snap", VmState::Running).await;
+    env.wait_for("run", VmState::Running).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.ch.call_count(Op::Probe) < 20 {
+        assert!(tokio::time::Instant::now() < deadline, "the daemon stopped looking");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let calls = env.ch.calls();
+    assert!(calls.contains(&Op::Restore), "{calls:?}");
+    assert!(!calls.contains(&Op::Create) && !calls.contains(&Op::PowerOff), "nothing restarted: {calls:?}");
+    assert_eq!(env.ch.vmms_started(), 3, "two boots and one restore");
+    assert_eq!(env.qemu.vmms_started(), 0);
+    assert_eq!(env.meta("snap").hypervisor, HypervisorKind::CloudHypervisor);
+    env.stop().await;
+}
