@@ -27,7 +27,7 @@ pub fn image_users(config_dir: &Path, settings: &Settings) -> BTreeMap<String, S
     if let Ok(store) = Store::open_read_only(&settings.data_dir) {
         if let Ok(listing) = store.list() {
             for m in listing.guests {
-                let image = m.applied.as_ref().and_then(|a| a.get("image")).and_then(|i| i.as_str()).map(canonical);
+                let image = m.applied.as_ref().map(|a| a.image.as_str()).filter(|i| !i.is_empty()).map(canonical);
                 if let Some(image) = image {
                     users.entry(m.name).or_insert(image);
                 }

@@ -43,8 +43,40 @@ pub async fn status_all(ctx: &Context) -> Result<Vec<InstanceStatus>, CliError> 
         let view = view::look(ctx, &name, listed.as_ref()).await;
         all.push(from_view(ctx, &view));
     }
+    // Records too damaged to say whose they are: each listed on its own,
+    // with its path and problem (every instance not found otherwise says it
+    // may be theirs).
+    let listing = ctx.instances.store().list().map_err(|e| ctx.store_error(e))?;
+    for unreadable in &listing.unreadable {
+        if let (None, Some(id)) = (&unreadable.name, unreadable.id) {
+            all.push(nameless(id, unreadable));
+        }
+    }
     Ok(all)
 }
+
+/// The row of a guest record whose name cannot be read.
+fn nameless(id: ulid::Ulid, unreadable: &crate::store::Unreadable) -> InstanceStatus {
+    InstanceStatus {
+        name: NAMELESS.to_string(),
+        id: Some(id.to_string()),
+        desired_state: "absent".to_string(),
+        state: VmState::Unknown,
+        hypervisor: None,
+        ip: None,
+        pid: None,
+        has_snapshot: false,
+        last_error: Some(format!(
+            "{}; it may be the record of any instance not found otherwise, so none is created until it is repaired (README: Repairing a damaged record)",
+            crate::instances::error_chain(&unreadable.problem)
+        )),
+        pending_change: None,
+    }
+}
+
+/// The name `status` shows for a guest record whose name cannot be read:
+/// not a valid instance name, so it is never taken for one.
+pub const NAMELESS: &str = "(unreadable)";
 
 /// The status of the instance `query` names (name, ID, unique ID prefix,
 /// or a declared name not created yet).
@@ -70,14 +102,17 @@ fn from_view(ctx: &Context, view: &View) -> InstanceStatus {
     // The most pressing first: a declaration that is not applied, a state
     // that could not be read, what the daemon recorded, and why a VMM does
     // not answer.
-    let last_error = view
-        .desired
-        .invalid()
-        .map(str::to_string)
+    let last_error = obs
+        .unreadable_record
+        .clone()
+        .or_else(|| view.desired.invalid().map(str::to_string))
         .or_else(|| view.observe_error.clone())
         .or_else(|| meta.and_then(|m| m.last_error.clone()))
         .or_else(|| obs.unreachable.clone());
+    // A stopped guest has no VM to restart: a declaration recorded for a
+    // create that has not happened yet is not a change.
     let pending_change = match (meta, view.desired.spec()) {
+        (Some(_), Some(_)) if obs.state == VmState::Stopped => None,
         (Some(meta), Some(spec)) => meta.applied.as_ref().and_then(|applied| {
             let changed = spec.changes_since(applied, meta.hypervisor);
             (!changed.is_empty()).then(|| format!("{} (restart needed)", changed.join(", ")))

@@ -73,7 +73,7 @@ impl World {
 
     /// The restart fields of a declaration, as the daemon records them
     /// when it creates the VM.
-    fn applied(&self, text: &str) -> serde_json::Value {
+    fn applied(&self, text: &str) -> crate::store::AppliedDeclaration {
         let path = self.tmp.path().join("x.toml");
         let spec = crate::declaration::parse_instance(
             &path,
@@ -108,7 +108,7 @@ impl World {
             self.fake.boot(&handle).await.expect("fake boot");
         }
         meta.vmm = Some(record_of(&handle));
-        meta.applied = Some(self.applied(applied_from));
+        meta.applied = Some(Box::new(self.applied(applied_from)));
         self.store.write_metadata(&meta).expect("write metadata");
         (meta, handle)
     }
@@ -121,7 +121,7 @@ impl World {
         self.store
             .commit_snapshot(meta.id, &info)
             .expect("commit snapshot");
-        meta.applied = Some(self.applied(applied_from));
+        meta.applied = Some(Box::new(self.applied(applied_from)));
         self.store.write_metadata(&meta).expect("write metadata");
         meta
     }
@@ -706,4 +706,41 @@ async fn looking_beside_a_daemon_disturbs_nothing_in_progress() {
         std::fs::read(partial.join("memory")).expect("still there"),
         b"half"
     );
+}
+
+#[tokio::test]
+async fn status_lists_every_unreadable_record_with_its_path_and_problem() {
+    let w = world();
+    w.declare("web", SMALL);
+    let (web, _) = w.live("web", SMALL, true).await;
+    let web_record = w.store.guest_paths(web.id).metadata;
+    let text = std::fs::read_to_string(&web_record).expect("record");
+    // Cut after the name: the row keeps the name, and says what is wrong.
+    std::fs::write(&web_record, &text[..text.find("\"created_at\"").expect("created_at")]).expect("truncate");
+    let rows = status_all(&w.ctx).await.expect("status");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].name.as_str(), rows[0].state, rows[0].pid), ("web", VmState::Unknown, None));
+    let error = rows[0].last_error.clone().expect("the problem");
+    assert!(error.contains(&web_record.display().to_string()) && error.contains("not valid JSON"), "{error}");
+    assert_eq!(status_of(&w.ctx, "web").await.expect("status web").last_error, Some(error));
+
+    // A record without a readable name: a row of its own, and a declared
+    // instance without a guest says it may be that record's.
+    let other = w.guest("db", CH);
+    let other_record = w.store.guest_paths(other.id).metadata;
+    std::fs::write(&other_record, b"{\"ver").expect("truncate");
+    w.declare("api", SMALL);
+    let rows = status_all(&w.ctx).await.expect("status");
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, vec!["api", "web", status::NAMELESS], "{rows:?}");
+    let nameless = &rows[2];
+    assert_eq!(nameless.id.as_deref(), Some(other.id.to_string().as_str()));
+    assert_eq!(nameless.state, VmState::Unknown);
+    assert!(nameless.last_error.as_deref().is_some_and(|e| e.contains(&other_record.display().to_string())), "{nameless:?}");
+    let api = rows[0].last_error.as_deref().unwrap_or_default();
+    assert!(api.contains("may be the record of \"api\"") && api.contains(&other_record.display().to_string()), "{api}");
+    let mut table = Vec::new();
+    status::write_table(&mut table, &rows).expect("table");
+    let table = String::from_utf8(table).expect("utf-8");
+    assert!(table.contains(&format!("{}: error: ", status::NAMELESS)), "{table}");
 }

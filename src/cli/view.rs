@@ -72,8 +72,17 @@ pub(crate) fn names(ctx: &Context) -> Result<BTreeMap<String, Option<Metadata>>,
         .store()
         .list()
         .map_err(|e| ctx.store_error(e))?;
+    // A damaged record that still says its name is shown under it (its
+    // look says what is wrong); `status` lists the others on their own.
     for unreadable in &listing.unreadable {
-        tracing::warn!(error = %error_chain(unreadable), "skipping a guest that cannot be read");
+        match (&unreadable.name, unreadable.id) {
+            (Some(name), Some(_)) => {
+                all.entry(name.clone()).or_insert(None);
+            }
+            (None, _) | (Some(_), None) => {
+                tracing::debug!(error = %error_chain(&unreadable.problem), "a guest record without a readable name");
+            }
+        }
     }
     for meta in listing.guests {
         all.insert(meta.name.clone(), Some(meta));
@@ -93,6 +102,8 @@ pub(crate) fn resolve(ctx: &Context, query: &str) -> Result<String, CliError> {
         Err(StoreError::NotFound { .. } | StoreError::Ambiguous { .. }) if declared => {
             Ok(query.to_string())
         }
+        // Its look says what is wrong with the record.
+        Err(StoreError::MaybeHeldByUnreadable { name, .. }) => Ok(name),
         Err(StoreError::NotFound { .. }) => Err(CliError::NotFound {
             query: query.to_string(),
             instances_dir: ctx.instances_dir.clone(),

@@ -1,5 +1,6 @@
 //! Validated, internal instance types. Built only by `declaration::parse`;
-//! never serialized to disk (the outside format is the TOML file).
+//! never serialized to disk (the outside format is the TOML file; what a
+//! guest's record keeps of it is the store's `AppliedDeclaration`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 // paths `declaration::spec::{ByteSize, HypervisorKind, IoLimit}` keep working.
 pub use crate::config_file::ByteSize;
 pub use crate::hypervisor::{HypervisorKind, IoLimit};
+use crate::store::{AppliedDeclaration, AppliedLimit, AppliedNetwork, AppliedVolume, APPLIED_VERSION};
 
 /// What the user wants an instance to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,28 +114,38 @@ pub struct InstanceSpec {
 }
 
 impl InstanceSpec {
-    /// Everything that needs a restart to take effect, as canonical JSON:
-    /// every field except `state` and `restart` (applied by the state
-    /// machine) and the file it came from. Stored in metadata when a VM is created, so a
+    /// Everything that needs a restart to take effect, as the guest's
+    /// record keeps it: every field except `state` and `restart` (applied
+    /// by the state machine) and the file it came from, with the hypervisor
+    /// the VM runs on. Stored in metadata before a VM is created, so a
     /// changed declaration shows up as a pending change naming its fields.
-    pub fn restart_fields(&self, resolved_hypervisor: HypervisorKind) -> serde_json::Value {
-        let limit = |l: &IoLimit| serde_json::json!([l.bytes_per_sec, l.ops_per_sec]);
-        serde_json::json!({
-            "image": self.image,
-            "hypervisor": resolved_hypervisor.as_str(),
-            "vcpus": self.vcpus,
-            "memory": self.memory.0,
-            "hotplug_memory": self.hotplug_memory.0,
-            "overlay_size": self.overlay_size.0,
-            "entrypoint": self.entrypoint,
-            "cmd": self.cmd,
-            "workdir": self.workdir,
-            "env": self.env,
-            "network": [self.network.enabled, limit(&self.network.bandwidth_down), limit(&self.network.bandwidth_up)],
-            "disk_io": limit(&self.disk_io),
-            "devices": self.devices,
-            "volumes": self.volumes.iter().map(|v| serde_json::json!([v.source, v.mount, v.readonly])).collect::<Vec<_>>(),
-        })
+    pub fn restart_fields(&self, resolved_hypervisor: HypervisorKind) -> AppliedDeclaration {
+        let limit = |l: &IoLimit| AppliedLimit { bytes_per_sec: l.bytes_per_sec, ops_per_sec: l.ops_per_sec };
+        AppliedDeclaration {
+            version: APPLIED_VERSION,
+            image: self.image.clone(),
+            hypervisor: Some(resolved_hypervisor),
+            vcpus: self.vcpus,
+            memory_bytes: self.memory.0,
+            hotplug_memory_bytes: self.hotplug_memory.0,
+            overlay_size_bytes: self.overlay_size.0,
+            entrypoint: self.entrypoint.clone(),
+            cmd: self.cmd.clone(),
+            workdir: self.workdir.clone(),
+            env: self.env.clone(),
+            network: AppliedNetwork {
+                enabled: self.network.enabled,
+                bandwidth_down: limit(&self.network.bandwidth_down),
+                bandwidth_up: limit(&self.network.bandwidth_up),
+            },
+            disk_io: limit(&self.disk_io),
+            devices: self.devices.clone(),
+            volumes: self
+                .volumes
+                .iter()
+                .map(|v| AppliedVolume { source: v.source.clone(), mount: v.mount.clone(), readonly: v.readonly })
+                .collect(),
+        }
     }
 }
 
@@ -145,32 +157,48 @@ impl InstanceSpec {
         self.hypervisor.unwrap_or(pinned)
     }
 
-    /// The restart fields a VM made now from this declaration records.
-    pub fn applied_for(&self, pinned: HypervisorKind) -> serde_json::Value {
+    /// The declaration a VM made now from this one records.
+    pub fn applied_for(&self, pinned: HypervisorKind) -> AppliedDeclaration {
         self.restart_fields(self.hypervisor_for(pinned))
     }
 
-    /// The restart fields that differ between `applied` (what the VM or
-    /// snapshot was made from) and this declaration; empty when none does.
-    /// The one rule for "a restart is needed", used by the planner, the
-    /// executor's log and `status`.
-    pub fn changes_since(&self, applied: &serde_json::Value, pinned: HypervisorKind) -> Vec<String> {
-        changed_fields(applied, &self.applied_for(pinned))
+    /// The restart fields whose value in this declaration differs from the
+    /// one `applied` (what the VM or snapshot was made from) recorded; empty
+    /// when none does. The one rule for "a restart is needed", used by the
+    /// planner, the executor's log and `status`.
+    ///
+    /// Field by field: a field a newer release added reads from an older
+    /// record as its default, and so differs only when the declaration sets
+    /// it otherwise. A declaration that names no hypervisor keeps the one
+    /// the VM was made on (`pinned` when the record does not say), so a
+    /// host whose default hypervisor changes restarts nothing.
+    pub fn changes_since(&self, applied: &AppliedDeclaration, pinned: HypervisorKind) -> Vec<String> {
+        let ran_on = applied.hypervisor.unwrap_or(pinned);
+        let recorded = AppliedDeclaration { hypervisor: Some(ran_on), ..applied.clone() };
+        let desired = self.restart_fields(self.hypervisor.unwrap_or(ran_on));
+        let mut changed: Vec<String> = recorded.differing_fields(&desired).into_iter().map(str::to_string).collect();
+        changed.sort();
+        changed
     }
 }
 
-/// The top-level keys whose values differ between two `restart_fields`.
-pub fn changed_fields(applied: &serde_json::Value, desired: &serde_json::Value) -> Vec<String> {
-    let (Some(a), Some(d)) = (applied.as_object(), desired.as_object()) else {
-        return vec!["(all)".to_string()];
-    };
-    let mut keys: Vec<String> = a
-        .keys()
-        .chain(d.keys())
-        .filter(|k| a.get(*k) != d.get(*k))
-        .cloned()
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A field missing from a record reads as the store's default for it,
+    /// which must be the declaration's: else an old record would differ
+    /// from a declaration that never set the field.
+    #[test]
+    fn the_records_defaults_are_the_declarations() {
+        let spec = crate::declaration::parse_instance(
+            std::path::Path::new("instances/web.toml"),
+            "image = \"busybox\"\n",
+            &Default::default(),
+        )
+        .expect("valid");
+        let defaults = AppliedDeclaration { image: "busybox".into(), hypervisor: Some(HypervisorKind::Qemu), ..AppliedDeclaration::default() };
+        assert_eq!(spec.applied_for(HypervisorKind::Qemu), defaults);
+        assert!(spec.changes_since(&AppliedDeclaration { image: "busybox".into(), ..AppliedDeclaration::default() }, HypervisorKind::Qemu).is_empty());
+    }
 }

@@ -216,12 +216,17 @@ impl Instances {
         meta.hypervisor = kind;
         self.ensure_lease(spec, meta).await?;
         let config = self.lending_turn(self.provisioner.prepare(spec, paths, meta)).await?;
+        // The intent first, durably: a daemon killed once the VMM is spawned
+        // finds it under the right backend's socket and knows what it was
+        // made from (the next look adopts it). Killed before the spawn, the
+        // guest is still `Stopped` and this step runs again.
+        meta.applied = Some(Box::new(spec.applied_for(kind)));
+        meta.exited = None;
+        self.write_metadata(meta).await?;
         let guest = Self::guest_vmm(paths, meta);
         let handle = backend.create(&guest, &config).await.map_err(hv("create"))?;
         meta.vmm = Some(record_of(&handle));
-        meta.applied = Some(spec.applied_for(kind));
         meta.last_error = None;
-        meta.exited = None;
         self.write_metadata(meta).await?;
         Ok(Outcome::Done)
     }

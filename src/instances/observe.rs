@@ -15,7 +15,7 @@ use crate::hypervisor::{Probe, VmmHandle};
 use crate::network::host::TapHealth;
 use super::step::{Observed, Recall};
 use crate::state::VmState;
-use crate::store::{Metadata, SnapshotInfo};
+use crate::store::{Metadata, SnapshotInfo, StoreError};
 
 /// What one look at an instance found.
 #[derive(Debug, Clone)]
@@ -37,6 +37,10 @@ pub struct Observation {
     /// What this look could not see: no backend of the guest's hypervisor
     /// is installed, so its VMM was judged by its process alone.
     pub blind: Option<String>,
+    /// A guest record that cannot be read may be this instance's: what it
+    /// is and what is wrong with it. The state is then `Unknown`, and
+    /// nothing may be done that assumes the instance has no guest.
+    pub unreadable_record: Option<String>,
 }
 
 impl Observation {
@@ -52,7 +56,13 @@ impl Observation {
             tap: None,
             stale_socket: None,
             blind: None,
+            unreadable_record: None,
         }
+    }
+
+    /// The look at a name that an unreadable guest record may hold.
+    pub fn unreadable(why: String) -> Observation {
+        Observation { state: VmState::Unknown, unreadable_record: Some(why), ..Observation::nothing() }
     }
 
     pub fn has_snapshot(&self) -> bool {
@@ -71,15 +81,16 @@ impl Observation {
             vmm: self.vmm.clone(),
             recorded_vmm: meta.and_then(|m| m.vmm.as_ref()).map(super::handle_of),
             snapshot: self.snapshot.clone(),
-            applied: meta.and_then(|m| m.applied.clone()),
+            applied: meta.and_then(|m| m.applied.as_deref().cloned()),
             hold: recall.hold,
             ended: self.ended.clone(),
             tap: self.tap,
-            exited: meta.and_then(|m| m.exited.as_ref()).map(|e| (e.end.clone(), e.applied.clone())),
+            exited: meta.and_then(|m| m.exited.as_ref()).map(|e| (e.end.clone(), e.applied.as_deref().cloned())),
             stale_socket: self.stale_socket.clone(),
             stopping: recall.stopping,
             press_again: recall.press_again,
             unanswered_until: recall.unanswered_until,
+            unreadable_record: self.unreadable_record.clone(),
         }
     }
 }
@@ -93,6 +104,23 @@ fn without_backend(meta: &Metadata) -> Probe {
         },
         Some(_) | None => Probe::Absent,
     }
+}
+
+/// Why nothing is done for an instance whose record may be the unreadable
+/// one `e` names: the file, what is wrong with it, and where to read how to
+/// repair it.
+fn unreadable_reason(e: &StoreError) -> String {
+    let newer = matches!(e, StoreError::MaybeHeldByUnreadable { problem, .. }
+        if matches!(**problem, StoreError::UnsupportedVersion { .. } | StoreError::UnsupportedAppliedVersion { .. }));
+    let what = if newer {
+        "a newer hypeman wrote it, and this one leaves it untouched"
+    } else {
+        "its VMM, if one runs, is not managed"
+    };
+    format!(
+        "{}; {what}: nothing is done for this instance until the record is repaired (README: Repairing a damaged record)",
+        error_chain(e)
+    )
 }
 
 /// Whether a guest in `state` looks like it ended, so that its console is
@@ -128,7 +156,13 @@ impl Instances {
                 }
                 None => Ok(None),
             })
-            .await?;
+            .await;
+        let found = match found {
+            Err(InstanceError::Store(e @ StoreError::MaybeHeldByUnreadable { .. })) => {
+                return Ok(Observation::unreadable(unreadable_reason(&e)));
+            }
+            other => other?,
+        };
         let Some((meta, snapshot)) = found else {
             return Ok(Observation::nothing());
         };
@@ -153,7 +187,7 @@ impl Instances {
         };
         let ended = if looks_ended(state, meta.vmm.is_some()) { Some(self.read_end(meta.id).await) } else { None };
         let tap = if holds_tap(state) { self.tap_health(&meta).await } else { None };
-        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, tap, stale_socket, blind })
+        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, tap, stale_socket, blind, unreadable_record: None })
     }
 
     /// The network half of the health check of a live VM: how its TAP

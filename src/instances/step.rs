@@ -14,7 +14,7 @@ use crate::exit::GuestEnd;
 use crate::hypervisor::VmmHandle;
 use crate::network::host::TapHealth;
 use crate::state::{StateError, VmState};
-use crate::store::SnapshotInfo;
+use crate::store::{AppliedDeclaration, SnapshotInfo};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -45,8 +45,8 @@ pub struct Observed {
     pub recorded_vmm: Option<VmmHandle>,
     /// The complete snapshot on disk.
     pub snapshot: Option<SnapshotInfo>,
-    /// The restart fields the current VM or snapshot was made from.
-    pub applied: Option<serde_json::Value>,
+    /// The declaration the current VM or snapshot was made from.
+    pub applied: Option<AppliedDeclaration>,
     /// The owner holds back after an error: no step until then, or until
     /// the declaration changes.
     pub hold: Option<Hold>,
@@ -58,9 +58,9 @@ pub struct Observed {
     /// How the live VM's TAP looks, for a guest with a network whose VMM
     /// holds its TAP open.
     pub tap: Option<TapHealth>,
-    /// The recorded ending (see `Metadata::exited`) and the restart fields
+    /// The recorded ending (see `Metadata::exited`) and the declaration
     /// the ended VM ran with.
-    pub exited: Option<(GuestEnd, Option<serde_json::Value>)>,
+    pub exited: Option<(GuestEnd, Option<AppliedDeclaration>)>,
     /// A VMM socket file that no process serves any more.
     pub stale_socket: Option<PathBuf>,
     /// The owner pressed the guest's power button; the guest has until
@@ -74,6 +74,9 @@ pub struct Observed {
     /// The VMM stopped answering: a guest declared stopped has its VMM
     /// killed from then on (the grace a power button would have had).
     pub unanswered_until: Option<Instant>,
+    /// A guest record that cannot be read may be this instance's (see
+    /// `Observation::unreadable_record`): why nothing may be done.
+    pub unreadable_record: Option<String>,
 }
 
 /// What an instance's owner remembers of its own recent doings, which no
@@ -107,6 +110,7 @@ impl Observed {
             stopping: None,
             press_again: None,
             unanswered_until: None,
+            unreadable_record: None,
         }
     }
 

@@ -27,6 +27,12 @@ pub fn restarts(policy: RestartPolicy, end: &GuestEnd) -> bool {
 /// The next single step from `observed` toward `desired`.
 pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     use VmState::*;
+    // A record that cannot be read may be this instance's, with its VMM
+    // running: neither provision (a second VMM) nor remove (its data), and
+    // whatever the declaration says, until someone repairs it.
+    if let Some(why) = &observed.unreadable_record {
+        return Step::Blocked(why.clone());
+    }
     // The power button was pressed: whatever is wanted now, the guest is on
     // its way down. Give it its grace, then kill it. Finishing a stop the
     // owner began is not acting on the declaration, so an invalid one does
@@ -92,12 +98,11 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         Some(_) | None => Vec::new(),
     };
     let stale = !changed.is_empty();
-    let applied_now = spec.applied_for(pinned);
     // A guest that ended by itself stays down if the policy says so, until
     // the declaration changes or says otherwise.
     let held = match (&observed.exited, observed.state) {
-        (Some((end, ran_with)), Stopped)
-            if ran_with.as_ref() == Some(&applied_now) && !restarts(spec.restart, end) =>
+        (Some((end, Some(ran_with))), Stopped)
+            if spec.changes_since(ran_with, pinned).is_empty() && !restarts(spec.restart, end) =>
         {
             Some(end.clone())
         }

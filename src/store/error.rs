@@ -50,6 +50,33 @@ pub enum StoreError {
         supported: u32,
     },
 
+    #[error("{path} holds an applied declaration of format version {found}, this hypeman reads versions up to {supported}")]
+    UnsupportedAppliedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+
+    /// A write or delete refused: the record on disk is of a newer format
+    /// than this build writes, and only the hypeman that wrote it may
+    /// change it.
+    #[error("{path} was written by a newer hypeman (format version {found}); this one (up to {supported}) leaves it untouched")]
+    NewerRecord {
+        path: PathBuf,
+        found: u64,
+        supported: u32,
+    },
+
+    /// A name looked up while a guest record that may hold it cannot be
+    /// read: the guest is neither found nor absent.
+    #[error("the guest record {path} cannot be read, and it may be the record of {name:?}")]
+    MaybeHeldByUnreadable {
+        name: String,
+        path: PathBuf,
+        #[source]
+        problem: Box<StoreError>,
+    },
+
     #[error("{path} describes guest {found}, not the guest whose directory holds it")]
     IdMismatch { path: PathBuf, found: Ulid },
 

@@ -3,9 +3,10 @@
 //!
 //! Reading looks at `version` before anything else, so a file written by a
 //! newer hypeman is reported as such rather than as a confusing field error.
-//! When the format changes: bump `CURRENT_VERSION`, keep the old struct,
+//! When the format changes: bump `CURRENT_VERSION`, keep the old shape,
 //! convert in [`decode_metadata`], and add a fixture of the new version next
-//! to `fixtures/metadata-v1.json` (which must keep parsing forever).
+//! to `fixtures/metadata-v1.json` (every one of which must keep parsing
+//! forever).
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -13,13 +14,16 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
+use super::applied::{self, AppliedDeclaration, APPLIED_VERSION};
 use super::error::StoreError;
 use crate::hypervisor::HypervisorKind;
 use crate::exit::GuestEnd;
 
 /// The metadata format this build writes and the newest it reads.
-/// 2 added `exited`; a version-1 file reads as one without it.
-pub const CURRENT_VERSION: u32 = 2;
+/// 2 added `exited`; a version-1 file reads as one without it. 3 made
+/// `applied` (and `exited.applied`) a typed [`AppliedDeclaration`]; the
+/// untyped objects of versions 1 and 2 are converted on read.
+pub const CURRENT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,8 +37,10 @@ pub struct Metadata {
     pub hypervisor: HypervisorKind,
     /// The live VMM process, if one was started.
     pub vmm: Option<VmmRecord>,
-    /// `InstanceSpec::restart_fields` the current VM or snapshot was created with.
-    pub applied: Option<serde_json::Value>,
+    /// The declaration the current VM or snapshot was made from; written
+    /// before its VMM is started, so a VMM found after a crash is never
+    /// without it. Boxed: a record is held by every look in progress.
+    pub applied: Option<Box<AppliedDeclaration>>,
     pub last_error: Option<String>,
     pub network: Option<NetworkLease>,
     /// How the guest last ended on its own, until it boots again or is
@@ -50,9 +56,9 @@ pub struct Metadata {
 #[serde(deny_unknown_fields)]
 pub struct ExitRecord {
     pub end: GuestEnd,
-    /// The restart fields the ended VM ran with: a changed declaration
+    /// The declaration the ended VM ran with: a changed declaration
     /// boots again whatever the policy.
-    pub applied: Option<serde_json::Value>,
+    pub applied: Option<Box<AppliedDeclaration>>,
     /// RFC 3339, when the daemon noticed.
     pub at: String,
 }
@@ -147,21 +153,56 @@ pub(crate) fn versioned_value(
 
 /// Decodes the bytes of a `metadata.json` read from `path`.
 pub(crate) fn decode_metadata(bytes: &[u8], path: &Path) -> Result<Metadata, StoreError> {
-    let (version, value) = versioned_value(bytes, path, CURRENT_VERSION)?;
+    let (version, mut value) = versioned_value(bytes, path, CURRENT_VERSION)?;
     let parse = |source| StoreError::Parse {
         path: path.to_path_buf(),
         source,
     };
-    match version {
-        // Version 1 lacks only `exited`, which defaults to none.
-        1 | 2 => serde_json::from_value(value).map_err(parse),
+    let m: Metadata = match version {
+        // Version 1 lacks only `exited`, which defaults to none; both keep
+        // the applied declaration as an untyped object.
+        1 | 2 => {
+            convert_legacy_applied(&mut value).map_err(parse)?;
+            serde_json::from_value(value).map_err(parse)?
+        }
+        3 => serde_json::from_value(value).map_err(parse)?,
         // `versioned_value` admits only 1..=CURRENT_VERSION.
-        found => Err(StoreError::UnsupportedVersion {
+        found => {
+            return Err(StoreError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: u64::from(found),
+                supported: CURRENT_VERSION,
+            })
+        }
+    };
+    let newest = [m.applied.as_ref(), m.exited.as_ref().and_then(|e| e.applied.as_ref())]
+        .into_iter()
+        .flatten()
+        .map(|a| a.version)
+        .max();
+    match newest {
+        Some(found) if found == 0 || found > APPLIED_VERSION => Err(StoreError::UnsupportedAppliedVersion {
             path: path.to_path_buf(),
-            found: u64::from(found),
-            supported: CURRENT_VERSION,
+            found,
+            supported: APPLIED_VERSION,
         }),
+        Some(_) | None => Ok(m),
     }
+}
+
+/// Replaces the untyped `applied` objects of a version 1 or 2 record (its
+/// own and its exit record's) by their typed form.
+fn convert_legacy_applied(value: &mut serde_json::Value) -> Result<(), serde_json::Error> {
+    let convert = |slot: Option<&mut serde_json::Value>| -> Result<(), serde_json::Error> {
+        if let Some(slot) = slot {
+            if !slot.is_null() {
+                *slot = serde_json::to_value(applied::from_legacy(slot.take())?)?;
+            }
+        }
+        Ok(())
+    };
+    convert(value.get_mut("applied"))?;
+    convert(value.get_mut("exited").and_then(|e| e.get_mut("applied")))
 }
 
 #[cfg(test)]
@@ -170,6 +211,7 @@ mod tests {
 
     const FIXTURE_V1: &str = include_str!("fixtures/metadata-v1.json");
     const FIXTURE_V2: &str = include_str!("fixtures/metadata-v2.json");
+    const FIXTURE_V3: &str = include_str!("fixtures/metadata-v3.json");
 
     fn sample() -> Metadata {
         let mut m = Metadata::new(Ulid::new(), "web", HypervisorKind::CloudHypervisor);
@@ -179,8 +221,13 @@ mod tests {
             socket: PathBuf::from("/var/lib/hypeman/guests/01ARZ3NDEKTSV4RRFFQ69G5FAV/ch.sock"),
             version: Some("v44.0".into()),
         });
-        m.applied =
-            Some(serde_json::json!({ "image": "docker.io/library/nginx:alpine", "vcpus": 2 }));
+        m.applied = Some(Box::new(AppliedDeclaration {
+            image: "docker.io/library/nginx:alpine".into(),
+            hypervisor: Some(HypervisorKind::CloudHypervisor),
+            vcpus: 2,
+            env: [("GREETING".to_string(), "hello".to_string())].into(),
+            ..AppliedDeclaration::default()
+        }));
         m.network = Some(NetworkLease {
             ip: "10.100.0.2".into(),
             cidr: 16,
@@ -207,7 +254,13 @@ mod tests {
         let vmm = m.vmm.expect("fixture has a vmm");
         assert_eq!((vmm.pid, vmm.pid_start_time), (4242, 987654));
         assert_eq!(m.network.expect("fixture has a lease").cidr, 16);
-        assert_eq!(m.applied.expect("fixture has applied fields")["vcpus"], 2);
+        let applied = m.applied.expect("fixture has applied fields");
+        assert_eq!(applied.vcpus, 2);
+        assert_eq!(applied.memory_bytes, 1 << 30);
+        assert_eq!(applied.hypervisor, Some(HypervisorKind::Qemu));
+        // Fields the old object did not have read as their defaults.
+        assert_eq!(applied.overlay_size_bytes, AppliedDeclaration::default().overlay_size_bytes);
+        assert_eq!(applied.cmd, None);
     }
 
     #[test]
@@ -217,7 +270,50 @@ mod tests {
         assert!(m.vmm.is_none());
         let exited = m.exited.expect("fixture has an exit");
         assert_eq!(exited.end, GuestEnd::Exited { status: 3 });
-        assert_eq!(exited.applied.expect("with the fields it ran with")["vcpus"], 2);
+        assert_eq!(exited.applied.expect("with the fields it ran with").vcpus, 2);
+        assert_eq!(m.applied.expect("applied").image, "docker.io/library/nginx:alpine");
+    }
+
+    #[test]
+    fn fixture_v3_still_parses_and_is_what_this_build_writes() {
+        let m = decode_metadata(FIXTURE_V3.as_bytes(), Path::new("metadata-v3.json")).unwrap();
+        assert_eq!(m.version, 3);
+        let applied = m.applied.as_ref().expect("fixture has applied fields");
+        assert_eq!(applied.version, APPLIED_VERSION);
+        assert_eq!(applied.cmd.as_deref(), Some(&["sh".to_string(), "-c".into(), "echo hi".into()][..]));
+        assert_eq!(m.exited.as_ref().and_then(|e| e.applied.as_ref()), Some(applied));
+        // Golden: encoding what was read gives the fixture back byte for
+        // byte, so the format cannot drift without a new version.
+        assert_eq!(String::from_utf8(encode(&m, Path::new("m.json")).unwrap()).unwrap(), FIXTURE_V3);
+    }
+
+    #[test]
+    fn every_old_fixture_converts_to_what_the_current_format_reads_back() {
+        for (name, text) in [("v1", FIXTURE_V1), ("v2", FIXTURE_V2)] {
+            let old = decode_metadata(text.as_bytes(), Path::new(name)).unwrap();
+            let bytes = encode(&Metadata { version: CURRENT_VERSION, ..old.clone() }, Path::new(name)).unwrap();
+            let again = decode_metadata(&bytes, Path::new(name)).unwrap();
+            assert_eq!(again, Metadata { version: CURRENT_VERSION, ..old }, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_legacy_applied_object_of_another_shape_is_a_parse_error() {
+        let mut value: serde_json::Value = serde_json::from_str(FIXTURE_V2).unwrap();
+        value["applied"]["vcpus"] = serde_json::json!("two");
+        let bytes = serde_json::to_vec(&value).unwrap();
+        assert!(matches!(decode_metadata(&bytes, Path::new("m.json")), Err(StoreError::Parse { .. })));
+    }
+
+    #[test]
+    fn an_applied_declaration_of_a_newer_format_is_refused() {
+        let mut value: serde_json::Value = serde_json::from_str(FIXTURE_V3).unwrap();
+        value["applied"]["version"] = serde_json::json!(APPLIED_VERSION + 1);
+        let bytes = serde_json::to_vec(&value).unwrap();
+        assert!(matches!(
+            decode_metadata(&bytes, Path::new("m.json")),
+            Err(StoreError::UnsupportedAppliedVersion { .. })
+        ));
     }
 
     #[test]
@@ -239,18 +335,18 @@ mod tests {
     #[test]
     fn newer_version_is_reported_as_such_even_with_unknown_fields() {
         let bytes =
-            br#"{ "version": 3, "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "shiny_new_field": true }"#;
+            br#"{ "version": 4, "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "shiny_new_field": true }"#;
         match decode_metadata(bytes, Path::new("/d/metadata.json")) {
             Err(
                 e @ StoreError::UnsupportedVersion {
-                    found: 3,
-                    supported: 2,
+                    found: 4,
+                    supported: 3,
                     ..
                 },
             ) => {
                 assert_eq!(
                     e.to_string(),
-                    "/d/metadata.json has format version 3, this hypeman reads versions up to 2"
+                    "/d/metadata.json has format version 4, this hypeman reads versions up to 3"
                 );
             }
             other => panic!("expected UnsupportedVersion, got {other:?}"),
@@ -280,7 +376,7 @@ mod tests {
 
     #[test]
     fn unknown_fields_in_current_version_are_refused() {
-        let mut value: serde_json::Value = serde_json::from_str(FIXTURE_V1).unwrap();
+        let mut value: serde_json::Value = serde_json::from_str(FIXTURE_V3).unwrap();
         value["surprise"] = serde_json::json!(1);
         let bytes = serde_json::to_vec(&value).unwrap();
         assert!(matches!(

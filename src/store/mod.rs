@@ -15,6 +15,8 @@
 //! and reports what is on disk. All IO here is blocking `std::fs`; async
 //! callers should use `spawn_blocking`.
 
+mod applied;
+mod damaged;
 mod error;
 mod metadata;
 mod paths;
@@ -30,6 +32,7 @@ use ulid::Ulid;
 
 use crate::durable;
 
+pub use applied::{AppliedDeclaration, AppliedLimit, AppliedNetwork, AppliedVolume, APPLIED_VERSION};
 pub use error::StoreError;
 pub use metadata::{now_rfc3339, ExitRecord, Metadata, NetworkLease, VmmRecord, CURRENT_VERSION};
 pub use paths::{GuestPaths, MAX_SOCKET_PATH};
@@ -66,7 +69,38 @@ pub struct Store {
 pub struct Listing {
     /// Sorted by name.
     pub guests: Vec<Metadata>,
-    pub unreadable: Vec<StoreError>,
+    /// Sorted by path.
+    pub unreadable: Vec<Unreadable>,
+}
+
+/// An entry of `guests/` whose record cannot be used: a guest directory
+/// whose `metadata.json` is missing, cut short, of a newer format or of a
+/// shape this build refuses, or an entry that is not a guest directory.
+#[derive(Debug)]
+pub struct Unreadable {
+    /// The guest directory's ID; `None` for an entry that is not a guest
+    /// directory (it holds no record, so no name).
+    pub id: Option<Ulid>,
+    /// The record (or the stray entry).
+    pub path: PathBuf,
+    /// The name, when what is left of the record still says it.
+    pub name: Option<String>,
+    /// The format version, when what is left of the record still says it.
+    pub version: Option<u64>,
+    pub problem: StoreError,
+}
+
+impl Unreadable {
+    /// Whether this record may be the guest named `name`: it names it, or
+    /// its name cannot be read (then it may be anyone's).
+    pub fn could_hold(&self, name: &str) -> bool {
+        self.id.is_some() && self.name.as_deref().is_none_or(|n| n == name)
+    }
+
+    /// Written by a newer hypeman: never rewritten or deleted by this one.
+    pub fn is_newer(&self) -> bool {
+        self.version.is_some_and(|v| v > u64::from(CURRENT_VERSION))
+    }
 }
 
 impl Store {
@@ -214,14 +248,30 @@ impl Store {
             match entry {
                 GuestEntry::Guest(id) => match self.read_metadata(id) {
                     Ok(m) => guests.push(m),
-                    Err(e) => unreadable.push(e),
+                    Err(problem) => unreadable.push(self.unreadable(id, problem)),
                 },
-                GuestEntry::Stray(path) => unreadable.push(StoreError::NotAGuest { path }),
+                GuestEntry::Stray(path) => unreadable.push(Unreadable {
+                    id: None,
+                    name: None,
+                    version: None,
+                    problem: StoreError::NotAGuest { path: path.clone() },
+                    path,
+                }),
                 GuestEntry::Creating(_) | GuestEntry::Deleting(_) => {}
             }
         }
         guests.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        unreadable.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Listing { guests, unreadable })
+    }
+
+    /// What is left to say of guest `id`, whose record failed to read with
+    /// `problem`.
+    fn unreadable(&self, id: Ulid, problem: StoreError) -> Unreadable {
+        let path = self.guest_paths(id).metadata;
+        // Whatever is left of it: a missing or unreadable file says nothing.
+        let remains = fs::read(&path).map(|bytes| damaged::remains(&bytes)).unwrap_or_default();
+        Unreadable { id: Some(id), path, name: remains.name, version: remains.version, problem }
     }
 
     pub fn find_by_name(&self, name: &str) -> Result<Option<Metadata>, StoreError> {
@@ -242,7 +292,19 @@ impl Store {
             names.clear();
             names.extend(listing.guests.iter().map(|m| (m.name.clone(), m.id)));
         }
-        Ok(listing.guests.into_iter().find(|m| m.name == name))
+        if let Some(m) = listing.guests.into_iter().find(|m| m.name == name) {
+            return Ok(Some(m));
+        }
+        // Never "absent" for a name an unreadable record may hold: the
+        // caller would make a second guest (and a second VMM) of it.
+        match listing.unreadable.into_iter().find(|u| u.could_hold(name)) {
+            Some(u) => Err(StoreError::MaybeHeldByUnreadable {
+                name: name.to_string(),
+                path: u.path,
+                problem: Box::new(u.problem),
+            }),
+            None => Ok(None),
+        }
     }
 
     /// Resolves what a user typed: an exact ID, else an exact name, else a
@@ -259,9 +321,17 @@ impl Store {
                 return self.read_metadata(id);
             }
         }
-        let listing = self.list()?;
+        let mut listing = self.list()?;
         if let Some(m) = listing.guests.iter().find(|m| m.name == query) {
             return Ok(m.clone());
+        }
+        if let Some(at) = listing.unreadable.iter().position(|u| u.name.as_deref() == Some(query)) {
+            let u = listing.unreadable.swap_remove(at);
+            return Err(StoreError::MaybeHeldByUnreadable {
+                name: query.to_string(),
+                path: u.path,
+                problem: Box::new(u.problem),
+            });
         }
 
         let prefix = query.to_ascii_uppercase();
@@ -322,12 +392,14 @@ impl Store {
 
     /// Atomically replaces the guest's metadata. The file is written with
     /// the current format version and `updated_at` set to now; the guest
-    /// must exist (a write never resurrects a deleted guest).
+    /// must exist (a write never resurrects a deleted guest), and its record
+    /// must not be of a newer format (see [`Store::refuse_newer`]).
     pub fn write_metadata(&self, m: &Metadata) -> Result<(), StoreError> {
         let paths = self.guest_paths(m.id);
         if !paths.dir.is_dir() {
             return Err(StoreError::GuestNotFound { id: m.id });
         }
+        self.refuse_newer(&paths)?;
         let stamped = Metadata {
             version: CURRENT_VERSION,
             updated_at: now_rfc3339(),
@@ -346,6 +418,9 @@ impl Store {
     pub fn delete_guest(&self, id: Ulid) -> Result<(), StoreError> {
         let paths = self.guest_paths(id);
         let existed = paths.dir.is_dir();
+        if existed {
+            self.refuse_newer(&paths)?;
+        }
         durable::discard_dir(
             &paths.dir,
             &self.guests_dir.join(format!(".{id}{DELETING_SUFFIX}")),
@@ -354,6 +429,28 @@ impl Store {
             tracing::info!(%id, "guest deleted");
         }
         Ok(())
+    }
+
+    /// Fails when the guest's record on disk says a format newer than this
+    /// build's: whatever this build would write or delete there, it would
+    /// do by rules the newer hypeman may not keep. Every write and delete of
+    /// a record passes here, so no caller can forget it. A record too damaged
+    /// to say its version is not refused: a whole record written over it is
+    /// a repair.
+    fn refuse_newer(&self, paths: &GuestPaths) -> Result<(), StoreError> {
+        let bytes = match fs::read(&paths.metadata) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(StoreError::Io { op: "read", path: paths.metadata.clone(), source }),
+        };
+        match damaged::remains(&bytes).version {
+            Some(found) if found > u64::from(CURRENT_VERSION) => Err(StoreError::NewerRecord {
+                path: paths.metadata.clone(),
+                found,
+                supported: CURRENT_VERSION,
+            }),
+            Some(_) | None => Ok(()),
+        }
     }
 
     fn existing_guest(&self, id: Ulid) -> Result<GuestPaths, StoreError> {
@@ -400,12 +497,22 @@ impl Store {
                     tracing::warn!(path = %path.display(), "finishing an interrupted guest deletion");
                     durable::remove_dir_all_if_exists(path).map_err(StoreError::from)
                 }
-                GuestEntry::Guest(id) => {
-                    let paths = self.guest_paths(*id);
-                    durable::sweep_temp_files(&paths.dir)
-                        .map_err(StoreError::from)
-                        .and_then(|()| snapshot::recover(&paths))
-                }
+                // A guest whose record cannot be read is left exactly as it
+                // is: a newer hypeman's snapshot follows rules this build
+                // does not know, and a temp file beside a damaged record may
+                // be what repairs it by hand.
+                GuestEntry::Guest(id) => match self.read_metadata(*id) {
+                    Ok(_) => {
+                        let paths = self.guest_paths(*id);
+                        durable::sweep_temp_files(&paths.dir)
+                            .map_err(StoreError::from)
+                            .and_then(|()| snapshot::recover(&paths))
+                    }
+                    Err(problem) => {
+                        tracing::warn!(error = %crate::error_chain(&problem), "leaving a guest whose record cannot be read untouched");
+                        Ok(())
+                    }
+                },
                 GuestEntry::Stray(_) => Ok(()),
             };
             if let Err(e) = result {

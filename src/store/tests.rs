@@ -258,11 +258,12 @@ fn list_reports_a_corrupt_guest_without_hiding_the_others() {
     assert!(listing
         .unreadable
         .iter()
-        .any(|e| matches!(e, StoreError::Parse { path, .. } if *path == store.guest_paths(bad.id).metadata)));
+        .any(|u| matches!(&u.problem, StoreError::Parse { path, .. } if *path == store.guest_paths(bad.id).metadata)
+            && u.id == Some(bad.id)));
     assert!(listing
         .unreadable
         .iter()
-        .any(|e| matches!(e, StoreError::NotAGuest { path } if path.ends_with("not-a-guest"))));
+        .any(|u| matches!(&u.problem, StoreError::NotAGuest { path } if path.ends_with("not-a-guest")) && u.id.is_none()));
 }
 
 #[test]
@@ -393,4 +394,118 @@ fn lookup_not_found() {
         .to_string(),
         "no guest matches \"nope\""
     );
+}
+
+/// A store with guests `web` (whose record is then replaced by `bytes`)
+/// and `db`, reopened as the daemon opens it.
+fn store_with_damaged_web(bytes: &[u8]) -> (TempDir, Store, Metadata, Metadata) {
+    let (tmp, store, web) = store_with_guest("web");
+    let db = store.create_guest("db", HypervisorKind::Qemu).unwrap();
+    fs::write(store.guest_paths(web.id).metadata, bytes).unwrap();
+    drop(store);
+    let store = Store::open_and_recover(tmp.path()).unwrap();
+    (tmp, store, web, db)
+}
+
+/// `web` as a newer hypeman would write it: its version first, as every
+/// hypeman writes it, and a member this one does not know.
+fn newer_record(web: &Metadata) -> Vec<u8> {
+    let text = String::from_utf8(serde_json::to_vec_pretty(web).unwrap()).unwrap();
+    let current = format!("\"version\": {CURRENT_VERSION},");
+    assert!(text.contains(&current));
+    let newer = format!("\"version\": {},\n  \"something_new\": {{ \"name\": \"not the name\" }},", CURRENT_VERSION + 1);
+    text.replacen(&current, &newer, 1).into_bytes()
+}
+
+fn maybe_held(result: Result<Option<Metadata>, StoreError>) -> Option<(String, std::path::PathBuf)> {
+    match result {
+        Err(StoreError::MaybeHeldByUnreadable { name, path, .. }) => Some((name, path)),
+        Ok(_) | Err(_) => None,
+    }
+}
+
+#[test]
+fn a_truncated_record_that_still_says_its_name_is_never_absent_under_it() {
+    let (tmp0, s0, web0) = store_with_guest("web");
+    let whole = fs::read(s0.guest_paths(web0.id).metadata).unwrap();
+    drop((tmp0, s0));
+    let cut = String::from_utf8(whole.clone()).unwrap().find("\"created_at\"").unwrap();
+    let (_tmp, store, web, db) = store_with_damaged_web(&whole[..cut]);
+    let path = store.guest_paths(web.id).metadata;
+    assert_eq!(maybe_held(store.find_by_name("web")), Some(("web".to_string(), path.clone())));
+    // Other names are answered as usual: the record says it is not theirs.
+    assert_eq!(store.find_by_name("db").unwrap().map(|m| m.id), Some(db.id));
+    assert!(store.find_by_name("api").unwrap().is_none());
+    // No second guest of that name.
+    assert!(matches!(
+        store.create_guest("web", HypervisorKind::Qemu),
+        Err(StoreError::MaybeHeldByUnreadable { .. })
+    ));
+    let listing = store.list().unwrap();
+    assert_eq!(listing.unreadable.len(), 1);
+    let u = &listing.unreadable[0];
+    assert_eq!((u.id, u.name.as_deref(), u.path.clone()), (Some(web.id), Some("web"), path));
+    assert!(matches!(u.problem, StoreError::Parse { .. }));
+    assert!(!u.is_newer());
+}
+
+#[test]
+fn a_record_without_a_readable_name_may_hold_any_name_not_found_otherwise() {
+    let (_tmp, store, web, db) = store_with_damaged_web(b"{\"vers");
+    let path = store.guest_paths(web.id).metadata;
+    for name in ["web", "api", "anything"] {
+        assert_eq!(maybe_held(store.find_by_name(name)), Some((name.to_string(), path.clone())), "{name}");
+    }
+    assert_eq!(store.find_by_name("db").unwrap().map(|m| m.id), Some(db.id), "a readable guest is found");
+    assert!(store.create_guest("api", HypervisorKind::Qemu).is_err());
+    // A missing record says nothing either.
+    fs::remove_file(&path).unwrap();
+    assert!(maybe_held(store.find_by_name("api")).is_some());
+    // A stray entry is not a record: it holds no name.
+    fs::write(&path, serde_json::to_vec(&web).unwrap()).unwrap();
+    fs::create_dir(store.guest_paths(web.id).dir.parent().unwrap().join("lost+found")).unwrap();
+    assert!(store.find_by_name("api").unwrap().is_none());
+}
+
+#[test]
+fn a_record_from_a_newer_hypeman_is_never_rewritten_deleted_or_repaired() {
+    let (_tmp0, s0, web0) = store_with_guest("web");
+    let newer = newer_record(&web0);
+    drop((_tmp0, s0));
+    let (tmp, store, web, _db) = store_with_damaged_web(&newer);
+    let paths = store.guest_paths(web.id);
+    // What a crash of the newer hypeman may have left: a temp file and a
+    // partial snapshot. Repair at open must leave them to it.
+    let temp = paths.dir.join(".metadata.json.1.0.tmp");
+    fs::write(&temp, b"{}").unwrap();
+    fs::create_dir_all(paths.snapshot_partial()).unwrap();
+    drop(store);
+    let store = Store::open_and_recover(tmp.path()).unwrap();
+    assert!(temp.exists(), "temp files beside a newer record are kept");
+    assert!(paths.snapshot_partial().exists(), "a newer hypeman's partial snapshot is kept");
+
+    let listing = store.list().unwrap();
+    assert!(listing.unreadable[0].is_newer());
+    assert_eq!(listing.unreadable[0].name.as_deref(), Some("web"));
+    assert!(maybe_held(store.find_by_name("web")).is_some());
+
+    // Even a caller holding a record of its own cannot write or delete it.
+    let err = store.write_metadata(&web).unwrap_err();
+    assert!(matches!(err, StoreError::NewerRecord { found, .. } if found == u64::from(CURRENT_VERSION) + 1), "{err:?}");
+    assert!(matches!(store.delete_guest(web.id), Err(StoreError::NewerRecord { .. })));
+    assert_eq!(fs::read(&paths.metadata).unwrap(), newer, "byte for byte as the newer hypeman left it");
+    assert!(paths.dir.exists());
+
+    // A truncated newer record is refused as well, as far as it says.
+    let cut = &newer[..newer.len() / 2];
+    fs::write(&paths.metadata, cut).unwrap();
+    assert!(matches!(store.write_metadata(&web), Err(StoreError::NewerRecord { .. })));
+    assert_eq!(fs::read(&paths.metadata).unwrap(), cut);
+}
+
+#[test]
+fn a_damaged_record_of_this_format_may_be_written_over_whole() {
+    let (_tmp, store, web, _db) = store_with_damaged_web(b"{\"version\": 3, \"id\": \"01");
+    store.write_metadata(&web).unwrap();
+    assert_eq!(store.find_by_name("web").unwrap().map(|m| m.id), Some(web.id));
 }

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod fake_ch;
 pub mod gate;
 pub mod registry;
+pub mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

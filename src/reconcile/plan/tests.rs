@@ -20,7 +20,7 @@ fn present(state: DesiredState) -> Desired {
     Desired::Present(spec_with(state, 256, RestartPolicy::Always))
 }
 
-fn applied() -> serde_json::Value {
+fn applied() -> crate::store::AppliedDeclaration {
     spec_with(DesiredState::Running, 256, RestartPolicy::Always).applied_for(HypervisorKind::Qemu)
 }
 
@@ -429,6 +429,69 @@ fn bookkeeping_comes_before_hops() {
     assert!(matches!(plan(&Desired::Invalid("x".into()), &stale, now), Step::Blocked(_)));
 }
 
+#[test]
+fn an_unreadable_record_that_may_be_this_instance_holds_everything() {
+    let now = Instant::now();
+    let why = "the guest record /d/guests/01J/metadata.json cannot be read".to_string();
+    // What observe reports: no guest, state unknown, and why.
+    let unreadable = Observed { state: Unknown, unreadable_record: Some(why.clone()), ..Observed::nothing() };
+    let all = [
+        present(DesiredState::Running),
+        present(DesiredState::Standby),
+        present(DesiredState::Stopped),
+        Desired::Absent,
+        Desired::Invalid("bad".into()),
+    ];
+    for desired in &all {
+        // Never Provision (a second VMM), never Remove (its data), never Converged (it is not).
+        assert_eq!(plan(desired, &unreadable, now), Step::Blocked(why.clone()), "{desired:?}");
+        let held = Observed { hold: Some(Hold::ForChange), ..unreadable.clone() };
+        assert_eq!(plan(desired, &held, now), Step::Blocked(why.clone()), "{desired:?}");
+    }
+}
+
+#[test]
+fn a_default_hypervisor_that_flips_restarts_nothing() {
+    // Pinned at provision to Cloud Hypervisor (then the host's default);
+    // the declaration names none, and the host's default is QEMU now. The
+    // planner never reads the settings' default: the record pins it.
+    let spec = spec_with(DesiredState::Running, 256, RestartPolicy::Always);
+    assert_eq!(spec.hypervisor, None);
+    let on_ch = spec.applied_for(HypervisorKind::CloudHypervisor);
+    let obs = |state| Observed {
+        hypervisor: Some(HypervisorKind::CloudHypervisor),
+        applied: Some(on_ch.clone()),
+        ..observed(state)
+    };
+    let desired = Desired::Present(spec.clone());
+    assert_eq!(walk(&desired, obs(Running)), Vec::<StepKind>::new());
+    assert_eq!(walk(&desired, obs(Standby)), vec![Restore, Resume, DropStaleSnapshot]);
+    // A record converted from an old release that did not say its
+    // hypervisor reads as the pinned one.
+    let unsaid = crate::store::AppliedDeclaration { hypervisor: None, ..on_ch.clone() };
+    assert!(spec.changes_since(&unsaid, HypervisorKind::CloudHypervisor).is_empty());
+    // A declaration that names another hypervisor is a change.
+    let text = "image = \"busybox\"\nmemory = \"256MiB\"\nhypervisor = \"qemu\"\n";
+    let moved = crate::declaration::parse_instance(std::path::Path::new("instances/web.toml"), text, &Default::default()).unwrap();
+    assert_eq!(moved.changes_since(&on_ch, HypervisorKind::CloudHypervisor), vec!["hypervisor"]);
+}
+
+#[test]
+fn a_field_the_record_lacks_reads_as_its_default_and_changes_nothing() {
+    // A record of an older release that knew only these fields.
+    let old: crate::store::AppliedDeclaration = serde_json::from_value(serde_json::json!({
+        "version": 1, "image": "busybox", "hypervisor": "qemu", "memory_bytes": 268435456u64,
+    }))
+    .unwrap();
+    let spec = spec_with(DesiredState::Running, 256, RestartPolicy::Always);
+    assert!(spec.changes_since(&old, HypervisorKind::Qemu).is_empty(), "{:?}", spec.changes_since(&old, HypervisorKind::Qemu));
+    let desired = Desired::Present(spec);
+    let running = Observed { applied: Some(old.clone()), ..observed(Running) };
+    assert_eq!(walk(&desired, running), Vec::<StepKind>::new(), "no restart");
+    let standby = Observed { applied: Some(old), ..observed(Standby) };
+    assert_eq!(walk(&desired, standby), vec![Restore, Resume, DropStaleSnapshot], "no discard");
+}
+
 /// Property tests over every field of [`Observed`], each drawn from the
 /// values that matter to the planner (and a few that should not).
 mod props {
@@ -448,7 +511,7 @@ mod props {
         ])
     }
 
-    fn applied_values() -> Vec<serde_json::Value> {
+    fn applied_values() -> Vec<crate::store::AppliedDeclaration> {
         vec![
             applied(),
             spec_with(DesiredState::Running, 512, RestartPolicy::Always).applied_for(HypervisorKind::Qemu),
@@ -490,6 +553,7 @@ mod props {
             stopping in proptest::option::of(offset()),
             press_again in proptest::option::of(offset()),
             unanswered_until in proptest::option::of(offset()),
+            unreadable in proptest::bool::weighted(0.05),
         ) -> Observed {
             Observed {
                 exists,
@@ -507,6 +571,7 @@ mod props {
                 stopping: stopping.map(|ms| at(now, ms)),
                 press_again: press_again.map(|ms| at(now, ms)),
                 unanswered_until: unanswered_until.map(|ms| at(now, ms)),
+                unreadable_record: unreadable.then(|| "the guest record /g/metadata.json cannot be read".to_string()),
             }
         }
     }
@@ -533,6 +598,12 @@ mod props {
             let step = plan(&d, &o, now);
             // Pure: the same inputs plan the same step.
             prop_assert_eq!(&plan(&d, &o, now), &step);
+            // A record that may be this instance's and cannot be read holds
+            // everything: no second guest, no removal, whatever is declared.
+            if o.unreadable_record.is_some() {
+                prop_assert!(matches!(step, Step::Blocked(_)), "{:?}", step);
+                return Ok(());
+            }
             // Every hop is one the table allows.
             if let Some(to) = step.hop() {
                 prop_assert!(o.state.can_transition_to(to), "{:?} from {}", step, o.state);
