@@ -60,6 +60,15 @@ pub struct VsockConfig {
     pub socket: PathBuf,
 }
 
+/// The host↔guest agent channel: a unix socket on the host through which
+/// the daemon reaches the agent in hypeman-init. QEMU makes it a
+/// virtio-serial port (`virtserialport`) behind a chardev socket server;
+/// Cloud Hypervisor a virtio-vsock device whose hybrid vsock socket it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentChannel {
+    pub socket: PathBuf,
+}
+
 /// Everything a backend needs to launch one VM. Built by `instances` from
 /// the declaration, the settings and the prepared disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +92,10 @@ pub struct VmConfig {
     /// the hash they had before the field existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// Left out when absent, like `vsock`: a snapshot taken before the
+    /// channel existed hashes as it did (see [`VmConfig::as_snapshotted`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentChannel>,
 }
 
 impl VmConfig {
@@ -93,6 +106,20 @@ impl VmConfig {
         let json = serde_json::to_vec(self).unwrap_or_default();
         let digest = Sha256::digest(&json);
         digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The configuration a snapshot whose configuration hashed to `hash` is
+    /// restored under: this one, or this one without the agent channel when
+    /// the snapshot was taken without one (by a release before the channel,
+    /// or of a VM booted then). Such a guest has no agent device until its
+    /// next cold boot; everything else must match. `None`: it cannot be
+    /// restored under this configuration.
+    pub fn as_snapshotted(&self, hash: &str) -> Option<VmConfig> {
+        if self.config_hash() == hash {
+            return Some(self.clone());
+        }
+        let without = VmConfig { agent: None, ..self.clone() };
+        (self.agent.is_some() && without.config_hash() == hash).then_some(without)
     }
 }
 
@@ -281,6 +308,28 @@ impl Backends {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_from_before_the_agent_channel_restores_without_it() {
+        let old = conformance::bare_config();
+        let mut new = old.clone();
+        new.agent = Some(AgentChannel { socket: "/g/agent.sock".into() });
+        // The field is left out when absent: old configurations keep their hash.
+        assert!(!serde_json::to_string(&old).unwrap().contains("agent"));
+        assert_ne!(new.config_hash(), old.config_hash());
+        assert_eq!(new.as_snapshotted(&new.config_hash()), Some(new.clone()));
+        assert_eq!(new.as_snapshotted(&old.config_hash()), Some(old.clone()));
+        // Anything else that changed still refuses it.
+        let mut bigger = new.clone();
+        bigger.memory_bytes *= 2;
+        assert_eq!(bigger.as_snapshotted(&old.config_hash()), None);
+        assert_eq!(old.as_snapshotted(&new.config_hash()), None, "a channel is never added to a snapshot");
+    }
+}
+
 /// Checks every real backend passes without a VMM binary: how it treats a
 /// stale socket, a socket that never answers, and a VMM that is gone.
 #[cfg(test)]
@@ -301,6 +350,7 @@ pub(crate) mod conformance {
             devices: vec![],
             serial_log: "/app.log".into(),
             vsock: None,
+            agent: None,
         }
     }
 

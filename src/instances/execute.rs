@@ -103,6 +103,13 @@ impl Instances {
             Step::Resume { vmm, regrow } => {
                 let backend = self.backend(meta.hypervisor)?;
                 backend.resume(vmm).await.map_err(hv("resume"))?;
+                // A resumed guest's clock stands where it was paused; the
+                // agent steps it to the host's. Never fails the step.
+                let clock = crate::agent::step_clock(&crate::agent::Transport::for_guest(meta.hypervisor, &paths.dir)).await;
+                match clock {
+                    Ok(step) => self.event(meta, Level::INFO, &step.to_string()),
+                    Err(e) => self.event(meta, Level::INFO, &format!("guest clock not set: {}", error_chain(&e))),
+                }
                 if let Some(memory) = regrow {
                     self.grow_memory(backend.as_ref(), vmm, *memory, &meta.name).await;
                 }
@@ -251,11 +258,13 @@ impl Instances {
             Some(format!("it was taken with {}, the instance now uses {}", snap.hypervisor, meta.hypervisor))
         } else if snap.hypervisor_version != version {
             Some(format!("it was taken with {} {}, this host has {version}", snap.hypervisor, snap.hypervisor_version))
-        } else if snap.config_hash != config.config_hash() {
+        } else if config.as_snapshotted(&snap.config_hash).is_none() {
             Some("the VM configuration changed since it was taken".to_string())
         } else {
             None
         };
+        // A snapshot from before the agent channel restores without it.
+        let config = config.as_snapshotted(&snap.config_hash).unwrap_or(config);
         if let Some(why) = mismatch {
             self.event(meta, Level::WARN, &format!("snapshot cannot be restored ({why}); discarding it and cold booting"));
             let id = meta.id;
