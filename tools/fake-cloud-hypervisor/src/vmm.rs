@@ -159,6 +159,9 @@ struct Vm {
     on_demand: bool,
     prefault_until: Option<Instant>,
     next_disk: u32,
+    /// The vsock device's guest side, when the VM has one; held for as
+    /// long as the VM lives (dropping it stops serving).
+    _agent: Option<crate::vsock::GuestAgent>,
 }
 
 /// A refusal, rendered by version in [`Vmm::refuse`].
@@ -434,6 +437,7 @@ impl Vmm {
             since: now,
             span: self.opts.resize_time,
         };
+        let agent = crate::vsock::GuestAgent::start(&config, Duration::ZERO).map_err(Fail::Refused)?;
         self.vm = Some(Vm {
             config,
             state: VmState::Created,
@@ -443,6 +447,7 @@ impl Vmm {
             on_demand: false,
             prefault_until: None,
             next_disk: 0,
+            _agent: agent,
         });
         Ok(())
     }
@@ -645,6 +650,7 @@ impl Vmm {
             since: now,
             span: self.opts.resize_time,
         };
+        let agent = crate::vsock::GuestAgent::start(&config, crate::vsock::GuestAgent::snapshot_age(&dir)).map_err(Fail::Refused)?;
         self.vm = Some(Vm {
             config,
             state: if resume { VmState::Running } else { VmState::Paused },
@@ -654,6 +660,7 @@ impl Vmm {
             on_demand,
             prefault_until: (resume && on_demand && v.major >= 53).then(|| now + self.opts.prefault),
             next_disk: 0,
+            _agent: agent,
         });
         Ok(())
     }
