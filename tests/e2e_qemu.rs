@@ -323,6 +323,24 @@ fn read_clock(app_log: &Path, from: usize, span: Duration, patience: Duration) -
     }
 }
 
+/// How long each `step` took, from its start line to its `: done` line in
+/// `hypeman.log` (host wall time, ms).
+fn step_times(log: &str, step: &str) -> Vec<Duration> {
+    let at = |l: &str| humantime::parse_rfc3339(l.split(' ').next()?).ok();
+    let mut began = None;
+    let mut out = Vec::new();
+    for line in log.lines() {
+        if line.contains(&format!(" {step} (from ")) {
+            began = at(line);
+        } else if line.ends_with(&format!(" {step}: done")) {
+            if let (Some(b), Some(e)) = (began.take(), at(line)) {
+                out.push(e.duration_since(b).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
 /// What one standby/restore cycle of the clock test measured.
 struct Cycle {
     standby: Duration,
@@ -406,6 +424,10 @@ fn clock_cycle(kernel_dir: &Path, init: &Path, standby_for: Duration) -> Cycle {
     let first_after = readings[0];
     let settled = readings.iter().copied().filter(|r| r.host >= resumed + 1.0).collect();
     let corrected_after = readings.iter().find(|r| r.skew().abs() < 1.0).map(|r| r.host - resumed);
+    let log = std::fs::read_to_string(dir.join("logs/hypeman.log")).unwrap();
+    for step in ["snapshot to standby", "restore from standby", "resume"] {
+        eprintln!("hypeman.log {step}: {:?}", step_times(&log, step));
+    }
     w.stop_daemon();
     let median = |mut v: Vec<Duration>| {
         v.sort();
