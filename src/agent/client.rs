@@ -31,12 +31,14 @@ pub struct ClockStep {
 
 impl std::fmt::Display for ClockStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let side = |s: f64| if s < 0.0 { "behind" } else { "ahead of" };
+        let side = |s: f64| if s < 0.0 { "behind" } else { "ahead" };
+        let of = |s: f64| if s < 0.0 { "" } else { " of" };
         write!(
             f,
-            "guest clock set: it was {:.3} s {} the host's, now {:.3} s {} (stepped to {}; round trip {:.1} ms; agent {}, protocol {})",
+            "guest clock set: it was {:.3} s {}{} the host's, now {:.3} s {} (stepped to {}; round trip {:.1} ms; agent {}, protocol {})",
             self.skew_before_s.abs(),
             side(self.skew_before_s),
+            of(self.skew_before_s),
             self.skew_after_s.abs(),
             side(self.skew_after_s),
             self.source,
