@@ -8,6 +8,7 @@
 //! Imports point one way: `tests/layers.rs` fails on a cycle or on a lower
 //! layer importing a higher one.
 
+pub mod agent;
 pub mod cli;
 pub mod config_file;
 pub mod daemon;

@@ -57,6 +57,7 @@ impl Guest {
             devices: vec![],
             serial_log: self.dir.join("logs/app.log"),
             vsock: None,
+            agent: None,
         }
     }
 

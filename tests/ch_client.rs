@@ -62,6 +62,7 @@ impl Bench {
             devices: vec![],
             serial_log: self.path("app.log"),
             vsock: Some(hypeman::hypervisor::VsockConfig { cid: 3, socket: self.path("vsock.sock") }),
+            agent: None,
         }
     }
 }

@@ -211,3 +211,49 @@ fn a_standby_right_after_an_on_demand_restore_waits_out_the_prefault() {
     w.stop_daemon();
     assert_no_violations(&w);
 }
+
+/// The agent channel end to end at the protocol level: the daemon reaches
+/// the fake's guest agent through the hybrid vsock socket (`CONNECT`
+/// handshake, then the agent protocol) after the restore's resume, and the
+/// skew it corrected (the guest's clock stood still for the standby) is in
+/// `hypeman.log`. The restore also shows that the stale vsock socket the
+/// last VMM left is cleared before the next one binds it.
+#[test]
+fn a_restored_guests_clock_is_set_over_the_hybrid_vsock() {
+    let mut w = world(&[]);
+    w.patience = Duration::from_secs(30);
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    w.declare("standby");
+    w.wait("Standby");
+    let standby = Duration::from_secs(2);
+    std::thread::sleep(standby);
+    w.declare("running");
+    w.wait("Running");
+    let log_path = w.guest_dir().join("logs/hypeman.log");
+    let t0 = Instant::now();
+    let line = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        let after_restore = log.split(" (from Standby)").nth(1).unwrap_or("");
+        if let Some(line) = after_restore.lines().find(|l| l.contains("guest clock set: it was ")) {
+            break line.to_string();
+        }
+        assert!(t0.elapsed() < w.patience, "no clock step in hypeman.log:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("{line}");
+    let behind: f64 = line
+        .split("guest clock set: it was ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .expect("a skew in seconds");
+    assert!(line.contains(" s behind the host's, now 0.0"), "{line}");
+    assert!(behind >= standby.as_secs_f64() && behind < standby.as_secs_f64() + 20.0, "{line}");
+    assert!(line.contains("agent fake-cloud-hypervisor guest, protocol 1"), "{line}");
+    let launch = std::fs::read_to_string(w.guest_dir().join("ch-launch.json")).unwrap();
+    assert!(launch.contains("agent.sock"), "the launch config names the agent channel:\n{launch}");
+    w.stop_daemon();
+    assert_no_violations(&w);
+}

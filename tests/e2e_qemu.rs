@@ -294,3 +294,239 @@ fn the_minimum_memory_boots() {
     eprintln!("memory = {:?}: the app ran, third line {:.2}s after Running", w.memory, took.as_secs_f64());
     w.stop_daemon();
 }
+
+/// The app of the clock test: its clocksource once, then the guest's wall
+/// clock (µs) ten times a second, printed by busybox `adjtimex` itself
+/// right after it reads the clock (a shell pipeline between the reading and
+/// the console would add its own fork and exec time to every skew).
+const CLOCK: &str = "echo CLOCKSOURCE $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource); \
+                     while true; do adjtimex; usleep 100000; done";
+
+/// One console `CLOCK` line: the guest's time, and the host's when the
+/// test read the line (a few ms after the guest printed it).
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    guest: f64,
+    host: f64,
+}
+
+impl Reading {
+    /// Guest minus host, s: negative when the guest is behind.
+    fn skew(&self) -> f64 {
+        self.guest - self.host
+    }
+}
+
+fn host_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// The guest times in `text`, s: `adjtimex`'s `time.tv_sec:` line and the
+/// `time.tv_usec:` line after it.
+fn clock_lines(text: &str) -> Vec<f64> {
+    let field = |l: &str, name: &str| l.trim().strip_prefix(name)?.trim().parse::<f64>().ok();
+    let mut out = Vec::new();
+    let mut sec = None;
+    for line in text.lines() {
+        if let Some(s) = field(line, "time.tv_sec:") {
+            sec = Some(s);
+        } else if let (Some(s), Some(us)) = (sec.take(), field(line, "time.tv_usec:")) {
+            out.push(s + us / 1e6);
+        }
+    }
+    out
+}
+
+/// Reads the console every 2 ms for `span` after its first new line past
+/// byte `from`, timestamping each new `CLOCK` line as it appears.
+/// Returns the readings and when the first one appeared.
+fn read_clock(app_log: &Path, from: usize, span: Duration, patience: Duration) -> (Vec<Reading>, Instant) {
+    let t0 = Instant::now();
+    let mut seen = 0;
+    let mut out: Vec<Reading> = Vec::new();
+    let mut first: Option<Instant> = None;
+    loop {
+        let text = std::fs::read(app_log).unwrap_or_default();
+        let host = host_now();
+        let lines = clock_lines(&String::from_utf8_lossy(&text[from.min(text.len())..]));
+        for guest in lines.iter().skip(seen) {
+            out.push(Reading { guest: *guest, host });
+            first.get_or_insert_with(Instant::now);
+        }
+        seen = lines.len();
+        if let Some(first) = first.filter(|f| f.elapsed() >= span) {
+            return (out, first);
+        }
+        assert!(t0.elapsed() < patience, "no clock output on the console after {patience:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// How long each `step` took, from its start line to its `: done` line in
+/// `hypeman.log` (host wall time, ms).
+fn step_times(log: &str, step: &str) -> Vec<Duration> {
+    let at = |l: &str| humantime::parse_rfc3339(l.split(' ').next()?).ok();
+    let mut began = None;
+    let mut out = Vec::new();
+    for line in log.lines() {
+        if line.contains(&format!(" {step} (from ")) {
+            began = at(line);
+        } else if line.ends_with(&format!(" {step}: done")) {
+            if let (Some(b), Some(e)) = (began.take(), at(line)) {
+                out.push(e.duration_since(b).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// What one standby/restore cycle of the clock test measured.
+struct Cycle {
+    standby: Duration,
+    restore: Duration,
+    /// The skew of the last line before the standby.
+    before_standby: f64,
+    /// The first line after the restore.
+    first_after: Reading,
+    /// Every line read from 1 s after the resume on.
+    settled: Vec<Reading>,
+    /// When the first line within 1 s of the host came, after the resume.
+    corrected_after: Option<f64>,
+    hypeman_log: String,
+    clocksource: String,
+}
+
+/// Boots the clock app with `init`, stands it by for `standby_for`,
+/// restores it and reads its clock for 3 s.
+fn clock_cycle(kernel_dir: &Path, init: &Path, standby_for: Duration) -> Cycle {
+    let settings = support::tcg_settings(kernel_dir, init, "");
+    let mut w = World::new("qmp.sock", |tmp| (settings, support::busybox_image(tmp, &["sh", "adjtimex", "cat", "echo", "usleep"])));
+    w.script = CLOCK.into();
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    let dir = w.guest_dir();
+    let app_log = dir.join("logs/app.log");
+    let (boot, _) = read_clock(&app_log, 0, Duration::from_millis(500), w.patience);
+    let before_standby = boot.last().expect("clock lines").skew();
+    let console = std::fs::read_to_string(&app_log).unwrap();
+    let clocksource = console.lines().find_map(|l| l.strip_prefix("CLOCKSOURCE ")).unwrap_or("?").trim().to_string();
+
+    let t = Instant::now();
+    w.declare("standby");
+    w.wait("Standby");
+    let standby = t.elapsed();
+    let asleep = Instant::now();
+    while asleep.elapsed() < standby_for {
+        // The standby itself is what is measured: it must last this long.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let from = std::fs::metadata(&app_log).unwrap().len() as usize;
+    let t = Instant::now();
+    w.declare("running");
+    let (readings, first_at) = read_clock(&app_log, from, Duration::from_secs(3), w.patience);
+    let restore = first_at.duration_since(t);
+    w.wait("Running");
+    let hypeman_log = std::fs::read_to_string(dir.join("logs/hypeman.log")).unwrap();
+    // Three short rounds for the standby and restore times: from the
+    // edit to the snapshot being complete with no QEMU left, and from the
+    // edit to the app's next output (it prints ten times a second).
+    let qmp = dir.join("qmp.sock");
+    let (mut standbys, mut restores) = (vec![standby], vec![restore]);
+    for _ in 0..3 {
+        while dir.join("snapshots/snapshot-latest").exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t = Instant::now();
+        w.declare("standby");
+        while !dir.join("snapshots/snapshot-latest/snapshot.json").exists()
+            || hypeman::hypervisor::process::find_by_argument(&qmp).is_some()
+        {
+            assert!(t.elapsed() < w.patience, "standby never finished");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        standbys.push(t.elapsed());
+        let from = std::fs::metadata(&app_log).unwrap().len() as usize;
+        let t = Instant::now();
+        w.declare("running");
+        let (_, first) = read_clock(&app_log, from, Duration::ZERO, w.patience);
+        restores.push(first.duration_since(t));
+        w.wait("Running");
+    }
+    // The resume, as the daemon logged it (host wall time, ms).
+    let resumed = hypeman_log
+        .lines()
+        .rfind(|l| l.contains(" resume (from Paused)"))
+        .and_then(|l| humantime::parse_rfc3339(l.split(' ').next()?).ok())
+        .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64())
+        .expect("a resume in hypeman.log");
+    let first_after = readings[0];
+    let settled = readings.iter().copied().filter(|r| r.host >= resumed + 1.0).collect();
+    let corrected_after = readings.iter().find(|r| r.skew().abs() < 1.0).map(|r| r.host - resumed);
+    let log = std::fs::read_to_string(dir.join("logs/hypeman.log")).unwrap();
+    for step in ["snapshot to standby", "restore from standby", "resume"] {
+        eprintln!("hypeman.log {step}: {:?}", step_times(&log, step));
+    }
+    w.stop_daemon();
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (standby, restore) = (median(standbys.clone()), median(restores.clone()));
+    eprintln!("standby rounds {standbys:?}, restore rounds {restores:?}");
+    Cycle { standby, restore, before_standby, first_after, settled, corrected_after, hypeman_log, clocksource }
+}
+
+/// Issue 10: after a standby of ≥ 40 s the restored guest's wall clock is
+/// within 1 s of the host's within 1 s of the resume. Measured side by side
+/// with the init of the release before the agent (its guest has the
+/// channel's device but nothing serving it), whose clock stays behind by
+/// the standby, and whose resume only logs that the clock was not set.
+/// Prints the skews and the standby and restore times of both.
+#[test]
+fn clock_skew_after_a_long_standby() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    // Issue 10's figure is for 40 s; HYPEMAN_CLOCK_STANDBY_S may ask for
+    // longer (or, while developing, shorter).
+    let standby_for = Duration::from_secs(std::env::var("HYPEMAN_CLOCK_STANDBY_S").ok().and_then(|s| s.parse().ok()).unwrap_or(40));
+    let previous = std::env::var_os("HYPEMAN_PREVIOUS_INIT").map(std::path::PathBuf::from);
+    // A baseline run (another daemon build through HYPEMAN_DAEMON_BINARY,
+    // with its own init) is measured and printed, not judged.
+    let baseline = std::env::var_os("HYPEMAN_DAEMON_BINARY").is_some();
+    let mut runs = vec![(if baseline { "baseline" } else { "this init" }, init.clone())];
+    if let Some(p) = previous.filter(|_| !baseline) {
+        support::require(&p, "HYPEMAN_PREVIOUS_INIT names the init of the previous release");
+        runs.insert(0, ("previous init", p));
+    }
+    for (what, init) in runs {
+        let c = clock_cycle(&kernel_dir, &init, standby_for);
+        let worst = c.settled.iter().map(|r| r.skew().abs()).fold(0.0, f64::max);
+        println!(
+            "clock skew ({what}): {:+.3} s before the standby; after a {:.0} s standby: first line {:+.3} s, \
+             within 1 s of the host {}, worst from 1 s after the resume on {:.3} s ({} lines); \
+             standby {:.2} s, restore {:.2} s (medians of 4)",
+            c.before_standby,
+            standby_for.as_secs_f64(),
+            c.first_after.skew(),
+            c.corrected_after.map_or("never".to_string(), |s| format!("{s:.2} s after the resume")),
+            worst,
+            c.settled.len(),
+            c.standby.as_secs_f64(),
+            c.restore.as_secs_f64(),
+        );
+        let clock_line = c.hypeman_log.lines().rfind(|l| l.contains("guest clock")).unwrap_or("").to_string();
+        println!("  hypeman.log: {clock_line}");
+        println!("  guest clocksource: {}; load average: {}", c.clocksource, std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
+        assert!(!c.settled.is_empty(), "the guest printed its clock after the resume");
+        if what == "baseline" {
+            continue;
+        }
+        if what == "this init" {
+            assert!(worst < 1.0, "the guest's clock is {worst:.3} s off the host's 1 s after the resume: {:?}", c.settled);
+            assert!(clock_line.contains("guest clock set: it was "), "{clock_line}");
+        } else {
+            assert!(clock_line.contains("guest clock not set: no answer from the guest agent"), "{clock_line}");
+            assert!(c.first_after.skew() < -standby_for.as_secs_f64() + 2.0, "the old guest's clock stood still: {:?}", c.first_after);
+        }
+    }
+}

@@ -83,6 +83,7 @@ fn vm_config(work: &Path, kernel_dir: &Path, init: &Path, script: &str) -> VmCon
         devices: Vec::new(),
         serial_log: work.join("logs/app.log"),
         vsock: None,
+        agent: None,
     }
 }
 

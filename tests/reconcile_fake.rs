@@ -1153,3 +1153,45 @@ async fn instances_stuck_preparing_do_not_stall_the_others() {
     }
     env.stop().await;
 }
+
+/// A snapshot taken by the release before the agent channel (its launch
+/// configuration has no `agent`, and its hash is of that configuration)
+/// still restores: the restored guest simply has no channel until its next
+/// cold boot, and the resume says so in the log instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_from_before_the_agent_channel_still_restores() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    env.write("web", &decl("standby", "256MiB"));
+    env.wait_for("web", VmState::Standby).await;
+    env.stop().await;
+
+    // Rewrite the snapshot as the previous release took it.
+    let meta = env.store().find_by_name("web").unwrap().unwrap();
+    let snap_dir = env.store().guest_paths(meta.id).snapshot_latest;
+    let vm_file = snap_dir.join("fake-vm.json");
+    let mut vm: serde_json::Value = serde_json::from_slice(&std::fs::read(&vm_file).unwrap()).unwrap();
+    assert!(vm["config"]["agent"].is_object(), "this release records the channel: {vm}");
+    vm["config"].as_object_mut().unwrap().remove("agent");
+    let old: hypeman::hypervisor::VmConfig = serde_json::from_value(vm["config"].clone()).unwrap();
+    std::fs::write(&vm_file, serde_json::to_vec(&vm).unwrap()).unwrap();
+    let marker = snap_dir.join("snapshot.json");
+    let mut info: serde_json::Value = serde_json::from_slice(&std::fs::read(&marker).unwrap()).unwrap();
+    assert_ne!(info["config_hash"], old.config_hash().as_str());
+    info["config_hash"] = old.config_hash().into();
+    std::fs::write(&marker, serde_json::to_vec(&info).unwrap()).unwrap();
+
+    env.fake.clear_calls();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    let calls = env.fake.calls();
+    assert_eq!(&calls[..2], &[Op::Restore, Op::Resume], "{calls:?}");
+    assert!(!calls.contains(&Op::Create), "no cold boot: {calls:?}");
+    let log = hypeman_log(&env, "web");
+    assert!(!log.contains("cannot be restored"), "{log}");
+    assert!(log.contains("guest clock not set: no agent channel at "), "{log}");
+    env.stop().await;
+}

@@ -67,6 +67,10 @@ pub fn boot(started: Instant) -> Result<AppExit, InitError> {
         started.elapsed().as_millis()
     ));
 
+    // As soon as the channel's drivers are in: the agent finds its device
+    // while the disks are being found, and serves before the app runs.
+    crate::agent::start(say);
+
     // Right after the `button` driver is loaded: a stop asked for while the
     // disks are still being found is then acted on once the app runs.
     let acpi = match AcpiEvents::subscribe() {
@@ -163,6 +167,8 @@ fn load_modules() -> Result<(), InitError> {
     for path in &list {
         match modules::load(path) {
             LoadOutcome::Loaded | LoadOutcome::AlreadyLoaded => {}
+            // Its device is not there (ptp_kvm without KVM): nothing to drive.
+            LoadOutcome::Failed(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
             LoadOutcome::Failed(e) => say(&format!(
                 "warning: cannot load module {}: {e}",
                 path.display()

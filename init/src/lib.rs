@@ -3,10 +3,12 @@
 //! What it shares with the host (the config disk format, the console lines
 //! the host reads back, the initrd's module list) is `hypeman-contract`;
 //! the host does not link this crate. Everything here is init's own: it
-//! runs inside the guest, static and single-threaded, and must never
-//! panic-loop the kernel.
+//! runs inside the guest, static, and must never panic-loop the kernel. It
+//! is one thread but for the agent (`agent`), which serves the host↔guest
+//! channel beside the supervisor and touches nothing the supervisor owns.
 
 pub mod acpi;
+pub mod agent;
 pub mod boot;
 pub mod command;
 pub mod console;

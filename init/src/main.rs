@@ -17,6 +17,11 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     std::panic::set_hook(Box::new(|info| {
+        // The agent is a helper: its panic ends its thread, not the guest.
+        if std::thread::current().name() == Some(hypeman_init::agent::THREAD_NAME) {
+            say(&format!("agent: stopped: panic: {info}"));
+            return;
+        }
         say(&format!("{FATAL}panic: {info}"));
         power_off();
     }));

@@ -192,8 +192,8 @@ pub fn run(
     let (status_read, status_write) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
 
-    // SAFETY: init is single-threaded, so the child may run arbitrary code;
-    // it still only makes async-signal-safe calls on prepared data.
+    // SAFETY: init has another thread (the agent), so the child makes only
+    // async-signal-safe calls on data prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(InitError::last_os("fork the app"));

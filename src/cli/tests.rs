@@ -158,6 +158,7 @@ fn vm_config(paths: &GuestPaths) -> VmConfig {
         devices: Vec::new(),
         serial_log: paths.app_log.clone(),
         vsock: None,
+        agent: None,
     }
 }
 

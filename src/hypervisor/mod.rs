@@ -60,6 +60,15 @@ pub struct VsockConfig {
     pub socket: PathBuf,
 }
 
+/// The host↔guest agent channel: a unix socket on the host through which
+/// the daemon reaches the agent in hypeman-init. QEMU makes it a
+/// virtio-serial port (`virtserialport`) behind a chardev socket server;
+/// Cloud Hypervisor a virtio-vsock device whose hybrid vsock socket it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentChannel {
+    pub socket: PathBuf,
+}
+
 /// Everything a backend needs to launch one VM. Built by `instances` from
 /// the declaration, the settings and the prepared disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,11 +92,16 @@ pub struct VmConfig {
     /// the hash they had before the field existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockConfig>,
+    /// Left out when absent, like `vsock`: a snapshot taken before the
+    /// channel existed hashes as it did. It is restored under its own launch
+    /// record, without the channel, until the guest next boots cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentChannel>,
 }
 
 impl VmConfig {
-    /// A digest of the launch configuration. A snapshot taken under one
-    /// configuration is only restored under the same one.
+    /// A digest of the launch configuration, recorded with each snapshot:
+    /// the launch record a snapshot is restored under must hash to it.
     pub fn config_hash(&self) -> String {
         use sha2::{Digest, Sha256};
         let json = serde_json::to_vec(self).unwrap_or_default();
@@ -308,6 +322,7 @@ pub(crate) mod conformance {
             devices: vec![],
             serial_log: "/app.log".into(),
             vsock: None,
+            agent: None,
         }
     }
 

@@ -105,6 +105,13 @@ impl Instances {
             Step::Resume { vmm, regrow } => {
                 let backend = self.backend(meta.hypervisor)?;
                 backend.resume(vmm).await.map_err(hv("resume"))?;
+                // A resumed guest's clock stands where it was paused; the
+                // agent steps it to the host's. Never fails the step.
+                let clock = crate::agent::step_clock(&crate::agent::Transport::for_guest(meta.hypervisor, &paths.dir)).await;
+                match clock {
+                    Ok(step) => self.event(meta, Level::INFO, &step.to_string()),
+                    Err(e) => self.event(meta, Level::INFO, &format!("guest clock not set: {}", error_chain(&e))),
+                }
                 if let Some(memory) = regrow {
                     self.grow_memory(backend.as_ref(), vmm, *memory, &meta.name).await;
                 }

@@ -11,7 +11,7 @@
 use super::provision::{ProvisionError, Provisioner};
 use crate::declaration::spec::InstanceSpec;
 use crate::durable;
-use crate::hypervisor::{DiskConfig, VmConfig};
+use crate::hypervisor::{AgentChannel, DiskConfig, VmConfig};
 use crate::images::{ImageConfig, ImageStore};
 use crate::settings::Settings;
 use crate::store::{GuestPaths, Metadata};
@@ -248,6 +248,11 @@ impl Provisioner for ImageProvisioner {
             }
             None => None,
         };
+        // No VMM runs while a VM is prepared: a socket left by the last one
+        // is stale, and a VMM that binds rather than replaces it would fail.
+        let agent_socket = crate::agent::socket_path(&guest.dir);
+        crate::durable::remove_file_if_exists(&agent_socket)
+            .map_err(|e| ProvisionError::Disk { what: "agent socket", path: agent_socket.clone(), source: e.into() })?;
         let mut cmdline = BASE_CMDLINE.to_string();
         if !self.settings.guest.cmdline.is_empty() {
             cmdline.push(' ');
@@ -274,11 +279,17 @@ impl Provisioner for ImageProvisioner {
             devices: spec.devices.iter().map(PathBuf::from).collect(),
             serial_log: guest.app_log.clone(),
             vsock: None,
+            agent: Some(AgentChannel { socket: agent_socket }),
         })
     }
 
     async fn prepare_restore(&self, _meta: &Metadata, config: &VmConfig) -> Result<(), ProvisionError> {
         super::provision::files_present(super::provision::launch_files(config))?;
+        // The VMM binds the agent's socket anew (see `prepare`).
+        if let Some(agent) = &config.agent {
+            crate::durable::remove_file_if_exists(&agent.socket)
+                .map_err(|e| ProvisionError::Disk { what: "agent socket", path: agent.socket.clone(), source: e.into() })?;
+        }
         if let Some(net) = &config.net {
             self.settle(self.ensure_tap(&net.tap).await)?;
         }

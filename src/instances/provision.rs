@@ -158,6 +158,7 @@ impl Provisioner for FakeProvisioner {
             devices: vec![],
             serial_log: guest.app_log.clone(),
             vsock: None,
+            agent: Some(crate::hypervisor::AgentChannel { socket: crate::agent::socket_path(&guest.dir) }),
         })
     }
 

@@ -29,6 +29,14 @@ pub const GUEST_MODULES: &[(&str, bool)] = &[
     ("erofs", true),
     ("overlay", true),
     ("virtio_mem", false),
+    // The agent channel under Cloud Hypervisor (its hybrid vsock); under
+    // QEMU it is a virtio-serial port (virtio_console above).
+    ("vsock", false),
+    ("vmw_vsock_virtio_transport_common", false),
+    ("vmw_vsock_virtio_transport", false),
+    // The host's clock for the agent's step after a restore; it loads only
+    // on KVM and fails harmlessly (ENODEV) elsewhere.
+    ("ptp_kvm", false),
     // The ACPI power button: how init hears the host's graceful stop
     // (QEMU system_powerdown, Cloud Hypervisor vm.power-button).
     ("button", false),
@@ -248,6 +256,10 @@ kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko
 kernel/fs/overlayfs/overlay.ko:
 kernel/drivers/virtio/virtio_mem.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/acpi/button.ko:
+kernel/net/vmw_vsock/vsock.ko:
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko: kernel/net/vmw_vsock/vsock.ko
+kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko: kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko kernel/net/vmw_vsock/vsock.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/ptp/ptp_kvm.ko:
 ";
     const BUILTIN: &str = "kernel/fs/ext4/ext4.ko\nkernel/fs/jbd2/jbd2.ko\n";
 
@@ -280,6 +292,10 @@ kernel/drivers/acpi/button.ko:
                 "erofs",
                 "overlay",
                 "virtio_mem",
+                "vsock",
+                "vmw_vsock_virtio_transport_common",
+                "vmw_vsock_virtio_transport",
+                "ptp_kvm",
                 "button",
             ]
         );

@@ -96,7 +96,8 @@ pub fn busybox_image(work: &Path, applets: &[&str]) -> String {
 /// (`["ip", "netns", "exec", NS]`, say) when it is not empty, with the
 /// environment's own dirs removed so only these count.
 pub fn hypeman(wrapper: &[&str], config: &Path, data: &Path) -> Command {
-    let binary = env!("CARGO_BIN_EXE_hypeman");
+    // `HYPEMAN_DAEMON_BINARY` runs another build (a benchmark's baseline).
+    let binary = std::env::var("HYPEMAN_DAEMON_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hypeman").to_string());
     let mut c = match wrapper.split_first() {
         Some((program, args)) => {
             let mut c = Command::new(program);

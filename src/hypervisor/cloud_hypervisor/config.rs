@@ -70,12 +70,28 @@ pub fn vm_config(config: &VmConfig) -> api::VmConfig {
             .enumerate()
             .map(|(i, d)| api::DeviceConfig { path: vfio_path(d), id: format!("vfio{i}") })
             .collect(),
-        vsock: config.vsock.as_ref().map(|v| api::VsockConfig {
-            cid: u64::from(v.cid),
-            socket: v.socket.display().to_string(),
-            id: "vsock0".to_string(),
-        }),
+        vsock: config
+            .vsock
+            .as_ref()
+            .map(|v| api::VsockConfig {
+                cid: u64::from(v.cid),
+                socket: v.socket.display().to_string(),
+                id: "vsock0".to_string(),
+            })
+            // The agent channel is the VM's vsock device unless the
+            // configuration names one itself (a VM has one at most).
+            .or_else(|| config.agent.as_ref().map(agent_vsock)),
     }
+}
+
+/// The guest's context id on its own vsock device (each VM has its own
+/// hybrid vsock, so every guest can be 3, the first non-reserved id).
+pub const AGENT_CID: u64 = 3;
+
+/// The agent channel as a vsock device: the host reaches the guest's agent
+/// port through the hybrid vsock socket (`CONNECT <port>`).
+fn agent_vsock(agent: &crate::hypervisor::AgentChannel) -> api::VsockConfig {
+    api::VsockConfig { cid: AGENT_CID, socket: agent.socket.display().to_string(), id: "agent".to_string() }
 }
 
 /// The body of `vm.add-disk`, and of each entry of `disks`.
@@ -180,6 +196,7 @@ mod tests {
             devices: vec![PathBuf::from("0000:01:00.0"), PathBuf::from("/sys/bus/pci/devices/0000:02:00.0")],
             serial_log: "/var/lib/hypeman/guests/G/logs/app.log".into(),
             vsock: Some(VsockConfig { cid: 3, socket: "/var/lib/hypeman/guests/G/vsock.sock".into() }),
+            agent: None,
         }
     }
 
@@ -226,6 +243,19 @@ mod tests {
         assert!(body["disks"].as_array().unwrap().iter().all(|d| d.get("rate_limiter_config").is_none()));
         assert_eq!(body["serial"], serde_json::json!({ "mode": "Tty" }));
         assert_eq!(body["console"], serde_json::json!({ "mode": "Off" }));
+    }
+
+    #[test]
+    fn the_agent_channel_is_the_vsock_device_unless_one_is_named() {
+        let mut c = representative();
+        c.vsock = None;
+        c.agent = Some(crate::hypervisor::AgentChannel { socket: "/var/lib/hypeman/guests/G/agent.sock".into() });
+        let body = serde_json::to_value(vm_config(&c)).unwrap();
+        assert_eq!(body["vsock"], serde_json::json!({ "cid": 3, "socket": "/var/lib/hypeman/guests/G/agent.sock", "id": "agent" }));
+        let named = representative();
+        let mut both = named.clone();
+        both.agent = c.agent.clone();
+        assert_eq!(vm_config(&both).vsock, vm_config(&named).vsock);
     }
 
     #[test]

@@ -138,6 +138,13 @@ pub fn argv(
     // about every other boot without it (reference/this-machine.md §2).
     if let (Machine::Microvm, Accelerator::Tcg, Some(khz)) = (machine, accel, tsc_khz) {
         arg(format!("tsc_early_khz={khz}"));
+        // TCG's TSC follows the host clock and stops while the VM is
+        // stopped, but a starved vCPU delivers its timer ticks late, so the
+        // clocksource watchdog (which checks the TSC against those ticks)
+        // marks it unstable and the guest falls back to refined-jiffies,
+        // whose wall clock then loses time with every late tick (measured:
+        // a guest 2.3 s behind 10 s after boot on a loaded host).
+        arg("tsc=reliable".to_string());
     }
     if config.hotplug_memory_bytes > 0 {
         // Plugged blocks must be movable to be unpluggable again.
@@ -181,6 +188,25 @@ pub fn argv(
         "-serial",
         "chardev:con",
     ]);
+    if let Some(agent) = &config.agent {
+        // The agent's channel: a named port on a virtio-serial device (the
+        // console is the 8250 UART above, so the device is the agent's
+        // alone). `wait=off`: QEMU runs without a host client, and the
+        // guest sees the port's host side come and go as the daemon
+        // connects for each exchange.
+        let serial = match machine {
+            Machine::Microvm => "virtio-serial-device",
+            Machine::Q35 => "virtio-serial-pci",
+        };
+        push(&[
+            "-device",
+            &format!("{serial},id=agent-serial,max_ports=2"),
+            "-chardev",
+            &format!("socket,id=agent,path={},server=on,wait=off", opt(&agent.socket)),
+            "-device",
+            &format!("virtserialport,bus=agent-serial.0,chardev=agent,name={}", hypeman_contract::agent::SERIAL_PORT_NAME),
+        ]);
+    }
     push(&["-qmp", &format!("unix:{},server=on,wait=off", opt(&paths.qmp_socket))]);
     // Created, not booted: `cont` boots.
     push(&["-S"]);
@@ -218,6 +244,7 @@ mod tests {
             devices: vec![],
             serial_log: "/g/logs/app.log".into(),
             vsock: None,
+            agent: None,
         }
     }
 
@@ -278,6 +305,33 @@ mod tests {
                 "virtio-net-pci,netdev=net0,mac=02:8f:11:d2:7c:03",
             ]
         );
+    }
+
+    #[test]
+    fn the_agent_channel_is_a_named_port_on_its_own_virtio_serial_device() {
+        let mut c = config();
+        let without = argv(&c, &paths(), Accelerator::Tcg, None, false, false);
+        c.agent = Some(crate::hypervisor::AgentChannel { socket: "/g/agent,1.sock".into() });
+        let with = argv(&c, &paths(), Accelerator::Tcg, None, false, false);
+        let at = with.iter().position(|a| a == "virtio-serial-device,id=agent-serial,max_ports=2").expect("a virtio-serial device");
+        assert_eq!(
+            with[at - 1..at + 5],
+            [
+                "-device",
+                "virtio-serial-device,id=agent-serial,max_ports=2",
+                "-chardev",
+                "socket,id=agent,path=/g/agent,,1.sock,server=on,wait=off",
+                "-device",
+                "virtserialport,bus=agent-serial.0,chardev=agent,name=org.hypeman.agent.0",
+            ]
+        );
+        // Nothing else moves: a VM without the channel (a snapshot taken
+        // before it existed) keeps its command line.
+        let mut rest = with.clone();
+        rest.drain(at - 1..at + 5);
+        assert_eq!(rest, without);
+        c.hotplug_memory_bytes = 256 << 20;
+        assert!(argv(&c, &paths(), Accelerator::Tcg, None, false, false).contains(&"virtio-serial-pci,id=agent-serial,max_ports=2".to_string()));
     }
 
     #[test]

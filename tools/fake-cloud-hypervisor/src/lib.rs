@@ -18,8 +18,11 @@
 //! - [`server`]: serving all of it on a unix socket, in a test's own
 //!   process or as the `fake-cloud-hypervisor` binary standing in for
 //!   `cloud-hypervisor`.
+//! - [`vsock`]: the hybrid vsock device, and behind it a guest agent that
+//!   answers hypeman's time requests, its clock behind after a restore.
 
 pub mod http;
 pub mod openapi;
 pub mod server;
 pub mod vmm;
+pub mod vsock;

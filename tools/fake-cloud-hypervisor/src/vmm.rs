@@ -169,6 +169,9 @@ struct Vm {
     /// Restored `OnDemand` on v53: snapshots are refused until then.
     prefault_until: Option<Instant>,
     next_disk: u32,
+    /// The vsock device's guest side, when the VM has one; held for as
+    /// long as the VM lives (dropping it stops serving).
+    _agent: Option<crate::vsock::GuestAgent>,
 }
 
 /// What v53 answers a snapshot or migration while an on-demand restore
@@ -517,6 +520,7 @@ impl Vmm {
             since: now,
             span: self.opts.resize_time,
         };
+        let agent = crate::vsock::GuestAgent::start(&config, Duration::ZERO).map_err(Fail::Refused)?;
         self.vm = Some(Vm {
             config,
             state: VmState::Created,
@@ -525,6 +529,7 @@ impl Vmm {
             serial: Serial::None,
             prefault_until: None,
             next_disk: 0,
+            _agent: agent,
         });
         Ok(())
     }
@@ -734,6 +739,7 @@ impl Vmm {
             since: now,
             span: self.opts.resize_time,
         };
+        let agent = crate::vsock::GuestAgent::start(&config, crate::vsock::GuestAgent::snapshot_age(&dir)).map_err(Fail::Refused)?;
         self.vm = Some(Vm {
             config,
             state: if resume { VmState::Running } else { VmState::Paused },
@@ -744,6 +750,7 @@ impl Vmm {
             // whether or not the VM is resumed.
             prefault_until: (on_demand && v.major >= 53 && !self.opts.prefault.is_zero()).then(|| now + self.opts.prefault),
             next_disk: 0,
+            _agent: agent,
         });
         Ok(())
     }
