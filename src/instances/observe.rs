@@ -74,6 +74,7 @@ impl Observation {
             exited: meta.and_then(|m| m.exited.as_ref()).map(|e| (e.end, e.applied.clone())),
             stale_socket: self.stale_socket.clone(),
             stopping,
+            lost: meta.and_then(|m| m.lost.clone()),
         }
     }
 }

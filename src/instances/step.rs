@@ -61,6 +61,8 @@ pub struct Observed {
     /// The owner pressed the guest's power button; the guest has until
     /// then to power off.
     pub stopping: Option<Instant>,
+    /// Why the guest's running state was lost (see `Metadata::lost`).
+    pub lost: Option<String>,
 }
 
 impl Observed {
@@ -80,6 +82,7 @@ impl Observed {
             exited: None,
             stale_socket: None,
             stopping: None,
+            lost: None,
         }
     }
 

@@ -77,6 +77,7 @@ fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
             Step::Create { spec } => {
                 obs.applied = Some(spec.applied_for(HypervisorKind::Qemu));
                 obs.exited = None;
+                obs.lost = None;
                 obs.vmm = Some(vmm());
                 obs.recorded_vmm = Some(vmm());
             }
@@ -91,7 +92,10 @@ fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
                     obs.applied = None;
                 }
             }
-            Step::ForgetExit => obs.exited = None,
+            Step::ForgetExit => {
+                obs.exited = None;
+                obs.lost = None;
+            }
             Step::Snapshot { .. } => {
                 obs.snapshot = Some(snapshot());
                 obs.vmm = None;
@@ -435,6 +439,7 @@ mod props {
             exited in proptest::option::of((end(), proptest::option::of(select(applied_values())))),
             stale_socket in any::<bool>(),
             stopping in proptest::option::of(offset()),
+            lost in any::<bool>(),
         ) -> Observed {
             Observed {
                 exists,
@@ -450,6 +455,7 @@ mod props {
                 exited,
                 stale_socket: stale_socket.then(|| "/g/qmp.sock".into()),
                 stopping: stopping.map(|ms| at(now, ms)),
+                lost: lost.then(|| "the guest's running state was lost".into()),
             }
         }
     }
@@ -562,4 +568,26 @@ mod props {
             prop_assert!(steps.len() <= 7, "{:?}", steps);
         }
     }
+}
+
+/// A guest whose VMM died while its snapshot was written: a fresh boot is
+/// never saved as its standby; declaring running boots it anew, declaring
+/// stopped acknowledges the loss.
+#[test]
+fn a_guest_whose_running_state_was_lost_is_not_booted_afresh_as_its_standby() {
+    let why = "the guest's running state was lost: its VMM (pid 42) died while its snapshot was written";
+    let lost = Observed { lost: Some(why.into()), applied: None, ..observed(Stopped) };
+    let now = Instant::now();
+    match plan(&present(DesiredState::Standby), &lost, now) {
+        Step::Blocked(said) => {
+            assert!(said.starts_with(why), "{said}");
+            assert!(said.contains("declare it running"), "{said}");
+        }
+        other => panic!("expected Blocked, got {other:?}"),
+    }
+    assert_eq!(plan(&present(DesiredState::Running), &lost, now).kind(), Create);
+    assert_eq!(walk(&present(DesiredState::Stopped), lost.clone()), vec![ForgetExit]);
+    // Once forgotten (or booted anew), standby works as ever.
+    let forgotten = Observed { lost: None, ..lost };
+    assert_eq!(plan(&present(DesiredState::Standby), &forgotten, now).kind(), Create);
 }
