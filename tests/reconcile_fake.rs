@@ -1078,6 +1078,7 @@ async fn a_snapshot_that_cannot_fit_never_pauses_the_guest_and_goes_on_once_it_f
     assert!(error.contains("the guest keeps running"), "{error}");
     let log = hypeman_log(&env, "web");
     assert_eq!(log.matches("No space left on device").count(), 1, "said once, not at every recheck:\n{log}");
+    assert!(!log.contains("pause (from Running)"), "no step began:\n{log}");
 
     env.fake.set_snapshot_estimate(Some(1 << 20));
     env.wait_for("web", VmState::Standby).await;

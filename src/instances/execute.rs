@@ -42,6 +42,12 @@ impl Instances {
         }
         let mut meta = obs.meta.clone().ok_or_else(|| InstanceError::NoGuest(name.to_string()))?;
         let paths = self.store.guest_paths(meta.id);
+        if let Step::Pause { vmm, why: PauseFor::Standby, .. } = step {
+            // A guest whose snapshot cannot fit is never paused. Checked
+            // before the step is logged: while the disk stays full, every
+            // recheck would otherwise add a line to `hypeman.log`.
+            self.check_space(self.backend(meta.hypervisor)?.as_ref(), vmm, &paths).await?;
+        }
         let journal = super::Journal::open(&paths, &meta.name);
         journal.say(Level::INFO, &format!("{step} (from {}){}", obs.state, why(step)));
         let result = self.act(step, obs, &mut meta, &paths).await;
@@ -94,10 +100,6 @@ impl Instances {
                     self.event(meta, Level::WARN, &format!(
                         "the guest lost its network: TAP {tap} was deleted while the VM ran; it is made again, and a standby/restore cycle reconnects the guest"
                     ));
-                }
-                if *why == PauseFor::Standby {
-                    // A guest whose snapshot cannot fit is never paused.
-                    self.check_space(backend.as_ref(), vmm, paths).await?;
                 }
                 if let Some(memory) = shrink {
                     self.shrink_memory(backend.as_ref(), vmm, memory.boot_bytes, &meta.name).await;
