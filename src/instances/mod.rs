@@ -147,13 +147,15 @@ impl InstanceError {
 fn hypervisor_error_kind(e: &HypervisorError) -> ErrorKind {
     match e {
         HypervisorError::Unsupported { .. } => ErrorKind::NeedsChange,
+        // A snapshot the VMM cannot use does not become usable by trying
+        // again: it is kept, and not restored in a loop.
+        HypervisorError::BadSnapshot { .. } => ErrorKind::NeedsChange,
         // The VMM binary is not installed (or not where the settings say).
         HypervisorError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NeedsChange,
         HypervisorError::AlreadyRunning { .. }
         | HypervisorError::VmmGone { .. }
         | HypervisorError::WrongState { .. }
         | HypervisorError::Timeout { .. }
-        | HypervisorError::BadSnapshot { .. }
         | HypervisorError::Spawn { .. }
         | HypervisorError::Backend { .. }
         | HypervisorError::Injected { .. } => ErrorKind::Transient,
@@ -379,5 +381,14 @@ mod tests {
         let refused = StateError::InvalidTransition { from: crate::state::VmState::Running, to: crate::state::VmState::Created };
         assert_eq!(InstanceError::State(refused).kind(), ErrorKind::Permanent);
         assert_eq!(InstanceError::UnreadableLeases(1).kind(), ErrorKind::Transient);
+        let unusable = HypervisorError::BadSnapshot { dir: "/s".into(), source: "no memory file".into() };
+        assert_eq!(InstanceError::Hypervisor { op: "restore", source: unusable }.kind(), ErrorKind::NeedsChange);
+        let damaged = StoreError::DamagedSnapshot { path: "/s/memory".into(), problem: "it is 1 bytes, 2 were written".into() };
+        assert_eq!(InstanceError::Store(damaged).kind(), ErrorKind::NeedsChange);
+        let full = InstanceError::NoSpace { dir: "/s".into(), detail: "x".into(), source: None };
+        assert_eq!(full.kind(), ErrorKind::LacksSpace);
+        assert!(full.to_string().starts_with("No space left on device for the snapshot in /s"));
+        let lost = InstanceError::StateLost { pid: 7, source: Box::new(InstanceError::BlockingClosed) };
+        assert_eq!(lost.kind(), ErrorKind::NeedsChange);
     }
 }
