@@ -102,7 +102,7 @@ impl LoopFs {
 
     fn free(&self) -> u64 {
         let st = nix::sys::statvfs::statvfs(&self.mount).unwrap();
-        st.blocks_available() as u64 * st.fragment_size() as u64
+        st.blocks_available() * st.fragment_size()
     }
 
     /// Takes all but `leave` bytes of the free space with one file.

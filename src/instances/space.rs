@@ -14,7 +14,7 @@ pub const FULL_BELOW_BYTES: u64 = 4 << 20;
 /// The bytes an unprivileged writer can still put on the filesystem of `path`.
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// The length of every file under `dir` (0 when there is none): what a

@@ -553,7 +553,8 @@ mod tests {
 
     #[test]
     fn a_damaged_snapshot_is_told_with_its_file_and_the_mismatch_and_kept() {
-        let damage: [(&str, fn(&Path)); 4] = [
+        type Spoil = fn(&Path);
+        let damage: [(&str, Spoil); 4] = [
             ("its SHA-256 is", |dir| fs::write(dir.join("memory/ranges"), "stATe").unwrap()),
             ("it is 3 bytes, 5 were written", |dir| fs::write(dir.join("memory/ranges"), "sta").unwrap()),
             ("it is missing", |dir| fs::remove_file(dir.join("config.json")).unwrap()),
