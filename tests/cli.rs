@@ -182,7 +182,7 @@ fn data_dir_flag_beats_environment_beats_settings_file() -> Result<()> {
 }
 
 #[test]
-fn a_guest_whose_backend_is_missing_is_unknown_not_a_failure() -> Result<()> {
+fn a_guest_whose_backend_is_missing_is_stopped_with_the_reason_not_a_failure() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let config = three_data_dirs(tmp.path())?;
     let (code, out, err) = run(hypeman()
@@ -190,7 +190,8 @@ fn a_guest_whose_backend_is_missing_is_unknown_not_a_failure() -> Result<()> {
         .arg(&config))?;
     assert_eq!(code, 0, "{err}");
     let value: serde_json::Value = serde_json::from_str(&out)?;
-    assert_eq!(value["state"], "Unknown");
+    // No VMM on record: nothing can be running, whatever the backend.
+    assert_eq!(value["state"], "Stopped");
     assert_eq!(value["desired_state"], "absent");
     assert_eq!(
         value["last_error"],

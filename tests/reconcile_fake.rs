@@ -345,6 +345,11 @@ async fn a_fault_at_every_step_converges_after_a_retry() {
     for fault in [Fault::Error, Fault::ErrorAfter, Fault::KillVmm] {
         for (scenario, _, _, ops) in scenarios {
             for op in *ops {
+                if (*scenario, *op, fault) == ("standby", Op::Snapshot, Fault::KillVmm) {
+                    // The guest's state is lost, not converged on with a
+                    // fresh boot: a_vmm_that_dies_while_its_snapshot_is_written_is_reported.
+                    continue;
+                }
                 let mut env = Env::new();
                 env.start();
                 // Bring the instance to where the scenario starts.
@@ -1193,5 +1198,159 @@ async fn a_snapshot_from_before_the_agent_channel_still_restores() {
     let log = hypeman_log(&env, "web");
     assert!(!log.contains("cannot be restored"), "{log}");
     assert!(log.contains("guest clock not set: no agent channel at "), "{log}");
+    env.stop().await;
+}
+
+fn snapshots_dir(env: &Env, name: &str) -> PathBuf {
+    let meta = env.store().find_by_name(name).unwrap().expect("guest exists");
+    env.store().guest_paths(meta.id).snapshots_dir
+}
+
+/// The issue-10 full disk, before anything is written: a guest whose
+/// snapshot cannot fit is never paused, status names the lack of space,
+/// the log says it once however long the disk stays full, and the standby
+/// goes on by itself once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_cannot_fit_never_pauses_the_guest_and_goes_on_once_it_fits() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    env.fake.clear_calls();
+    env.fake.set_snapshot_estimate(Some(1 << 60));
+    env.write("web", &decl("standby", "256MiB"));
+    wait_for_error(&env, "web", "No space left on device").await;
+    // Many health intervals (50 ms): rechecks, and nothing else.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(env.state("web").await, VmState::Running);
+    assert_eq!(env.fake.calls(), Vec::<Op>::new(), "never paused");
+    let error = env.store().find_by_name("web").unwrap().unwrap().last_error.unwrap();
+    assert!(error.starts_with("pause failed: No space left on device for the snapshot in "), "{error}");
+    assert!(error.contains("the snapshot needs up to ") && error.contains(" are available"), "{error}");
+    assert!(error.contains("the guest keeps running"), "{error}");
+    let log = hypeman_log(&env, "web");
+    assert_eq!(log.matches("No space left on device").count(), 1, "said once, not at every recheck:\n{log}");
+    assert!(!log.contains("pause (from Running)"), "no step began:\n{log}");
+
+    env.fake.set_snapshot_estimate(Some(1 << 20));
+    env.wait_for("web", VmState::Standby).await;
+    assert_eq!(env.fake.calls(), vec![Op::Pause, Op::Snapshot, Op::Info, Op::ShutdownVmm]);
+    env.stop().await;
+}
+
+/// The issue-10 full disk, mid-write: the partial files are gone before
+/// the guest is resumed, the guest keeps running, and the error names the
+/// space and what was written; no retry pauses it while the disk stays
+/// full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_fills_the_disk_resumes_the_guest_and_leaves_nothing_behind() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    let partial = snapshots_dir(&env, "web").join("snapshot-latest.partial");
+    env.fake.clear_calls();
+    env.fake.fail(Op::Snapshot, 0, Fault::DiskFull);
+    env.fake.hold(Op::Resume);
+    env.write("web", &decl("standby", "256MiB"));
+    assert!(env.fake.wait_for_calls(Op::Resume, 1, WAIT).await, "the guest is resumed");
+    assert!(!partial.exists(), "the partial snapshot went first");
+    // The disk stays full from here on.
+    env.fake.set_snapshot_estimate(Some(1 << 60));
+    env.fake.release(Op::Resume);
+    wait_for_error(&env, "web", "were written before the disk filled").await;
+    let error = env.store().find_by_name("web").unwrap().unwrap().last_error.unwrap();
+    assert!(error.starts_with("snapshot to standby failed: No space left on device for the snapshot in "), "{error}");
+    assert!(error.contains("64.0 KiB were written"), "{error}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(env.state("web").await, VmState::Running);
+    assert_eq!(env.fake.calls(), vec![Op::Pause, Op::Snapshot, Op::Resume], "not paused again while it cannot fit");
+    assert!(!partial.exists());
+
+    env.fake.set_snapshot_estimate(None);
+    env.wait_for("web", VmState::Standby).await;
+    env.stop().await;
+}
+
+/// The issue-10 lost guest: its VMM dies while the snapshot is written.
+/// Status and `hypeman.log` say the running state was lost; no fresh VM is
+/// booted and saved in its place, not even by a restarted daemon; declaring
+/// it stopped acknowledges the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_dies_while_its_snapshot_is_written_is_reported() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    env.fake.fail(Op::Snapshot, 0, Fault::KillVmm);
+    env.write("web", &decl("standby", "256MiB"));
+    wait_for_error(&env, "web", "the guest's running state was lost: its VMM (pid").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let check = |env: &Env| {
+        let meta = env.store().find_by_name("web").unwrap().unwrap();
+        assert!(meta.lost.as_deref().is_some_and(|l| l.contains("died while its snapshot was written")), "{meta:?}");
+        assert!(meta.last_error.as_deref().is_some_and(|e| e.contains("running state was lost")), "{meta:?}");
+        assert_eq!(env.fake.vmms_started(), 1, "no VM booted in its place");
+        assert!(env.store().snapshot(meta.id).unwrap().is_none(), "no standby to show");
+        assert!(!snapshots_dir(env, "web").join("snapshot-latest.partial").exists());
+    };
+    check(&env);
+    assert_eq!(env.state("web").await, VmState::Stopped);
+    assert!(hypeman_log(&env, "web").contains("the guest's running state was lost"));
+
+    env.kill().await;
+    env.start();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    check(&env);
+    assert_eq!(env.state("web").await, VmState::Stopped);
+
+    env.write("web", &decl("stopped", "256MiB"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.store().find_by_name("web").unwrap().unwrap().lost.is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the loss was never acknowledged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.write("web", &decl("standby", "256MiB"));
+    env.wait_for("web", VmState::Standby).await;
+    assert_eq!(env.fake.vmms_started(), 2, "booted anew once asked");
+    env.stop().await;
+}
+
+/// A snapshot damaged on disk is found before any VMM is started on it:
+/// the instance holds in standby with the file and the mismatch in status,
+/// is not restored in a loop (not even by a restarted daemon), and keeps
+/// the snapshot until declared stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_is_detected_before_restore_and_kept_until_stopped() {
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &decl("running", "256MiB"));
+    env.wait_for("web", VmState::Running).await;
+    env.write("web", &decl("standby", "256MiB"));
+    env.wait_for("web", VmState::Standby).await;
+    let state = snapshots_dir(&env, "web").join("snapshot-latest/fake-vm.json");
+    let mut bytes = std::fs::read(&state).unwrap();
+    bytes[10] ^= 0x20;
+    std::fs::write(&state, bytes).unwrap();
+    env.fake.clear_calls();
+
+    env.write("web", &decl("running", "256MiB"));
+    wait_for_error(&env, "web", "the snapshot is damaged").await;
+    let error = env.store().find_by_name("web").unwrap().unwrap().last_error.unwrap();
+    assert!(error.contains(&format!("{}: its SHA-256 is", state.display())), "{error}");
+    assert!(error.contains("waiting for a change"), "{error}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.kill().await;
+    env.start();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.state("web").await, VmState::Standby);
+    assert!(!env.fake.calls().contains(&Op::Restore), "{:?}", env.fake.calls());
+    assert_eq!(env.fake.vmms_started(), 1);
+    assert!(state.exists(), "kept for the user");
+    assert!(hypeman_log(&env, "web").contains("declare the instance stopped to discard it"));
+
+    env.write("web", &decl("stopped", "256MiB"));
+    env.wait_for("web", VmState::Stopped).await;
+    assert!(!state.exists(), "declaring stopped discards it");
     env.stop().await;
 }

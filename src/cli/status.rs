@@ -108,6 +108,8 @@ fn from_view(ctx: &Context, view: &View) -> InstanceStatus {
         .or_else(|| view.desired.invalid().map(str::to_string))
         .or_else(|| view.observe_error.clone())
         .or_else(|| meta.and_then(|m| m.last_error.clone()))
+        // A loss stays on record until the declaration says what now.
+        .or_else(|| meta.and_then(|m| m.lost.clone()))
         .or_else(|| obs.unreachable.clone());
     // A stopped guest has no VM to restart: a declaration recorded for a
     // create that has not happened yet is not a change.

@@ -72,6 +72,9 @@ pub enum Fault {
     ErrorAfter,
     /// The VMM dies during the call, which fails.
     KillVmm,
+    /// A snapshot fills the disk: it writes part of its memory file, then
+    /// fails with `ENOSPC` (other calls fail as with [`Fault::Error`]).
+    DiskFull,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +110,8 @@ struct World {
     /// Presses of the power button the guest misses before it hears one
     /// (a guest still booting).
     power_presses_missed: u32,
+    /// What `snapshot_size_estimate` answers (`None`: it cannot tell).
+    snapshot_estimate: Option<u64>,
 }
 
 /// A test double of a hypervisor; clones share one world.
@@ -177,6 +182,11 @@ impl FakeHypervisor {
     /// as one whose init is not listening yet does.
     pub fn miss_power_presses(&self, presses: u32) {
         self.with(|w| w.power_presses_missed = presses);
+    }
+
+    /// What [`Hypervisor::snapshot_size_estimate`] answers from now on.
+    pub fn set_snapshot_estimate(&self, bytes: Option<u64>) {
+        self.with(|w| w.snapshot_estimate = bytes);
     }
 
     /// The VMM on `socket` dies (as if killed with SIGKILL).
@@ -315,6 +325,8 @@ impl FakeHypervisor {
                 Err(HypervisorError::Injected { op: op.name() })
             }
             Some(Fault::ErrorAfter) => Ok(Some(Fault::ErrorAfter)),
+            Some(Fault::DiskFull) if op == Op::Snapshot => Ok(Some(Fault::DiskFull)),
+            Some(Fault::DiskFull) => Err(HypervisorError::Injected { op: op.name() }),
             None => Ok(None),
         }
     }
@@ -463,6 +475,11 @@ impl Hypervisor for FakeHypervisor {
         Self::finish(Op::PowerOff, fault)
     }
 
+    async fn snapshot_size_estimate(&self, vmm: &VmmHandle) -> Option<u64> {
+        let estimate = self.peek(|w| w.snapshot_estimate);
+        self.on_vmm(vmm, |_| Ok(())).ok().and(estimate)
+    }
+
     async fn snapshot(&self, vmm: &VmmHandle, dir: &Path) -> Result<SnapshotMeta, HypervisorError> {
         let fault = self.enter(Op::Snapshot, &vmm.socket).await?;
         let snap = self.on_vmm(vmm, |v| {
@@ -473,6 +490,12 @@ impl Hypervisor for FakeHypervisor {
         })?;
         let backend = |e: std::io::Error| HypervisorError::Backend { op: "snapshot", source: e.into() };
         let json = serde_json::to_vec_pretty(&snap).map_err(|e| HypervisorError::Backend { op: "snapshot", source: e.into() })?;
+        if fault == Some(Fault::DiskFull) {
+            // Like QEMU's `exec:cat`: part of the stream is on disk when
+            // the write fails.
+            std::fs::write(dir.join("memory"), vec![0u8; 64 << 10]).map_err(backend)?;
+            return Err(backend(std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32)));
+        }
         std::fs::write(dir.join("fake-vm.json"), json).map_err(backend)?;
         Self::finish(Op::Snapshot, fault)?;
         Ok(SnapshotMeta { hypervisor_version: FAKE_VERSION.to_string(), config_hash: snap.config.config_hash() })

@@ -196,6 +196,10 @@ pub enum HypervisorError {
     Injected { op: &'static str },
 }
 
+/// What a snapshot writes besides guest RAM (device state, the migration
+/// stream's headers, launch records), added to every size estimate.
+pub const SNAPSHOT_STATE_MARGIN_BYTES: u64 = 16 << 20;
+
 /// One hypervisor backend. Every method acts on one VMM; none decides what
 /// to do next.
 #[async_trait]
@@ -224,6 +228,18 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Asks the guest to power off (ACPI power button). Returns at once; the
     /// caller watches for `Shutdown` or the VMM's exit.
     async fn power_off(&self, vmm: &VmmHandle) -> Result<(), HypervisorError>;
+    /// At most how many bytes a snapshot of this VM would write now, for
+    /// a free-space check before a standby pauses it; `None` when it
+    /// cannot tell. By default the smaller of the VMM's resident memory
+    /// and the guest's plugged memory (guest pages never touched are not
+    /// resident, and are written as nothing or as holes), plus room for
+    /// device state. Cloud Hypervisor's `memory-ranges` and QEMU's
+    /// migration stream both stay under it.
+    async fn snapshot_size_estimate(&self, vmm: &VmmHandle) -> Option<u64> {
+        let resident = process::resident_kib(vmm.process_id())?.saturating_mul(1024);
+        let plugged = self.info(vmm).await.ok().and_then(|i| i.memory_actual_bytes).unwrap_or(resident);
+        Some(resident.min(plugged).saturating_add(SNAPSHOT_STATE_MARGIN_BYTES))
+    }
     /// Writes the paused VM's state and memory into the empty `dir`.
     async fn snapshot(&self, vmm: &VmmHandle, dir: &Path)
         -> Result<SnapshotMeta, HypervisorError>;

@@ -142,6 +142,19 @@ pub fn resident_shmem_kib(id: ProcessId) -> Option<u64> {
     })
 }
 
+/// The process's resident memory (`VmRSS` of `/proc/<pid>/status`, KiB):
+/// all guest RAM a VMM's guest has touched, and the VMM's own memory.
+pub fn resident_kib(id: ProcessId) -> Option<u64> {
+    if !is_alive(id) {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", id.pid)).ok()?;
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix("VmRSS:")?;
+        value.trim().trim_end_matches("kB").trim().parse().ok()
+    })
+}
+
 /// Sends `sig` to the process if it is still `id`.
 pub fn signal(id: ProcessId, sig: nix::sys::signal::Signal) -> bool {
     if !is_alive(id) {

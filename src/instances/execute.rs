@@ -12,10 +12,11 @@
 //! `DiscardSnapshot`) or removed. A guest whose VMM ended on its own keeps
 //! an idle TAP until it is started again (which reuses it) or removed.
 
-use super::{error_chain, record_of, InstanceError, Instances, Observation};
+use super::{error_chain, record_of, space, InstanceError, Instances, Observation};
 use crate::declaration::spec::InstanceSpec;
 use crate::exit::GuestEnd;
 use crate::hypervisor::{Hypervisor, HypervisorError, Probe, VmmHandle};
+use crate::state::VmState;
 use super::step::{Outcome, PauseFor, Step};
 use crate::store::{now_rfc3339, ExitRecord, GuestPaths, Metadata, SnapshotInfo};
 use std::sync::Arc;
@@ -41,6 +42,12 @@ impl Instances {
         }
         let mut meta = obs.meta.clone().ok_or_else(|| InstanceError::NoGuest(name.to_string()))?;
         let paths = self.store.guest_paths(meta.id);
+        if let Step::Pause { vmm, why: PauseFor::Standby, .. } = step {
+            // A guest whose snapshot cannot fit is never paused. Checked
+            // before the step is logged: while the disk stays full, every
+            // recheck would otherwise add a line to `hypeman.log`.
+            self.check_space(self.backend(meta.hypervisor)?.as_ref(), vmm, &paths).await?;
+        }
         let journal = super::Journal::open(&paths, &meta.name);
         // A repeated press is not news: the first one was logged.
         let level = if matches!(step, Step::PressAgain { .. }) { Level::DEBUG } else { Level::INFO };
@@ -117,7 +124,7 @@ impl Instances {
                 }
                 done
             }
-            Step::Snapshot { vmm } => self.snapshot(vmm, meta).await,
+            Step::Snapshot { vmm } => self.snapshot(vmm, obs, meta, paths).await,
             Step::Restore { spec, snapshot } => self.restore(spec, snapshot, meta, paths).await,
             Step::PowerOff { vmm, booted: false, .. } => {
                 // Nothing booted that could hear the power button.
@@ -187,6 +194,7 @@ impl Instances {
             }
             Step::ForgetExit => {
                 meta.exited = None;
+                meta.lost = None;
                 self.write_metadata(meta).await?;
                 done
             }
@@ -234,25 +242,148 @@ impl Instances {
         let handle = backend.create(&guest, &config).await.map_err(hv("create"))?;
         meta.vmm = Some(record_of(&handle));
         meta.last_error = None;
+        meta.lost = None;
         self.write_metadata(meta).await?;
         Ok(Outcome::Done)
     }
 
     /// `Paused → Standby`: the snapshot, committed only once complete, and
-    /// only then the end of the VMM.
-    async fn snapshot(&self, vmm: &VmmHandle, meta: &mut Metadata) -> Result<Outcome, InstanceError> {
+    /// only then the end of the VMM. A snapshot that fails costs the guest
+    /// nothing it still has: see [`Instances::snapshot_failed`].
+    async fn snapshot(
+        &self,
+        vmm: &VmmHandle,
+        obs: &Observation,
+        meta: &mut Metadata,
+        paths: &GuestPaths,
+    ) -> Result<Outcome, InstanceError> {
         let backend = self.backend(meta.hypervisor)?;
         let id = meta.id;
-        let dir = self.blocking(move |store| store.begin_snapshot(id)).await?;
-        let taken = self.lending_turn(backend.snapshot(vmm, &dir)).await.map_err(hv("snapshot"))?;
-        let memory = backend.info(vmm).await.ok().and_then(|i| i.memory_actual_bytes).unwrap_or(0);
-        let info = SnapshotInfo::new(meta.hypervisor, &taken.hypervisor_version, &taken.config_hash, memory);
-        self.blocking(move |store| store.commit_snapshot(id, &info)).await?;
+        // Checked again here: the pause may have been long ago (a daemon
+        // restarted since), and the disk filled meanwhile.
+        let needed = match self.check_space(backend.as_ref(), vmm, paths).await {
+            Ok(needed) => needed,
+            Err(e) => return Err(self.snapshot_failed(backend.as_ref(), vmm, obs, meta, paths, None, e).await),
+        };
+        let written = async {
+            let dir = self.blocking(move |store| store.begin_snapshot(id)).await?;
+            let taken = self.lending_turn(backend.snapshot(vmm, &dir)).await.map_err(hv("snapshot"))?;
+            let memory = backend.info(vmm).await.ok().and_then(|i| i.memory_actual_bytes).unwrap_or(0);
+            let info = SnapshotInfo::new(meta.hypervisor, &taken.hypervisor_version, &taken.config_hash, memory);
+            self.blocking(move |store| store.commit_snapshot(id, &info)).await
+        };
+        if let Err(e) = written.await {
+            return Err(self.snapshot_failed(backend.as_ref(), vmm, obs, meta, paths, needed, e).await);
+        }
         // Only now, with a complete snapshot on disk, may the VMM go.
         self.end_vmm(backend.as_ref(), vmm).await?;
         meta.vmm = None;
         self.write_metadata(meta).await?;
         Ok(Outcome::Done)
+    }
+
+    /// Refuses a snapshot that would not fit in the free space of the
+    /// guest's directory, before anything is paused or written; returns the
+    /// estimate it checked (`None`: the backend cannot tell, and nothing is
+    /// refused).
+    async fn check_space(
+        &self,
+        backend: &dyn Hypervisor,
+        vmm: &VmmHandle,
+        paths: &GuestPaths,
+    ) -> Result<Option<u64>, InstanceError> {
+        let Some(needed) = backend.snapshot_size_estimate(vmm).await else { return Ok(None) };
+        let dir = paths.dir.clone();
+        let available = self.run_blocking(move || space::free_bytes(&dir)).await?;
+        let available = available.map_err(|e| crate::durable::DurableError::Io { op: "statvfs", path: paths.dir.clone(), source: e })?;
+        match space::shortfall(needed, available) {
+            None => Ok(Some(needed)),
+            Some(_) => Err(InstanceError::NoSpace {
+                dir: paths.snapshots_dir.clone(),
+                detail: format!(
+                    "the snapshot needs up to {}, {} are available",
+                    space::human(needed),
+                    space::human(available)
+                ),
+                source: None,
+            }),
+        }
+    }
+
+    /// After any failure of a snapshot: the partial files go at once, a
+    /// guest whose VMM lives is resumed (it keeps running), and the error
+    /// says why in the user's terms: a full disk as `No space left on
+    /// device` with how much was needed, written and available; a VMM that
+    /// died as the loss of the guest's running state, which is recorded
+    /// (`Metadata::lost`, `hypeman.log`) so that a fresh boot is never
+    /// taken for the user's standby. Safe to re-run: every part is
+    /// idempotent, and a daemon killed inside it finds a paused guest or a
+    /// dead VMM again and plans from there.
+    #[allow(clippy::too_many_arguments)]
+    async fn snapshot_failed(
+        &self,
+        backend: &dyn Hypervisor,
+        vmm: &VmmHandle,
+        obs: &Observation,
+        meta: &mut Metadata,
+        paths: &GuestPaths,
+        needed: Option<u64>,
+        error: InstanceError,
+    ) -> InstanceError {
+        let partial = paths.snapshot_partial();
+        let dir = paths.dir.clone();
+        // Measured before the partial files go, which frees their space.
+        let (written, available) = self
+            .run_blocking(move || (space::written_bytes(&partial), space::free_bytes(&dir).ok()))
+            .await
+            .unwrap_or((0, None));
+        let id = meta.id;
+        if let Err(e) = self.blocking(move |store| store.abandon_snapshot(id)).await {
+            self.event(meta, Level::ERROR, &format!("cannot remove the failed snapshot: {}", error_chain(&e)));
+        }
+        let guest = Self::guest_vmm(paths, meta);
+        match backend.probe(&guest).await {
+            Probe::Alive { state: VmState::Paused, .. } => match backend.resume(vmm).await {
+                Ok(()) => self.event(meta, Level::WARN, "the snapshot failed; the guest was resumed and keeps running"),
+                Err(e) => self.event(meta, Level::ERROR, &format!("the snapshot failed and the guest could not be resumed: {}", error_chain(&e))),
+            },
+            Probe::Alive { .. } | Probe::Unreachable { .. } => {}
+            Probe::Absent => return self.state_lost(vmm, obs, meta, error).await,
+        }
+        if matches!(error, InstanceError::NoSpace { .. }) {
+            return error;
+        }
+        let available = available.unwrap_or(u64::MAX);
+        if !space::ran_out(&error, available) {
+            return error;
+        }
+        let needed = needed.map_or(String::new(), |n| format!("the snapshot needs up to {}; ", space::human(n)));
+        InstanceError::NoSpace {
+            dir: paths.snapshots_dir.clone(),
+            detail: format!(
+                "{needed}{} were written before the disk filled, {} were left free",
+                space::human(written),
+                space::human(available)
+            ),
+            source: match error {
+                InstanceError::Hypervisor { source, .. } => Some(source),
+                _ => None,
+            },
+        }
+    }
+
+    /// The VMM died while its guest was being saved: what the guest was
+    /// running is gone. Said in `hypeman.log` and kept in the guest's
+    /// record until the declaration says what now.
+    async fn state_lost(&self, vmm: &VmmHandle, obs: &Observation, meta: &mut Metadata, error: InstanceError) -> InstanceError {
+        let lost = InstanceError::StateLost { pid: vmm.pid, source: Box::new(error) };
+        let line = lost.to_string();
+        self.event(meta, Level::ERROR, &format!("{line}; it is not booted afresh in its place: declare the instance running to boot it anew, or stopped"));
+        meta.lost = Some(line);
+        if let Err(e) = self.vmm_gone(obs, meta).await {
+            self.event(meta, Level::ERROR, &format!("cannot record the loss: {}", error_chain(&e)));
+        }
+        lost
     }
 
     /// `Standby → Paused`: a new VMM restores the snapshot under the launch
@@ -267,6 +398,7 @@ impl Instances {
         meta: &mut Metadata,
         paths: &GuestPaths,
     ) -> Result<Outcome, InstanceError> {
+        self.verify_snapshot(meta).await?;
         let backend = self.backend(meta.hypervisor)?;
         let started = std::time::Instant::now();
         self.ensure_lease(spec, meta).await?;
@@ -336,9 +468,25 @@ impl Instances {
         let id = meta.id;
         self.blocking(move |store| store.remove_snapshot(id)).await?;
         meta.applied = None;
+        meta.lost = Some(message.clone());
         meta.last_error = Some(message);
         self.write_metadata(meta).await?;
         Ok(Outcome::SnapshotUnusable { why })
+    }
+
+    /// Checks the snapshot against its marker before any VMM is started on
+    /// it. A damaged one is kept (declaring the instance stopped discards
+    /// it) and reported with the file and the mismatch; its error needs a
+    /// change, so it is not restored in a loop.
+    async fn verify_snapshot(&self, meta: &Metadata) -> Result<(), InstanceError> {
+        let id = meta.id;
+        let checked = self.blocking(move |store| store.verify_snapshot(id)).await;
+        if let Err(e) = &checked {
+            if matches!(e, InstanceError::Store(crate::store::StoreError::DamagedSnapshot { .. })) {
+                self.event(meta, Level::ERROR, &format!("{e}; it is kept, and not restored: declare the instance stopped to discard it"));
+            }
+        }
+        checked
     }
 
     /// Keeps how the guest ended in the metadata (written by the caller)

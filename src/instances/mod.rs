@@ -23,6 +23,7 @@ mod memory;
 mod observe;
 pub mod provision;
 mod prune;
+pub mod space;
 pub mod step;
 
 use crate::declaration::spec::{HypervisorKind, InstanceSpec};
@@ -38,9 +39,14 @@ use std::sync::Arc;
 /// What kind of failure a step error is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
-    /// May pass by itself (a VMM that timed out, a full disk, a registry
-    /// that did not answer): retry with backoff.
+    /// May pass by itself (a VMM that timed out, a registry that did not
+    /// answer): retry with backoff.
     Transient,
+    /// A snapshot does not fit in the free space of the data dir. Passes
+    /// once space is freed; until then every try is a free-space check
+    /// that leaves the guest running, so it is retried at a steady pace
+    /// rather than backed off.
+    LacksSpace,
     /// Cannot pass until the declaration or the settings change (a missing
     /// kernel, an option the backend cannot do, a backend that is not
     /// installed): do not retry until one does.
@@ -55,6 +61,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Transient => "transient",
+            ErrorKind::LacksSpace => "lacks-space",
             ErrorKind::NeedsChange => "needs-change",
             ErrorKind::Permanent => "permanent",
         }
@@ -89,6 +96,21 @@ pub enum InstanceError {
     NoGuest(String),
     #[error(transparent)]
     Durable(#[from] crate::durable::DurableError),
+    #[error("No space left on device for the snapshot in {dir}: {detail}")]
+    NoSpace {
+        dir: std::path::PathBuf,
+        /// How much was needed, written and available, as far as known.
+        detail: String,
+        /// What the hypervisor said, when the snapshot was begun.
+        #[source]
+        source: Option<HypervisorError>,
+    },
+    #[error("the guest's running state was lost: its VMM (pid {pid}) died while its snapshot was written")]
+    StateLost {
+        pid: u32,
+        #[source]
+        source: Box<InstanceError>,
+    },
     #[error("a blocking task failed")]
     Join(#[source] tokio::task::JoinError),
     #[error("the daemon is stopping")]
@@ -103,6 +125,12 @@ impl InstanceError {
             InstanceError::Provision(e) => provision_error_kind(e),
             InstanceError::NoBackend(_) => ErrorKind::NeedsChange,
             InstanceError::State(_) => ErrorKind::Permanent,
+            InstanceError::NoSpace { .. } => ErrorKind::LacksSpace,
+            // What the user wants of a guest whose state is gone, or of a
+            // damaged snapshot kept for them to look at, is theirs to say.
+            InstanceError::StateLost { .. } | InstanceError::Store(StoreError::DamagedSnapshot { .. }) => {
+                ErrorKind::NeedsChange
+            }
             InstanceError::Store(_)
             | InstanceError::Network(_)
             | InstanceError::UnreadableLeases(_)
@@ -119,13 +147,15 @@ impl InstanceError {
 fn hypervisor_error_kind(e: &HypervisorError) -> ErrorKind {
     match e {
         HypervisorError::Unsupported { .. } => ErrorKind::NeedsChange,
+        // A snapshot the VMM cannot use does not become usable by trying
+        // again: it is kept, and not restored in a loop.
+        HypervisorError::BadSnapshot { .. } => ErrorKind::NeedsChange,
         // The VMM binary is not installed (or not where the settings say).
         HypervisorError::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NeedsChange,
         HypervisorError::AlreadyRunning { .. }
         | HypervisorError::VmmGone { .. }
         | HypervisorError::WrongState { .. }
         | HypervisorError::Timeout { .. }
-        | HypervisorError::BadSnapshot { .. }
         | HypervisorError::Spawn { .. }
         | HypervisorError::Backend { .. }
         | HypervisorError::Injected { .. } => ErrorKind::Transient,
@@ -351,5 +381,14 @@ mod tests {
         let refused = StateError::InvalidTransition { from: crate::state::VmState::Running, to: crate::state::VmState::Created };
         assert_eq!(InstanceError::State(refused).kind(), ErrorKind::Permanent);
         assert_eq!(InstanceError::UnreadableLeases(1).kind(), ErrorKind::Transient);
+        let unusable = HypervisorError::BadSnapshot { dir: "/s".into(), source: "no memory file".into() };
+        assert_eq!(InstanceError::Hypervisor { op: "restore", source: unusable }.kind(), ErrorKind::NeedsChange);
+        let damaged = StoreError::DamagedSnapshot { path: "/s/memory".into(), problem: "it is 1 bytes, 2 were written".into() };
+        assert_eq!(InstanceError::Store(damaged).kind(), ErrorKind::NeedsChange);
+        let full = InstanceError::NoSpace { dir: "/s".into(), detail: "x".into(), source: None };
+        assert_eq!(full.kind(), ErrorKind::LacksSpace);
+        assert!(full.to_string().starts_with("No space left on device for the snapshot in /s"));
+        let lost = InstanceError::StateLost { pid: 7, source: Box::new(InstanceError::BlockingClosed) };
+        assert_eq!(lost.kind(), ErrorKind::NeedsChange);
     }
 }

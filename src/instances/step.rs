@@ -77,6 +77,8 @@ pub struct Observed {
     /// A guest record that cannot be read may be this instance's (see
     /// `Observation::unreadable_record`): why nothing may be done.
     pub unreadable_record: Option<String>,
+    /// Why the guest's running state was lost (see `Metadata::lost`).
+    pub lost: Option<String>,
 }
 
 /// What an instance's owner remembers of its own recent doings, which no
@@ -111,6 +113,7 @@ impl Observed {
             press_again: None,
             unanswered_until: None,
             unreadable_record: None,
+            lost: None,
         }
     }
 

@@ -370,14 +370,17 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             mem.steps_in_a_row = 0;
             let next = error_policy(e.kind(), mem.failures, settings);
             let until = match next {
-                Next::RetryAfter(wait) => mem.back_off(&desired, Instant::now(), wait),
+                Next::RetryAfter(wait) | Next::RecheckSpace(wait) => mem.back_off(&desired, Instant::now(), wait),
                 Next::AwaitChange => {
                     mem.hold(&desired, Hold::ForChange);
                     Instant::now() + rest
                 }
             };
             let text = format!("{step} failed: {}; {}", error_chain(&e), next.describe());
-            warn(instances, name, &obs, &text);
+            // A disk that stays full is said once, not at every recheck.
+            if !(matches!(next, Next::RecheckSpace(_)) && mem.failures > 1) {
+                warn(instances, name, &obs, &text);
+            }
             mem.view.error = Some(text.clone());
             let _ = instances.record_error(name, Some(text)).await;
             until

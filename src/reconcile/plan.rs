@@ -176,6 +176,14 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
             None => return Step::Blocked("standby without a snapshot".into()),
         },
 
+        // A fresh boot saved in its place would pass for the user's
+        // standby: say what happened and wait for them.
+        (DesiredState::Standby, Stopped) if observed.lost.is_some() => {
+            return Step::Blocked(format!(
+                "{}; it is not booted afresh in its place: declare it running to boot it anew, or stopped",
+                observed.lost.as_deref().unwrap_or_default()
+            ))
+        }
         (DesiredState::Standby, Stopped) => return Step::Create { spec: spec.clone() },
         // Snapshotting a VM of an outdated declaration would only be thrown
         // away at restore: restart it first.
@@ -189,7 +197,9 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         // pending change shows in status meanwhile.
         (DesiredState::Standby, Standby) => return Step::Converged,
 
-        (DesiredState::Stopped, Stopped) if observed.exited.is_some() => return Step::ForgetExit,
+        (DesiredState::Stopped, Stopped) if observed.exited.is_some() || observed.lost.is_some() => {
+            return Step::ForgetExit
+        }
         (DesiredState::Stopped, Stopped) => return Step::Converged,
         // A paused guest resumes first so it can shut down cleanly and
         // flush its overlay.

@@ -18,6 +18,9 @@ pub enum Next {
     RetryAfter(Duration),
     /// Try again when the declaration or the settings change.
     AwaitChange,
+    /// The snapshot does not fit: look at the free space again after this
+    /// long, with the guest left running meanwhile.
+    RecheckSpace(Duration),
 }
 
 impl Next {
@@ -26,6 +29,10 @@ impl Next {
         match self {
             Next::RetryAfter(wait) => format!("retrying in {}", humantime::format_duration(round_ms(wait))),
             Next::AwaitChange => "waiting for a change to the declaration or settings".to_string(),
+            Next::RecheckSpace(wait) => format!(
+                "the guest keeps running; free space is checked again every {} and the standby goes on once it fits",
+                humantime::format_duration(round_ms(wait))
+            ),
         }
     }
 }
@@ -39,6 +46,10 @@ fn round_ms(d: Duration) -> Duration {
 pub fn error_policy(kind: ErrorKind, failures: u32, settings: &ReconcileSettings) -> Next {
     match kind {
         ErrorKind::Transient => Next::RetryAfter(backoff(settings, failures)),
+        // A try costs one statvfs and never pauses the guest (the check
+        // comes before the pause), so there is nothing to back off from,
+        // and a freed disk is noticed within one health interval.
+        ErrorKind::LacksSpace => Next::RecheckSpace(settings.health_interval),
         ErrorKind::NeedsChange | ErrorKind::Permanent => Next::AwaitChange,
     }
 }
@@ -77,6 +88,16 @@ mod tests {
             assert_eq!(error_policy(ErrorKind::NeedsChange, n, &s), Next::AwaitChange);
             assert_eq!(error_policy(ErrorKind::Permanent, n, &s), Next::AwaitChange);
         }
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_fit_is_checked_again_at_a_steady_pace() {
+        let mut s = settings();
+        s.health_interval = Duration::from_secs(5);
+        for n in [1, 2, 10, 1000, u32::MAX] {
+            assert_eq!(error_policy(ErrorKind::LacksSpace, n, &s), Next::RecheckSpace(Duration::from_secs(5)), "failure {n}");
+        }
+        assert!(Next::RecheckSpace(Duration::from_secs(5)).describe().contains("keeps running"));
     }
 
     #[test]

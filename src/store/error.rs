@@ -95,6 +95,9 @@ pub enum StoreError {
     #[error("{query:?} matches more than one guest: {}", matches.join(", "))]
     Ambiguous { query: String, matches: Vec<String> },
 
+    #[error("the snapshot is damaged: {path}: {problem}")]
+    DamagedSnapshot { path: PathBuf, problem: String },
+
     #[error("no snapshot is being written at {path}")]
     NoPartialSnapshot { path: PathBuf },
 

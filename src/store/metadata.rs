@@ -47,6 +47,11 @@ pub struct Metadata {
     /// declared stopped; the restart policy decides from it.
     #[serde(default)]
     pub exited: Option<ExitRecord>,
+    /// Why the guest's running state was lost (its VMM died while its
+    /// snapshot was written), until the declaration says what now: a
+    /// fresh boot is never presented as the user's standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
     /// RFC 3339; set by `Store::write_metadata` on every write.
     pub updated_at: String,
 }
@@ -103,6 +108,7 @@ impl Metadata {
             last_error: None,
             network: None,
             exited: None,
+            lost: None,
             updated_at: now,
         }
     }

@@ -36,7 +36,7 @@ pub use applied::{AppliedDeclaration, AppliedLimit, AppliedNetwork, AppliedVolum
 pub use error::StoreError;
 pub use metadata::{now_rfc3339, ExitRecord, Metadata, NetworkLease, VmmRecord, CURRENT_VERSION};
 pub use paths::{GuestPaths, MAX_SOCKET_PATH};
-pub use snapshot::{SnapshotInfo, SNAPSHOT_VERSION};
+pub use snapshot::{SnapshotFile, SnapshotInfo, CHECKSUM_MAX_BYTES, SNAPSHOT_VERSION};
 
 const GUESTS_DIR: &str = "guests";
 const TOP_LEVEL_DIRS: [&str; 3] = [GUESTS_DIR, "images", "system"];

@@ -16,6 +16,12 @@
 //! abandoned attempt; `Store::open_and_recover` deletes it. Anything being deleted is
 //! first renamed to `.snapshot-trash`, so the marker disappears atomically
 //! before any memory file does.
+//!
+//! Integrity: the marker lists every file the hypervisor wrote with its
+//! size, and a SHA-256 of the small ones (device state, launch records);
+//! memory images are recorded by size only, since hashing gigabytes would
+//! cost the standby and the restore their speed. [`Store::verify_snapshot`]
+//! checks a snapshot against its marker before a VMM is started on it.
 
 use std::fs;
 use std::io;
@@ -23,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use ulid::Ulid;
 
 use crate::durable;
@@ -33,7 +40,13 @@ use super::Store;
 use crate::hypervisor::HypervisorKind;
 
 /// The marker format this build writes and the newest it reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// 2 added `files`; a version-1 marker reads as one with nothing to check.
+pub const SNAPSHOT_VERSION: u32 = 2;
+
+/// Files up to this size get a checksum in the marker; larger ones are
+/// memory images and get their size only. Device state is 40–220 KB
+/// (Cloud Hypervisor's `state.json`) and launch records a few KB.
+pub const CHECKSUM_MAX_BYTES: u64 = 4 << 20;
 
 /// The marker `snapshot.json`, written last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +61,22 @@ pub struct SnapshotInfo {
     /// RFC 3339.
     pub created_at: String,
     pub memory_bytes: u64,
+    /// What the hypervisor wrote, as committed, for
+    /// [`Store::verify_snapshot`]. Filled by [`Store::commit_snapshot`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<SnapshotFile>,
+}
+
+/// One file of a snapshot as it was committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFile {
+    /// Relative to the snapshot directory, `/`-separated.
+    pub path: String,
+    pub bytes: u64,
+    /// Lowercase hex; only for files up to [`CHECKSUM_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl SnapshotInfo {
@@ -64,7 +93,13 @@ impl SnapshotInfo {
             config_hash: config_hash.to_string(),
             created_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             memory_bytes,
+            files: Vec::new(),
         }
+    }
+
+    /// The bytes every file of the snapshot takes, as committed.
+    pub fn total_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
     }
 }
 
@@ -95,7 +130,9 @@ impl Store {
     /// Makes what the hypervisor wrote into the `.partial` dir durable,
     /// writes the marker last, and publishes it as `snapshot-latest`,
     /// replacing the previous snapshot. The marker is written with the
-    /// current [`SNAPSHOT_VERSION`] whatever `info.version` says.
+    /// current [`SNAPSHOT_VERSION`] whatever `info.version` says, and with
+    /// the sizes and checksums of what is in `.partial` whatever
+    /// `info.files` says.
     ///
     /// This is the one place a snapshot becomes durable: every file and
     /// directory under `.partial` is fsynced here, once, before the marker
@@ -113,6 +150,7 @@ impl Store {
         let marker = partial.join(SNAPSHOT_MARKER);
         let info = SnapshotInfo {
             version: SNAPSHOT_VERSION,
+            files: record_files(&partial)?,
             ..info.clone()
         };
         durable::write_atomic(&marker, &encode(&info, &marker)?)?;
@@ -129,9 +167,52 @@ impl Store {
         read_marker(&self.guest_paths(id).snapshot_latest)
     }
 
+    /// Checks the complete snapshot against what its marker recorded at
+    /// commit: every file there, of its size, and the small ones with their
+    /// checksum. Called before a VMM is started on it, so a damaged
+    /// snapshot is reported (and kept, for the user to look at or discard)
+    /// instead of restored into a guest that crashes or loops. A marker of
+    /// version 1 recorded nothing and passes.
+    pub fn verify_snapshot(&self, id: Ulid) -> Result<(), StoreError> {
+        let dir = self.guest_paths(id).snapshot_latest;
+        let Some(info) = read_marker(&dir)? else {
+            return Err(StoreError::DamagedSnapshot {
+                path: dir.join(SNAPSHOT_MARKER),
+                problem: "the marker is missing or unreadable".to_string(),
+            });
+        };
+        for file in &info.files {
+            let path = dir.join(&file.path);
+            let damaged = |problem: String| StoreError::DamagedSnapshot { path: path.clone(), problem };
+            let found = match fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(damaged("it is missing".to_string())),
+                Err(source) => return Err(StoreError::Io { op: "inspect", path, source }),
+            };
+            if found != file.bytes {
+                return Err(damaged(format!("it is {found} bytes, {} were written", file.bytes)));
+            }
+            if let Some(expected) = &file.sha256 {
+                let actual = sha256_of(&path)?;
+                if &actual != expected {
+                    return Err(damaged(format!("its SHA-256 is {actual}, {expected} was written")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `snapshots/snapshot-latest`: what a hypervisor restores from.
     pub fn snapshot_dir(&self, id: Ulid) -> PathBuf {
         self.guest_paths(id).snapshot_latest
+    }
+
+    /// Discards the snapshot being written, keeping the complete one, if
+    /// any: a failed snapshot leaves nothing behind to fill the disk.
+    /// Idempotent.
+    pub fn abandon_snapshot(&self, id: Ulid) -> Result<(), StoreError> {
+        let paths = self.guest_paths(id);
+        Ok(durable::discard_dir(&paths.snapshot_partial(), &paths.snapshot_trash())?)
     }
 
     /// Removes the snapshot and any snapshot being written. Idempotent.
@@ -141,6 +222,39 @@ impl Store {
         durable::discard_dir(&paths.snapshot_latest, &trash)?;
         Ok(durable::discard_dir(&paths.snapshot_partial(), &trash)?)
     }
+}
+
+/// Every file under `dir` (but the marker) with its size, and a checksum
+/// for the small ones, sorted by path.
+fn record_files(dir: &Path) -> Result<Vec<SnapshotFile>, StoreError> {
+    let mut files = Vec::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let here = dir.join(&rel);
+        for entry in fs::read_dir(&here).map_err(StoreError::io("list", &here))? {
+            let entry = entry.map_err(StoreError::io("list", &here))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(StoreError::io("inspect", &path))?;
+            let name = rel.join(entry.file_name());
+            if kind.is_dir() {
+                pending.push(name);
+            } else if kind.is_file() && name != Path::new(SNAPSHOT_MARKER) {
+                let bytes = entry.metadata().map_err(StoreError::io("inspect", &path))?.len();
+                let sha256 = if bytes <= CHECKSUM_MAX_BYTES { Some(sha256_of(&path)?) } else { None };
+                let path = name.to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
+                files.push(SnapshotFile { path, bytes, sha256 });
+            }
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+fn sha256_of(path: &Path) -> Result<String, StoreError> {
+    let mut file = fs::File::open(path).map_err(StoreError::io("open", path))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).map_err(StoreError::io("read", path))?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Replaces `snapshot-latest` with the (marked) `.partial`. Re-runnable from
@@ -408,6 +522,86 @@ mod tests {
                 "{crash_point}"
             );
         }
+    }
+
+    fn committed(store: &Store, id: Ulid) -> PathBuf {
+        let partial = store.begin_snapshot(id).unwrap();
+        write_hypervisor_files(&partial, "state");
+        // A memory image above the checksum limit: recorded by size only.
+        fs::write(partial.join("memory-ranges"), vec![7u8; CHECKSUM_MAX_BYTES as usize + 1]).unwrap();
+        store.commit_snapshot(id, &info("h")).unwrap();
+        store.snapshot_dir(id)
+    }
+
+    #[test]
+    fn the_marker_records_sizes_and_checksums_of_the_small_files() {
+        let (_tmp, store, m) = store_with_guest("web");
+        committed(&store, m.id);
+        let got = store.snapshot(m.id).unwrap().unwrap();
+        assert_eq!(got.version, SNAPSHOT_VERSION);
+        let names: Vec<&str> = got.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(names, vec!["config.json", "memory-ranges", "memory/ranges"], "every file but the marker, sorted");
+        let ranges = &got.files[2];
+        assert_eq!(ranges.bytes, 5);
+        // sha256("state")
+        assert_eq!(ranges.sha256.as_deref(), Some("4ba69735ca53765ed6a709edb56c6ea236b7193a3b29a6b390c346f0f4340e4e"));
+        let memory = &got.files[1];
+        assert_eq!((memory.bytes, memory.sha256.as_deref()), (CHECKSUM_MAX_BYTES + 1, None), "size only");
+        assert_eq!(got.total_bytes(), 5 + 15 + CHECKSUM_MAX_BYTES + 1);
+        store.verify_snapshot(m.id).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_told_with_its_file_and_the_mismatch_and_kept() {
+        type Spoil = fn(&Path);
+        let damage: [(&str, Spoil); 4] = [
+            ("its SHA-256 is", |dir| fs::write(dir.join("memory/ranges"), "stATe").unwrap()),
+            ("it is 3 bytes, 5 were written", |dir| fs::write(dir.join("memory/ranges"), "sta").unwrap()),
+            ("it is missing", |dir| fs::remove_file(dir.join("config.json")).unwrap()),
+            ("were written", |dir| {
+                let f = fs::OpenOptions::new().write(true).open(dir.join("memory-ranges")).unwrap();
+                f.set_len(4096).unwrap();
+            }),
+        ];
+        for (said, spoil) in damage {
+            let (_tmp, store, m) = store_with_guest("web");
+            let dir = committed(&store, m.id);
+            spoil(&dir);
+            let err = store.verify_snapshot(m.id).unwrap_err();
+            assert!(matches!(err, StoreError::DamagedSnapshot { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(text.starts_with("the snapshot is damaged: "), "{text}");
+            assert!(text.contains(said), "{text} lacks {said:?}");
+            assert!(text.contains(&dir.display().to_string()), "names the file: {text}");
+            assert!(store.snapshot(m.id).unwrap().is_some(), "still there for the user: {said}");
+        }
+    }
+
+    #[test]
+    fn a_version_1_marker_still_reads_and_has_nothing_to_check() {
+        let (_tmp, store, m) = store_with_guest("web");
+        let latest = store.snapshot_dir(m.id);
+        fs::create_dir_all(&latest).unwrap();
+        write_hypervisor_files(&latest, "x");
+        let v1 = r#"{"version": 1, "hypervisor": "qemu", "hypervisor_version": "7.2.22",
+            "config_hash": "h", "created_at": "2026-01-15T09:31:02.456Z", "memory_bytes": 0}"#;
+        fs::write(latest.join(SNAPSHOT_MARKER), v1).unwrap();
+        let got = store.snapshot(m.id).unwrap().expect("complete");
+        assert_eq!((got.version, got.files.len()), (1, 0));
+        store.verify_snapshot(m.id).unwrap();
+    }
+
+    #[test]
+    fn abandoning_drops_only_the_snapshot_being_written() {
+        let (_tmp, store, m) = store_with_guest("web");
+        committed(&store, m.id);
+        let partial = store.begin_snapshot(m.id).unwrap();
+        write_hypervisor_files(&partial, "half");
+        store.abandon_snapshot(m.id).unwrap();
+        assert!(!partial.exists());
+        assert_eq!(snapshot_entries(&store, m.id), vec!["snapshot-latest"]);
+        store.verify_snapshot(m.id).unwrap();
+        store.abandon_snapshot(m.id).unwrap();
     }
 
     #[test]

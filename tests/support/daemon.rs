@@ -27,6 +27,9 @@ pub struct World {
     pub socket: &'static str,
     /// How long any one wait may take.
     pub patience: Duration,
+    /// A directory put first on the daemon's `PATH` (and so its VMMs'), to
+    /// stand in for a tool they run, such as QEMU's `exec:cat`.
+    pub path_first: Option<PathBuf>,
     daemon: Option<Child>,
 }
 
@@ -51,6 +54,7 @@ impl World {
             extra: String::new(),
             socket,
             patience: Duration::from_secs(90),
+            path_first: None,
             daemon: None,
         }
     }
@@ -79,7 +83,12 @@ impl World {
     }
 
     pub fn start(&mut self) {
-        self.daemon = Some(super::spawn_daemon(self.hypeman(), &self.daemon_log()));
+        let mut cmd = self.hypeman();
+        if let Some(dir) = &self.path_first {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", dir.display()));
+        }
+        self.daemon = Some(super::spawn_daemon(cmd, &self.daemon_log()));
     }
 
     /// SIGKILL: nothing orderly happens.

@@ -51,6 +51,9 @@ pub fn supports_network_limit(limit: &IoLimit) -> bool {
 pub const LAUNCH_FILE: &str = "launch.json";
 /// The migration stream's file name in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// QEMU's stdout and stderr, relative to the guest directory (the store's
+/// `logs/vmm.log`): where its `exec:` migration writer's errors go.
+const VMM_LOG: &str = "logs/vmm.log";
 
 const LAUNCH_VERSION: u32 = 1;
 /// Per QMP call, and for a probe's whole exchange.
@@ -75,6 +78,15 @@ pub enum QemuError {
     UnexpectedStatus { op: &'static str, status: String },
     #[error("migration {status}: {reason}")]
     Migration { status: String, reason: String },
+    /// QEMU only sees its `exec:` writer's pipe break; the writer's own
+    /// words (`cat: write error: No space left on device`) are on QEMU's
+    /// stderr, the VMM log, and say why.
+    #[error("writing the snapshot failed: {writer}")]
+    SnapshotWrite {
+        writer: String,
+        #[source]
+        source: Box<QemuError>,
+    },
     #[error("cannot read {path}")]
     Read {
         path: PathBuf,
@@ -490,8 +502,23 @@ impl Hypervisor for QemuBackend {
             .await?;
         // QEMU 7.2 has no `file:` URI; `exec:` runs through /bin/sh.
         let uri = format!("exec:cat > {}", shell_quote(&dir.join(MEMORY_FILE).display().to_string()));
+        let log = guest_dir(&vmm.socket).map_err(backend(op))?.join(VMM_LOG);
+        let log_start = process::log_end(&log);
         self.call_on(&mut c, vmm, op, "migrate", Some(json!({ "uri": uri }))).await?;
-        self.wait_migration(&mut c, vmm, op).await?;
+        match self.wait_migration(&mut c, vmm, op).await {
+            Ok(()) => {}
+            Err(HypervisorError::Backend { op, source }) => {
+                let writer = process::log_tail(&log, log_start);
+                return Err(match source.downcast::<QemuError>() {
+                    Ok(e) if !writer.is_empty() => {
+                        backend(op)(QemuError::SnapshotWrite { writer, source: e })
+                    }
+                    Ok(e) => backend(op)(*e),
+                    Err(source) => HypervisorError::Backend { op, source },
+                });
+            }
+            Err(e) => return Err(e),
+        }
         record.write(&dir.join(LAUNCH_FILE)).map_err(backend(op))?;
         Ok(SnapshotMeta { hypervisor_version: version, config_hash: record.config.config_hash() })
     }

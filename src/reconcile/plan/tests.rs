@@ -77,6 +77,7 @@ fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
             Step::Create { spec } => {
                 obs.applied = Some(spec.applied_for(HypervisorKind::Qemu));
                 obs.exited = None;
+                obs.lost = None;
                 obs.vmm = Some(vmm());
                 obs.recorded_vmm = Some(vmm());
             }
@@ -91,7 +92,10 @@ fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
                     obs.applied = None;
                 }
             }
-            Step::ForgetExit => obs.exited = None,
+            Step::ForgetExit => {
+                obs.exited = None;
+                obs.lost = None;
+            }
             Step::Snapshot { .. } => {
                 obs.snapshot = Some(snapshot());
                 obs.vmm = None;
@@ -554,6 +558,7 @@ mod props {
             press_again in proptest::option::of(offset()),
             unanswered_until in proptest::option::of(offset()),
             unreadable in proptest::bool::weighted(0.05),
+            lost in any::<bool>(),
         ) -> Observed {
             Observed {
                 exists,
@@ -572,6 +577,7 @@ mod props {
                 press_again: press_again.map(|ms| at(now, ms)),
                 unanswered_until: unanswered_until.map(|ms| at(now, ms)),
                 unreadable_record: unreadable.then(|| "the guest record /g/metadata.json cannot be read".to_string()),
+                lost: lost.then(|| "the guest's running state was lost".into()),
             }
         }
     }
@@ -710,4 +716,26 @@ mod props {
             prop_assert!(steps.len() <= 8, "{:?}", steps);
         }
     }
+}
+
+/// A guest whose VMM died while its snapshot was written: a fresh boot is
+/// never saved as its standby; declaring running boots it anew, declaring
+/// stopped acknowledges the loss.
+#[test]
+fn a_guest_whose_running_state_was_lost_is_not_booted_afresh_as_its_standby() {
+    let why = "the guest's running state was lost: its VMM (pid 42) died while its snapshot was written";
+    let lost = Observed { lost: Some(why.into()), applied: None, ..observed(Stopped) };
+    let now = Instant::now();
+    match plan(&present(DesiredState::Standby), &lost, now) {
+        Step::Blocked(said) => {
+            assert!(said.starts_with(why), "{said}");
+            assert!(said.contains("declare it running"), "{said}");
+        }
+        other => panic!("expected Blocked, got {other:?}"),
+    }
+    assert_eq!(plan(&present(DesiredState::Running), &lost, now).kind(), Create);
+    assert_eq!(walk(&present(DesiredState::Stopped), lost.clone()), vec![ForgetExit]);
+    // Once forgotten (or booted anew), standby works as ever.
+    let forgotten = Observed { lost: None, ..lost };
+    assert_eq!(plan(&present(DesiredState::Standby), &forgotten, now).kind(), Create);
 }
