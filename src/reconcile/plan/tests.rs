@@ -101,7 +101,7 @@ fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
                 obs.vmm = None;
                 obs.recorded_vmm = None;
             }
-            Step::DiscardSnapshot { .. } | Step::DropStaleSnapshot { .. } => obs.snapshot = None,
+            Step::DiscardSnapshot | Step::DropStaleSnapshot { .. } => obs.snapshot = None,
             Step::StopVmm { .. } => {
                 if let Some(end) = obs.ended.take() {
                     obs.exited = Some((end, obs.applied.clone()));
