@@ -228,22 +228,8 @@ impl<W: Write + Send> Progress for StderrProgress<W> {
     }
 }
 
-/// A byte count as the pull lines and the `image` listings show it
-/// (`512 B`, `1.5 MiB`).
-pub(super) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+/// A byte count as the pull lines and the `image` listings show it.
+pub(super) use crate::config_file::units::human_bytes as human;
 
 #[cfg(test)]
 mod tests {

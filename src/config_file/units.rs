@@ -291,6 +291,24 @@ impl<'de> Deserialize<'de> for RawQuantity {
     }
 }
 
+/// A byte count as people read it, in binary units with one decimal:
+/// `512 B`, `1.5 MiB`, `272.0 MiB` (messages and listings; `ByteSize`
+/// is the declarations' spelling).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,20 +64,7 @@ const ENOSPC: i32 = nix::errno::Errno::ENOSPC as i32;
 const EDQUOT: i32 = nix::errno::Errno::EDQUOT as i32;
 
 /// Bytes as people read them: `272.0 MiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use crate::config_file::units::human_bytes as human;
 
 #[cfg(test)]
 mod tests {
