@@ -13,7 +13,7 @@
 //! an idle TAP until it is started again (which reuses it) or removed.
 
 use super::{error_chain, record_of, space, InstanceError, Instances, Observation};
-use crate::declaration::spec::InstanceSpec;
+use crate::declaration::spec::{DesiredState, InstanceSpec};
 use crate::exit::GuestEnd;
 use crate::hypervisor::{Hypervisor, HypervisorError, Probe, VmmHandle};
 use crate::state::VmState;
@@ -398,7 +398,15 @@ impl Instances {
         meta: &mut Metadata,
         paths: &GuestPaths,
     ) -> Result<Outcome, InstanceError> {
-        self.verify_snapshot(meta).await?;
+        if let Err(e) = self.verify_snapshot(meta).await {
+            // Kept for a guest wanted back; one declared stopped has no use
+            // for a snapshot that cannot be restored.
+            let damaged = matches!(&e, InstanceError::Store(crate::store::StoreError::DamagedSnapshot { .. }));
+            if damaged && spec.state == DesiredState::Stopped {
+                return self.discard_unusable(meta, error_chain(&e)).await;
+            }
+            return Err(e);
+        }
         let backend = self.backend(meta.hypervisor)?;
         let started = std::time::Instant::now();
         self.ensure_lease(spec, meta).await?;
