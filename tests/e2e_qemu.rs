@@ -20,8 +20,7 @@ fn gate() -> Option<(PathBuf, PathBuf)> {
 
 /// The daemon set up for real QEMU guests under TCG.
 fn world(kernel_dir: &Path, init: &Path) -> World {
-    let settings = support::tcg_settings(kernel_dir, init, "");
-    World::new("qmp.sock", |tmp| (settings, support::busybox_image(tmp, &["sh", "sleep", "echo", "cat"])))
+    World::qemu(kernel_dir, init)
 }
 
 #[test]

@@ -28,8 +28,7 @@ fn gate() -> Option<(PathBuf, PathBuf)> {
 /// A world whose QEMU writes snapshots through the gated `cat`; returns
 /// it with the gate's path (absent: `cat` runs at once).
 fn world(kernel_dir: &Path, init: &Path) -> (World, PathBuf) {
-    let settings = support::tcg_settings(kernel_dir, init, "");
-    let mut w = World::new("qmp.sock", |tmp| (settings, support::busybox_image(tmp, &["sh", "sleep", "echo", "cat"])));
+    let mut w = World::qemu(kernel_dir, init);
     let bin = w.tmp.path().join("gated-bin");
     std::fs::create_dir_all(&bin).unwrap();
     let gate = w.tmp.path().join("hold-cat");

@@ -19,8 +19,7 @@ fn gate() -> Option<(PathBuf, PathBuf)> {
 }
 
 fn world(kernel_dir: &Path, init: &Path) -> World {
-    let settings = support::tcg_settings(kernel_dir, init, "");
-    World::new("qmp.sock", |tmp| (settings, support::busybox_image(tmp, &["sh", "sleep", "echo", "cat"])))
+    World::qemu(kernel_dir, init)
 }
 
 /// The live processes whose command line names `dir` (a guest directory):

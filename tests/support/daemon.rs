@@ -34,6 +34,13 @@ pub struct World {
 }
 
 impl World {
+    /// The daemon set up for real QEMU guests under TCG (`tcg_settings`),
+    /// declaring the busybox image with what the counter app needs.
+    pub fn qemu(kernel_dir: &Path, init: &Path) -> World {
+        let settings = super::tcg_settings(kernel_dir, init, "");
+        World::new("qmp.sock", |tmp| (settings, super::busybox_image(tmp, &["sh", "sleep", "echo", "cat"])))
+    }
+
     /// A config dir and an empty instances dir in a temp dir; `setup`
     /// gets that temp dir and returns the settings (`hypeman.toml`) and the
     /// image to declare.
