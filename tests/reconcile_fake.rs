@@ -493,6 +493,8 @@ async fn an_instance_whose_backend_is_missing_can_be_removed() {
         assert!(tokio::time::Instant::now() < deadline, "no error recorded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let error = env.store().find_by_name("orphan").unwrap().unwrap().last_error.unwrap();
+    assert!(error.starts_with("cloud-hypervisor is not installed, and its VMM (pid"), "{error}");
     assert!(child.try_wait().unwrap().is_none(), "its VMM is left running");
     env.remove("orphan");
     env.wait_gone("orphan").await;
