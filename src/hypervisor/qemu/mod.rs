@@ -371,9 +371,10 @@ impl Hypervisor for QemuBackend {
         HypervisorKind::Qemu
     }
 
-    /// The virtio-mem device starts with nothing plugged (`requested-size=0`).
-    fn running_memory_bytes(&self, memory_bytes: u64, _hotplug_memory_bytes: u64) -> u64 {
-        memory_bytes
+    /// The virtio-mem device is launched with all of its memory requested
+    /// (`argv`), so a running guest has all of it once its driver plugs it.
+    fn running_memory_bytes(&self, memory_bytes: u64, hotplug_memory_bytes: u64) -> u64 {
+        memory_bytes + hotplug_memory_bytes
     }
 
     async fn version(&self) -> Result<String, HypervisorError> {
