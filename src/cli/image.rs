@@ -146,7 +146,8 @@ pub fn ls(store: &ImageStore, users: &BTreeMap<String, String>, json: bool, out:
         };
         let short = &r.digest[..r.digest.len().min(19)];
         let used = if r.used_by.is_empty() { "-".to_string() } else { r.used_by.join(",") };
-        w(out, &reference, short, &human(r.size_bytes), &used).map_err(CliError::Output)?;
+        let size = if r.damaged.is_some() { "-".to_string() } else { human(r.size_bytes) };
+        w(out, &reference, short, &size, &used).map_err(CliError::Output)?;
     }
     Ok(())
 }
@@ -212,6 +213,36 @@ mod tests {
         assert_eq!(find(&images, "abc").unwrap().digest, format!("sha256:{b}"));
         assert!(find(&images, "a").unwrap_err().to_string().contains("matches 2 images"));
         assert!(find(&images, "redis").unwrap_err().to_string().contains("no cached image"));
+    }
+
+    /// An image whose record cannot be read is listed as damaged (with a
+    /// way out) and can be removed by its digest.
+    #[test]
+    fn a_damaged_image_is_listed_and_removable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path(), Default::default()).unwrap();
+        let hex = "c".repeat(64);
+        let dir = tmp.path().join("images").join(&hex);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("image.json"), b"{ truncated").unwrap();
+        let mut out = Vec::new();
+        ls(&store, &BTreeMap::new(), false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap().replace(&tmp.path().display().to_string(), "[tmp]");
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            format!(
+                "(damaged: its record [tmp]/images/{hex}/image.json cannot be read: key must be a string at line 1 column 3; \
+                 `hypeman image pull` repairs it, `hypeman image rm` removes it) sha256:cccccccccccc         -  -"
+            )
+        );
+        let mut out = Vec::new();
+        ls(&store, &BTreeMap::new(), true, &mut out).unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(rows[0]["damaged"].as_str().unwrap().starts_with("its record "), "{rows}");
+        let mut out = Vec::new();
+        rm(&store, &BTreeMap::new(), &hex, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), format!("removed sha256:{hex}\n"));
+        assert!(!dir.exists());
     }
 
     #[test]

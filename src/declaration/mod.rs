@@ -72,7 +72,7 @@ impl DeclarationError {
             }
             DeclarationError::TooLarge { path, size, limit } => {
                 let size = match size {
-                    Some(bytes) => format!("is {}", crate::config_file::units::human_bytes(*bytes)),
+                    Some(bytes) => format!("is {},", crate::config_file::units::human_bytes(*bytes)),
                     None => "grew while it was read and".to_string(),
                 };
                 vec![Diagnostic::whole_file(

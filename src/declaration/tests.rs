@@ -669,7 +669,7 @@ fn a_declaration_over_the_size_limit_is_refused_unread() {
     assert_eq!(
         err.diagnostics()[0].to_string(),
         format!(
-            "{}:1:1: is 2.0 GiB over limits.max_declaration_size (1MiB); it is not read: \
+            "{}:1:1: is 2.0 GiB, over limits.max_declaration_size (1MiB); it is not read: \
              a declaration needs a few KiB, so this is likely the wrong file",
             path.display()
         )
