@@ -7,10 +7,11 @@
 //! shows. The provisioner looks again just before the VMM opens it
 //! ([`check_at_use`]), since the file may have been replaced in between.
 //!
-//! A source that does not exist yet is not a validation problem: `hypeman
-//! validate` also runs where the host's files are not (the Nix build of a
-//! config dir), and a disk image may be made after its declaration. It is
-//! reported when the VM is made.
+//! A source that does not exist yet, or that the user validating may not
+//! look at, is not a validation problem: `hypeman validate` also runs where
+//! the host's files are not (the Nix build of a config dir) or as a user
+//! who cannot see into a root-only directory, and a disk image may be made
+//! after its declaration. It is reported when the VM is made.
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;

@@ -518,6 +518,7 @@ fn fake_host() -> FakeHost {
         ("/dev/disk/by-id/x", found("/dev/sdb", SourceKind::BlockDevice)),
         ("/dev/null", found("/dev/null", SourceKind::Other)),
         ("/srv/secret.raw", Err(io::ErrorKind::PermissionDenied)),
+        ("/srv/data.raw/x", Err(io::ErrorKind::NotADirectory)),
     ])
 }
 
@@ -564,7 +565,7 @@ fn every_input_limit_and_volume_source_message() {
         ("block device without block_device", "image = \"x\"\n[[volumes]]\nsource = \"/dev/disk/by-id/x\"\npath = \"/data\"\n".into()),
         ("block_device = true on a file", "image = \"x\"\n[[volumes]]\nsource = \"/srv/link.raw\"\npath = \"/data\"\nblock_device = true\n".into()),
         ("a character device", "image = \"x\"\n[[volumes]]\nsource = \"/dev/null\"\npath = \"/data\"\n".into()),
-        ("a source that cannot be looked at", "image = \"x\"\n[[volumes]]\nsource = \"/srv/secret.raw\"\npath = \"/data\"\n".into()),
+        ("a source that cannot be looked at", "image = \"x\"\n[[volumes]]\nsource = \"/srv/data.raw/x\"\npath = \"/data\"\n".into()),
         (
             "two links to one file",
             "image = \"x\"\n[[volumes]]\nsource = \"/srv/data.raw\"\npath = \"/a\"\n[[volumes]]\nsource = \"/srv/link.raw\"\npath = \"/b\"\n".into(),
@@ -606,7 +607,8 @@ fn the_kernels_limits_are_met_exactly() {
 fn volume_sources_are_resolved_once_and_kept_as_declared_for_the_record() {
     let text = "image = \"x\"\n[[volumes]]\nsource = \"/srv/link.raw\"\npath = \"/a\"\n\
                 [[volumes]]\nsource = \"/dev/disk/by-id/x\"\npath = \"/b\"\nblock_device = true\n\
-                [[volumes]]\nsource = \"/srv/later.raw\"\npath = \"/c\"\n";
+                [[volumes]]\nsource = \"/srv/later.raw\"\npath = \"/c\"\n\
+                [[volumes]]\nsource = \"/srv/secret.raw\"\npath = \"/d\"\n";
     let spec = parse_instance_on(Path::new("instances/web.toml"), text, &Limits::default(), &fake_host())
         .unwrap_or_else(|d| panic!("{}", render(&d)));
     let got: Vec<_> = spec
@@ -619,8 +621,10 @@ fn volume_sources_are_resolved_once_and_kept_as_declared_for_the_record() {
         [
             ("/srv/data.raw", "/srv/link.raw", false),
             ("/dev/sdb", "/dev/disk/by-id/x", true),
-            // Not there yet: taken as written, checked when the VM is made.
+            // Not there yet, or not visible to this user: taken as
+            // written, checked when the VM is made.
             ("/srv/later.raw", "/srv/later.raw", false),
+            ("/srv/secret.raw", "/srv/secret.raw", false),
         ]
     );
     // The guest's record keeps what the file says, so a link that now

@@ -623,8 +623,10 @@ fn volume_source(
                 }
                 return found.resolved;
             }
-            // Checked when the VM is made: see `declaration::host`.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Checked when the VM is made (see `declaration::host`): it
+            // may be made later, or be visible only to the daemon (a user's
+            // `hypeman validate` may not see into a root-only directory).
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied) => {}
             Err(e) => field.report(p, format!("cannot be inspected: {e}")),
         }
     }
