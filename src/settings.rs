@@ -15,7 +15,7 @@
 
 use crate::config_file::units::RawQuantity;
 use crate::config_file::{ByteSize, Diagnostic, Problems, RawInt};
-use crate::declaration::{MIN_MEMORY, MIN_OVERLAY_SIZE};
+use crate::declaration::{EXEC_TOTAL_CEILING, MIN_MEMORY, MIN_OVERLAY_SIZE};
 use crate::hypervisor::HypervisorKind;
 // QEMU's accelerator is the backend's type; re-exported so the path
 // `settings::Accel` keeps working.
@@ -584,6 +584,38 @@ fn limits(p: &mut Problems<'_>, raw: &RawLimits) -> Limits {
             defaults.max_overlay_size,
             MIN_OVERLAY_SIZE,
         ),
+        max_declaration_size: size(
+            p,
+            "limits.max_declaration_size",
+            &raw.max_declaration_size,
+            defaults.max_declaration_size,
+            MIN_DECLARATION_SIZE,
+        ),
+        max_exec_size: exec_size(p, &raw.max_exec_size, defaults.max_exec_size),
+    }
+}
+
+/// The smallest `limits.max_declaration_size`: room for any sensible
+/// declaration, so a typo in the unit does not refuse every file.
+const MIN_DECLARATION_SIZE: ByteSize = ByteSize(4 * ByteSize::KIB);
+/// The smallest `limits.max_exec_size`: one argument of the kernel's
+/// longest length still fits.
+const MIN_EXEC_SIZE: ByteSize = ByteSize(128 * ByteSize::KIB);
+
+/// `limits.max_exec_size`, between [`MIN_EXEC_SIZE`] and the guest kernel's
+/// ceiling, past which no exec could succeed anyway.
+fn exec_size(p: &mut Problems<'_>, raw: &Option<Spanned<RawQuantity>>, default: ByteSize) -> ByteSize {
+    let size = size(p, "limits.max_exec_size", raw, default, MIN_EXEC_SIZE);
+    match raw {
+        Some(s) if size > EXEC_TOTAL_CEILING => {
+            p.value(
+                "limits.max_exec_size",
+                s.span(),
+                format!("must be at most {EXEC_TOTAL_CEILING}: the guest kernel refuses a larger command and environment"),
+            );
+            default
+        }
+        Some(_) | None => size,
     }
 }
 
@@ -748,6 +780,8 @@ struct RawLimits {
     max_vcpus: Option<Spanned<RawInt>>,
     max_memory: Option<Spanned<RawQuantity>>,
     max_overlay_size: Option<Spanned<RawQuantity>>,
+    max_declaration_size: Option<Spanned<RawQuantity>>,
+    max_exec_size: Option<Spanned<RawQuantity>>,
 }
 
 /// Durations are strings in `humantime` syntax: "30s", "100ms", "5m", "1h 30m".
@@ -860,7 +894,9 @@ mod tests {
             Limits {
                 max_vcpus: 32,
                 max_memory: ByteSize(64 << 30),
-                max_overlay_size: ByteSize(1 << 40)
+                max_overlay_size: ByteSize(1 << 40),
+                max_declaration_size: ByteSize(1 << 20),
+                max_exec_size: ByteSize(1 << 20),
             }
         );
         assert_eq!(
@@ -1086,6 +1122,8 @@ mod tests {
                 "insecure_registries = [\"localhost\", \"localhost:0\", \"reg:99999\", \"-bad-:5000\", \"::1:5000\", \"[::1]:5000\", \"http://reg:5000\"]\n",
             ),
             ("bad limits", "[limits]\nmax_vcpus = -1\nmax_memory = \"32MiB\"\nmax_overlay_size = \"1TB\"\n"),
+            ("input limits out of range", "[limits]\nmax_declaration_size = \"1KiB\"\nmax_exec_size = \"4MiB\"\n"),
+            ("exec size under one string", "[limits]\nmax_exec_size = \"64KiB\"\n"),
             (
                 "bad durations",
                 "[reconcile]\nresync_interval = \"0s\"\ndebounce = \"soon\"\nbackoff_initial = \"10\"\nstop_grace = \"-1s\"\n",

@@ -214,6 +214,7 @@ fn a_guest_whose_backend_is_missing_is_stopped_with_the_reason_not_a_failure() -
         "has_snapshot",
         "last_error",
         "pending_change",
+        "volumes",
     ];
     expected.sort_unstable();
     assert_eq!(keys, expected);

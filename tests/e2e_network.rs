@@ -361,7 +361,8 @@ fn guests_reach_the_host_the_host_reaches_them_and_they_reach_each_other() {
 
 /// A declared `[[volumes]]` disk is found by its serial, mounted where the
 /// declaration says, readable and writable by the app; without `[network]`
-/// the guest has loopback only.
+/// the guest has loopback only. It is declared through a symlink, which is
+/// resolved once: `status` shows the file the VM was given.
 #[test]
 fn a_volume_is_mounted_and_the_app_writes_to_it() {
     let Some((kernel_dir, init)) = support::real_vm("the volume test", &["umoci", "mkfs.erofs", "mkfs.ext4", "debugfs", "ip"]) else {
@@ -374,12 +375,17 @@ fn a_volume_is_mounted_and_the_app_writes_to_it() {
     let volume = w.tmp.path().join("data.ext4");
     std::fs::File::create(&volume).unwrap().set_len(32 << 20).unwrap();
     support::run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&seed).arg(&volume));
+    let link = w.tmp.path().join("data-link.ext4");
+    std::os::unix::fs::symlink(&volume, &link).unwrap();
     w.start();
 
     let script = "echo SEED $(cat /data/seed.txt); echo written-by-the-guest > /data/proof.txt; sync; \
                   echo LINKS $(ls /sys/class/net); echo VOLUME_DONE; sleep 3600";
-    w.declare_with("vol", "running", script, &format!("[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", volume.display()));
+    w.declare_with("vol", "running", script, &format!("[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", link.display()));
     w.wait("vol", "Running");
+    let shown = &w.status("vol")["volumes"][0];
+    assert_eq!(shown["source"], std::fs::canonicalize(&volume).unwrap().display().to_string());
+    assert_eq!(shown["declared"], link.display().to_string());
     w.wait_line("vol", "VOLUME_DONE");
     assert_eq!(w.wait_line("vol", "SEED"), "SEED seeded-on-the-host");
     assert_eq!(w.wait_line("vol", "LINKS"), "LINKS lo", "no NIC without [network]");
@@ -387,7 +393,7 @@ fn a_volume_is_mounted_and_the_app_writes_to_it() {
     let console = w.app_log("vol");
     assert!(console.contains("volume vol0 (/dev/vdd, ext4) mounted on /data"), "{console}");
 
-    w.declare_with("vol", "stopped", script, &format!("[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", volume.display()));
+    w.declare_with("vol", "stopped", script, &format!("[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", link.display()));
     w.wait("vol", "Stopped");
     let proof = support::run_ok(Command::new("debugfs").args(["-R", "cat /proof.txt"]).arg(&volume));
     assert_eq!(proof.trim(), "written-by-the-guest");

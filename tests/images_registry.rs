@@ -155,6 +155,27 @@ async fn pull_from_a_real_registry_then_serve_from_cache() {
         "19/999\n"
     );
 
+    // A truncated root disk (guests died of SIGBUS on one) is pulled and
+    // converted again rather than handed out; an unreadable image.json
+    // costs only its own image, and pulling it repairs it.
+    let len = fs::metadata(&info.rootfs).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&info.rootfs).unwrap().set_len(len / 2).unwrap();
+    let gets = registry.blob_gets();
+    let repaired = store.ensure(&reference).await.unwrap();
+    assert_eq!((repaired.digest.as_str(), store.conversions()), (info.digest.as_str(), 4));
+    assert_eq!(fs::metadata(&repaired.rootfs).unwrap().len(), len);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(registry.blob_gets() > gets, "the damaged image was pulled again");
+    fs::write(multi.rootfs.with_file_name("image.json"), "{").unwrap();
+    let listing = store.list().unwrap();
+    assert_eq!(listing.images.len(), 2);
+    assert_eq!(listing.damaged.len(), 1);
+    assert_eq!(listing.damaged[0].digest, multi.digest);
+    let multi_again = store.ensure(&format!("{}/test/multi:1", registry.host())).await.unwrap();
+    assert_eq!(multi_again.digest, multi.digest);
+    assert_eq!(store.conversions(), 5);
+    assert!(store.list().unwrap().damaged.is_empty());
+
     // Registry gone: the last resolved digest serves the tag.
     registry.stop();
     let offline = store.ensure(&reference).await.unwrap();
@@ -166,7 +187,15 @@ async fn pull_from_a_real_registry_then_serve_from_cache() {
         .await
         .unwrap();
     assert_eq!(local.digest, info.digest);
-    assert_eq!(store.conversions(), 3);
+    assert_eq!(store.conversions(), 5);
+
+    // Offline with a damaged disk: refused, not booted into; the layout,
+    // which has the blobs, repairs it.
+    fs::OpenOptions::new().write(true).open(&info.rootfs).unwrap().set_len(len / 2).unwrap();
+    assert!(store.ensure(&reference).await.is_err());
+    store.ensure(&format!("oci:{}:busybox", layout.display())).await.unwrap();
+    assert_eq!(fs::metadata(&info.rootfs).unwrap().len(), len);
+    assert_eq!(store.conversions(), 6);
 
     println!(
         "registry pull+convert: busybox {first:.2?} ({} KiB disk, {} KiB unpacked); \

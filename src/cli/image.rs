@@ -9,7 +9,7 @@ use super::progress::{human, StderrProgress};
 use super::CliError;
 use crate::declaration::scan_dir;
 use crate::images::reference::ImageRef;
-use crate::images::{ImageInfo, ImageStore};
+use crate::images::{ImageInfo, ImageListing, ImageStore};
 use crate::settings::Settings;
 use crate::store::Store;
 use std::collections::BTreeMap;
@@ -73,7 +73,7 @@ pub fn find(images: &[ImageInfo], query: &str) -> Result<ImageInfo, CliError> {
     }
 }
 
-fn list(store: &ImageStore) -> Result<Vec<ImageInfo>, CliError> {
+fn list(store: &ImageStore) -> Result<ImageListing, CliError> {
     store.list().map_err(|e| CliError::Image(crate::instances::error_chain(&e)))
 }
 
@@ -103,10 +103,15 @@ struct Row {
     size_bytes: u64,
     unpacked_bytes: u64,
     used_by: Vec<String>,
+    /// Why the image cannot be used as it is; `null` for a sound one.
+    /// Pulling it again repairs it.
+    damaged: Option<String>,
 }
 
 pub fn ls(store: &ImageStore, users: &BTreeMap<String, String>, json: bool, out: &mut impl Write) -> Result<(), CliError> {
-    let rows: Vec<Row> = list(store)?
+    let listing = list(store)?;
+    let mut rows: Vec<Row> = listing
+        .images
         .into_iter()
         .map(|i| Row {
             used_by: users_of(&i, users),
@@ -115,8 +120,19 @@ pub fn ls(store: &ImageStore, users: &BTreeMap<String, String>, json: bool, out:
             format: i.format.as_str().to_string(),
             size_bytes: i.size_bytes,
             unpacked_bytes: i.unpacked_bytes,
+            damaged: None,
         })
         .collect();
+    // What a damaged record held is unknown; its digest is its name.
+    rows.extend(listing.damaged.into_iter().map(|d| Row {
+        digest: d.digest,
+        references: Vec::new(),
+        format: "-".to_string(),
+        size_bytes: 0,
+        unpacked_bytes: 0,
+        used_by: Vec::new(),
+        damaged: Some(format!("{}; `hypeman image pull` repairs it, `hypeman image rm` removes it", d.damage)),
+    }));
     if json {
         let text = serde_json::to_string_pretty(&rows).map_err(CliError::Json)?;
         return writeln!(out, "{text}").map_err(CliError::Output);
@@ -124,16 +140,26 @@ pub fn ls(store: &ImageStore, users: &BTreeMap<String, String>, json: bool, out:
     let w = |out: &mut dyn Write, a: &str, b: &str, c: &str, d: &str| writeln!(out, "{a:<45} {b:<19} {c:>9}  {d}");
     w(out, "REFERENCE", "DIGEST", "SIZE", "USED BY").map_err(CliError::Output)?;
     for r in &rows {
-        let reference = r.references.first().cloned().unwrap_or_else(|| "-".into());
+        let reference = match &r.damaged {
+            Some(why) => format!("(damaged: {why})"),
+            None => r.references.first().cloned().unwrap_or_else(|| "-".into()),
+        };
         let short = &r.digest[..r.digest.len().min(19)];
         let used = if r.used_by.is_empty() { "-".to_string() } else { r.used_by.join(",") };
-        w(out, &reference, short, &human(r.size_bytes), &used).map_err(CliError::Output)?;
+        let size = if r.damaged.is_some() { "-".to_string() } else { human(r.size_bytes) };
+        w(out, &reference, short, &size, &used).map_err(CliError::Output)?;
     }
     Ok(())
 }
 
 pub fn rm(store: &ImageStore, users: &BTreeMap<String, String>, query: &str, out: &mut impl Write) -> Result<(), CliError> {
-    let info = find(&list(store)?, query)?;
+    let listing = list(store)?;
+    // A damaged image has no references to check: by its digest only.
+    if let Some(damaged) = listing.damaged.iter().find(|d| d.digest == query || hex_of(&d.digest) == query) {
+        store.remove(&damaged.digest).map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
+        return writeln!(out, "removed {}", damaged.digest).map_err(CliError::Output);
+    }
+    let info = find(&listing.images, query)?;
     let using = users_of(&info, users);
     if !using.is_empty() {
         return Err(CliError::Image(format!("{} is used by {}; not removed", info.digest, using.join(", "))));
@@ -144,7 +170,9 @@ pub fn rm(store: &ImageStore, users: &BTreeMap<String, String>, query: &str, out
 
 pub fn prune(store: &ImageStore, users: &BTreeMap<String, String>, out: &mut impl Write) -> Result<(), CliError> {
     let mut freed = 0;
-    for info in list(store)? {
+    // Damaged images are left: whose they are cannot be told (`image ls`
+    // shows them).
+    for info in list(store)?.images {
         if users_of(&info, users).is_empty() {
             store.remove(&info.digest).map_err(|e| CliError::Image(crate::instances::error_chain(&e)))?;
             freed += info.size_bytes;
@@ -152,6 +180,10 @@ pub fn prune(store: &ImageStore, users: &BTreeMap<String, String>, out: &mut imp
         }
     }
     writeln!(out, "freed {}", human(freed)).map_err(CliError::Output)
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
 #[cfg(test)]
@@ -181,6 +213,36 @@ mod tests {
         assert_eq!(find(&images, "abc").unwrap().digest, format!("sha256:{b}"));
         assert!(find(&images, "a").unwrap_err().to_string().contains("matches 2 images"));
         assert!(find(&images, "redis").unwrap_err().to_string().contains("no cached image"));
+    }
+
+    /// An image whose record cannot be read is listed as damaged (with a
+    /// way out) and can be removed by its digest.
+    #[test]
+    fn a_damaged_image_is_listed_and_removable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path(), Default::default()).unwrap();
+        let hex = "c".repeat(64);
+        let dir = tmp.path().join("images").join(&hex);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("image.json"), b"{ truncated").unwrap();
+        let mut out = Vec::new();
+        ls(&store, &BTreeMap::new(), false, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap().replace(&tmp.path().display().to_string(), "[tmp]");
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            format!(
+                "(damaged: its record [tmp]/images/{hex}/image.json cannot be read: key must be a string at line 1 column 3; \
+                 `hypeman image pull` repairs it, `hypeman image rm` removes it) sha256:cccccccccccc         -  -"
+            )
+        );
+        let mut out = Vec::new();
+        ls(&store, &BTreeMap::new(), true, &mut out).unwrap();
+        let rows: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(rows[0]["damaged"].as_str().unwrap().starts_with("its record "), "{rows}");
+        let mut out = Vec::new();
+        rm(&store, &BTreeMap::new(), &hex, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), format!("removed sha256:{hex}\n"));
+        assert!(!dir.exists());
     }
 
     #[test]

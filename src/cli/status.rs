@@ -34,6 +34,23 @@ pub struct InstanceStatus {
     pub last_error: Option<String>,
     /// e.g. `"memory, vcpus (restart needed)"`.
     pub pending_change: Option<String>,
+    /// The declared volumes, with the host path each is attached from
+    /// (symlinks resolved when the declaration was read); empty when the
+    /// declaration is not valid.
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// One volume as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeStatus {
+    /// The guest mount point.
+    pub path: String,
+    /// The host path the VM is given.
+    pub source: std::path::PathBuf,
+    /// The source as the declaration wrote it.
+    pub declared: std::path::PathBuf,
+    pub readonly: bool,
+    pub block_device: bool,
 }
 
 /// The status of every instance, declared or stored, sorted by name.
@@ -71,6 +88,7 @@ fn nameless(id: ulid::Ulid, unreadable: &crate::store::Unreadable) -> InstanceSt
             crate::instances::error_chain(&unreadable.problem)
         )),
         pending_change: None,
+        volumes: Vec::new(),
     }
 }
 
@@ -132,6 +150,18 @@ fn from_view(ctx: &Context, view: &View) -> InstanceStatus {
         has_snapshot: obs.has_snapshot(),
         last_error,
         pending_change,
+        volumes: view.desired.spec().map_or_else(Vec::new, |spec| {
+            spec.volumes
+                .iter()
+                .map(|v| VolumeStatus {
+                    path: v.mount.clone(),
+                    source: v.source.clone(),
+                    declared: v.declared.clone(),
+                    readonly: v.readonly,
+                    block_device: v.block_device,
+                })
+                .collect()
+        }),
     }
 }
 
@@ -166,6 +196,14 @@ pub(crate) fn write_table(out: &mut impl Write, rows: &[InstanceStatus]) -> io::
     write_aligned(out, &header, &cells)?;
     let mut notes = Vec::new();
     for s in rows {
+        for v in &s.volumes {
+            let declared = if v.declared == v.source {
+                String::new()
+            } else {
+                format!(" (declared as {})", v.declared.display())
+            };
+            notes.push(format!("{}: volume {}: {}{declared}", s.name, v.path, v.source.display()));
+        }
         if let Some(p) = &s.pending_change {
             notes.push(format!("{}: pending change: {p}", s.name));
         }

@@ -745,3 +745,37 @@ async fn status_lists_every_unreadable_record_with_its_path_and_problem() {
     let table = String::from_utf8(table).expect("utf-8");
     assert!(table.contains(&format!("{}: error: ", status::NAMELESS)), "{table}");
 }
+
+/// A volume's source is shown as the VM gets it, with its symlinks
+/// resolved, beside the path the declaration wrote: in the table's notes
+/// and in `--json`.
+#[tokio::test]
+async fn status_shows_each_volume_with_its_resolved_source() {
+    let w = world();
+    let real = w.tmp.path().join("disks/data.raw");
+    std::fs::create_dir_all(real.parent().unwrap()).expect("disks dir");
+    std::fs::write(&real, b"disk").expect("disk");
+    let link = w.tmp.path().join("data-link.raw");
+    std::os::unix::fs::symlink(&real, &link).expect("link");
+    w.declare(
+        "web",
+        &format!(
+            "image = \"busybox\"\n[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n[[volumes]]\nsource = \"{}\"\npath = \"/ro\"\nreadonly = true\n",
+            link.display(),
+            w.tmp.path().join("later.raw").display()
+        ),
+    );
+    let web = status_of(&w.ctx, "web").await.expect("status");
+    let real = std::fs::canonicalize(&real).expect("canonical");
+    assert_eq!(web.volumes[0].source, real);
+    assert_eq!(web.volumes[0].declared, link);
+    let mut out = Vec::new();
+    status::write_table(&mut out, std::slice::from_ref(&web)).expect("table");
+    let text = String::from_utf8(out).expect("utf-8").replace(&w.tmp.path().display().to_string(), "[tmp]");
+    let tmp = std::fs::canonicalize(w.tmp.path()).expect("canonical tmp").display().to_string();
+    let text = text.replace(&tmp, "[tmp]");
+    assert!(text.contains("\nweb: volume /data: [tmp]/disks/data.raw (declared as [tmp]/data-link.raw)\n"), "{text}");
+    assert!(text.contains("\nweb: volume /ro: [tmp]/later.raw\n"), "{text}");
+    let json = w.printed_json(&web, &[&web]).replace(&tmp, "[tmp]");
+    insta::assert_snapshot!("status_json_volumes", json);
+}

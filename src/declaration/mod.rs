@@ -16,6 +16,7 @@
 //! ```
 
 pub mod desired;
+pub mod host;
 mod limits;
 mod raw;
 pub mod spec;
@@ -25,7 +26,8 @@ mod validate;
 // `declaration::Diagnostic` keeps working.
 pub use crate::config_file::Diagnostic;
 pub use desired::Desired;
-pub use limits::Limits;
+pub use host::{HostFiles, SourceKind, VolumeHost};
+pub use limits::{Limits, EXEC_STRING_MAX, EXEC_TOTAL_CEILING};
 pub use validate::{
     DEFAULT_HOTPLUG_MEMORY, DEFAULT_MEMORY, DEFAULT_OVERLAY_SIZE, DEFAULT_VCPUS, HOTPLUG_ALIGN,
     MEMORY_ALIGN, MIN_MEMORY, MIN_OVERLAY_SIZE,
@@ -34,7 +36,7 @@ pub use validate::{
 use crate::config_file::Problems;
 use spec::InstanceSpec;
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Why a declaration could not be loaded.
@@ -45,6 +47,13 @@ pub enum DeclarationError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("declaration {} is larger than limits.max_declaration_size ({limit})", path.display())]
+    TooLarge {
+        path: PathBuf,
+        /// Its size when it was looked at; `None` when it grew while read.
+        size: Option<u64>,
+        limit: crate::config_file::ByteSize,
     },
     #[error("invalid declaration {}", path.display())]
     Invalid {
@@ -60,6 +69,19 @@ impl DeclarationError {
         match self {
             DeclarationError::Read { path, source } => {
                 vec![Diagnostic::whole_file(path, read_problem(path, source))]
+            }
+            DeclarationError::TooLarge { path, size, limit } => {
+                let size = match size {
+                    Some(bytes) => format!("is {},", crate::config_file::units::human_bytes(*bytes)),
+                    None => "grew while it was read and".to_string(),
+                };
+                vec![Diagnostic::whole_file(
+                    path,
+                    format!(
+                        "{size} over limits.max_declaration_size ({limit}); it is not read: \
+                         a declaration needs a few KiB, so this is likely the wrong file"
+                    ),
+                )]
             }
             DeclarationError::Invalid { diagnostics, .. } => diagnostics.clone(),
         }
@@ -110,11 +132,22 @@ fn invalid_name_message(file_name: &str, stem: &str) -> String {
 }
 
 /// Parse and validate one declaration. Pure: `path` is used for the instance
-/// name (its stem) and in messages only.
+/// name (its stem) and in messages only, and volume sources are taken as
+/// written, not looked at ([`load_instance`] looks).
 pub fn parse_instance(
     path: &Path,
     text: &str,
     limits: &Limits,
+) -> Result<InstanceSpec, Vec<Diagnostic>> {
+    parse_instance_on(path, text, limits, &host::Unchecked)
+}
+
+/// [`parse_instance`], with volume sources resolved and checked by `host`.
+pub fn parse_instance_on(
+    path: &Path,
+    text: &str,
+    limits: &Limits,
+    host: &dyn VolumeHost,
 ) -> Result<InstanceSpec, Vec<Diagnostic>> {
     let mut problems = Problems::new(path, text);
     let stem = path
@@ -135,21 +168,49 @@ pub fn parse_instance(
             return Err(problems.into_sorted());
         }
     };
-    let spec = validate::validate(&mut problems, stem, path.to_path_buf(), raw, limits);
+    let spec = validate::validate(&mut problems, stem, path.to_path_buf(), raw, limits, host);
     problems.finish(spec)
 }
 
 /// Read, parse and validate one declaration file. Follows symlinks: on NixOS
-/// the files in `/etc` are links into the store.
+/// the files in `/etc` are links into the store. A file over
+/// `limits.max_declaration_size` is refused by its size before anything is
+/// read, and never read past the limit (it may grow, or be a device).
+/// Volume sources are looked at on this host (see [`HostFiles`]).
 pub fn load_instance(path: &Path, limits: &Limits) -> Result<InstanceSpec, DeclarationError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DeclarationError::Read {
+    let read_err = |source| DeclarationError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    parse_instance(path, &text, limits).map_err(|diagnostics| DeclarationError::Invalid {
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let limit = limits.max_declaration_size;
+    let too_large = |size| DeclarationError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit,
+    };
+    if size > limit.0 {
+        return Err(too_large(Some(size)));
+    }
+    let text = read_at_most(file, limit.0).map_err(read_err)?.ok_or_else(|| too_large(None))?;
+    parse_instance_on(path, &text, limits, &HostFiles).map_err(|diagnostics| DeclarationError::Invalid {
         path: path.to_path_buf(),
         diagnostics,
     })
+}
+
+/// The text `reader` holds, if it is at most `limit` bytes; `None` when it
+/// holds more. Reads at most `limit + 1` bytes whatever its size.
+fn read_at_most(reader: impl Read, limit: u64) -> io::Result<Option<String>> {
+    let mut bytes = Vec::new();
+    reader.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Ok(None);
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// The instances directory of a config dir: where declarations live.

@@ -36,10 +36,18 @@
 //! iops = 1000                  # operations per second; default: unlimited
 //!
 //! [[volumes]]                  # zero or more
-//! source = "/var/lib/data.raw" # absolute host path of a raw disk image
+//! source = "/var/lib/data.raw" # absolute host path of a raw disk image (a regular file), no `..`;
+//!                              # symlinks are resolved once, when the file is read
 //! path = "/data"               # absolute guest mount point, not "/"
 //! readonly = false
+//! block_device = false         # true: source must be a block device instead of a file
 //! ```
+//!
+//! Sizes of the input itself are bounded (`[limits]` in hypeman.toml): the
+//! file by `max_declaration_size` (1MiB), each `entrypoint`/`cmd` argument
+//! and each `NAME=value` of `env` by the guest kernel's 131071 bytes, and
+//! all of them together by `max_exec_size` (1MiB, counted as the kernel
+//! does: bytes + NUL + 8-byte pointer per string).
 //!
 //! `[network]` and `[disk_io]` may also be written inline
 //! (`disk_io = { iops = 1000 }`); TOML treats both spellings alike.
@@ -103,6 +111,7 @@ pub(crate) struct RawVolume {
     pub source: Option<Spanned<String>>,
     pub path: Option<Spanned<String>>,
     pub readonly: Option<bool>,
+    pub block_device: Option<bool>,
 }
 
 /// `entrypoint` and `cmd`: a list of strings, one per argument. A single

@@ -79,8 +79,15 @@ pub struct NetworkSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct VolumeSpec {
-    /// Host path of a raw disk image.
+    /// Host path of the raw disk image (or block device) the VM is given:
+    /// `declared` with its symlinks resolved when the declaration was read
+    /// on this host (as declared when it was not there, or not looked at).
     pub source: PathBuf,
+    /// The source as the declaration wrote it: what the guest's record
+    /// keeps, so a link that points elsewhere is not a declaration change.
+    pub declared: PathBuf,
+    /// The source must be a block device rather than a regular file.
+    pub block_device: bool,
     /// Absolute mount point in the guest.
     pub mount: String,
     pub readonly: bool,
@@ -143,7 +150,7 @@ impl InstanceSpec {
             volumes: self
                 .volumes
                 .iter()
-                .map(|v| AppliedVolume { source: v.source.clone(), mount: v.mount.clone(), readonly: v.readonly })
+                .map(|v| AppliedVolume { source: v.declared.clone(), mount: v.mount.clone(), readonly: v.readonly })
                 .collect(),
         }
     }

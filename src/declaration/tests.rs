@@ -2,6 +2,7 @@
 //! directory scan's treatment of odd files.
 
 use super::*;
+use host::SourceKind;
 use spec::{ByteSize, DesiredState, HypervisorKind, IoLimit, RestartPolicy};
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -182,6 +183,7 @@ fn every_error_message() {
         max_vcpus: 4,
         max_memory: ByteSize(256 * MIB),
         max_overlay_size: ByteSize(512 * MIB),
+        ..Limits::default()
     };
     let cases = [
         case("syntax error", "image = docker.io/busybox\n"),
@@ -507,4 +509,222 @@ fn the_format_reference_in_the_docs_is_valid() {
     let spec = parse(&text).unwrap_or_else(|d| panic!("{text}\n{}", render(&d)));
     assert_eq!(spec.network.bandwidth_up.bytes_per_sec, Some(10 << 20));
     assert_eq!(spec.volumes.len(), 1);
+}
+
+/// Answers for a host with the files it is given; every other path does
+/// not exist.
+struct FakeHost(Vec<(&'static str, Result<host::Inspected, io::ErrorKind>)>);
+
+impl VolumeHost for FakeHost {
+    fn inspect(&self, source: &Path) -> io::Result<Option<host::Inspected>> {
+        match self.0.iter().find(|(p, _)| Path::new(p) == source) {
+            Some((_, Ok(found))) => Ok(Some(found.clone())),
+            Some((_, Err(kind))) => Err(io::Error::from(*kind)),
+            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+        }
+    }
+}
+
+fn found(resolved: &str, kind: SourceKind) -> Result<host::Inspected, io::ErrorKind> {
+    Ok(host::Inspected { resolved: resolved.into(), kind })
+}
+
+fn fake_host() -> FakeHost {
+    FakeHost(vec![
+        ("/srv/data.raw", found("/srv/data.raw", SourceKind::File)),
+        ("/srv/link.raw", found("/srv/data.raw", SourceKind::File)),
+        ("/srv/dir", found("/srv/dir", SourceKind::Directory)),
+        ("/dev/sdb", found("/dev/sdb", SourceKind::BlockDevice)),
+        ("/dev/disk/by-id/x", found("/dev/sdb", SourceKind::BlockDevice)),
+        ("/dev/null", found("/dev/null", SourceKind::Other)),
+        ("/srv/secret.raw", Err(io::ErrorKind::PermissionDenied)),
+        ("/srv/data.raw/x", Err(io::ErrorKind::NotADirectory)),
+    ])
+}
+
+/// Long values shown by their first 100 characters of each line, so the
+/// snapshot shows the input without holding megabytes.
+fn abbreviated(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.char_indices().nth(100) {
+            Some((cut, _)) => format!("{}… ({} bytes)\n", &l[..cut], l.len()),
+            None => format!("{l}\n"),
+        })
+        .collect()
+}
+
+/// Every message about the size of the input and about volume sources
+/// on the host, rendered into one snapshot.
+#[test]
+fn every_input_limit_and_volume_source_message() {
+    let max = EXEC_STRING_MAX as usize;
+    let big = |n: usize| "x".repeat(n);
+    let nine_big_args = format!(
+        "image = \"x\"\ncmd = [{}]\n",
+        (0..9).map(|_| format!("\"{}\"", big(120_000))).collect::<Vec<_>>().join(", ")
+    );
+    let many_empty_args = format!(
+        "image = \"x\"\nentrypoint = [\"/bin/true\"]\ncmd = [{}]\n",
+        vec!["\"\""; 120_000].join(",")
+    );
+    let cases: Vec<(&str, String)> = vec![
+        ("an argument one byte over the kernel's", format!("image = \"x\"\nentrypoint = [\"/bin/echo\", \"{}\"]\n", big(max + 1))),
+        ("an environment string over the kernel's", format!("image = \"x\"\n[env]\nBIG = \"{}\"\n", big(max - 3))),
+        ("arguments that together pass max_exec_size", nine_big_args),
+        ("empty arguments count their NUL and pointer", many_empty_args),
+        (
+            "cmd and env together: reported where the total passes",
+            format!(
+                "image = \"x\"\ncmd = [{}]\n[env]\n{}",
+                vec![format!("\"{}\"", big(max)); 4].join(", "),
+                ["A", "B", "C", "D", "E"].map(|k| format!("{k} = \"{}\"\n", big(max - 2))).concat()
+            ),
+        ),
+        ("volume source with ..", "image = \"x\"\n[[volumes]]\nsource = \"/srv/../etc/shadow\"\npath = \"/data\"\n".into()),
+        ("volume source that is a directory", "image = \"x\"\n[[volumes]]\nsource = \"/srv/dir\"\npath = \"/data\"\n".into()),
+        ("block device without block_device", "image = \"x\"\n[[volumes]]\nsource = \"/dev/disk/by-id/x\"\npath = \"/data\"\n".into()),
+        ("block_device = true on a file", "image = \"x\"\n[[volumes]]\nsource = \"/srv/link.raw\"\npath = \"/data\"\nblock_device = true\n".into()),
+        ("a character device", "image = \"x\"\n[[volumes]]\nsource = \"/dev/null\"\npath = \"/data\"\n".into()),
+        ("a source that cannot be looked at", "image = \"x\"\n[[volumes]]\nsource = \"/srv/data.raw/x\"\npath = \"/data\"\n".into()),
+        (
+            "two links to one file",
+            "image = \"x\"\n[[volumes]]\nsource = \"/srv/data.raw\"\npath = \"/a\"\n[[volumes]]\nsource = \"/srv/link.raw\"\npath = \"/b\"\n".into(),
+        ),
+    ];
+    let mut out = String::new();
+    for (title, text) in &cases {
+        let diagnostics = match parse_instance_on(Path::new("instances/web.toml"), text, &Limits::default(), &fake_host()) {
+            Ok(spec) => panic!("{title}: accepted: {:?}", spec.volumes),
+            Err(d) => d,
+        };
+        out.push_str(&format!("── {title} ──\n{}", abbreviated(text)));
+        out.push_str(&render(&diagnostics).lines().map(|l| format!("  → {l}\n")).collect::<String>());
+        out.push('\n');
+    }
+    insta::assert_snapshot!("input_limit_messages", out);
+}
+
+#[test]
+fn the_kernels_limits_are_met_exactly() {
+    let max = EXEC_STRING_MAX as usize;
+    let text = format!(
+        "image = \"x\"\ncmd = [\"{}\"]\n[env]\nAB = \"{}\"\n",
+        "x".repeat(max),
+        "y".repeat(max - 3)
+    );
+    let spec = parse(&text).unwrap_or_else(|d| panic!("{}", render(&d)));
+    assert_eq!(spec.cmd.unwrap()[0].len(), max);
+    // A total exactly at the limit passes; one byte more does not.
+    let limits = |max_exec_size| Limits { max_exec_size: ByteSize(max_exec_size), ..Limits::default() };
+    let text = "image = \"x\"\ncmd = [\"abc\", \"\"]\n[env]\nK = \"v\"\n";
+    let cost = (3 + 9) + 9 + (3 + 9);
+    assert!(parse_instance(Path::new("instances/web.toml"), text, &limits(cost)).is_ok());
+    let d = parse_instance(Path::new("instances/web.toml"), text, &limits(cost - 1)).unwrap_err();
+    assert_eq!((d.len(), d[0].line), (1, 4), "{}", render(&d));
+}
+
+#[test]
+fn volume_sources_are_resolved_once_and_kept_as_declared_for_the_record() {
+    let text = "image = \"x\"\n[[volumes]]\nsource = \"/srv/link.raw\"\npath = \"/a\"\n\
+                [[volumes]]\nsource = \"/dev/disk/by-id/x\"\npath = \"/b\"\nblock_device = true\n\
+                [[volumes]]\nsource = \"/srv/later.raw\"\npath = \"/c\"\n\
+                [[volumes]]\nsource = \"/srv/secret.raw\"\npath = \"/d\"\n";
+    let spec = parse_instance_on(Path::new("instances/web.toml"), text, &Limits::default(), &fake_host())
+        .unwrap_or_else(|d| panic!("{}", render(&d)));
+    let got: Vec<_> = spec
+        .volumes
+        .iter()
+        .map(|v| (v.source.to_str().unwrap(), v.declared.to_str().unwrap(), v.block_device))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/srv/data.raw", "/srv/link.raw", false),
+            ("/dev/sdb", "/dev/disk/by-id/x", true),
+            // Not there yet, or not visible to this user: taken as
+            // written, checked when the VM is made.
+            ("/srv/later.raw", "/srv/later.raw", false),
+            ("/srv/secret.raw", "/srv/secret.raw", false),
+        ]
+    );
+    // The guest's record keeps what the file says, so a link that now
+    // points elsewhere is not a declaration change.
+    let applied = spec.applied_for(HypervisorKind::Qemu);
+    assert_eq!(applied.volumes[0].source, Path::new("/srv/link.raw"));
+    // Without a host (parse_instance), nothing is looked at.
+    let pure = parse(text).unwrap();
+    assert_eq!(pure.volumes[0].source, Path::new("/srv/link.raw"));
+}
+
+#[test]
+fn load_resolves_volume_symlinks_on_this_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let real = tmp.path().join("real.raw");
+    fs::write(&real, b"disk").unwrap();
+    symlink(&real, tmp.path().join("link.raw")).unwrap();
+    let decl = tmp.path().join("web.toml");
+    fs::write(
+        &decl,
+        format!("image = \"x\"\n[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", tmp.path().join("link.raw").display()),
+    )
+    .unwrap();
+    let spec = load_instance(&decl, &Limits::default()).unwrap();
+    assert_eq!(spec.volumes[0].source, fs::canonicalize(&real).unwrap());
+    fs::write(
+        &decl,
+        format!("image = \"x\"\n[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", tmp.path().display()),
+    )
+    .unwrap();
+    let err = load_instance(&decl, &Limits::default()).unwrap_err();
+    let d = err.diagnostics();
+    assert_eq!((d[0].line, d[0].column), (3, 10));
+    assert!(d[0].message.ends_with(": is a directory; a volume is a raw disk image file (or a block device with block_device = true)"), "{}", d[0]);
+}
+
+/// A declaration over the size limit is refused by its size, naming the
+/// file, without being read: a sparse 2 GiB file costs no memory.
+#[test]
+fn a_declaration_over_the_size_limit_is_refused_unread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("huge.toml");
+    fs::File::create(&path).unwrap().set_len(2 * GIB).unwrap();
+    let err = load_instance(&path, &Limits::default()).unwrap_err();
+    assert!(matches!(err, DeclarationError::TooLarge { size: Some(n), .. } if n == 2 * GIB), "{err:?}");
+    assert_eq!(
+        err.diagnostics()[0].to_string(),
+        format!(
+            "{}:1:1: is 2.0 GiB, over limits.max_declaration_size (1MiB); it is not read: \
+             a declaration needs a few KiB, so this is likely the wrong file",
+            path.display()
+        )
+    );
+    // The scan and the daemon's reader report it as an invalid declaration.
+    let scan = scan_dir(tmp.path(), &Limits::default());
+    assert_eq!(scan.invalid["huge"].len(), 1);
+    assert!(desired::read(tmp.path(), "huge", &Limits::default()).invalid().unwrap().contains("max_declaration_size"));
+    // Exactly at the limit is read.
+    let limit = Limits { max_declaration_size: ByteSize(12), ..Limits::default() };
+    fs::write(&path, "image = \"x\"\n").unwrap();
+    assert!(load_instance(&path, &limit).is_ok());
+    fs::write(&path, "image = \"xy\"\n").unwrap();
+    assert!(matches!(load_instance(&path, &limit), Err(DeclarationError::TooLarge { size: Some(13), .. })));
+}
+
+/// The reader stops one byte past the limit whatever the source holds (a
+/// file that grows after its size was looked at, or a device).
+#[test]
+fn the_reader_reads_at_most_one_byte_past_the_limit() {
+    struct Endless(u64);
+    impl io::Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            buf.fill(b'a');
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+    }
+    let mut source = Endless(0);
+    assert_eq!(read_at_most(&mut source, MIB).unwrap(), None);
+    assert_eq!(source.0, MIB + 1);
+    assert_eq!(read_at_most(&b"image = 1"[..], 9).unwrap().as_deref(), Some("image = 1"));
+    assert_eq!(read_at_most(&[0xffu8, 0xfe][..], 9).unwrap_err().kind(), io::ErrorKind::InvalidData);
 }

@@ -6,7 +6,8 @@
 //! Every check reports into `Problems` and carries on with a stand-in value,
 //! so one run shows all of a file's problems.
 
-use super::limits::Limits;
+use super::host::{kind_problem, VolumeHost};
+use super::limits::{Limits, EXEC_STRING_MAX, EXEC_STRING_OVERHEAD};
 use super::raw::{RawInstance, RawVolume};
 use super::spec::{
     ByteSize, DesiredState, HypervisorKind, InstanceSpec, IoLimit, NetworkSpec, RestartPolicy,
@@ -16,7 +17,7 @@ use crate::config_file::units::RawQuantity;
 use crate::config_file::{Problems, RawInt};
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 const MIB: u64 = ByteSize::MIB;
@@ -99,6 +100,7 @@ pub(crate) fn validate(
     source: PathBuf,
     raw: RawInstance,
     limits: &Limits,
+    host: &dyn VolumeHost,
 ) -> InstanceSpec {
     let image = image(p, raw.image.as_ref());
     let state = state(p, raw.state.as_ref());
@@ -120,6 +122,7 @@ pub(crate) fn validate(
     let cmd = raw.cmd.as_ref().map(|args| argv(p, "cmd", &args.0, false));
     let workdir = raw.workdir.as_ref().map(|w| workdir(p, w));
     let env = env(p, &raw.env);
+    exec_size(p, &raw, limits);
     let network = NetworkSpec {
         enabled: raw.network.enabled.unwrap_or(false),
         bandwidth_down: IoLimit {
@@ -174,7 +177,7 @@ pub(crate) fn validate(
             );
         }
     }
-    let volumes = volumes(p, &raw.volumes);
+    let volumes = volumes(p, &raw.volumes, host);
 
     InstanceSpec {
         name,
@@ -426,6 +429,14 @@ fn argv(
             field.report(p, "must not contain a NUL character");
         } else if i == 0 && first_is_program && arg.get_ref().is_empty() {
             field.report(p, "the program to run must not be empty");
+        } else if arg.get_ref().len() as u64 > EXEC_STRING_MAX {
+            field.report(
+                p,
+                format!(
+                    "is {} bytes; the guest kernel passes at most {EXEC_STRING_MAX} bytes per argument (MAX_ARG_STRLEN)",
+                    arg.get_ref().len()
+                ),
+            );
         }
     }
     args.iter().map(|a| a.get_ref().clone()).collect()
@@ -468,11 +479,63 @@ fn env(
         } else if value.get_ref().contains('\0') {
             Field::written(format!("env.{}", key.get_ref()), value)
                 .report(p, "must not contain a NUL character");
+        } else if env_string_len(key, value) > EXEC_STRING_MAX {
+            Field::written(format!("env.{}", key.get_ref()), value).report(
+                p,
+                format!(
+                    "{}=… is {} bytes; the guest kernel passes at most {EXEC_STRING_MAX} bytes per environment string (MAX_ARG_STRLEN)",
+                    key.get_ref(),
+                    env_string_len(key, value)
+                ),
+            );
         }
     }
     raw.iter()
         .map(|(k, v)| (k.get_ref().clone(), v.get_ref().clone()))
         .collect()
+}
+
+/// The bytes of `NAME=value`, the string the app's `envp` holds.
+fn env_string_len(key: &Spanned<String>, value: &Spanned<String>) -> u64 {
+    (key.get_ref().len() + 1 + value.get_ref().len()) as u64
+}
+
+/// The declared `entrypoint`, `cmd` and `env` together, as the guest
+/// kernel counts them against its total (bytes, NUL and pointer per
+/// string), against `limits.max_exec_size`. Reported once, at the string
+/// (in file order) where the total passes the limit.
+fn exec_size(p: &mut Problems<'_>, raw: &RawInstance, limits: &Limits) {
+    let mut items: Vec<(Field, u64)> = Vec::new();
+    for (key, argv) in [("entrypoint", &raw.entrypoint), ("cmd", &raw.cmd)] {
+        for (i, arg) in argv.iter().flat_map(|a| a.0.iter()).enumerate() {
+            items.push((Field::written(format!("{key}[{i}]"), arg), arg.get_ref().len() as u64));
+        }
+    }
+    for (key, value) in &raw.env {
+        items.push((Field::written(format!("env.{}", key.get_ref()), value), env_string_len(key, value)));
+    }
+    items.sort_by_key(|(field, _)| field.span.as_ref().map_or(0, |s| s.start));
+    let cost = |len: u64| len.saturating_add(EXEC_STRING_OVERHEAD);
+    let total: u64 = items.iter().map(|(_, len)| cost(*len)).fold(0, u64::saturating_add);
+    if total <= limits.max_exec_size.0 {
+        return;
+    }
+    let mut sum = 0u64;
+    for (field, len) in &items {
+        sum = sum.saturating_add(cost(*len));
+        if sum > limits.max_exec_size.0 {
+            field.report(
+                p,
+                format!(
+                    "entrypoint, cmd and env pass limits.max_exec_size ({}, {} bytes) here: {total} bytes in all, \
+                     counting each string's NUL and 8-byte pointer as the guest kernel does",
+                    limits.max_exec_size,
+                    limits.max_exec_size.0
+                ),
+            );
+            return;
+        }
+    }
 }
 
 fn rate(p: &mut Problems<'_>, key: &str, raw: &Spanned<RawQuantity>) -> u64 {
@@ -563,37 +626,84 @@ fn normalize_guest_path(s: &str) -> Option<String> {
     Some(if out.is_empty() { "/".to_string() } else { out })
 }
 
-fn volumes(p: &mut Problems<'_>, raw: &[Spanned<RawVolume>]) -> Vec<VolumeSpec> {
+/// Whether a host path has a `..` part, which makes what it names depend
+/// on the symlinks along it rather than on how it reads.
+fn has_parent_part(s: &str) -> bool {
+    s.split('/').any(|part| part == "..")
+}
+
+/// A volume source: checked as written, then (when `host` looks) resolved
+/// and checked for its kind. Returns the path the VM is to be given.
+fn volume_source(
+    p: &mut Problems<'_>,
+    field: &Field,
+    text: &str,
+    block_device: bool,
+    host: &dyn VolumeHost,
+) -> PathBuf {
+    let declared = PathBuf::from(text);
+    if !text.starts_with('/') {
+        field.report(p, "must be an absolute host path");
+    } else if has_control(text) {
+        field.report(p, "must not contain control characters");
+    } else if has_parent_part(text) {
+        field.report(p, "must not contain `..`: write the path it means");
+    } else {
+        match host.inspect(&declared) {
+            Ok(None) => {}
+            Ok(Some(found)) => {
+                if let Some(problem) = kind_problem(found.kind, block_device) {
+                    let shown = if found.resolved == declared {
+                        String::new()
+                    } else {
+                        format!(" (resolved to {})", found.resolved.display())
+                    };
+                    field.report(p, format!("{problem}{shown}"));
+                }
+                return found.resolved;
+            }
+            // Checked when the VM is made (see `declaration::host`): it
+            // may be made later, or be visible only to the daemon (a user's
+            // `hypeman validate` may not see into a root-only directory).
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied) => {}
+            Err(e) => field.report(p, format!("cannot be inspected: {e}")),
+        }
+    }
+    declared
+}
+
+fn volumes(p: &mut Problems<'_>, raw: &[Spanned<RawVolume>], host: &dyn VolumeHost) -> Vec<VolumeSpec> {
     let mut out: Vec<VolumeSpec> = Vec::new();
     for (i, vol) in raw.iter().enumerate() {
         let RawVolume {
             source,
             path,
             readonly,
+            block_device,
         } = vol.get_ref();
-        let source = match source {
+        let block_device = block_device.unwrap_or(false);
+        let (source, declared) = match source {
             None => {
                 p.at(
                     vol.span(),
                     format!("volumes[{i}]: missing required key `source`"),
                 );
-                PathBuf::new()
+                (PathBuf::new(), PathBuf::new())
             }
             Some(s) => {
                 let field = Field::written(format!("volumes[{i}].source"), s);
-                let text = s.get_ref();
-                if !text.starts_with('/') {
-                    field.report(p, "must be an absolute host path");
-                } else if has_control(text) {
-                    field.report(p, "must not contain control characters");
-                } else if let Some(j) = out
-                    .iter()
-                    .position(|v| v.source.as_os_str() == text.as_str())
-                {
-                    // Two block devices backed by one file corrupt it.
-                    field.report(p, format!("already attached as volumes[{j}]"));
+                let resolved = volume_source(p, &field, s.get_ref(), block_device, host);
+                // Compared resolved: two links to one file are one file, and
+                // two block devices backed by one file corrupt it.
+                if let Some(j) = out.iter().position(|v| v.source == resolved && !resolved.as_os_str().is_empty()) {
+                    let also = if out[j].declared == Path::new(s.get_ref()) {
+                        String::new()
+                    } else {
+                        format!(" (both are {})", resolved.display())
+                    };
+                    field.report(p, format!("already attached as volumes[{j}]{also}"));
                 }
-                PathBuf::from(text)
+                (resolved, PathBuf::from(s.get_ref()))
             }
         };
         let mount = match path {
@@ -630,6 +740,8 @@ fn volumes(p: &mut Problems<'_>, raw: &[Spanned<RawVolume>]) -> Vec<VolumeSpec> 
         };
         out.push(VolumeSpec {
             source,
+            declared,
+            block_device,
             mount,
             readonly: readonly.unwrap_or(false),
         });

@@ -13,7 +13,9 @@
 //! ```text
 //! images/<hex>/            complete only once image.json exists; published by
 //!   rootfs.erofs|.ext4     renaming a finished temp dir, so never half-written
-//!   image.json
+//!   image.json             records the disk's length and sha256, checked before
+//!                          the disk is handed out (verify.rs); a disk or record
+//!                          that does not match is converted again
 //! images/refs/<sha256(reference)>.json   reference → digest, for cache hits
 //!                                        without a registry round trip
 //! images/locks/<hex>.lock  flock: one conversion per digest, across processes
@@ -29,6 +31,7 @@ pub mod reference;
 pub mod rootfs;
 mod source;
 pub mod unpack;
+pub mod verify;
 
 use std::fs;
 use std::io;
@@ -47,6 +50,7 @@ pub use self::reference::{ImageRef, ReferenceError, RegistryRef};
 pub use self::rootfs::{RootfsError, RootfsFormat};
 use self::source::{Resolved, Source};
 pub use self::unpack::{UnpackError, UnpackLimits, UnpackOptions, UnpackStats};
+pub use self::verify::Damage;
 
 /// What the guest needs from the image config to run the app.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +188,35 @@ struct ImageRecord {
     size_bytes: u64,
     unpacked_bytes: u64,
     blob_bytes: u64,
+    /// The root disk's length and hex sha256, taken when it was built, so
+    /// a disk changed since is found before a guest boots from it. Records
+    /// written before these were have neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rootfs_len: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rootfs_sha256: Option<String>,
+}
+
+impl ImageRecord {
+    fn expected(&self) -> verify::Expected<'_> {
+        verify::Expected { len: self.rootfs_len, allocated: self.size_bytes, sha256: self.rootfs_sha256.as_deref() }
+    }
+}
+
+/// A cached image that cannot be used as it is, for listings: `image ls`
+/// shows it, and pulling it again replaces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedImage {
+    pub digest: String,
+    pub dir: PathBuf,
+    pub damage: Damage,
+}
+
+/// Every cached image, usable or not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageListing {
+    pub images: Vec<ImageInfo>,
+    pub damaged: Vec<DamagedImage>,
 }
 
 const RECORD_VERSION: u32 = 1;
@@ -230,6 +263,8 @@ pub struct ImageStore {
     client: oci_client::Client,
     /// Layer sets unpacked and converted by this store (not cache hits).
     conversions: AtomicU64,
+    /// Root disks whose digest this store has checked.
+    verified: verify::Verified,
 }
 
 impl ImageStore {
@@ -256,6 +291,7 @@ impl ImageStore {
             options,
             client: oci_client::Client::new(config),
             conversions: AtomicU64::new(0),
+            verified: verify::Verified::default(),
         })
     }
 
@@ -349,20 +385,27 @@ impl ImageStore {
         self.conversions.load(Ordering::Relaxed)
     }
 
-    /// Every complete cached image.
-    pub fn list(&self) -> Result<Vec<ImageInfo>, ImageError> {
-        let mut out = Vec::new();
+    /// Every complete cached image; one whose record cannot be read or
+    /// whose root disk's size does not match it is listed as damaged, and
+    /// the others are listed as ever. (The digest is not checked here: a
+    /// listing must stay cheap.)
+    pub fn list(&self) -> Result<ImageListing, ImageError> {
+        let mut out = ImageListing::default();
         for entry in fs::read_dir(&self.dir).map_err(ImageError::io("list", &self.dir))? {
             let entry = entry.map_err(ImageError::io("list", &self.dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !is_hex_digest(&name) {
                 continue;
             }
-            if let Some(info) = self.load(&format!("sha256:{name}"))? {
-                out.push(info);
+            let digest = format!("sha256:{name}");
+            match self.load_checked(&digest, true) {
+                Ok(Some(info)) => out.images.push(info),
+                Ok(None) => {}
+                Err(damage) => out.damaged.push(DamagedImage { dir: self.image_dir(&digest), digest, damage }),
             }
         }
-        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out.images.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out.damaged.sort_by(|a, b| a.digest.cmp(&b.digest));
         Ok(out)
     }
 
@@ -424,7 +467,15 @@ impl ImageStore {
         if record.reference != canonical || record.source != fingerprint {
             return Ok(None);
         }
-        let info = self.load(&record.digest)?;
+        // A damaged image is no cache hit: the caller resolves and
+        // converts it again (under its lock), or fails without booting it.
+        let info = match self.load_checked(&record.digest, false) {
+            Ok(info) => info,
+            Err(damage) => {
+                tracing::warn!(digest = %record.digest, problem = %damage, "cached image is damaged; it is not used");
+                None
+            }
+        };
         if info.is_some() {
             progress.event(&PullEvent::Cached {
                 digest: &record.digest,
@@ -451,7 +502,15 @@ impl ImageStore {
             bytes: resolved.layers.iter().map(|l| l.size).sum(),
         });
         let _lock = self.lock(&digest).await?;
-        let info = match self.load(&digest)? {
+        let found = match self.load_checked(&digest, false) {
+            Ok(found) => found,
+            Err(damage) => {
+                tracing::warn!(digest = %digest, problem = %damage, "cached image is damaged; converting it again");
+                self.discard(&digest)?;
+                None
+            }
+        };
+        let info = match found {
             Some(info) => {
                 for layer in &resolved.layers {
                     progress.event(&PullEvent::LayerCached {
@@ -553,9 +612,10 @@ impl ImageStore {
         })
         .await?;
 
-        let size_bytes = fs::metadata(&disk)
-            .map(|m| m.blocks() * 512)
-            .map_err(ImageError::io("inspect", &disk))?;
+        let disk_meta = fs::metadata(&disk).map_err(ImageError::io("inspect", &disk))?;
+        let size_bytes = disk_meta.blocks() * 512;
+        let disk3 = disk.clone();
+        let rootfs_sha256 = blocking(move || verify::sha256_file(&disk3).map_err(ImageError::io("read", &disk3))).await?;
         progress.event(&PullEvent::Built { format, size_bytes });
         let record = ImageRecord {
             version: RECORD_VERSION,
@@ -569,6 +629,8 @@ impl ImageStore {
             size_bytes,
             unpacked_bytes: stats.bytes,
             blob_bytes,
+            rootfs_len: Some(disk_meta.len()),
+            rootfs_sha256: Some(rootfs_sha256),
         };
         // Also fsyncs the work directory, so every entry in it is durable
         // before the rename below publishes it.
@@ -587,6 +649,43 @@ impl ImageStore {
             "image converted"
         );
         self.load(&digest)?.ok_or(ImageError::NotFound(digest))
+    }
+
+    /// Moves a damaged image's directory out of the way (its references
+    /// stay: they are pointed at the image again once it is converted).
+    /// Renamed first, as in `remove`, so a crash leaves no half-deleted
+    /// image under its real name. Callers hold the digest's lock.
+    fn discard(&self, digest: &str) -> Result<(), ImageError> {
+        let image_dir = self.image_dir(digest);
+        let trash = self.temp_dir()?;
+        match fs::rename(&image_dir, trash.path.join("doomed")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ImageError::io("rename", &image_dir)(e)),
+        }
+        durable::fsync_dir(&self.dir)?;
+        drop(trash);
+        Ok(())
+    }
+
+    /// [`ImageStore::load`], and the root disk checked against its record
+    /// (the digest too unless `size_only`; see `verify`): `Err` for an image
+    /// that is there but cannot be used as it is.
+    fn load_checked(&self, digest: &str, size_only: bool) -> Result<Option<ImageInfo>, Damage> {
+        let path = self.image_dir(digest).join(RECORD_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let record = read_record(&path).map_err(|e| Damage::Record {
+            path: path.clone(),
+            reason: match e {
+                ImageError::Io { source, .. } => source.to_string(),
+                other => other.to_string(),
+            },
+        })?;
+        let rootfs = self.image_dir(digest).join(record.format.file_name());
+        self.verified.check(&rootfs, record.expected(), size_only)?;
+        Ok(Some(self.info_of(rootfs, record)))
     }
 
     fn add_reference(&self, digest: &str, canonical: &str) -> Result<ImageInfo, ImageError> {
@@ -609,7 +708,11 @@ impl ImageStore {
         }
         let record = read_record(&path)?;
         let rootfs = dir.join(record.format.file_name());
-        Ok(Some(ImageInfo {
+        Ok(Some(self.info_of(rootfs, record)))
+    }
+
+    fn info_of(&self, rootfs: PathBuf, record: ImageRecord) -> ImageInfo {
+        ImageInfo {
             digest: record.digest,
             references: record.references,
             rootfs,
@@ -617,7 +720,7 @@ impl ImageStore {
             config: record.config,
             size_bytes: record.size_bytes,
             unpacked_bytes: record.unpacked_bytes,
-        }))
+        }
     }
 
     /// Holds an exclusive flock on the digest's lock file. A flock taken

@@ -173,9 +173,9 @@ async fn layout_image_is_converted_once_and_then_served_from_cache() {
     assert_eq!(store.ensure(&reference).await.unwrap().digest, info.digest);
     assert_eq!(store.conversions(), 1);
 
-    assert_eq!(store.list().unwrap().len(), 1);
+    assert_eq!(store.list().unwrap().images.len(), 1);
     store.remove(&info.digest).unwrap();
-    assert!(store.list().unwrap().is_empty());
+    assert_eq!(store.list().unwrap(), ImageListing::default());
     assert!(!info.rootfs.exists());
     assert!(matches!(
         store.remove(&info.digest),
@@ -235,7 +235,7 @@ async fn tampered_blob_is_rejected_and_leaves_nothing() {
         .await
         .unwrap_err();
     assert!(matches!(err, ImageError::Digest { .. }), "{err}");
-    assert!(store.list().unwrap().is_empty());
+    assert_eq!(store.list().unwrap(), ImageListing::default());
     assert!(temp_names(&store).is_empty());
 }
 
@@ -332,4 +332,74 @@ async fn bad_references_and_unknown_digests() {
         .ensure(&format!("oci:{}", tmp.path().join("none").display()))
         .await;
     assert!(matches!(missing, Err(ImageError::Io { .. })), "{missing:?}");
+}
+
+/// The record of a freshly converted image names its disk's length and
+/// digest; a disk truncated, altered in place or removed after that is
+/// converted again on the next use (not handed to a guest), with the same
+/// digest and contents; an unreadable `image.json` costs only its image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_cache_entry_is_converted_again_and_affects_only_itself() {
+    if !crate::test_gate::tools(&["mkfs.erofs", "fsck.erofs"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    write_index(&one, vec![tagged(image_manifest(&one, "first"), "v1")]);
+    write_index(&two, vec![tagged(image_manifest(&two, "second"), "v1")]);
+    let store = ImageStore::open(&tmp.path().join("data"), ImageStoreOptions::default()).unwrap();
+    let (ref_one, ref_two) = (format!("oci:{}:v1", one.display()), format!("oci:{}:v1", two.display()));
+    let info = store.ensure(&ref_one).await.unwrap();
+    let other = store.ensure(&ref_two).await.unwrap();
+    assert_eq!(store.conversions(), 2);
+
+    let record = read_record(&store.image_dir(&info.digest).join(RECORD_FILE)).unwrap();
+    let len = fs::metadata(&info.rootfs).unwrap().len();
+    assert_eq!(record.rootfs_len, Some(len));
+    assert_eq!(record.rootfs_sha256.as_deref(), Some(verify::sha256_file(&info.rootfs).unwrap().as_str()));
+
+    // Truncated (what made guests die of SIGBUS): size, every use.
+    fs::File::options().write(true).open(&info.rootfs).unwrap().set_len(len / 2).unwrap();
+    let listing = store.list().unwrap();
+    assert_eq!(listing.images, vec![other.clone()]);
+    assert_eq!(listing.damaged.len(), 1);
+    assert_eq!(
+        listing.damaged[0].damage,
+        Damage::Length { path: info.rootfs.clone(), expected: len, actual: len / 2 }
+    );
+    let again = store.ensure(&ref_one).await.unwrap();
+    assert_eq!((again.digest.as_str(), store.conversions()), (info.digest.as_str(), 3));
+    assert_eq!(fs::metadata(&again.rootfs).unwrap().len(), len);
+    let extracted = tmp.path().join("x1");
+    erofs_extract(&again.rootfs, &extracted);
+    assert_eq!(fs::read(extracted.join("etc/motd")).unwrap(), b"first");
+
+    // Same length, one byte flipped: the digest, in a store (a daemon run)
+    // that has not checked this disk yet.
+    let mut bytes = fs::read(&again.rootfs).unwrap();
+    bytes[len as usize / 2] ^= 0xff;
+    fs::write(&again.rootfs, &bytes).unwrap();
+    let fresh = ImageStore::open(&tmp.path().join("data"), ImageStoreOptions::default()).unwrap();
+    assert_eq!(fresh.list().unwrap().images.len(), 2, "a listing checks sizes only");
+    fresh.ensure(&ref_one).await.unwrap();
+    assert_eq!(fresh.conversions(), 1);
+    let rebuilt = read_record(&store.image_dir(&info.digest).join(RECORD_FILE)).unwrap();
+    assert_eq!(rebuilt.rootfs_sha256, Some(verify::sha256_file(&info.rootfs).unwrap()));
+    let extracted = tmp.path().join("x2");
+    erofs_extract(&info.rootfs, &extracted);
+    assert_eq!(fs::read(extracted.join("etc/motd")).unwrap(), b"first");
+
+    // A corrupt image.json: listed as damaged, the other image still
+    // listed, and a pull repairs it.
+    let record_path = store.image_dir(&other.digest).join(RECORD_FILE);
+    fs::write(&record_path, b"{ not json").unwrap();
+    let listing = store.list().unwrap();
+    assert_eq!(listing.images.len(), 1);
+    assert_eq!(listing.images[0].digest, info.digest);
+    assert!(matches!(&listing.damaged[0].damage, Damage::Record { path, .. } if *path == record_path), "{listing:?}");
+    assert_eq!(listing.damaged[0].digest, other.digest);
+    let repaired = store.ensure(&ref_two).await.unwrap();
+    assert_eq!(repaired, other);
+    assert_eq!(store.list().unwrap().damaged, vec![]);
+    assert!(temp_names(&store).is_empty());
 }

@@ -141,6 +141,20 @@ pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig, network: Option<Ne
     }
 }
 
+/// Every volume source is still what the declaration was validated
+/// against, looked at just before the VMM is given its path.
+fn check_volumes(spec: &InstanceSpec) -> Result<(), ProvisionError> {
+    for (index, v) in spec.volumes.iter().enumerate() {
+        crate::declaration::host::check_at_use(&v.source, v.block_device).map_err(|problem| ProvisionError::Volume {
+            index,
+            path: v.source.clone(),
+            missing: problem == crate::declaration::host::MISSING,
+            problem,
+        })?;
+    }
+    Ok(())
+}
+
 fn disk_error<'a>(what: &'static str, path: &'a Path) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -> ProvisionError + 'a {
     move |source| ProvisionError::Disk { what, path: path.to_path_buf(), source }
 }
@@ -211,6 +225,7 @@ impl Provisioner for ImageProvisioner {
             (false, _) => None,
         };
         let network = lease.map(|l| guest_network(l, &self.settings.network)).transpose()?;
+        check_volumes(spec)?;
         let kernel = self.settings.guest.kernel.clone().ok_or(ProvisionError::NoKernel)?;
         // Checked here rather than left to the VMM, whose message would be
         // buried in its log after the image work.
@@ -359,6 +374,39 @@ mod tests {
             workdir: Some("/srv".into()),
             user: Some("101:101".into()),
         }
+    }
+
+    /// What validation saw may have changed by the time the VM is made:
+    /// a source that became a directory (or a symlink) is refused and
+    /// waits for a change; one that went missing is retried.
+    #[test]
+    fn a_volume_source_is_looked_at_again_before_the_vm_is_made() {
+        use crate::instances::{ErrorKind, InstanceError};
+        let tmp = tempfile::tempdir().unwrap();
+        let disk = tmp.path().join("d.raw");
+        std::fs::write(&disk, b"disk").unwrap();
+        let text = format!("image = \"x\"\n[[volumes]]\nsource = \"{}\"\npath = \"/data\"\n", disk.display());
+        let decl = tmp.path().join("web.toml");
+        std::fs::write(&decl, text).unwrap();
+        let spec = crate::declaration::load_instance(&decl, &Limits::default()).expect("valid");
+        check_volumes(&spec).expect("a regular file");
+
+        std::fs::remove_file(&disk).unwrap();
+        let err = check_volumes(&spec).unwrap_err();
+        assert!(matches!(err, ProvisionError::Volume { missing: true, .. }), "{err}");
+        assert_eq!(InstanceError::Provision(err).kind(), ErrorKind::Transient);
+
+        std::fs::create_dir(&disk).unwrap();
+        let err = check_volumes(&spec).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "volumes[0]: the source {} is a directory; a volume is a raw disk image file (or a block device \
+                 with block_device = true) (it changed since the declaration was read)",
+                spec.volumes[0].source.display()
+            )
+        );
+        assert_eq!(InstanceError::Provision(err).kind(), ErrorKind::NeedsChange);
     }
 
     #[test]

@@ -175,6 +175,10 @@ fn hypervisor_error_kind(e: &HypervisorError) -> ErrorKind {
 fn provision_error_kind(e: &ProvisionError) -> ErrorKind {
     match e {
         ProvisionError::NoKernel => ErrorKind::NeedsChange,
+        // A missing disk image may be made yet; one of the wrong kind waits
+        // for the declaration (or the file) to be put right.
+        ProvisionError::Volume { missing: false, .. } => ErrorKind::NeedsChange,
+        ProvisionError::Volume { missing: true, .. } => ErrorKind::Transient,
         ProvisionError::Kernel { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NeedsChange,
         ProvisionError::Kernel { .. }
         | ProvisionError::Image { .. }

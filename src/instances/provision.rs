@@ -40,6 +40,15 @@ pub enum ProvisionError {
     },
     #[error("cannot set up the guest's network")]
     Network(#[from] crate::network::NetworkError),
+    /// A volume source that cannot be attached as it is now; `missing`
+    /// when it is not there at all (it may yet be made).
+    #[error("volumes[{index}]: the source {} {problem}", path.display())]
+    Volume {
+        index: usize,
+        path: std::path::PathBuf,
+        problem: String,
+        missing: bool,
+    },
     #[error("[network] is enabled but the guest has no address lease")]
     NoLease,
     #[error("{0}")]
