@@ -79,6 +79,11 @@ pub struct Observed {
     pub unreadable_record: Option<String>,
     /// Why the guest's running state was lost (see `Metadata::lost`).
     pub lost: Option<String>,
+    /// The size of the guest's overlay file now, when it has one: what a
+    /// declared `overlay_size` is held against (the applied declaration
+    /// may name a size that was refused, or one an older hypeman never
+    /// applied).
+    pub overlay_bytes: Option<u64>,
 }
 
 /// What an instance's owner remembers of its own recent doings, which no
@@ -114,6 +119,7 @@ impl Observed {
             unanswered_until: None,
             unreadable_record: None,
             lost: None,
+            overlay_bytes: None,
         }
     }
 
