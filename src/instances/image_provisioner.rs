@@ -157,12 +157,14 @@ fn run(cmd: &mut Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>
 
 /// The overlay at `path` with `size` bytes: made once, grown when the
 /// declaration asks for more (see `instances::overlay`), never recreated.
-/// Says a grow in the guest's `hypeman.log`.
-pub fn ensure_overlay(guest: &GuestPaths, name: &str, size: u64) -> Result<super::overlay::Ensured, ProvisionError> {
-    let path = &guest.overlay;
-    let ensured = super::overlay::ensure(path, size)
-        .map_err(|e| ProvisionError::Disk { what: "overlay", path: path.clone(), source: e.into() })?;
-    let said = match ensured {
+pub fn ensure_overlay(path: &Path, size: u64) -> Result<super::overlay::Ensured, ProvisionError> {
+    super::overlay::ensure(path, size)
+        .map_err(|e| ProvisionError::Disk { what: "overlay", path: path.to_path_buf(), source: e.into() })
+}
+
+/// [`ensure_overlay`] for a guest, saying a grow in its `hypeman.log`.
+fn prepare_overlay(guest: &GuestPaths, name: &str, size: u64) -> Result<(), ProvisionError> {
+    let said = match ensure_overlay(&guest.overlay, size)? {
         super::overlay::Ensured::Grown { from, to } => Some(format!(
             "overlay grown from {} to {} (the file and its filesystem)",
             crate::config_file::ByteSize(from),
@@ -177,7 +179,7 @@ pub fn ensure_overlay(guest: &GuestPaths, name: &str, size: u64) -> Result<super
     if let Some(line) = said {
         super::event(guest, name, tracing::Level::INFO, &line);
     }
-    Ok(ensured)
+    Ok(())
 }
 
 /// Writes the config disk: an erofs image holding `config.json`. A copy of
@@ -234,7 +236,7 @@ impl Provisioner for ImageProvisioner {
         let init = self.init_binary.clone();
         let modules = self.settings.guest.modules_dir.clone();
         let initrd = tokio::task::spawn_blocking(move || -> Result<PathBuf, ProvisionError> {
-            ensure_overlay(&paths, &name, size)?;
+            prepare_overlay(&paths, &name, size)?;
             write_config_disk(&paths.config_disk, &config)?;
             let initrd = crate::system::cached_initrd(&data_dir, &init, modules.as_deref())
                 .map_err(|e| ProvisionError::Disk { what: "initrd", path: init.clone(), source: e.into() })?;
