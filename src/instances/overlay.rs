@@ -25,10 +25,18 @@
 //! `resize2fs` is done. A marker found at the next attempt means the
 //! filesystem may lag behind its file, so the check and the resize run
 //! again (`resize2fs` of a filesystem that already fills its file changes
-//! nothing), and then the declared size is looked at afresh.
+//! nothing), and then the declared size is looked at afresh. The daemon
+//! may also die while e2fsck or resize2fs runs, and the tool with it does
+//! not: the grow holds an exclusive `flock` on the overlay that the tools
+//! inherit, so a next attempt that finds the lock taken fails (and is
+//! retried later) rather than run a second tool on the same filesystem.
 
 use crate::config_file::ByteSize;
 use crate::durable::{self, DurableError};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -81,6 +89,8 @@ pub enum OverlayError {
     },
     #[error("{tool} failed on {} ({status}): {output}", path.display())]
     Tool { tool: &'static str, path: PathBuf, status: std::process::ExitStatus, output: String },
+    #[error("{} is busy: an e2fsck or resize2fs of an earlier attempt still runs on it", path.display())]
+    Busy { path: PathBuf },
     #[error(transparent)]
     Durable(#[from] DurableError),
 }
@@ -116,9 +126,10 @@ pub fn ensure(path: &Path, declared: u64) -> Result<Ensured, OverlayError> {
         durable::remove_file_if_exists(&marker)?;
         return Ok(Ensured::Made);
     }
+    let lock = lock(path)?;
     let resumed = marker.exists();
     if resumed {
-        fit_filesystem(path)?;
+        fit_filesystem(path, &lock)?;
         finish(&marker)?;
     }
     match resize(len(path)?, declared) {
@@ -127,10 +138,10 @@ pub fn ensure(path: &Path, declared: u64) -> Result<Ensured, OverlayError> {
         Resize::Grow { from, to } => {
             // Checked before anything changes: resize2fs wants a
             // filesystem checked since it was last mounted.
-            check(path)?;
+            check(path, &lock)?;
             durable::write_atomic(&marker, format!("growing {} to {to} bytes\n", path.display()).as_bytes())?;
             extend(path, to)?;
-            fill(path)?;
+            fill(path, &lock)?;
             finish(&marker)?;
             Ok(Ensured::Grown { from, to })
         }
@@ -149,6 +160,7 @@ fn make(path: &Path, size: u64) -> Result<(), OverlayError> {
                 "mkfs.ext4",
                 Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]),
                 &tmp,
+                None,
             )
         });
     if let Err(e) = made {
@@ -171,23 +183,34 @@ fn extend(path: &Path, to: u64) -> Result<(), OverlayError> {
     file.sync_all().map_err(io("sync"))
 }
 
+/// The overlay, locked for this attempt (see the module doc); the lock
+/// goes with the returned file and with the last tool that inherited it.
+fn lock(path: &Path) -> Result<Flock<std::fs::File>, OverlayError> {
+    let file = std::fs::File::open(path).map_err(|source| OverlayError::Io { op: "open", path: path.to_path_buf(), source })?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(OverlayError::Busy { path: path.to_path_buf() }),
+        Err((_, errno)) => Err(OverlayError::Io { op: "lock", path: path.to_path_buf(), source: errno.into() }),
+    }
+}
+
 /// `e2fsck -f -p`: replays the journal of a guest that was killed, fixes
 /// what is safe to fix, and refuses the rest.
-fn check(path: &Path) -> Result<(), OverlayError> {
-    tool("e2fsck", Command::new("e2fsck").args(["-f", "-p"]), path)
+fn check(path: &Path, lock: &Flock<std::fs::File>) -> Result<(), OverlayError> {
+    tool("e2fsck", Command::new("e2fsck").args(["-f", "-p"]), path, Some(lock))
 }
 
 /// The check, then the resize: after an interrupted grow, nothing is
 /// known of the filesystem's state.
-fn fit_filesystem(path: &Path) -> Result<(), OverlayError> {
-    check(path)?;
-    fill(path)
+fn fit_filesystem(path: &Path, lock: &Flock<std::fs::File>) -> Result<(), OverlayError> {
+    check(path, lock)?;
+    fill(path, lock)
 }
 
 /// `resize2fs` to the file's size, on a filesystem just checked. Of one
 /// that fills its file already, it changes nothing.
-fn fill(path: &Path) -> Result<(), OverlayError> {
-    tool("resize2fs", &mut Command::new("resize2fs"), path)
+fn fill(path: &Path, lock: &Flock<std::fs::File>) -> Result<(), OverlayError> {
+    tool("resize2fs", &mut Command::new("resize2fs"), path, Some(lock))
 }
 
 /// The grow is complete: its marker goes, durably.
@@ -199,9 +222,14 @@ fn finish(marker: &Path) -> Result<(), OverlayError> {
     Ok(())
 }
 
-/// Runs `cmd` on `path`. e2fsck's exit statuses 1 and 2 mean it corrected
-/// errors, which is a success here; everything else fails with its output.
-fn tool(name: &'static str, cmd: &mut Command, path: &Path) -> Result<(), OverlayError> {
+/// Runs `cmd` on `path`, handing it `lock`'s descriptor (only this child:
+/// every other stays closed on exec). e2fsck's exit statuses 1 and 2 mean
+/// it corrected errors, which is a success here; everything else fails
+/// with its output.
+fn tool(name: &'static str, cmd: &mut Command, path: &Path, lock: Option<&Flock<std::fs::File>>) -> Result<(), OverlayError> {
+    if let Some(lock) = lock {
+        inheriting(cmd, lock);
+    }
     let out = cmd
         .arg(path)
         .output()
@@ -215,6 +243,22 @@ fn tool(name: &'static str, cmd: &mut Command, path: &Path) -> Result<(), Overla
         output = String::from_utf8_lossy(&out.stdout).trim().to_string();
     }
     Err(OverlayError::Tool { tool: name, path: path.to_path_buf(), status: out.status, output })
+}
+
+/// Makes the child of `cmd` inherit `lock`'s descriptor, and so the lock.
+fn inheriting<'a>(cmd: &'a mut Command, lock: &Flock<std::fs::File>) -> &'a mut Command {
+    let fd = lock.as_raw_fd();
+    // SAFETY: fcntl is async-signal-safe; the closure touches only the
+    // descriptor number, which the caller keeps open until the child has
+    // exec'd.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +415,42 @@ mod tests {
         assert_eq!(ensure(&p, 128 * MIB).unwrap(), Ensured::Grown { from: 64 * MIB, to: 128 * MIB });
         assert_eq!(fs_bytes(&p), 128 * MIB);
         assert!(!grow_marker(&p).exists());
+    }
+
+    /// A tool of an attempt whose daemon was killed may still run, holding
+    /// the lock it inherited: the next attempt leaves the file alone, and
+    /// goes ahead once the tool is gone.
+    #[test]
+    fn an_overlay_a_tool_still_holds_is_not_touched() {
+        if !e2fsprogs() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("overlay.raw");
+        ensure(&p, 64 * MIB).unwrap();
+        let held = lock(&p).unwrap();
+        let mut orphan = inheriting(Command::new("sleep").arg("30"), &held).spawn().unwrap();
+        // The daemon that took the lock is killed: its descriptor closes
+        // without an unlock (dropping a `Flock` would unlock it, for the
+        // child too); its tool lives on.
+        let fd = held.as_raw_fd();
+        std::mem::forget(held);
+        nix::unistd::close(fd).unwrap();
+        let err = ensure(&p, 128 * MIB).unwrap_err();
+        assert_eq!(err.to_string(), format!("{} is busy: an e2fsck or resize2fs of an earlier attempt still runs on it", p.display()));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 64 * MIB, "untouched");
+        orphan.kill().unwrap();
+        orphan.wait().unwrap();
+        assert_eq!(ensure(&p, 128 * MIB).unwrap(), Ensured::Grown { from: 64 * MIB, to: 128 * MIB });
+        // Every other child is spawned without it.
+        let held = lock(&p).unwrap();
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        let fd = held.as_raw_fd();
+        std::mem::forget(held);
+        nix::unistd::close(fd).unwrap();
+        assert!(lock(&p).is_ok(), "a child that was not handed the lock does not hold it");
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 
     /// A file that is no ext4 filesystem is not grown into one: the error
