@@ -448,7 +448,13 @@ mod tests {
         let fd = held.as_raw_fd();
         std::mem::forget(held);
         nix::unistd::close(fd).unwrap();
-        assert!(lock(&p).is_ok(), "a child that was not handed the lock does not hold it");
+        // Another test's child, forked but not yet exec'd, may hold a copy
+        // for a moment; `sleep` would hold it for 30 s.
+        let t0 = std::time::Instant::now();
+        while lock(&p).is_err() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "a child that was not handed the lock holds it");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         other.kill().unwrap();
         other.wait().unwrap();
     }
