@@ -188,6 +188,21 @@ else
     echo "skipped     VM test scripts (no python3)"
 fi
 
+# 4. The service's sandbox (nixos-module/hardening.nix, plain Nix) rendered
+# into a unit and scored by systemd-analyze, against the bound README and the
+# VM test state.
+if command -v systemd-analyze >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
+    if sh scripts/unit-security.sh 4.5 > "$tmp/security" 2>&1; then
+        echo "eval ok     hypeman.service sandbox, $(tail -n 1 "$tmp/security") (at most 4.5)"
+    else
+        cat "$tmp/security" >&2
+        echo "eval FAIL   hypeman.service sandbox" >&2
+        failed=1
+    fi
+else
+    echo "skipped     hypeman.service sandbox score (no systemd-analyze or python3)"
+fi
+
 if [ "$failed" -ne 0 ]; then
     echo "nix-parse-check: FAILED" >&2
     exit 1

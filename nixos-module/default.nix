@@ -196,6 +196,12 @@ let
     }
   ) cfg.instances;
 
+  # The sources of the declared writable volumes: the sandbox lets the VMMs
+  # write exactly those outside the data dir.
+  volumeSources = lib.concatMap (
+    inst: map (v: v.source) (lib.filter (v: v ? source && !(v.readonly or false)) (inst.volumes or [ ]))
+  ) (lib.attrValues cfg.instances);
+
   configDir = buildConfigDir {
     package = cfg.package;
     settings = cfg.settings;
@@ -212,11 +218,12 @@ in
 
     package = mkOption {
       type = types.package;
-      # Built from this repository (the module sits in it), so the module
-      # works with or without the flake's overlay.
-      default = pkgs.callPackage ../nix/package.nix { };
-      defaultText = literalExpression "pkgs.callPackage ./nix/package.nix { } # this repository's hypeman";
-      description = "The hypeman package (with hypeman-init next to the hypeman binary).";
+      # Like mkPackageOption: `pkgs.hypeman`, so an overlay that replaces it
+      # (the flake's, or the user's own) is followed. Without one the module
+      # builds this repository (it sits in it), so it works either way.
+      default = pkgs.hypeman or (pkgs.callPackage ../nix/package.nix { });
+      defaultText = literalExpression "pkgs.hypeman, or this repository's nix/package.nix when no overlay provides it";
+      description = "The hypeman package to use (with hypeman-init next to the hypeman binary).";
     };
 
     dataDir = mkOption {
@@ -288,6 +295,19 @@ in
       '';
     };
 
+    writablePaths = mkOption {
+      type = types.listOf (types.strMatching "/.+");
+      default = [ ];
+      example = [ "/srv/volumes" ];
+      description = ''
+        Paths outside `dataDir` the daemon and its VMMs may write, besides
+        the sources of writable volumes declared in `instances` (added by
+        themselves): the service runs with `ProtectSystem=strict`, so a
+        volume of a declaration written outside Nix needs its file or
+        directory listed here.
+      '';
+    };
+
     checkConfig = mkOption {
       type = types.bool;
       default = true;
@@ -348,8 +368,9 @@ in
     systemd.services.hypeman = {
       description = "hypeman microVM manager";
       wantedBy = [ "multi-user.target" ];
+      # network.target is a passive unit: services order themselves after
+      # it, and only its providers pull it in.
       after = [ "network.target" ];
-      wants = [ "network.target" ];
 
       # /etc is a set of store links: changing a declaration produces no
       # inotify event in the directory the daemon watches, so a switch must
@@ -383,10 +404,12 @@ in
         # VFIO passthrough (`devices`) pins guest memory.
         LimitMEMLOCK = "infinity";
         LimitNOFILE = 1048576;
-
-        # No PrivateTmp/ProtectSystem/…: the VMMs inherit the daemon's
-        # namespaces and need /dev/kvm, /dev/vfio, /dev/net/tun and the data
-        # dir; sandboxing the daemon would sandbox every VM with it.
+      }
+      # The sandbox, which every VMM inherits: what it allows and why is in
+      # hardening.nix (scored by scripts/unit-security.sh, and by the VM test).
+      // import ./hardening.nix {
+        inherit (cfg) dataDir;
+        writablePaths = volumeSources ++ cfg.writablePaths;
       }
       // lib.optionalAttrs (lib.hasPrefix "/var/lib/" cfg.dataDir) {
         StateDirectory = lib.removePrefix "/var/lib/" cfg.dataDir;

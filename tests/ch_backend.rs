@@ -273,6 +273,29 @@ async fn without_userfaultfd_the_restore_falls_back_to_copy() {
     assert!(matches!(g.backend.restore(&g.vmm(None), &other, &snap).await, Err(HypervisorError::BadSnapshot { .. })));
 }
 
+/// A snapshot the server reads and refuses (here a `state.json` it cannot
+/// parse) is the snapshot's fault, not a passing one: `BadSnapshot`, which
+/// the daemon does not retry in a loop, with the server's words, after the
+/// copy restore was tried too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_the_server_refuses_is_a_bad_snapshot() {
+    let g = Guest::new(&[]);
+    let cfg = g.config(0);
+    let snap = g.standby(&cfg).await;
+    std::fs::write(snap.join("state.json"), "{ not json").unwrap();
+    match g.backend.restore(&g.vmm(None), &cfg, &snap).await {
+        Err(e @ HypervisorError::BadSnapshot { .. }) => {
+            let chain = hypeman::error_chain(&e);
+            assert!(chain.contains("Error parsing state.json"), "{chain}");
+        }
+        other => panic!("expected BadSnapshot, got {other:?}"),
+    }
+    let log = g.vmm_log();
+    let restores: Vec<&str> = log.lines().filter(|l| l.starts_with("PUT /api/v1/vm.restore")).collect();
+    assert_eq!(restores, ["PUT /api/v1/vm.restore -> 500", "PUT /api/v1/vm.restore -> 500"], "on demand, then by copy: {log}");
+    assert!(process::find_by_argument(&g.vmm(None).socket).is_none(), "no VMM left");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_waits_out_the_v53_prefault() {
     let g = Guest::new(&[("FAKE_CH_PREFAULT_MS", "600")]);

@@ -294,6 +294,91 @@ fn the_minimum_memory_boots() {
     w.stop_daemon();
 }
 
+/// The guest's `MemTotal` in KiB from every `MEMTOTAL n` line of a console
+/// log, in order.
+fn mem_totals(app_log: &Path) -> Vec<u64> {
+    let log = std::fs::read_to_string(app_log).unwrap_or_default();
+    log.lines().filter_map(|l| l.trim().strip_prefix("MEMTOTAL ")?.trim().parse().ok()).collect()
+}
+
+/// Waits until the console has a `MEMTOTAL` line after the first `skip`
+/// that `ok` accepts, and returns its value.
+fn wait_mem_total(w: &World, skip: usize, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
+    let app_log = w.guest_dir().join("logs/app.log");
+    let t0 = Instant::now();
+    loop {
+        if let Some(&kib) = mem_totals(&app_log).iter().skip(skip).find(|&&k| ok(k)) {
+            return kib;
+        }
+        assert!(t0.elapsed() < w.patience, "{what}: MemTotal lines {:?}", mem_totals(&app_log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `hotplug_memory` under QEMU (q35, virtio-mem): 128 MiB + 128 MiB boots
+/// with all of it plugged, standby gives the hotplug memory back before the
+/// snapshot (the restored guest first sees only its boot memory, from the
+/// migrated virtio-mem state), and the restore plugs it again while the app
+/// goes on counting.
+#[test]
+fn hotplug_memory_is_plugged_at_boot_shrunk_for_standby_and_plugged_after_restore() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    const MIB_KIB: u64 = 1024;
+    let mut w = world(&kernel_dir, &init);
+    w.memory = "128MiB".into();
+    w.extra = "hotplug_memory = \"128MiB\"\n".into();
+    // MemTotal with sh builtins only (the image has no grep).
+    w.script = COUNTER.replace(
+        "echo COUNTER $i;",
+        "while read k v u; do [ $k = MemTotal: ] && echo MEMTOTAL $v; done < /proc/meminfo; echo COUNTER $i;",
+    );
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    w.wait_counter_above(2);
+    // The kernel keeps about 30 MiB for itself: boot memory alone reads
+    // under 128 MiB, with the hotplug memory plugged over 192 MiB.
+    let plugged = wait_mem_total(&w, 0, "never plugged at boot", |k| k > 192 * MIB_KIB);
+    eprintln!("booted 128 MiB + 128 MiB: guest MemTotal {:.1} MiB", plugged as f64 / 1024.0);
+
+    let dir = w.guest_dir();
+    let t = Instant::now();
+    w.declare("standby");
+    w.wait("Standby");
+    let standby = t.elapsed();
+    // Every line from here on was printed by the restored guest.
+    let seen = mem_totals(&dir.join("logs/app.log")).len();
+    let memory_file = dir.join("snapshots/snapshot-latest/memory");
+    let size = std::fs::metadata(&memory_file).expect("a snapshot memory file").len();
+    eprintln!("standby: {:.2}s, snapshot memory file {size} bytes ({:.1} MiB)", standby.as_secs_f64(), size as f64 / (1 << 20) as f64);
+    let last = *w.counters().last().unwrap();
+
+    let t = Instant::now();
+    w.declare("running");
+    w.wait("Running");
+    w.wait_counter_above(last);
+    let after = w.counters();
+    let first_new = after.iter().skip_while(|&&c| c != last).nth(1).copied();
+    assert_eq!(first_new, Some(last + 1), "the app went on counting: {:?}", &after[after.len().saturating_sub(10)..]);
+    // The snapshot was taken after the guest gave its hotplug memory back
+    // (the daemon says so), and the restore plugs it again.
+    let shrink = w.daemon_log_text().lines().find(|l| l.contains("memory shrunk to the boot memory")).map(str::to_string);
+    assert!(shrink.is_some(), "no shrink before the snapshot:\n{}", w.daemon_log_text());
+    let regrown = wait_mem_total(&w, seen, "never plugged again after the restore", |k| k > 192 * MIB_KIB);
+    let totals = mem_totals(&dir.join("logs/app.log"));
+    eprintln!("{}", shrink.unwrap());
+    eprintln!(
+        "restore: edit → next COUNTER {:.2}s; guest MemTotal after the restore (KiB, in order): {:?}; {:.1} MiB once plugged again",
+        t.elapsed().as_secs_f64(),
+        &totals[seen..],
+        regrown as f64 / 1024.0
+    );
+    let n = w.counters().len();
+    w.wait_counter_above(*w.counters().last().unwrap() + 2);
+    assert!(w.counters().len() > n, "the app keeps running");
+    w.stop_daemon();
+}
+
 /// The app of the clock test: its clocksource once, then the guest's wall
 /// clock (µs) ten times a second, printed by busybox `adjtimex` itself
 /// right after it reads the clock (a shell pipeline between the reading and

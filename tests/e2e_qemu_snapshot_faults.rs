@@ -262,3 +262,87 @@ fn a_lost_guest_is_reported_and_a_damaged_snapshot_is_not_restored() {
     assert!(!snap.exists(), "declaring stopped discards it");
     w.stop_daemon();
 }
+
+/// A snapshot that passes the marker's checks but that QEMU cannot load
+/// (the stream's header overwritten: the memory file's size is what the
+/// marker checks of it): QEMU exits, the restore is not tried again in a
+/// loop, status says the running state is not back, the snapshot is kept;
+/// declaring stopped discards it and says what was lost.
+#[test]
+fn a_snapshot_qemu_refuses_is_kept_and_not_restored_in_a_loop() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let (mut w, _) = world(&kernel_dir, &init);
+    w.start();
+    w.declare("standby");
+    w.wait("Standby");
+    let snap = w.guest_dir().join("snapshots/snapshot-latest");
+    let memory = snap.join("memory");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&memory).unwrap();
+        f.write_all(&[0u8; 8]).unwrap();
+    }
+    let vmm_log = w.guest_dir().join("logs/vmm.log");
+    let refusals = || std::fs::read_to_string(&vmm_log).unwrap_or_default().matches("load of migration failed").count();
+    w.declare("running");
+    wait_until(60, "the refusal in status", || last_error(&w.status()).contains("could not be brought back"));
+    let error = last_error(&w.status());
+    eprintln!("refused snapshot: {error}");
+    assert!(error.contains("QEMU exited while loading it"), "{error}");
+    assert!(error.contains("load of migration failed"), "QEMU's own words: {error}");
+    // Long enough for several tries under the old transient backoff.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(refusals(), 1, "restored once, not in a loop");
+    let status = w.status();
+    assert_eq!(status["state"], "Standby", "{status}");
+    assert!(!w.vmm_running());
+    assert!(memory.exists(), "kept for the user");
+
+    w.declare("stopped");
+    w.wait("Stopped");
+    assert!(!snap.exists(), "declaring stopped discards it");
+    let status = w.status();
+    let error = last_error(&status);
+    assert!(error.contains("what the guest had not written to its disks is lost"), "{status}");
+    assert!(error.contains("the standby snapshot cannot be restored"), "{status}");
+    assert!(refusals() <= 2, "at most the one try of the way to stopped");
+    w.stop_daemon();
+}
+
+/// The daemon and its QEMU both killed while the snapshot is written: the
+/// daemon that starts next finds only a VMM gone without an exit line, and
+/// does not boot a fresh guest to save as the user's standby.
+#[test]
+fn a_daemon_killed_with_its_qemu_mid_snapshot_boots_nothing_in_its_place() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let (mut w, cat_gate) = world(&kernel_dir, &init);
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    w.wait_counter_above(2);
+    let pid = w.status()["pid"].as_u64().expect("a live VMM");
+    std::fs::write(&cat_gate, "").unwrap();
+    w.declare("standby");
+    let memory = partial(&w).join("memory");
+    wait_until(60, "the migration stream to begin", || memory.exists());
+    w.kill_daemon();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::fs::remove_file(&cat_gate).unwrap();
+    wait_until(10, "QEMU to go", || !w.vmm_running());
+
+    w.start();
+    wait_until(60, "the loss in status", || last_error(&w.status()).contains("running state went with it"));
+    std::thread::sleep(Duration::from_secs(6));
+    let status = w.status();
+    eprintln!("after the restart: {}", last_error(&status));
+    assert_eq!(status["state"], "Stopped", "no standby of a fresh boot: {status}");
+    assert!(!w.vmm_running());
+    assert_eq!(hypeman_log(&w).matches("create VM (from").count(), 1, "no VM booted in its place");
+
+    w.declare("stopped");
+    w.wait("Stopped");
+    w.declare("standby");
+    w.wait("Standby");
+    assert_eq!(hypeman_log(&w).matches("create VM (from").count(), 2, "booted anew once asked");
+    w.stop_daemon();
+}

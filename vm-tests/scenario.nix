@@ -74,6 +74,14 @@ in
           machine.succeed("hypeman validate")
           machine.succeed("test -e /etc/hypeman/instances/counter.toml")
 
+      with subtest("the service runs sandboxed (nixos-module/hardening.nix)"):
+          report = machine.succeed("systemd-analyze security hypeman.service --no-pager")
+          print(report)
+          score = float(re.search(r"Overall exposure level for hypeman.service: ([0-9.]+)", report).group(1))
+          # The bound README records; scripts/unit-security.sh scores the
+          # same settings offline.
+          assert score <= 4.5, f"exposure {score} is above 4.5"
+
       with subtest("the instance boots and its counter runs"):
           machine.succeed("hypeman wait counter --state Running --timeout 300s")
           machine.wait_until_succeeds("hypeman logs counter | grep -q 'COUNTER 3'", timeout=120)

@@ -128,6 +128,21 @@ fn values_are_converted_to_their_internal_form() {
     assert!(spec.volumes[0].readonly && !spec.volumes[1].readonly);
 }
 
+/// The hotplug floor at the sizes measured under QEMU (validate.rs,
+/// `hotplug_boot_memory`): what booted is accepted, one step below is not.
+#[test]
+fn hotplug_memory_needs_boot_memory_for_its_page_array() {
+    let accepted = |memory: &str, hotplug: &str| {
+        parse(&format!("image = \"x\"\nmemory = \"{memory}\"\nhotplug_memory = \"{hotplug}\"\n")).is_ok()
+    };
+    for (memory, hotplug) in [("82MiB", "128MiB"), ("96MiB", "1GiB"), ("128MiB", "128MiB"), ("128MiB", "3GiB"), ("80MiB", "0")] {
+        assert!(accepted(memory, hotplug), "{memory} + {hotplug} booted and must be accepted");
+    }
+    for (memory, hotplug) in [("80MiB", "128MiB"), ("80MiB", "1GiB"), ("94MiB", "1GiB"), ("126MiB", "3GiB"), ("128MiB", "4GiB")] {
+        assert!(!accepted(memory, hotplug), "{memory} + {hotplug} must be refused");
+    }
+}
+
 #[test]
 fn both_spellings_of_a_device_become_its_sysfs_path() {
     let spec = parse(
@@ -209,6 +224,11 @@ fn every_error_message() {
         case("memory over the limit", "image = \"x\"\nmemory = \"128GiB\"\n"),
         case("hotplug not 128MiB-aligned", "image = \"x\"\nhotplug_memory = \"100MiB\"\n"),
         case("memory + hotplug over the limit", "image = \"x\"\nmemory = \"32GiB\"\nhotplug_memory = \"33GiB\"\n"),
+        case("hotplug memory whose page array does not fit", "image = \"x\"\nmemory = \"128MiB\"\nhotplug_memory = \"4GiB\"\n"),
+        case(
+            "hotplug memory with a passthrough device",
+            "image = \"x\"\nmemory = \"128MiB\"\nhotplug_memory = \"128MiB\"\ndevices = [\"0000:01:00.0\"]\n",
+        ),
         case("overlay too small", "image = \"x\"\noverlay_size = \"1MiB\"\n"),
         case("overlay over the limit", "image = \"x\"\noverlay_size = \"2TiB\"\n"),
         Case {

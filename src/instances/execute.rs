@@ -194,7 +194,7 @@ impl Instances {
             }
             Step::ForgetExit => {
                 meta.exited = None;
-                meta.lost = None;
+                meta.lost_answered = meta.lost.is_some();
                 self.write_metadata(meta).await?;
                 done
             }
@@ -243,6 +243,7 @@ impl Instances {
         meta.vmm = Some(record_of(&handle));
         meta.last_error = None;
         meta.lost = None;
+        meta.lost_answered = false;
         self.write_metadata(meta).await?;
         Ok(Outcome::Done)
     }
@@ -380,6 +381,7 @@ impl Instances {
         let line = lost.to_string();
         self.event(meta, Level::ERROR, &format!("{line}; it is not booted afresh in its place: declare the instance running to boot it anew, or stopped"));
         meta.lost = Some(line);
+        meta.lost_answered = false;
         if let Err(e) = self.vmm_gone(obs, meta).await {
             self.event(meta, Level::ERROR, &format!("cannot record the loss: {}", error_chain(&e)));
         }
@@ -434,12 +436,23 @@ impl Instances {
                 Ok(Outcome::Done)
             }
             Err(e) => {
-                // Leave the snapshot in place for the next try, but no
-                // half-restored VMM behind.
+                // Leave the snapshot in place, but no half-restored VMM.
                 if let Probe::Alive { handle, .. } = backend.probe(&guest).await {
                     let _ = backend.kill(&handle).await;
                 }
-                Err(InstanceError::Hypervisor { op: "restore", source: e })
+                if !matches!(e, HypervisorError::BadSnapshot { .. }) {
+                    return Err(InstanceError::Hypervisor { op: "restore", source: e });
+                }
+                // The VMM refused the snapshot itself: trying again would
+                // fail the same way. A guest wanted stopped has no use for
+                // it; for any other the running state is not back, and the
+                // snapshot is kept for the user to decide.
+                if spec.state == DesiredState::Stopped {
+                    return self.discard_unusable(meta, error_chain(&e)).await;
+                }
+                let refused = InstanceError::NotRestored { source: e };
+                self.event(meta, Level::ERROR, &error_chain(&refused));
+                Err(refused)
             }
         }
     }
@@ -477,6 +490,7 @@ impl Instances {
         self.blocking(move |store| store.remove_snapshot(id)).await?;
         meta.applied = None;
         meta.lost = Some(message.clone());
+        meta.lost_answered = false;
         meta.last_error = Some(message);
         self.write_metadata(meta).await?;
         Ok(Outcome::SnapshotUnusable { why })

@@ -112,6 +112,14 @@ pub enum InstanceError {
         #[source]
         source: Box<InstanceError>,
     },
+    /// The VMM refused a snapshot that passed the marker's checks.
+    #[error(
+        "the guest's running state could not be brought back (the snapshot is kept, and not restored again; declaring the instance stopped discards it)"
+    )]
+    NotRestored {
+        #[source]
+        source: HypervisorError,
+    },
     #[error("a blocking task failed")]
     Join(#[source] tokio::task::JoinError),
     #[error("the daemon is stopping")]
@@ -129,7 +137,9 @@ impl InstanceError {
             InstanceError::NoSpace { .. } => ErrorKind::LacksSpace,
             // What the user wants of a guest whose state is gone, or of a
             // damaged snapshot kept for them to look at, is theirs to say.
-            InstanceError::StateLost { .. } | InstanceError::Store(StoreError::DamagedSnapshot { .. }) => {
+            InstanceError::StateLost { .. }
+            | InstanceError::NotRestored { .. }
+            | InstanceError::Store(StoreError::DamagedSnapshot { .. }) => {
                 ErrorKind::NeedsChange
             }
             InstanceError::Store(_)

@@ -94,7 +94,7 @@ impl Observation {
             press_again: recall.press_again,
             unanswered_until: recall.unanswered_until,
             unreadable_record: self.unreadable_record.clone(),
-            lost: meta.and_then(|m| m.lost.clone()),
+            lost: meta.filter(|m| !m.lost_answered).and_then(|m| m.lost.clone()),
             overlay_bytes: self.overlay_bytes,
         }
     }

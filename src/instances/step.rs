@@ -77,7 +77,8 @@ pub struct Observed {
     /// A guest record that cannot be read may be this instance's (see
     /// `Observation::unreadable_record`): why nothing may be done.
     pub unreadable_record: Option<String>,
-    /// Why the guest's running state was lost (see `Metadata::lost`).
+    /// Why the guest's running state was lost (see `Metadata::lost`), while
+    /// the declaration has not said what now since.
     pub lost: Option<String>,
     /// The size of the guest's overlay file now, when it has one: what a
     /// declared `overlay_size` is held against (the applied declaration
@@ -231,7 +232,8 @@ pub enum Step {
     /// A VMM that exited with its guest after the daemon pressed the power
     /// button: drop its record; nothing ended by itself.
     ForgetVmm,
-    /// Declared stopped: the last ending no longer holds back a boot.
+    /// Declared stopped: the last ending, or a loss of the running state,
+    /// no longer holds back a boot (the loss stays in `status` until one).
     ForgetExit,
     /// `Stopped`, declaration gone: remove the guest and all its data.
     Remove,

@@ -321,7 +321,13 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             return now + rest;
         }
         Step::Blocked(why) => {
-            let message = desired.invalid().map(str::to_string).unwrap_or_else(|| why.clone());
+            // What the look saw comes first: a VMM that does not answer
+            // because its backend is not installed says so.
+            let message = match (desired.invalid(), &obs.unreachable) {
+                (Some(invalid), _) => invalid.to_string(),
+                (None, Some(seen)) if obs.state == VmState::Unknown => format!("{seen}: {why}"),
+                (None, _) => why.clone(),
+            };
             // Once per new reason, not on every resync; in the guest's
             // `hypeman.log` too when it has one.
             if obs.meta.as_ref().and_then(|m| m.last_error.as_deref()) != Some(message.as_str()) {

@@ -208,6 +208,14 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
                 observed.lost.as_deref().unwrap_or_default()
             ))
         }
+        // Its VMM died under it (during the snapshot, say, with the daemon
+        // killed before it could record the loss): the same holds.
+        (DesiredState::Standby, Stopped) if matches!(observed.exited, Some((GuestEnd::Unknown, _))) => {
+            return Step::Blocked(format!(
+                "{}, and its running state went with it; it is not booted afresh in its place: declare it stopped, then standby again, to boot it anew",
+                GuestEnd::Unknown
+            ))
+        }
         (DesiredState::Standby, Stopped) => return Step::Create { spec: spec.clone() },
         // Snapshotting a VM of an outdated declaration would only be thrown
         // away at restore: restart it first.

@@ -52,6 +52,11 @@ pub struct Metadata {
     /// fresh boot is never presented as the user's standby.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<String>,
+    /// The declaration has said what now (it was stopped after the loss, or
+    /// already was): the loss stays in `status` until the guest boots
+    /// again, but no longer holds anything back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost_answered: bool,
     /// RFC 3339; set by `Store::write_metadata` on every write.
     pub updated_at: String,
 }
@@ -109,6 +114,7 @@ impl Metadata {
             network: None,
             exited: None,
             lost: None,
+            lost_answered: false,
             updated_at: now,
         }
     }

@@ -160,7 +160,11 @@ impl World {
     pub fn wait_counter_above(&self, n: u64) -> Duration {
         let t0 = Instant::now();
         while self.counters().last().copied().unwrap_or(0) <= n {
-            assert!(t0.elapsed() < self.patience, "counter stuck at {:?}", self.counters().last());
+            if t0.elapsed() >= self.patience {
+                let app = std::fs::read_to_string(self.guest_dir().join("logs/app.log")).unwrap_or_default();
+                let tail: Vec<&str> = app.lines().rev().take(15).collect();
+                panic!("counter stuck at {:?}; app.log ends:\n{}", self.counters().last(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         t0.elapsed()

@@ -400,7 +400,16 @@ impl CloudHypervisorBackend {
         let (handle, client, version) = self.launch(guest, &config.serial_log, op).await.map_err(|e| (e, None))?;
         let mode = mode(version);
         let restored = async {
-            client.restore(&config::restore_config(dir, mode)).await.map_err(|e| Self::api_error(&handle, op, e))?;
+            client.restore(&config::restore_config(dir, mode)).await.map_err(|e| match e.refusal() {
+                // The server read the snapshot and will not have it (a file
+                // it cannot parse, one that does not match the state, no
+                // directory): the same files fail the same way every time.
+                // An on-demand refusal may still pass by copy (see `restore`).
+                Some(Refusal::Other | Refusal::NotADirectory) => {
+                    HypervisorError::BadSnapshot { dir: dir.to_path_buf(), source: Box::new(ChError::from(e)) }
+                }
+                _ => Self::api_error(&handle, op, e),
+            })?;
             match self.state_of(&handle, &client, op).await? {
                 (VmState::Paused, _) => Ok(()),
                 (state, _) => Err(HypervisorError::WrongState { op, state }),
@@ -581,7 +590,7 @@ impl Hypervisor for CloudHypervisorBackend {
         let preferred = |v: ChVersion| config::restore_mode(v, true);
         let (handle, mode) = match self.restore_once(guest, config, dir, preferred).await {
             Ok(done) => done,
-            Err((HypervisorError::Backend { source, .. }, Some(api::MemoryRestoreMode::OnDemand))) => {
+            Err((HypervisorError::Backend { source, .. } | HypervisorError::BadSnapshot { source, .. }, Some(api::MemoryRestoreMode::OnDemand))) => {
                 // On-demand restore needs userfaultfd (/dev/userfaultfd or
                 // vm.unprivileged_userfaultfd=1); without it the server
                 // refuses rather than falling back itself.

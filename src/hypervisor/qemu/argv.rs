@@ -149,6 +149,16 @@ pub fn argv(
     if config.hotplug_memory_bytes > 0 {
         // Plugged blocks must be movable to be unpluggable again.
         arg("memhp_default_state=online_movable".to_string());
+        if config.devices.is_empty() {
+            // q35 puts the device-memory region above 4 GiB, and its SRAT
+            // entry makes the kernel expect RAM up there, so it reserves
+            // its 64 MiB DMA bounce buffer (swiotlb) at boot: half of a
+            // 128 MiB guest, which then panics ("System is deadlocked on
+            // memory") before init runs. Virtio devices do not use the
+            // DMA API without VIRTIO_F_ACCESS_PLATFORM, so they never
+            // bounce; a passthrough device might, so it keeps the buffer.
+            arg("swiotlb=noforce".to_string());
+        }
     }
     push(&["-append", &cmdline]);
     if machine == Machine::Q35 && config.hotplug_memory_bytes > 0 {
@@ -156,7 +166,16 @@ pub fn argv(
             "-object",
             &format!("memory-backend-ram,id=vmem0,size={}", size(config.hotplug_memory_bytes)),
             "-device",
-            &format!("virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=vmem0,block-size=2M,requested-size=0"),
+            // All of it plugged from the start, as Cloud Hypervisor does:
+            // the guest's driver plugs it as it probes, with no QMP call a
+            // daemon killed at the wrong moment could leave unmade. A
+            // restore gets the size at the pause from the migration stream
+            // (virtio-mem migrates `requested-size` and its plugged-block
+            // bitmap), not this value.
+            &format!(
+                "virtio-mem-pci,id={VIRTIO_MEM_ID},memdev=vmem0,block-size=2M,requested-size={}",
+                size(config.hotplug_memory_bytes)
+            ),
         ]);
     }
     let (blk, net_dev) = match machine {
@@ -332,6 +351,24 @@ mod tests {
         assert_eq!(rest, without);
         c.hotplug_memory_bytes = 256 << 20;
         assert!(argv(&c, &paths(), Accelerator::Tcg, None, false, false).contains(&"virtio-serial-pci,id=agent-serial,max_ports=2".to_string()));
+    }
+
+    #[test]
+    fn hotplug_memory_is_plugged_at_boot_and_the_bounce_buffer_kept_only_for_passthrough() {
+        let mut c = config();
+        c.memory_bytes = 128 << 20;
+        c.hotplug_memory_bytes = 128 << 20;
+        let args = argv(&c, &paths(), Accelerator::Tcg, None, false, false);
+        assert!(args.contains(&"128M,maxmem=256M".to_string()), "{args:?}");
+        assert!(args.contains(&"virtio-mem-pci,id=vm0,memdev=vmem0,block-size=2M,requested-size=128M".to_string()), "{args:?}");
+        let cmdline = |args: &[String]| args[args.iter().position(|a| a == "-append").unwrap() + 1].clone();
+        assert!(cmdline(&args).ends_with("memhp_default_state=online_movable swiotlb=noforce"), "{}", cmdline(&args));
+        c.devices = vec!["/sys/bus/pci/devices/0000:01:00.0".into()];
+        let args = argv(&c, &paths(), Accelerator::Tcg, None, false, false);
+        assert!(!cmdline(&args).contains("swiotlb"), "{}", cmdline(&args));
+        c.hotplug_memory_bytes = 0;
+        let args = argv(&c, &paths(), Accelerator::Tcg, None, false, false);
+        assert!(!cmdline(&args).contains("swiotlb") && !args.iter().any(|a| a.contains("virtio-mem")), "{args:?}");
     }
 
     #[test]

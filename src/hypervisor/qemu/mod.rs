@@ -54,6 +54,9 @@ pub const MEMORY_FILE: &str = "memory";
 /// QEMU's stdout and stderr, relative to the guest directory (the store's
 /// `logs/vmm.log`): where its `exec:` migration writer's errors go.
 const VMM_LOG: &str = "logs/vmm.log";
+/// How long a QEMU whose restore failed gets to exit by itself, which it
+/// does when it could not load the snapshot.
+const REFUSAL_EXIT_WAIT: Duration = Duration::from_secs(2);
 
 const LAUNCH_VERSION: u32 = 1;
 /// Per QMP call, and for a probe's whole exchange.
@@ -86,6 +89,13 @@ pub enum QemuError {
         writer: String,
         #[source]
         source: Box<QemuError>,
+    },
+    /// QEMU exited while loading a snapshot; `said` is the end of its log.
+    #[error("QEMU exited while loading it: {said}")]
+    RestoreRefused {
+        said: String,
+        #[source]
+        source: Box<HypervisorError>,
     },
     #[error("cannot read {path}")]
     Read {
@@ -361,9 +371,10 @@ impl Hypervisor for QemuBackend {
         HypervisorKind::Qemu
     }
 
-    /// The virtio-mem device starts with nothing plugged (`requested-size=0`).
-    fn running_memory_bytes(&self, memory_bytes: u64, _hotplug_memory_bytes: u64) -> u64 {
-        memory_bytes
+    /// The virtio-mem device is launched with all of its memory requested
+    /// (`argv`), so a running guest has all of it once its driver plugs it.
+    fn running_memory_bytes(&self, memory_bytes: u64, hotplug_memory_bytes: u64) -> u64 {
+        memory_bytes + hotplug_memory_bytes
     }
 
     async fn version(&self) -> Result<String, HypervisorError> {
@@ -542,11 +553,22 @@ impl Hypervisor for QemuBackend {
         let mut args = record.argv.clone();
         args.extend(["-incoming".to_string(), "defer".to_string()]);
         record.write(&guest.guest_dir.join(LAUNCH_FILE)).map_err(backend(op))?;
+        let log = guest.guest_dir.join(VMM_LOG);
+        let log_start = process::log_end(&log);
         let started = Instant::now();
         let (handle, mut c) = self.launch(guest, &args, op).await?;
         let launched = started.elapsed();
         if let Err(e) = self.restore_into(&mut c, &handle, dir).await {
+            // QEMU exits by itself when it cannot load the stream (`load of
+            // migration failed: …` on its stderr): the same file fails the
+            // same way on every try, so that is the snapshot's fault. A
+            // QEMU still alive (a timeout) is killed, and may do better.
+            let refused = process::wait_gone(handle.process_id(), REFUSAL_EXIT_WAIT).await;
             self.kill_quietly(handle.process_id()).await;
+            if refused {
+                let said = process::log_tail(&log, log_start);
+                return Err(bad(QemuError::RestoreRefused { said, source: Box::new(e) }));
+            }
             return Err(e);
         }
         tracing::info!(

@@ -835,3 +835,23 @@ fn a_held_guest_is_not_booted_for_a_refused_shrink() {
     let grown = Desired::Present(with_overlay(DesiredState::Running, 256, "2GiB"));
     assert_eq!(plan(&never(&grown), &held, Instant::now()).kind(), Create, "a grow is a change");
 }
+
+#[test]
+fn a_guest_whose_vmm_died_unrecorded_is_not_booted_afresh_as_its_standby() {
+    // The daemon was killed too, before it could record the loss: the next
+    // look finds only a VMM gone without an exit line.
+    let crashed = Observed { exited: Some((GuestEnd::Unknown, None)), ..observed(Stopped) };
+    let now = Instant::now();
+    match plan(&present(DesiredState::Standby), &crashed, now) {
+        Step::Blocked(said) => {
+            assert!(said.contains("its running state went with it"), "{said}");
+            assert!(said.contains("declare it stopped, then standby again"), "{said}");
+        }
+        other => panic!("expected Blocked, got {other:?}"),
+    }
+    assert_eq!(walk(&present(DesiredState::Stopped), crashed.clone()), vec![ForgetExit]);
+    // An app that ended by itself is not a loss hypeman caused: a standby
+    // of a fresh boot is what is asked for.
+    let exited = Observed { exited: Some((GuestEnd::Exited { status: 0 }, None)), ..observed(Stopped) };
+    assert_eq!(plan(&present(DesiredState::Standby), &exited, now).kind(), Create);
+}
