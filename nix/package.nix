@@ -102,7 +102,7 @@ let
   runtimeTools = [
     qemu_kvm # qemu-system-<host arch>
     erofs-utils # mkfs.erofs, fsck.erofs
-    e2fsprogs # mkfs.ext4
+    e2fsprogs # mkfs.ext4; e2fsck and resize2fs to grow an overlay
   ] ++ lib.optional withCloudHypervisor cloud-hypervisor;
 in
 rustPlatform.buildRustPackage (

@@ -614,3 +614,92 @@ fn clock_skew_after_a_long_standby() {
         }
     }
 }
+
+/// The app of the overlay test: counts its boots in a file on its root
+/// filesystem (the overlay), prints that count and the root's size from
+/// `df`, then counts on the console.
+const OVERLAY_APP: &str = "n=$(cat /boots 2>/dev/null || echo 0); n=$((n+1)); echo $n > /boots; sync; \
+                           echo BOOTS $(cat /boots); set -- $(df -k / | tail -n 1); echo ROOT_KIB $2; \
+                           i=0; while true; do i=$((i+1)); echo COUNTER $i; sleep 0.2; done";
+
+/// The last value printed after `key ` on the console.
+fn console_value(app_log: &Path, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(app_log).unwrap_or_default();
+    text.lines().rev().find_map(|l| l.trim().strip_prefix(key)?.trim().parse().ok())
+}
+
+fn wait_console(app_log: &Path, key: &str, want: impl Fn(u64) -> bool, patience: Duration) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = console_value(app_log, key).filter(|v| want(*v)) {
+            return v;
+        }
+        assert!(t0.elapsed() < patience, "no fitting {key} line; app.log ends:\n{}", tail_of(app_log));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tail_of(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// `overlay_size` raised: the guest restarts on a grown overlay (its `df`
+/// shows the new size) and what it wrote to its root filesystem is still
+/// there; then lowered: the guest keeps running, untouched, and status
+/// says why its overlay stays as it is.
+#[test]
+fn a_raised_overlay_size_grows_the_root_filesystem_and_a_lowered_one_is_refused() {
+    let Some((kernel_dir, init)) = gate() else { return };
+    let settings = support::tcg_settings(&kernel_dir, &init, "");
+    let mut w = World::new("qmp.sock", |tmp| {
+        (settings, support::busybox_image(tmp, &["sh", "sleep", "echo", "cat", "df", "sync", "tail"]))
+    });
+    w.script = OVERLAY_APP.into();
+    w.extra = "overlay_size = \"1GiB\"\n".into();
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    let app_log = w.guest_dir().join("logs/app.log");
+    assert_eq!(wait_console(&app_log, "BOOTS ", |_| true, w.patience), 1);
+    let before = wait_console(&app_log, "ROOT_KIB ", |_| true, w.patience);
+    assert!(before <= 1 << 20, "a 1 GiB overlay: {before} KiB");
+
+    let t = Instant::now();
+    w.extra = "overlay_size = \"2GiB\"\n".into();
+    w.declare("running");
+    assert_eq!(wait_console(&app_log, "BOOTS ", |n| n >= 2, w.patience), 2, "the file written at the first boot survived");
+    let took = t.elapsed();
+    let after = wait_console(&app_log, "ROOT_KIB ", |kib| kib != before, w.patience);
+    eprintln!("overlay 1 → 2 GiB: declaration edit → app on the grown overlay in {:.2}s; df / {before} → {after} KiB", took.as_secs_f64());
+    assert!(after > (1 << 20) * 19 / 10 && after <= 2 << 20, "a 2 GiB overlay: {after} KiB");
+    let hypeman_log = std::fs::read_to_string(w.guest_dir().join("logs/hypeman.log")).unwrap();
+    assert!(hypeman_log.contains("the declaration changed (overlay_size); restarting to apply it"), "{hypeman_log}");
+    assert!(hypeman_log.contains("overlay grown from 1GiB to 2GiB"), "{hypeman_log}");
+    w.wait("Running");
+
+    let pid = w.status()["pid"].as_u64().expect("a live VMM");
+    w.extra = "overlay_size = \"512MiB\"\n".into();
+    w.declare("running");
+    let t0 = Instant::now();
+    let status = loop {
+        let s = w.status();
+        if s["last_error"].as_str().is_some_and(|e| e.contains("overlay_size cannot shrink")) {
+            break s;
+        }
+        assert!(t0.elapsed() < w.patience, "never refused: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        status["last_error"],
+        "overlay_size cannot shrink (the overlay is 2GiB, declared 512MiB); keeping 2GiB: delete the instance to start over with a smaller one"
+    );
+    assert_eq!(status["state"], "Running");
+    assert_eq!(status["pid"].as_u64(), Some(pid), "the same VMM: not restarted");
+    assert!(status["pending_change"].is_null(), "no restart is pending: {status}");
+    let last = *w.counters().last().unwrap();
+    w.wait_counter_above(last);
+    assert_eq!(console_value(&app_log, "BOOTS "), Some(2), "no third boot");
+    assert_eq!(std::fs::metadata(w.guest_dir().join("overlay.raw")).unwrap().len(), 2 << 30);
+    w.stop_daemon();
+}

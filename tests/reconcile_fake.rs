@@ -1370,3 +1370,78 @@ async fn a_damaged_snapshot_is_detected_before_restore_and_kept_until_stopped() 
     assert!(!state.exists(), "declaring stopped discards it");
     env.stop().await;
 }
+
+fn with_overlay(memory: &str, overlay: &str) -> String {
+    format!("{}overlay_size = \"{overlay}\"\n", decl("running", memory))
+}
+
+fn overlay_len(env: &Env, name: &str) -> u64 {
+    let meta = env.store().find_by_name(name).unwrap().expect("guest exists");
+    std::fs::metadata(env.store().guest_paths(meta.id).overlay).unwrap().len()
+}
+
+fn last_error(env: &Env, name: &str) -> Option<String> {
+    env.store().find_by_name(name).unwrap().and_then(|m| m.last_error)
+}
+
+/// A larger `overlay_size` restarts the guest and grows its overlay; a
+/// smaller one leaves the guest running with the overlay it has and says
+/// why, until the old size is declared again; a shrink declared together
+/// with another change does not hold that change back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_larger_overlay_is_grown_and_a_smaller_one_refused_without_a_restart() {
+    const GIB: u64 = 1 << 30;
+    let mut env = Env::new();
+    env.start();
+    env.write("web", &with_overlay("256MiB", "1GiB"));
+    env.wait_for("web", VmState::Running).await;
+    assert_eq!(overlay_len(&env, "web"), GIB);
+
+    env.fake.clear_calls();
+    env.write("web", &with_overlay("256MiB", "2GiB"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !(overlay_len(&env, "web") == 2 * GIB && env.fake.calls().contains(&Op::Boot)) {
+        assert!(tokio::time::Instant::now() < deadline, "never grown: {:?}", env.fake.calls());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.wait_for("web", VmState::Running).await;
+    assert_eq!(env.fake.calls(), vec![Op::PowerOff, Op::ShutdownVmm, Op::Create, Op::Boot]);
+    assert!(hypeman_log(&env, "web").contains("the declaration changed (overlay_size); restarting to apply it"));
+
+    env.fake.clear_calls();
+    env.write("web", &with_overlay("256MiB", "512MiB"));
+    let refused = "overlay_size cannot shrink (the overlay is 2GiB, declared 512MiB); keeping 2GiB: \
+                   delete the instance to start over with a smaller one";
+    wait_for_error(&env, "web", refused).await;
+    assert_eq!(env.state("web").await, VmState::Running);
+    assert!(env.fake.calls().is_empty(), "the guest was left alone: {:?}", env.fake.calls());
+    assert_eq!(overlay_len(&env, "web"), 2 * GIB);
+    let log = hypeman_log(&env, "web");
+    assert_eq!(log.matches(refused).count(), 1, "said once:\n{log}");
+
+    // Another field changed with it: that one is applied, the overlay kept.
+    env.write("web", &with_overlay("512MiB", "512MiB"));
+    let socket = env.socket("web");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.fake.config_of(&socket).map(|c| c.memory_bytes) != Some(512 << 20) {
+        assert!(tokio::time::Instant::now() < deadline, "memory never applied: {:?}", env.fake.calls());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.wait_for("web", VmState::Running).await;
+    wait_for_error(&env, "web", refused).await;
+    assert_eq!(overlay_len(&env, "web"), 2 * GIB);
+    assert!(hypeman_log(&env, "web").contains("the declaration changed (memory); restarting to apply it"));
+
+    // The overlay's own size declared again: the message goes, nothing
+    // restarts.
+    env.fake.clear_calls();
+    env.write("web", &with_overlay("512MiB", "2GiB"));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while last_error(&env, "web").is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "still {:?}", last_error(&env, "web"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(env.fake.calls().is_empty(), "{:?}", env.fake.calls());
+    env.stop().await;
+}

@@ -134,7 +134,7 @@ fn from_view(ctx: &Context, view: &View) -> InstanceStatus {
     let pending_change = match (meta, view.desired.spec()) {
         (Some(_), Some(_)) if obs.state == VmState::Stopped => None,
         (Some(meta), Some(spec)) => meta.applied.as_ref().and_then(|applied| {
-            let changed = spec.changes_since(applied, meta.hypervisor);
+            let changed = crate::reconcile::plan::restart_changes(spec, applied, meta.hypervisor, obs.overlay_bytes);
             (!changed.is_empty()).then(|| format!("{} (restart needed)", changed.join(", ")))
         }),
         (None, _) | (_, None) => None,

@@ -1,6 +1,7 @@
 //! The real provisioner: everything a declared instance needs on disk before
 //! a hypervisor can boot it — the image's root disk (cached by digest), a
-//! sparse ext4 overlay (formatted once, never recreated while it exists),
+//! sparse ext4 overlay (formatted once, grown when declared larger, never
+//! recreated while it exists: `overlay.rs`),
 //! the read-only config disk that `hypeman-init` reads, and the initrd —
 //! and, with `[network] enabled`, the host bridge and the guest's TAP.
 //!
@@ -168,24 +169,31 @@ fn run(cmd: &mut Command) -> Result<(), Box<dyn std::error::Error + Send + Sync>
     }
 }
 
-/// A sparse ext4 overlay of `size` bytes, made once. An existing overlay is
-/// the guest's data and is never touched.
-pub fn ensure_overlay(path: &Path, size: u64) -> Result<bool, ProvisionError> {
-    if path.exists() {
-        return Ok(false);
+/// The overlay at `path` with `size` bytes: made once, grown when the
+/// declaration asks for more (see `instances::overlay`), never recreated.
+pub fn ensure_overlay(path: &Path, size: u64) -> Result<super::overlay::Ensured, ProvisionError> {
+    super::overlay::ensure(path, size)
+        .map_err(|e| ProvisionError::Disk { what: "overlay", path: path.to_path_buf(), source: e.into() })
+}
+
+/// [`ensure_overlay`] for a guest, saying a grow in its `hypeman.log`.
+fn prepare_overlay(guest: &GuestPaths, name: &str, size: u64) -> Result<(), ProvisionError> {
+    let said = match ensure_overlay(&guest.overlay, size)? {
+        super::overlay::Ensured::Grown { from, to } => Some(format!(
+            "overlay grown from {} to {} (the file and its filesystem)",
+            crate::config_file::ByteSize(from),
+            crate::config_file::ByteSize(to)
+        )),
+        super::overlay::Ensured::Completed { size } => Some(format!(
+            "an interrupted overlay grow was completed: its filesystem fills its {} again",
+            crate::config_file::ByteSize(size)
+        )),
+        super::overlay::Ensured::Made | super::overlay::Ensured::Kept => None,
+    };
+    if let Some(line) = said {
+        super::event(guest, name, tracing::Level::INFO, &line);
     }
-    let err = disk_error("overlay", path);
-    let tmp = durable::temp_path(path);
-    let made = (|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        std::fs::File::create(&tmp)?.set_len(size)?;
-        run(Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1"]).arg(&tmp))
-    })();
-    if let Err(e) = made {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    durable::publish(&tmp, path).map_err(|e| err(e.into()))?;
-    Ok(true)
+    Ok(())
 }
 
 /// Writes the config disk: an erofs image holding `config.json`. A copy of
@@ -235,7 +243,7 @@ impl Provisioner for ImageProvisioner {
             .ensure(&spec.image)
             .await
             .map_err(|e| ProvisionError::Image { reference: spec.image.clone(), source: e.into() })?;
-        let (overlay, config_disk, size) = (guest.overlay.clone(), guest.config_disk.clone(), spec.overlay_size.bytes());
+        let (paths, name, size) = (guest.clone(), meta.name.clone(), spec.overlay_size.bytes());
         // Init fits the app's stop window inside the host's grace.
         let grace_ms = u64::try_from(self.settings.reconcile.stop_grace.as_millis()).unwrap_or(u64::MAX);
         let config = GuestConfig { stop_grace_ms: Some(grace_ms), ..guest_config(spec, &image.config, network) };
@@ -243,8 +251,8 @@ impl Provisioner for ImageProvisioner {
         let init = self.init_binary.clone();
         let modules = self.settings.guest.modules_dir.clone();
         let initrd = tokio::task::spawn_blocking(move || -> Result<PathBuf, ProvisionError> {
-            ensure_overlay(&overlay, size)?;
-            write_config_disk(&config_disk, &config)?;
+            prepare_overlay(&paths, &name, size)?;
+            write_config_disk(&paths.config_disk, &config)?;
             let initrd = crate::system::cached_initrd(&data_dir, &init, modules.as_deref())
                 .map_err(|e| ProvisionError::Disk { what: "initrd", path: init.clone(), source: e.into() })?;
             Ok(initrd.path)
@@ -491,24 +499,6 @@ mod tests {
             )
         );
         assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
-    }
-
-    #[test]
-    fn overlay_is_made_once_and_never_recreated() {
-        if !crate::test_gate::tools(&["mkfs.ext4"]) {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("overlay.raw");
-        assert!(ensure_overlay(&p, 64 << 20).unwrap());
-        let meta = std::fs::metadata(&p).unwrap();
-        assert_eq!(meta.len(), 64 << 20);
-        // Sparse: far less allocated than its size.
-        use std::os::unix::fs::MetadataExt;
-        assert!(meta.blocks() * 512 < 32 << 20, "allocated {}", meta.blocks() * 512);
-        std::fs::write(&p, b"guest data").unwrap();
-        assert!(!ensure_overlay(&p, 64 << 20).unwrap());
-        assert_eq!(std::fs::read(&p).unwrap(), b"guest data");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod image_provisioner;
 mod leases;
 mod memory;
 mod observe;
+pub mod overlay;
 pub mod provision;
 mod prune;
 pub mod space;

@@ -41,6 +41,8 @@ pub struct Observation {
     /// is and what is wrong with it. The state is then `Unknown`, and
     /// nothing may be done that assumes the instance has no guest.
     pub unreadable_record: Option<String>,
+    /// The size of the guest's overlay file, when there is one.
+    pub overlay_bytes: Option<u64>,
 }
 
 impl Observation {
@@ -57,6 +59,7 @@ impl Observation {
             stale_socket: None,
             blind: None,
             unreadable_record: None,
+            overlay_bytes: None,
         }
     }
 
@@ -92,6 +95,7 @@ impl Observation {
             unanswered_until: recall.unanswered_until,
             unreadable_record: self.unreadable_record.clone(),
             lost: meta.filter(|m| !m.lost_answered).and_then(|m| m.lost.clone()),
+            overlay_bytes: self.overlay_bytes,
         }
     }
 }
@@ -153,7 +157,8 @@ impl Instances {
             .blocking(move |store| match store.find_by_name(&owned)? {
                 Some(meta) => {
                     let snapshot = store.snapshot(meta.id)?;
-                    Ok(Some((meta, snapshot)))
+                    let overlay = std::fs::metadata(store.guest_paths(meta.id).overlay).ok().map(|m| m.len());
+                    Ok(Some((meta, snapshot, overlay)))
                 }
                 None => Ok(None),
             })
@@ -164,7 +169,7 @@ impl Instances {
             }
             other => other?,
         };
-        let Some((meta, snapshot)) = found else {
+        let Some((meta, snapshot, overlay_bytes)) = found else {
             return Ok(Observation::nothing());
         };
         let guest = Self::guest_vmm(&self.store.guest_paths(meta.id), &meta);
@@ -188,7 +193,19 @@ impl Instances {
         };
         let ended = if looks_ended(state, meta.vmm.is_some()) { Some(self.read_end(meta.id).await) } else { None };
         let tap = if holds_tap(state) { self.tap_health(&meta).await } else { None };
-        Ok(Observation { meta: Some(meta), state, snapshot, vmm, unreachable, ended, tap, stale_socket, blind, unreadable_record: None })
+        Ok(Observation {
+            meta: Some(meta),
+            state,
+            snapshot,
+            vmm,
+            unreachable,
+            ended,
+            tap,
+            stale_socket,
+            blind,
+            unreadable_record: None,
+            overlay_bytes,
+        })
     }
 
     /// The network half of the health check of a live VM: how its TAP

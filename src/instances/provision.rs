@@ -129,8 +129,9 @@ pub trait Provisioner: Send + Sync + 'static {
 }
 
 /// The provisioner paired with the fake hypervisor in tests and benchmarks:
-/// it makes only the sparse overlay (once, never again while it exists)
-/// and a launch config from the declaration, with no image or kernel.
+/// it makes only the sparse overlay (once, never again while it exists;
+/// grown, never shrunk) and a launch config from the declaration, with no
+/// image or kernel.
 pub struct FakeProvisioner;
 
 #[async_trait]
@@ -146,9 +147,12 @@ impl Provisioner for FakeProvisioner {
             path: guest.overlay.clone(),
             source: e.into(),
         };
-        if !guest.overlay.exists() {
-            let f = std::fs::File::create(&guest.overlay).map_err(disk_err)?;
-            f.set_len(spec.overlay_size.bytes()).map_err(disk_err)?;
+        // The real one's rule, on a file without a filesystem: made once,
+        // grown to a larger declared size, never cut back.
+        let declared = spec.overlay_size.bytes();
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&guest.overlay).map_err(disk_err)?;
+        if file.metadata().map_err(disk_err)?.len() < declared {
+            file.set_len(declared).map_err(disk_err)?;
         }
         Ok(VmConfig {
             vcpus: spec.vcpus,

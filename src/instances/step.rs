@@ -80,6 +80,11 @@ pub struct Observed {
     /// Why the guest's running state was lost (see `Metadata::lost`), while
     /// the declaration has not said what now since.
     pub lost: Option<String>,
+    /// The size of the guest's overlay file now, when it has one: what a
+    /// declared `overlay_size` is held against (the applied declaration
+    /// may name a size that was refused, or one an older hypeman never
+    /// applied).
+    pub overlay_bytes: Option<u64>,
 }
 
 /// What an instance's owner remembers of its own recent doings, which no
@@ -115,6 +120,7 @@ impl Observed {
             unanswered_until: None,
             unreadable_record: None,
             lost: None,
+            overlay_bytes: None,
         }
     }
 

@@ -328,9 +328,13 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
                 (None, Some(seen)) if obs.state == VmState::Unknown => format!("{seen}: {why}"),
                 (None, _) => why.clone(),
             };
-            // Once per new reason, not on every resync.
+            // Once per new reason, not on every resync; in the guest's
+            // `hypeman.log` too when it has one.
             if obs.meta.as_ref().and_then(|m| m.last_error.as_deref()) != Some(message.as_str()) {
-                tracing::warn!(instance = name, "{message}");
+                match &obs.meta {
+                    Some(meta) => instances.event(meta, tracing::Level::WARN, &message),
+                    None => tracing::warn!(instance = name, "{message}"),
+                }
                 let _ = instances.record_error(name, Some(message)).await;
             }
             return now + rest;

@@ -5,11 +5,13 @@
 //! returns. The vocabulary (`Step`, `Observed`, `Outcome`) is the
 //! executor's, in `instances::step`.
 
-use crate::declaration::spec::{DesiredState, HypervisorKind, RestartPolicy};
+use crate::declaration::spec::{DesiredState, HypervisorKind, InstanceSpec, RestartPolicy};
 use crate::declaration::Desired;
 use crate::exit::GuestEnd;
+use crate::instances::overlay::{self, Resize};
 use crate::network::host::TapHealth;
 use crate::state::VmState;
+use crate::store::AppliedDeclaration;
 pub use crate::instances::step::{
     Hold, Memory, Observed, Outcome, PauseFor, Recall, Step, StepKind, PRESS_AGAIN_EVERY, STOP_POLL,
 };
@@ -22,6 +24,28 @@ pub fn restarts(policy: RestartPolicy, end: &GuestEnd) -> bool {
         RestartPolicy::OnFailure => !end.is_success(),
         RestartPolicy::Never => false,
     }
+}
+
+/// The restart fields `spec` changes since `applied`, with `overlay_size`
+/// held against the overlay as it is (`overlay_bytes`, when known): only a
+/// grow is applied by a restart. A smaller size is refused without taking
+/// the guest down (see [`converged`]), and a size already there needs
+/// nothing. The rule `status` shows as a pending change.
+pub fn restart_changes(
+    spec: &InstanceSpec,
+    applied: &AppliedDeclaration,
+    pinned: HypervisorKind,
+    overlay_bytes: Option<u64>,
+) -> Vec<String> {
+    let mut changed = spec.changes_since(applied, pinned);
+    if let Some(have) = overlay_bytes {
+        let grows = match overlay::resize(have, spec.overlay_size.bytes()) {
+            Resize::Grow { .. } => true,
+            Resize::Keep | Resize::Shrink { .. } => false,
+        };
+        changed.retain(|field| field != "overlay_size" || grows);
+    }
+    changed
 }
 
 /// The next single step from `observed` toward `desired`.
@@ -94,7 +118,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     let pinned = observed.hypervisor.unwrap_or(HypervisorKind::Qemu);
     // A VM made from an older declaration needs a restart to pick it up.
     let changed = match &observed.applied {
-        Some(applied) if want != DesiredState::Stopped => spec.changes_since(applied, pinned),
+        Some(applied) if want != DesiredState::Stopped => restart_changes(spec, applied, pinned, observed.overlay_bytes),
         Some(_) | None => Vec::new(),
     };
     let stale = !changed.is_empty();
@@ -102,7 +126,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     // the declaration changes or says otherwise.
     let held = match (&observed.exited, observed.state) {
         (Some((end, Some(ran_with))), Stopped)
-            if spec.changes_since(ran_with, pinned).is_empty() && !restarts(spec.restart, end) =>
+            if restart_changes(spec, ran_with, pinned, observed.overlay_bytes).is_empty() && !restarts(spec.restart, end) =>
         {
             Some(end.clone())
         }
@@ -154,7 +178,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
             live().map(|vmm| Step::Pause { vmm, shrink: None, why: PauseFor::ReconnectNetwork })
         }
         (DesiredState::Running, Running) if observed.tap == Some(TapHealth::Misplaced) => Some(Step::RepairTap),
-        (DesiredState::Running, Running) => return Step::Converged,
+        (DesiredState::Running, Running) => return converged(spec, observed),
         (DesiredState::Running, Paused) if network_lost => live().map(|vmm| Step::Snapshot { vmm }),
         // A paused VM with a snapshot beside it was just restored; one of
         // an older declaration is only resumed to be shut down.
@@ -203,7 +227,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         (DesiredState::Standby, Paused) => live().map(|vmm| Step::Snapshot { vmm }),
         // A stale snapshot stays until the instance is wanted running; the
         // pending change shows in status meanwhile.
-        (DesiredState::Standby, Standby) => return Step::Converged,
+        (DesiredState::Standby, Standby) => return converged(spec, observed),
 
         (DesiredState::Stopped, Stopped) if observed.exited.is_some() || observed.lost.is_some() => {
             return Step::ForgetExit
@@ -217,6 +241,17 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         }
     };
     step.unwrap_or_else(no_vmm)
+}
+
+/// A guest that is as declared, except perhaps for a smaller overlay,
+/// which is refused: it keeps running (or in standby) with the overlay it
+/// has, and says why until the old size (or a larger one) is declared.
+fn converged(spec: &InstanceSpec, observed: &Observed) -> Step {
+    let declared = spec.overlay_size.bytes();
+    match observed.overlay_bytes.map(|have| overlay::resize(have, declared)) {
+        Some(Resize::Shrink { have, declared }) => Step::Blocked(overlay::shrink_refused(have, declared)),
+        Some(Resize::Keep | Resize::Grow { .. }) | None => Step::Converged,
+    }
 }
 
 /// The way down for an instance whose declaration is gone.

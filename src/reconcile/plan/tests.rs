@@ -76,6 +76,8 @@ fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
             }
             Step::Create { spec } => {
                 obs.applied = Some(spec.applied_for(HypervisorKind::Qemu));
+                // Made, or grown to a larger declared size; never cut back.
+                obs.overlay_bytes = Some(obs.overlay_bytes.unwrap_or(0).max(spec.overlay_size.bytes()));
                 obs.exited = None;
                 obs.lost = None;
                 obs.vmm = Some(vmm());
@@ -559,6 +561,7 @@ mod props {
             unanswered_until in proptest::option::of(offset()),
             unreadable in proptest::bool::weighted(0.05),
             lost in any::<bool>(),
+            overlay_bytes in proptest::option::of(select(vec![512u64 << 20, 1 << 30, 2 << 30])),
         ) -> Observed {
             Observed {
                 exists,
@@ -578,6 +581,7 @@ mod props {
                 unanswered_until: unanswered_until.map(|ms| at(now, ms)),
                 unreadable_record: unreadable.then(|| "the guest record /g/metadata.json cannot be read".to_string()),
                 lost: lost.then(|| "the guest's running state was lost".into()),
+                overlay_bytes,
             }
         }
     }
@@ -738,6 +742,98 @@ fn a_guest_whose_running_state_was_lost_is_not_booted_afresh_as_its_standby() {
     // Once forgotten (or booted anew), standby works as ever.
     let forgotten = Observed { lost: None, ..lost };
     assert_eq!(plan(&present(DesiredState::Standby), &forgotten, now).kind(), Create);
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A running spec declaring `overlay` (and `memory` MiB).
+fn with_overlay(state: DesiredState, memory: u64, overlay: &str) -> Arc<InstanceSpec> {
+    let text = format!("image = \"busybox\"\nstate = \"{state}\"\nmemory = \"{memory}MiB\"\noverlay_size = \"{overlay}\"\n");
+    Arc::new(crate::declaration::parse_instance(std::path::Path::new("instances/web.toml"), &text, &Default::default()).expect("valid"))
+}
+
+/// A guest made from `applied()` (a 1 GiB overlay) whose overlay file is
+/// `overlay_bytes` long.
+fn with_file(state: VmState, overlay_bytes: u64) -> Observed {
+    Observed { overlay_bytes: Some(overlay_bytes), ..observed(state) }
+}
+
+#[test]
+fn a_larger_overlay_size_restarts_the_guest_to_grow_it() {
+    let grown = Desired::Present(with_overlay(DesiredState::Running, 256, "2GiB"));
+    match plan(&grown, &with_file(Running, 1 << 30), Instant::now()) {
+        Step::PowerOff { booted: true, changed, .. } => assert_eq!(changed, vec!["overlay_size"]),
+        other => panic!("expected a power off, got {other:?}"),
+    }
+    assert_eq!(walk(&grown, with_file(Running, 1 << 30)), vec![PowerOff, StopVmm, Create, Boot]);
+}
+
+#[test]
+fn a_smaller_overlay_size_is_refused_and_the_guest_keeps_running() {
+    let shrunk = Desired::Present(with_overlay(DesiredState::Running, 256, "512MiB"));
+    let why = "overlay_size cannot shrink (the overlay is 1GiB, declared 512MiB); keeping 1GiB: \
+               delete the instance to start over with a smaller one";
+    assert_eq!(plan(&shrunk, &with_file(Running, 1 << 30), Instant::now()), Step::Blocked(why.into()));
+    assert_eq!(walk(&shrunk, with_file(Running, 1 << 30)), vec![], "nothing is done to the guest");
+    // In standby it is not restored for it either.
+    assert_eq!(plan(&Desired::Present(with_overlay(DesiredState::Standby, 256, "512MiB")), &with_file(Standby, 1 << 30), Instant::now()),
+        Step::Blocked(why.into()));
+    // The old size declared again: nothing to say any more.
+    let back = Desired::Present(with_overlay(DesiredState::Running, 256, "1GiB"));
+    assert_eq!(plan(&back, &with_file(Running, 1 << 30), Instant::now()), Step::Converged);
+    // A size between the refused one and the overlay's is still a shrink.
+    let between = Desired::Present(with_overlay(DesiredState::Running, 256, "768MiB"));
+    assert!(matches!(plan(&between, &with_file(Running, 1 << 30), Instant::now()), Step::Blocked(w) if w.contains("declared 768MiB")));
+}
+
+#[test]
+fn other_fields_changed_with_a_refused_shrink_are_still_applied() {
+    let both = Desired::Present(with_overlay(DesiredState::Running, 512, "512MiB"));
+    match plan(&both, &with_file(Running, 1 << 30), Instant::now()) {
+        Step::PowerOff { changed, .. } => assert_eq!(changed, vec!["memory"], "the overlay is not what is restarted for"),
+        other => panic!("expected a power off, got {other:?}"),
+    }
+    // The restart applies the memory; the overlay keeps its size, and once
+    // the new VM runs the refusal is said.
+    let mut obs = with_file(Running, 1 << 30);
+    assert_eq!(walk(&both, obs.clone()), vec![PowerOff, StopVmm, Create, Boot]);
+    obs.applied = Some(with_overlay(DesiredState::Running, 512, "512MiB").applied_for(HypervisorKind::Qemu));
+    assert!(matches!(plan(&both, &obs, Instant::now()), Step::Blocked(w) if w.starts_with("overlay_size cannot shrink")));
+    // Now recorded as applied, the smaller size is no pending change.
+    let spec = with_overlay(DesiredState::Running, 512, "512MiB");
+    assert!(restart_changes(&spec, obs.applied.as_ref().unwrap(), HypervisorKind::Qemu, Some(1 << 30)).is_empty());
+    // A size between that and the overlay's is no restart either.
+    let between = with_overlay(DesiredState::Running, 512, "768MiB");
+    assert!(restart_changes(&between, obs.applied.as_ref().unwrap(), HypervisorKind::Qemu, Some(1 << 30)).is_empty());
+}
+
+/// An older hypeman recorded a larger size it never applied (the overlay
+/// stayed as it was): an upgrade restarts nothing for it; the next create
+/// grows the overlay.
+#[test]
+fn a_size_recorded_but_never_applied_restarts_nothing() {
+    let spec = with_overlay(DesiredState::Running, 256, "2GiB");
+    let recorded = Observed { applied: Some(spec.applied_for(HypervisorKind::Qemu)), ..with_file(Running, 1 << 30) };
+    assert_eq!(plan(&Desired::Present(spec.clone()), &recorded, Instant::now()), Step::Converged);
+    assert!(restart_changes(&spec, recorded.applied.as_ref().unwrap(), HypervisorKind::Qemu, Some(1 << 30)).is_empty());
+    // Without a file to look at, the recorded declaration alone decides.
+    let grown = with_overlay(DesiredState::Running, 256, "2GiB");
+    assert_eq!(restart_changes(&grown, &applied(), HypervisorKind::Qemu, None), vec!["overlay_size"]);
+    assert_eq!(restart_changes(&grown, &applied(), HypervisorKind::Qemu, Some(512 * MIB)), vec!["overlay_size"]);
+}
+
+#[test]
+fn a_held_guest_is_not_booted_for_a_refused_shrink() {
+    let end = GuestEnd::Exited { status: 0 };
+    let held = Observed { applied: None, exited: Some((end, Some(applied()))), ..with_file(Stopped, 1 << 30) };
+    let shrunk = Desired::Present(with_overlay(DesiredState::Running, 256, "512MiB"));
+    let never = |d: &Desired| match d {
+        Desired::Present(spec) => Desired::Present(Arc::new(InstanceSpec { restart: RestartPolicy::Never, ..(**spec).clone() })),
+        other => other.clone(),
+    };
+    assert_eq!(plan(&never(&shrunk), &held, Instant::now()).kind(), Blocked);
+    let grown = Desired::Present(with_overlay(DesiredState::Running, 256, "2GiB"));
+    assert_eq!(plan(&never(&grown), &held, Instant::now()).kind(), Create, "a grow is a change");
 }
 
 #[test]
