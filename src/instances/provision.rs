@@ -138,7 +138,7 @@ impl Provisioner for FakeProvisioner {
             source: e.into(),
         };
         if !guest.overlay.exists() {
-            let f = std::fs::File::create(&guest.overlay).map_err(disk_err)?;
+            let f = crate::durable::private_file().write(true).create(true).truncate(true).open(&guest.overlay).map_err(disk_err)?;
             f.set_len(spec.overlay_size.bytes()).map_err(disk_err)?;
         }
         Ok(VmConfig {
