@@ -40,6 +40,11 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot make the data directory private")]
+    DataDir {
+        #[source]
+        source: crate::durable::DurableError,
+    },
     #[error("another hypeman daemon already manages {data_dir}")]
     AlreadyRunning { data_dir: PathBuf },
 }
@@ -50,8 +55,9 @@ pub enum DaemonError {
 fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
     let path = data_dir.join("daemon.lock");
     let io = |source| DaemonError::Lock { path: path.clone(), source };
-    std::fs::create_dir_all(data_dir).map_err(io)?;
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    crate::durable::create_dir_all(data_dir).map_err(|e| DaemonError::DataDir { source: e })?;
+    tighten_data_dir(data_dir)?;
+    let file = crate::durable::private_file().create(true).truncate(false).write(true).open(&path).map_err(io)?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         if errno == nix::errno::Errno::EWOULDBLOCK {
             DaemonError::AlreadyRunning { data_dir: data_dir.to_path_buf() }
@@ -59,6 +65,23 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs
             io(std::io::Error::from(errno))
         }
     })
+}
+
+/// Makes a data dir that group or others can reach private (`0700`), with a
+/// warning naming both modes: whatever made it looser (a hand-made
+/// directory, an older hypeman under a loose umask) exposed every snapshot
+/// and control socket in it.
+fn tighten_data_dir(data_dir: &std::path::Path) -> Result<(), DaemonError> {
+    let old = crate::durable::tighten_dir(data_dir).map_err(|e| DaemonError::DataDir { source: e })?;
+    if let Some(old) = old {
+        tracing::warn!(
+            data_dir = %data_dir.display(),
+            old_mode = %format!("{old:04o}"),
+            new_mode = %format!("{:04o}", crate::durable::DIR_MODE),
+            "the data directory was open to other users; it is now private to its owner"
+        );
+    }
+    Ok(())
 }
 
 /// Whether a daemon holds `data_dir`'s lock, learnt from `/proc/locks`

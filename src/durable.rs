@@ -4,6 +4,20 @@
 //! and tree fsync, the sweep of temp files a crash left, and removal that
 //! never leaves a half-deleted tree under its real name.
 //!
+//! It is also where the data dir's modes come from: every file made here is
+//! `0600` and every directory `0700`, asked for at creation
+//! ([`private_file`], [`create_dir`]) rather than chmodded afterwards, so
+//! there is no moment a snapshot's memory or a declared password is readable
+//! by anyone else, and no umask can loosen it. Tools the daemon runs (mkfs,
+//! the VMMs and their `exec:` writers) inherit [`UMASK`], set once at start
+//! by [`set_umask`].
+//!
+//! Temp names carry their creator's identity (pid and start time,
+//! [`process_token`]), so a sweep removes exactly what no live process is
+//! writing: a killed process's leftovers go even while its pid lingers as a
+//! zombie or has been reused, and a live `hypeman image pull` beside the
+//! daemon keeps its own.
+//!
 //! A rename is only durable once the directory holding it is fsynced, and a
 //! file's contents are only durable once the file is fsynced *before* the
 //! rename; skipping either can leave an empty or missing file after a power
@@ -13,10 +27,12 @@
 //! guests, images or hypervisors, and imports nothing from the crate. Its
 //! errors carry the path; callers wrap them in their own error types.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 /// What went wrong, and on which path. The cause is the `#[source]`.
 #[derive(Debug, thiserror::Error)]
@@ -46,23 +62,132 @@ impl DurableError {
     }
 }
 
+/// The mode of every file hypeman creates: its owner's alone. A snapshot
+/// holds the guest's RAM, the config disk and metadata its environment.
+pub const FILE_MODE: u32 = 0o600;
+
+/// The mode of every directory hypeman creates, the data dir included.
+pub const DIR_MODE: u32 = 0o700;
+
+/// The process umask (see [`set_umask`]): what tools the daemon runs create
+/// (mkfs output, a VMM's sockets and snapshot files) gets no group or other
+/// bits either. A unix socket bound under it is `0700`; only the write bit
+/// grants `connect`, and the owner's is all there is.
+pub const UMASK: u32 = 0o077;
+
+/// Sets the process umask to [`UMASK`], for every thread and every child
+/// process from now on. Called once at start, before any thread is spawned.
+pub fn set_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(UMASK));
+}
+
+/// Options that create a file with [`FILE_MODE`] whatever the umask (a
+/// mode the umask can only narrow, never widen). Add the access flags.
+pub fn private_file() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.mode(FILE_MODE);
+    options
+}
+
+/// Creates the directory `path` with [`DIR_MODE`]; its parent must exist.
+pub fn create_dir(path: &Path) -> Result<(), DurableError> {
+    DirBuilder::new()
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(DurableError::io("create directory", path))
+}
+
+/// Creates `path` and its missing parents, each with [`DIR_MODE`]. Existing
+/// ones are left as they are (see [`tighten_dir`]).
+pub fn create_dir_all(path: &Path) -> Result<(), DurableError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+        .map_err(DurableError::io("create directory", path))
+}
+
+/// Creates the directory `path` with [`DIR_MODE`] unless it exists; whether
+/// it was created (so the caller knows to fsync the parent).
+pub fn ensure_dir(path: &Path) -> Result<bool, DurableError> {
+    match DirBuilder::new().mode(DIR_MODE).create(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(source) => Err(DurableError::Io { op: "create directory", path: path.to_path_buf(), source }),
+    }
+}
+
+/// Sets an existing directory that group or others can reach to
+/// [`DIR_MODE`]; returns the mode it had, or `None` when it was private
+/// already. For the data dir at start: one made by hand, by an older
+/// hypeman or under a loose umask would otherwise expose everything in it.
+pub fn tighten_dir(path: &Path) -> Result<Option<u32>, DurableError> {
+    let mode = fs::metadata(path).map_err(DurableError::io("inspect", path))?.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE)).map_err(DurableError::io("restrict", path))?;
+    Ok(Some(mode))
+}
+
 /// Suffix of every temp file [`temp_path`] names.
 const TEMP_SUFFIX: &str = ".tmp";
 
 /// Distinguishes concurrent temp files of the same target within a process.
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// A fresh temp name beside `target`: `.NAME.PID.SEQ.tmp`. Hidden, so no
-/// directory scan mistakes it for the real file (a declaration, a guest),
-/// unique within and across processes, and recognised by
-/// [`is_temp_file_name`] so [`sweep_temp_files`] can remove it after a crash.
+/// A fresh temp name beside `target`: `.NAME.TOKEN.SEQ.tmp`, TOKEN being
+/// [`process_token`]. Hidden, so no directory scan mistakes it for the real
+/// file (a declaration, a guest), unique within and across processes, and
+/// recognised by [`is_temp_file_name`] so [`sweep_dead_temp_files`] can
+/// remove it once its creator is gone. A file or a directory may take the name.
 pub fn temp_path(target: &Path) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-    parent_of(target).join(format!(".{name}.{}.{seq}{TEMP_SUFFIX}", std::process::id()))
+    parent_of(target).join(format!(".{name}.{}.{seq}{TEMP_SUFFIX}", process_token()))
+}
+
+/// `(state letter, start time)` of process `pid`, fields 3 and 22 of
+/// `/proc/<pid>/stat` (the start in clock ticks since boot), from one read.
+/// `None` when there is no such process.
+pub fn process_stat(pid: u32) -> Option<(String, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; the
+    // fields after the last ')' are unambiguous: field 3 onwards.
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = rest.next()?.to_string();
+    let start = rest.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// This process as temp names record it: `PID-START`, the start time from
+/// [`process_stat`]. The pid alone would not do: a killed daemon's pid can
+/// linger as a zombie or be reused, and its leftovers would never be swept.
+pub fn process_token() -> &'static str {
+    static TOKEN: OnceLock<String> = OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let pid = std::process::id();
+        // Without /proc (never on Linux) the start reads as 0, which no
+        // live process has: the leftovers are then swept, never kept.
+        let start = process_stat(pid).map_or(0, |(_, start)| start);
+        format!("{pid}-{start}")
+    })
+}
+
+/// Whether `token` (from [`process_token`]) names a process that is alive
+/// now: same pid, same start time, and not a zombie (a zombie has exited
+/// and only waits to be reaped; it writes nothing). Anything that does not
+/// parse as a token, such as an older release's bare pid, is no one's.
+pub fn token_is_live(token: &str) -> bool {
+    let Some((pid, start)) = token.split_once('-') else { return false };
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { return false };
+    match process_stat(pid) {
+        Some((state, now)) => now == start && state != "Z" && state != "X",
+        None => false,
+    }
 }
 
 /// A fully written, fsynced temp file that has not yet replaced its target.
@@ -101,7 +226,7 @@ pub fn stage_with<E: From<DurableError>>(
 ) -> Result<Staged, E> {
     let temp = temp_path(target);
     let result = (|| -> Result<(), E> {
-        let mut file = OpenOptions::new()
+        let mut file = private_file()
             .write(true)
             .create_new(true)
             .open(&temp)
@@ -156,10 +281,33 @@ pub fn is_temp_file_name(name: &str) -> bool {
     name.starts_with('.') && name.ends_with(TEMP_SUFFIX)
 }
 
-/// Removes temp files that a crash left in `dir` (not recursive). Only for
-/// a directory no other process is writing into at the same time: a live
-/// writer's temp file looks exactly like a crash's.
+/// Whether the process that named the temp entry `name` is alive: the
+/// token between the last two dots before `.tmp` (see [`temp_path`]).
+fn temp_creator_is_live(name: &str) -> bool {
+    let stem = name.strip_suffix(TEMP_SUFFIX).unwrap_or(name);
+    let mut parts = stem.rsplitn(3, '.');
+    let (_seq, token) = (parts.next(), parts.next());
+    token.is_some_and(token_is_live)
+}
+
+/// Removes every temp file and directory in `dir` (not recursive). Only
+/// for a directory no other process writes into, such as a guest's while
+/// the daemon holds the data dir's lock: a live writer's temp file looks
+/// exactly like a crash's.
 pub fn sweep_temp_files(dir: &Path) -> Result<(), DurableError> {
+    sweep(dir, |_| false)
+}
+
+/// Removes the temp files and directories in `dir` (not recursive) whose
+/// creator is gone: killed mid-write, a zombie, or its pid reused. A live
+/// process's are kept, so this is safe where a CLI may write beside the
+/// daemon (the image cache).
+pub fn sweep_dead_temp_files(dir: &Path) -> Result<(), DurableError> {
+    sweep(dir, temp_creator_is_live)
+}
+
+/// Removes the temp entries of `dir` that `keep` does not claim.
+fn sweep(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<(), DurableError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -173,12 +321,17 @@ pub fn sweep_temp_files(dir: &Path) -> Result<(), DurableError> {
     };
     for entry in entries {
         let entry = entry.map_err(DurableError::io("list", dir))?;
-        let name = entry.file_name();
-        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
-        if is_file && is_temp_file_name(&name.to_string_lossy()) {
-            let path = entry.path();
-            tracing::debug!(path = %path.display(), "removing temp file left by a crash");
-            remove_file_if_exists(&path)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_temp_file_name(&name) || keep(&name) {
+            continue;
+        }
+        let path = entry.path();
+        tracing::debug!(path = %path.display(), "removing a temp entry its dead creator left");
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => remove_dir_all_if_exists(&path)?,
+            Ok(t) if t.is_file() => remove_file_if_exists(&path)?,
+            // Nothing of ours is a socket, fifo or symlink with a temp name.
+            _ => {}
         }
     }
     Ok(())
@@ -224,10 +377,6 @@ pub fn rename(from: &Path, to: &Path) -> Result<(), DurableError> {
         to: to.to_path_buf(),
         source,
     })
-}
-
-pub fn create_dir(path: &Path) -> Result<(), DurableError> {
-    fs::create_dir(path).map_err(DurableError::io("create directory", path))
 }
 
 pub fn remove_file_if_exists(path: &Path) -> Result<(), DurableError> {
@@ -401,5 +550,128 @@ mod tests {
         let gone = dir.path().join("gone");
         let err = fsync_tree(&gone).unwrap_err();
         assert_eq!(err.to_string(), format!("cannot list {}", gone.display()));
+    }
+
+    /// A child that has exited and is not reaped yet, as a killed daemon
+    /// whose parent has not waited for it; reaped when dropped.
+    struct Zombie(std::process::Child);
+
+    impl Zombie {
+        fn new() -> Zombie {
+            let child = std::process::Command::new("true").spawn().unwrap();
+            let pid = child.id();
+            let t0 = std::time::Instant::now();
+            while process_stat(pid).map(|(state, _)| state).as_deref() != Some("Z") {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(10), "`true` never became a zombie");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Zombie(child)
+        }
+
+        fn token(&self) -> String {
+            let pid = self.0.id();
+            format!("{pid}-{}", process_stat(pid).unwrap().1)
+        }
+    }
+
+    impl Drop for Zombie {
+        fn drop(&mut self) {
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn tokens_name_live_processes_only() {
+        let me = std::process::id();
+        let start = process_stat(me).unwrap().1;
+        assert_eq!(process_token(), format!("{me}-{start}"));
+        assert!(token_is_live(process_token()));
+        assert!(!token_is_live(&format!("{me}-{}", start + 1)), "the pid reused by another process");
+        let zombie = Zombie::new();
+        assert!(!token_is_live(&zombie.token()), "a zombie writes nothing");
+        for junk in ["", "1234", "x-1", "1-x", &format!("{me}")] {
+            assert!(!token_is_live(junk), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn the_sweep_keeps_what_live_processes_write_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let start = process_stat(me).unwrap().1;
+        let zombie = Zombie::new();
+        let live_file = temp_path(&dir.path().join("metadata.json"));
+        fs::write(&live_file, b"x").unwrap();
+        let live_dir = temp_path(&dir.path().join("config.erofs"));
+        create_dir(&live_dir).unwrap();
+        let stale = [
+            format!(".metadata.json.{me}-{}.0.tmp", start + 1),
+            format!(".metadata.json.{}.3.tmp", zombie.token()),
+            // The previous release's name: a bare pid, even a live one.
+            format!(".metadata.json.{me}.0.tmp"),
+            format!(".config.erofs.{}.1.tmp", zombie.token()),
+        ];
+        for (i, name) in stale.iter().enumerate() {
+            if i == 3 {
+                create_dir(&dir.path().join(name)).unwrap();
+                fs::write(dir.path().join(name).join("config.json"), b"{}").unwrap();
+            } else {
+                fs::write(dir.path().join(name), b"x").unwrap();
+            }
+        }
+        fs::write(dir.path().join("metadata.json"), b"{}").unwrap();
+        sweep_dead_temp_files(dir.path()).unwrap();
+        let mut kept = vec![
+            std::ffi::OsString::from("metadata.json"),
+            live_file.file_name().unwrap().to_owned(),
+            live_dir.file_name().unwrap().to_owned(),
+        ];
+        kept.sort();
+        assert_eq!(names(dir.path()), kept);
+        sweep_temp_files(dir.path()).unwrap();
+        assert_eq!(names(dir.path()), ["metadata.json"], "the lock holder's sweep takes every temp entry");
+    }
+
+    #[test]
+    fn what_is_created_here_is_private_whatever_the_umask() {
+        use nix::sys::stat::{umask, Mode};
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // Other tests of this process may create files meanwhile; the
+        // loosest umask only makes what they create looser.
+        let old = umask(Mode::empty());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        private_file().write(true).create_new(true).open(&file).unwrap();
+        let written = dir.path().join("metadata.json");
+        write_atomic(&written, b"{}").unwrap();
+        let one = dir.path().join("one");
+        create_dir(&one).unwrap();
+        let deep = dir.path().join("a/b/c");
+        create_dir_all(&deep).unwrap();
+        let ensured = dir.path().join("e");
+        assert!(ensure_dir(&ensured).unwrap());
+        assert!(!ensure_dir(&ensured).unwrap(), "an existing directory is left as it is");
+        umask(old);
+        assert_eq!((mode(&file), mode(&written)), (0o600, 0o600));
+        for d in [&one, &dir.path().join("a"), &dir.path().join("a/b"), &deep, &ensured] {
+            assert_eq!(mode(d), 0o700, "{}", d.display());
+        }
+    }
+
+    #[test]
+    fn a_loose_directory_is_tightened_and_a_private_one_left_alone() {
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(tighten_dir(&data).unwrap(), Some(0o777));
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(tighten_dir(&data).unwrap(), None);
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o500)).unwrap();
+        assert_eq!(tighten_dir(&data).unwrap(), None, "stricter than 0700 is the owner's choice");
+        assert_eq!(mode(&data), 0o500);
+        let err = tighten_dir(&dir.path().join("gone")).unwrap_err();
+        assert!(err.to_string().contains("gone"), "{err}");
     }
 }

@@ -322,7 +322,7 @@ impl InstanceLog {
         let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
-            .mode(0o640)
+            .mode(crate::durable::FILE_MODE)
             .open(&path)
             .map_err(|source| LogsError::Open {
                 path: path.clone(),
@@ -393,7 +393,14 @@ pub fn rotate_if_larger(path: &Path, max_bytes: u64, keep: usize) -> Result<bool
         }
         // Through a temp name, so `path.1` is never a partial copy.
         let staging = with_suffix(path, ".1.tmp");
-        std::fs::copy(path, &staging).map_err(rotate_err)?;
+        // Not `fs::copy`, which gives the copy the mode of a log an older
+        // release made: the copy is 0600 like every log.
+        let copied = (|| {
+            let mut from = std::fs::File::open(path)?;
+            let mut to = crate::durable::private_file().write(true).create(true).truncate(true).open(&staging)?;
+            io::copy(&mut from, &mut to)
+        })();
+        copied.map_err(rotate_err)?;
         std::fs::rename(&staging, numbered(path, 1)).map_err(rotate_err)?;
     }
     std::fs::OpenOptions::new()

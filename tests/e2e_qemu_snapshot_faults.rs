@@ -6,8 +6,9 @@
 //! `PATH` begins with a `cat` that waits while a gate file exists before it
 //! runs the real one (QEMU writes its migration stream through
 //! `exec:cat > memory`, run by `/bin/sh` with the daemon's `PATH`). The
-//! shell's redirection has created the memory file by then, so a test
-//! knows the write has begun, and can fill the disk or kill QEMU inside it.
+//! held `cat` leaves a `hold-cat.held` file (the memory file itself is made
+//! by the daemon just before the migration starts), so a test knows the
+//! write has begun, and can fill the disk or kill QEMU inside it.
 //!
 //! Gated like `e2e_qemu` (`HYPEMAN_REAL_VM=1`); the full-disk test needs
 //! root for a loop-mounted ext4 data dir, which it unmounts even when it
@@ -33,7 +34,7 @@ fn world(kernel_dir: &Path, init: &Path) -> (World, PathBuf) {
     std::fs::create_dir_all(&bin).unwrap();
     let gate = w.tmp.path().join("hold-cat");
     let script = format!(
-        "#!/bin/sh\nwhile [ -e '{}' ]; do sleep 0.02; done\nexec /bin/cat \"$@\"\n",
+        "#!/bin/sh\n[ -e '{0}' ] && : > '{0}.held'\nwhile [ -e '{0}' ]; do sleep 0.02; done\nexec /bin/cat \"$@\"\n",
         gate.display()
     );
     std::fs::write(bin.join("cat"), script).unwrap();
@@ -175,8 +176,9 @@ fn a_full_data_dir_during_standby_costs_the_guest_nothing() {
     // 2. The disk fills while the snapshot is written.
     std::fs::write(&cat_gate, "").unwrap();
     w.declare("standby");
-    let memory = partial(&w).join("memory");
-    wait_until(60, "the migration stream to begin", || memory.exists());
+    let held = cat_gate.with_extension("held");
+    wait_until(60, "the migration stream to begin", || held.exists());
+    std::fs::remove_file(&held).unwrap();
     // Not quite 0: the filler's own extent blocks need room.
     let filler = fs.fill(1 << 20);
     std::fs::remove_file(&cat_gate).unwrap();
@@ -216,8 +218,9 @@ fn a_lost_guest_is_reported_and_a_damaged_snapshot_is_not_restored() {
 
     std::fs::write(&cat_gate, "").unwrap();
     w.declare("standby");
-    let memory = partial(&w).join("memory");
-    wait_until(60, "the migration stream to begin", || memory.exists());
+    let held = cat_gate.with_extension("held");
+    wait_until(60, "the migration stream to begin", || held.exists());
+    std::fs::remove_file(&held).unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     std::fs::remove_file(&cat_gate).unwrap();
     wait_until(60, "the loss in status", || last_error(&w.status()).contains("running state was lost"));

@@ -251,6 +251,9 @@ fn lines(diagnostics: &[Diagnostic]) -> String {
 /// Parses the process arguments and runs the command. `main` prints the
 /// error chain; clap itself exits 2 on a usage error.
 pub fn run() -> Result<ExitCode, CliError> {
+    // Before any thread or child exists, so all of them (the daemon's VMMs,
+    // mkfs, `image pull`'s work) create nothing others can read.
+    crate::durable::set_umask();
     let cli = Cli::parse();
     init_tracing(&cli.command);
     let runtime = tokio::runtime::Builder::new_multi_thread()

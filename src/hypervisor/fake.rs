@@ -490,13 +490,18 @@ impl Hypervisor for FakeHypervisor {
         })?;
         let backend = |e: std::io::Error| HypervisorError::Backend { op: "snapshot", source: e.into() };
         let json = serde_json::to_vec_pretty(&snap).map_err(|e| HypervisorError::Backend { op: "snapshot", source: e.into() })?;
+        // 0600 like what a real VMM writes under the daemon's umask.
+        let write = |path: std::path::PathBuf, bytes: &[u8]| {
+            let mut file = crate::durable::private_file().write(true).create(true).truncate(true).open(path)?;
+            std::io::Write::write_all(&mut file, bytes)
+        };
         if fault == Some(Fault::DiskFull) {
             // Like QEMU's `exec:cat`: part of the stream is on disk when
             // the write fails.
-            std::fs::write(dir.join("memory"), vec![0u8; 64 << 10]).map_err(backend)?;
+            write(dir.join("memory"), &[0u8; 64 << 10]).map_err(backend)?;
             return Err(backend(std::io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32)));
         }
-        std::fs::write(dir.join("fake-vm.json"), json).map_err(backend)?;
+        write(dir.join("fake-vm.json"), &json).map_err(backend)?;
         Self::finish(Op::Snapshot, fault)?;
         Ok(SnapshotMeta { hypervisor_version: FAKE_VERSION.to_string(), config_hash: snap.config.config_hash() })
     }

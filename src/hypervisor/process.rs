@@ -2,7 +2,6 @@
 //! from the daemon, telling whether a recorded pid is still that process,
 //! and waiting for it to go. Backend-neutral; no hypervisor protocol here.
 
-use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -45,16 +44,10 @@ pub struct ProcessId {
     pub start_time: u64,
 }
 
-/// The state letter (field 3) and start time (field 22, clock ticks since
-/// boot) of `/proc/<pid>/stat`, from one read.
+/// The state letter and start time of `pid` (`durable` reads them for
+/// its temp names too).
 fn stat(pid: u32) -> Option<(String, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses; the
-    // fields after the last ')' are unambiguous: field 3 onwards.
-    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = rest.next()?.to_string();
-    let start = rest.nth(18)?.parse().ok()?;
-    Some((state, start))
+    crate::durable::process_stat(pid)
 }
 
 /// Field 22 (`starttime`) of `/proc/<pid>/stat`, in clock ticks since boot.
@@ -90,7 +83,7 @@ pub fn spawn_detached_split(
     stderr_log: &Path,
 ) -> Result<ProcessId, ProcessError> {
     let open_log = |log: &Path| {
-        OpenOptions::new()
+        crate::durable::private_file()
             .create(true)
             .append(true)
             .open(log)

@@ -35,7 +35,7 @@ pub mod verify;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -272,8 +272,7 @@ impl ImageStore {
     pub fn open(data_dir: &Path, options: ImageStoreOptions) -> Result<ImageStore, ImageError> {
         let dir = data_dir.join("images");
         for sub in ["refs", "locks"] {
-            let p = dir.join(sub);
-            fs::create_dir_all(&p).map_err(ImageError::io("create directory", &p))?;
+            durable::create_dir_all(&dir.join(sub))?;
         }
         sweep_temp_dirs(&dir);
         let config = oci_client::client::ClientConfig {
@@ -550,7 +549,7 @@ impl ImageStore {
         let started = std::time::Instant::now();
         let work = self.temp_dir()?;
         let blobs = work.path.join("blobs");
-        fs::create_dir(&blobs).map_err(ImageError::io("create directory", &blobs))?;
+        durable::create_dir(&blobs)?;
 
         let config_bytes = source
             .fetch_small_blob(&resolved.config, &blobs.join("config"))
@@ -573,7 +572,12 @@ impl ImageStore {
             limits: self.options.limits,
             ..UnpackOptions::default()
         };
-        fs::create_dir(&root).map_err(ImageError::io("create directory", &root))?;
+        durable::create_dir(&root)?;
+        // The tree's root becomes the guest's `/`, whose mode is the image's
+        // business, not the host's: the conventional 0755 (a 0700 `/` locks
+        // out the image's non-root user). The work dir above it is 0700, so
+        // no one else reaches it meanwhile.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).map_err(ImageError::io("set the mode of", &root))?;
         let mut unpacker =
             unpack::Unpacker::new(&root, options).map_err(unpack_error(&digest))?;
         let count = layer_files.len();
@@ -732,7 +736,7 @@ impl ImageStore {
             .join("locks")
             .join(format!("{}.lock", hex_of(digest)));
         blocking(move || {
-            let file = fs::OpenOptions::new()
+            let file = durable::private_file()
                 .create(true)
                 .truncate(false)
                 .write(true)
@@ -746,8 +750,8 @@ impl ImageStore {
 
     fn temp_dir(&self) -> Result<TempDir, ImageError> {
         let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.join(format!(".tmp-{}-{seq}", std::process::id()));
-        fs::create_dir(&path).map_err(ImageError::io("create directory", &path))?;
+        let path = self.dir.join(format!("{TEMP_PREFIX}{}-{seq}", durable::process_token()));
+        durable::create_dir(&path)?;
         Ok(TempDir { path, armed: true })
     }
 
@@ -785,21 +789,37 @@ impl Drop for TempDir {
     }
 }
 
-/// Removes `.tmp-<pid>-<n>` directories whose process is gone.
+/// Prefix of the work directories of pulls and removals: `.tmp-TOKEN-SEQ`,
+/// TOKEN being the creator's [`durable::process_token`].
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Removes the work a dead process left in the image cache: `.tmp-TOKEN-SEQ`
+/// directories and the temp files of record writes (in `refs/` and each
+/// image's directory) whose creator is gone, even if its pid lingers as a
+/// zombie or was reused. A live pull's work (this daemon's or a CLI's
+/// beside it) is kept. Best effort: what cannot be removed now is tried at
+/// the next open.
 fn sweep_temp_dirs(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(".tmp-") else {
-            continue;
+        let swept = match name.strip_prefix(TEMP_PREFIX) {
+            // An older release's `.tmp-PID-SEQ` has no token: no one's.
+            Some(rest) => {
+                let token = rest.rsplit_once('-').map(|(token, _seq)| token);
+                if token.is_some_and(durable::token_is_live) {
+                    continue;
+                }
+                tracing::debug!(path = %entry.path().display(), "removing image work left by a dead process");
+                durable::remove_dir_all_if_exists(&entry.path())
+            }
+            None if name == "refs" || is_hex_digest(&name) => durable::sweep_dead_temp_files(&entry.path()),
+            None => continue,
         };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
-            tracing::debug!(path = %entry.path().display(), "removing image work left by a dead process");
-            let _ = fs::remove_dir_all(entry.path());
+        if let Err(e) = swept {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot sweep the image cache; it is tried again at the next start");
         }
     }
 }

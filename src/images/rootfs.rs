@@ -55,6 +55,12 @@ pub enum RootfsError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot measure {}", path.display())]
     Measure {
         path: PathBuf,
@@ -127,6 +133,13 @@ pub fn build(dir: &Path, out: &Path, format: RootfsFormat) -> Result<(), RootfsE
 }
 
 fn build_erofs(dir: &Path, out: &Path) -> Result<(), RootfsError> {
+    // Made here, 0600, for mkfs.erofs to open and fill: a file it creates
+    // itself gets 0644 less the umask.
+    crate::durable::private_file()
+        .write(true)
+        .create_new(true)
+        .open(out)
+        .map_err(|source| RootfsError::Create { path: out.to_path_buf(), source })?;
     let mut cmd = Command::new("mkfs.erofs");
     cmd.arg("--quiet");
     if erofs_supports_lz4() {
@@ -157,11 +170,11 @@ fn erofs_supports_lz4() -> bool {
 fn build_ext4(dir: &Path, out: &Path) -> Result<(), RootfsError> {
     let usage = measure(dir)?;
     let (bytes, inodes) = ext4_geometry(usage);
-    let file = fs::OpenOptions::new()
+    let file = crate::durable::private_file()
         .write(true)
         .create_new(true)
         .open(out)
-        .map_err(|source| RootfsError::Measure {
+        .map_err(|source| RootfsError::Create {
             path: out.to_path_buf(),
             source,
         })?;

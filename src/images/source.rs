@@ -318,7 +318,12 @@ impl<'a> BlobSink<'a> {
         dest: &'a Path,
         progress: &'a dyn Progress,
     ) -> Result<BlobSink<'a>, ImageError> {
-        let file = tokio::fs::File::create(dest)
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(crate::durable::FILE_MODE)
+            .open(dest)
             .await
             .map_err(ImageError::io("create", dest))?;
         Ok(BlobSink {
@@ -457,7 +462,7 @@ pub(crate) fn extract_archive(archive: &Path, dest: &Path) -> Result<(), ImageEr
     let file = std::fs::File::open(archive).map_err(ImageError::io("open", archive))?;
     let mut tar = tar::Archive::new(io::BufReader::new(file));
     let blobs = dest.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).map_err(ImageError::io("create directory", &blobs))?;
+    crate::durable::create_dir_all(&blobs)?;
     let bad = |e: io::Error| ImageError::io("read", archive)(e);
     for entry in tar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
@@ -477,7 +482,12 @@ pub(crate) fn extract_archive(archive: &Path, dest: &Path) -> Result<(), ImageEr
         } else {
             continue;
         };
-        let mut out = std::fs::File::create(&target).map_err(ImageError::io("create", &target))?;
+        let mut out = crate::durable::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&target)
+            .map_err(ImageError::io("create", &target))?;
         io::copy(&mut entry, &mut out).map_err(ImageError::io("write", &target))?;
     }
     Ok(())

@@ -530,12 +530,20 @@ impl Unpacker {
             let next = match openat(&fd, *comp, DIR_FLAGS, Mode::empty()) {
                 Ok(next) => next,
                 Err(Errno::ENOENT) if create => {
-                    match mkdirat(&fd, *comp, Mode::from_bits_truncate(0o755)) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
+                    let made = match mkdirat(&fd, *comp, Mode::from_bits_truncate(0o755)) {
+                        Ok(()) => true,
+                        Err(Errno::EEXIST) => false,
                         Err(e) => return Err(fs_err("create directory", &shown())(e)),
+                    };
+                    let next = openat(&fd, *comp, DIR_FLAGS, Mode::empty())
+                        .map_err(|e| classify(&fd, comp, e, shown()))?;
+                    // A parent no layer names is the guest's, conventionally
+                    // 0755; mkdirat's mode went through the daemon's 0077
+                    // umask, so it is set again, explicitly.
+                    if made {
+                        fchmod(&next, Mode::from_bits_truncate(0o755)).map_err(fs_err("chmod", &shown()))?;
                     }
-                    openat(&fd, *comp, DIR_FLAGS, Mode::empty())
-                        .map_err(|e| classify(&fd, comp, e, shown()))?
+                    next
                 }
                 Err(e) => return Err(classify(&fd, comp, e, shown())),
             };

@@ -206,12 +206,19 @@ pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), Provis
     if path.exists() && std::fs::read(&copy).is_ok_and(|old| old == json) {
         return Ok(());
     }
-    let staging = path.with_extension("d.tmp");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(|e| err(e.into()))?;
-    std::fs::write(staging.join(CONFIG_FILE), &json).map_err(|e| err(e.into()))?;
+    // A temp name, so a daemon killed while it builds leaves something the
+    // next start's sweep of the guest dir removes.
+    let staging = durable::temp_path(path);
+    durable::create_dir(&staging).map_err(|e| err(e.into()))?;
     let tmp = durable::temp_path(path);
-    let built = run(Command::new("mkfs.erofs").arg("--quiet").arg(&tmp).arg(&staging));
+    let built = (|| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut file = durable::private_file().write(true).create_new(true).open(staging.join(CONFIG_FILE))?;
+        std::io::Write::write_all(&mut file, &json)?;
+        // Made here, 0600, for mkfs.erofs to open and fill (one it made
+        // itself would be 0644 less the umask).
+        durable::private_file().write(true).create_new(true).open(&tmp)?;
+        run(Command::new("mkfs.erofs").arg("--quiet").arg(&tmp).arg(&staging))
+    })();
     let _ = std::fs::remove_dir_all(&staging);
     if let Err(e) = built {
         let _ = std::fs::remove_file(&tmp);

@@ -152,7 +152,11 @@ pub fn ensure(path: &Path, declared: u64) -> Result<Ensured, OverlayError> {
 /// into place, so a crash never leaves a half-made disk under its name.
 fn make(path: &Path, size: u64) -> Result<(), OverlayError> {
     let tmp = durable::temp_path(path);
-    let made = std::fs::File::create(&tmp)
+    // Made here, 0600, for mkfs.ext4 to format in place.
+    let made = durable::private_file()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
         .and_then(|f| f.set_len(size))
         .map_err(|source| OverlayError::Io { op: "create", path: tmp.clone(), source })
         .and_then(|()| {

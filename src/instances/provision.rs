@@ -150,7 +150,7 @@ impl Provisioner for FakeProvisioner {
         // The real one's rule, on a file without a filesystem: made once,
         // grown to a larger declared size, never cut back.
         let declared = spec.overlay_size.bytes();
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&guest.overlay).map_err(disk_err)?;
+        let file = crate::durable::private_file().create(true).truncate(false).write(true).open(&guest.overlay).map_err(disk_err)?;
         if file.metadata().map_err(disk_err)?.len() < declared {
             file.set_len(declared).map_err(disk_err)?;
         }

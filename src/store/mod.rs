@@ -132,21 +132,10 @@ impl Store {
         // Sockets handed to hypervisors must not depend on their cwd.
         let data_dir =
             std::path::absolute(data_dir).map_err(StoreError::io("resolve", data_dir))?;
-        fs::create_dir_all(&data_dir).map_err(StoreError::io("create directory", &data_dir))?;
+        durable::create_dir_all(&data_dir)?;
         let mut created = false;
         for name in TOP_LEVEL_DIRS {
-            let dir = data_dir.join(name);
-            match fs::create_dir(&dir) {
-                Ok(()) => created = true,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(source) => {
-                    return Err(StoreError::Io {
-                        op: "create directory",
-                        path: dir,
-                        source,
-                    })
-                }
-            }
+            created |= durable::ensure_dir(&data_dir.join(name))?;
         }
         if created {
             durable::fsync_dir(&data_dir)?;

@@ -109,16 +109,8 @@ impl Store {
     /// snapshot, if any, is untouched until [`Store::commit_snapshot`].
     pub fn begin_snapshot(&self, id: Ulid) -> Result<PathBuf, StoreError> {
         let paths = self.existing_guest(id)?;
-        match fs::create_dir(&paths.snapshots_dir) {
-            Ok(()) => durable::fsync_dir(&paths.dir)?,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(source) => {
-                return Err(StoreError::Io {
-                    op: "create directory",
-                    path: paths.snapshots_dir,
-                    source,
-                })
-            }
+        if durable::ensure_dir(&paths.snapshots_dir)? {
+            durable::fsync_dir(&paths.dir)?;
         }
         let partial = paths.snapshot_partial();
         durable::discard_dir(&partial, &paths.snapshot_trash())?;

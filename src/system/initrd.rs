@@ -214,6 +214,10 @@ pub fn prune_initrds(data_dir: &Path, keep: &BTreeSet<String>) -> Result<Vec<Str
         };
         std::fs::remove_dir_all(&doomed).map_err(|e| SystemError::io("remove", &doomed, e))?;
     }
+    // What a build killed mid-write left beside the initrds that stay.
+    for name in entries.iter().filter(|name| keep.contains(*name)) {
+        durable::sweep_dead_temp_files(&dir.join(name))?;
+    }
     Ok(removed)
 }
 
@@ -231,7 +235,7 @@ pub fn cached_initrd(
     if path.is_file() {
         return Ok(contents.summary(path, hash, false));
     }
-    std::fs::create_dir_all(&dir).map_err(|e| SystemError::io("create directory", &dir, e))?;
+    durable::create_dir_all(&dir)?;
     write_atomically(&contents, &path)?;
     Ok(contents.summary(path, hash, true))
 }

@@ -97,6 +97,12 @@ pub enum QemuError {
         #[source]
         source: Box<HypervisorError>,
     },
+    #[error("cannot create {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {path}")]
     Read {
         path: PathBuf,
@@ -511,8 +517,17 @@ impl Hypervisor for QemuBackend {
         );
         self.call_on(&mut c, vmm, op, "migrate-set-parameters", Some(json!({ "max-bandwidth": MAX_BANDWIDTH })))
             .await?;
+        // Made here, 0600, for the `exec:` writer's `>` to open and fill:
+        // the guest's RAM gets the mode asked for, not the shell's umask.
+        let memory = dir.join(MEMORY_FILE);
+        crate::durable::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&memory)
+            .map_err(|source| backend(op)(QemuError::Create { path: memory.clone(), source }))?;
         // QEMU 7.2 has no `file:` URI; `exec:` runs through /bin/sh.
-        let uri = format!("exec:cat > {}", shell_quote(&dir.join(MEMORY_FILE).display().to_string()));
+        let uri = format!("exec:cat > {}", shell_quote(&memory.display().to_string()));
         let log = guest_dir(&vmm.socket).map_err(backend(op))?.join(VMM_LOG);
         let log_start = process::log_end(&log);
         self.call_on(&mut c, vmm, op, "migrate", Some(json!({ "uri": uri }))).await?;

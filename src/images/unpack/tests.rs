@@ -552,3 +552,29 @@ fn a_tar_without_trailer_is_complete_but_a_cut_one_is_not() {
     let f = Fixture::new();
     assert!(matches!(f.unpack(&[cut]), Err(UnpackError::Read(_))));
 }
+
+/// Under the daemon's umask (0077) a directory no layer names, made for a
+/// path below it, is still the conventional 0755 the guest expects; one a
+/// layer names has the layer's mode.
+#[test]
+fn parents_no_layer_names_are_0755_whatever_the_umask() {
+    use nix::sys::stat::{umask, Mode};
+    let f = Fixture::new();
+    let layer = Layer::new()
+        .file("usr/share/doc/readme", b"x")
+        .entry(b"srv", EntryType::Directory, b"", None, 0o750)
+        .file("srv/data/file", b"y")
+        .bytes();
+    // Process-wide: a test running meanwhile creates its files 0600/0700,
+    // which none of them checks for openness.
+    let old = umask(Mode::from_bits_truncate(0o077));
+    let unpacked = f.unpack(&[layer]);
+    umask(old);
+    unpacked.unwrap();
+    let mode = |p: &str| fs::metadata(f.root().join(p)).unwrap().permissions().mode() & 0o7777;
+    for implicit in ["usr", "usr/share", "usr/share/doc", "srv/data"] {
+        assert_eq!(mode(implicit), 0o755, "{implicit}");
+    }
+    assert_eq!(mode("srv"), 0o750);
+    assert_eq!(mode("usr/share/doc/readme"), 0o644);
+}
