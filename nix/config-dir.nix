@@ -39,8 +39,10 @@ let
       removeAttrs value [ "_module" ]
     );
 
-  # An empty `[env]` would be harmless; leaving it out keeps the file tidy.
-  cleanInstance = value: lib.filterAttrs (k: v: !(k == "env" && v == { })) (clean value);
+  # An empty `[env]` or `env_files` would be harmless; leaving them out
+  # keeps the file tidy.
+  cleanInstance =
+    value: lib.filterAttrs (k: v: !(k == "env" && v == { }) && !(k == "env_files" && v == [ ])) (clean value);
 
   settingsFile = toml.generate "hypeman.toml" (clean settings);
   instanceFiles = lib.mapAttrs (n: v: toml.generate "${n}.toml" (cleanInstance v)) instances;

@@ -146,7 +146,31 @@ let
         example = {
           GREETING = "hello";
         };
-        description = "Environment variables, added to (and overriding) the image's.";
+        description = ''
+          Environment variables, added to (and overriding) the image's and
+          those of `env_files`. They are written into the Nix store (the
+          generated declaration): put secrets in `env_files` instead.
+        '';
+      };
+      env_files = mkOption {
+        # Strings, not `types.path`: a path value would copy the file into
+        # the world-readable Nix store, which is what this option avoids.
+        type = types.listOf (types.strMatching "/.+");
+        default = [ ];
+        example = [ "/run/secrets/web.env" ];
+        description = ''
+          Absolute paths of files of `NAME=value` lines (a `#` comment, blank
+          lines, optional quotes and `export `; see the project README)
+          whose variables the app gets: over the image's, under `env`, a
+          later file over an earlier one. The daemon reads them at every
+          cold boot of the guest; only the paths reach the Nix store and
+          the guest's record (with a digest of the variables, so a changed
+          file restarts the guest), never the values. For secrets managed
+          by agenix (`config.age.secrets.<name>.path`) or sops-nix
+          (`config.sops.secrets.<name>.path`). Each file must be owned by
+          root and not writable by group or others; the daemon refuses
+          others, and warns about a world-readable one.
+        '';
       };
       network = mkOption {
         type = types.nullOr (

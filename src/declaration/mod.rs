@@ -16,6 +16,7 @@
 //! ```
 
 pub mod desired;
+pub mod env_file;
 pub mod host;
 mod limits;
 mod raw;
@@ -176,7 +177,8 @@ pub fn parse_instance_on(
 /// the files in `/etc` are links into the store. A file over
 /// `limits.max_declaration_size` is refused by its size before anything is
 /// read, and never read past the limit (it may grow, or be a device).
-/// Volume sources are looked at on this host (see [`HostFiles`]).
+/// Volume sources are looked at on this host (see [`HostFiles`]), and the
+/// env files are read for their digest (see [`spec::InstanceSpec::env_files_digest`]).
 pub fn load_instance(path: &Path, limits: &Limits) -> Result<InstanceSpec, DeclarationError> {
     let read_err = |source| DeclarationError::Read {
         path: path.to_path_buf(),
@@ -194,10 +196,12 @@ pub fn load_instance(path: &Path, limits: &Limits) -> Result<InstanceSpec, Decla
         return Err(too_large(Some(size)));
     }
     let text = read_at_most(file, limit.0).map_err(read_err)?.ok_or_else(|| too_large(None))?;
-    parse_instance_on(path, &text, limits, &HostFiles).map_err(|diagnostics| DeclarationError::Invalid {
+    let mut spec = parse_instance_on(path, &text, limits, &HostFiles).map_err(|diagnostics| DeclarationError::Invalid {
         path: path.to_path_buf(),
         diagnostics,
-    })
+    })?;
+    spec.env_files_digest = env_file::digest_of(&spec.env_files, limits.max_exec_size.0);
+    Ok(spec)
 }
 
 /// The text `reader` holds, if it is at most `limit` bytes; `None` when it

@@ -23,6 +23,10 @@
 //! workdir = "/srv"             # absolute; default: the image's
 //! devices = ["0000:01:00.0"]   # PCI BDF or /sys/bus/pci/devices/<BDF>, passed through with VFIO
 //!
+//! env_files = ["/run/secrets/web.env"]  # absolute; NAME=value lines read by the daemon at each
+//!                              # cold boot, never stored (format: `env_file`); image env <
+//!                              # env_files in order < [env]
+//!
 //! [env]                        # names: [A-Za-z_][A-Za-z0-9_]*
 //! GREETING = "hello"
 //!
@@ -76,6 +80,8 @@ pub(crate) struct RawInstance {
     pub workdir: Option<Spanned<String>>,
     #[serde(default)]
     pub env: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    pub env_files: Vec<Spanned<String>>,
     #[serde(default)]
     pub network: RawNetwork,
     #[serde(default)]

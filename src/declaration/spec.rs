@@ -113,6 +113,14 @@ pub struct InstanceSpec {
     pub cmd: Option<Vec<String>>,
     pub workdir: Option<String>,
     pub env: BTreeMap<String, String>,
+    /// Files of `NAME=value` lines (`declaration::env_file`), read by the
+    /// provisioner at every cold boot; their values are never kept here.
+    pub env_files: Vec<PathBuf>,
+    /// A digest of what `env_files` held when the declaration was read
+    /// (`env_file::digest`), so that a changed file restarts the guest like
+    /// a changed declaration. `None` when there are none, or they could not
+    /// be read then (nothing is known, so nothing counts as changed).
+    pub env_files_digest: Option<String>,
     pub network: NetworkSpec,
     pub disk_io: IoLimit,
     /// Host PCI devices passed through with VFIO, as sysfs paths or BDFs.
@@ -140,6 +148,8 @@ impl InstanceSpec {
             cmd: self.cmd.clone(),
             workdir: self.workdir.clone(),
             env: self.env.clone(),
+            env_files: self.env_files.clone(),
+            env_files_digest: self.env_files_digest.clone(),
             network: AppliedNetwork {
                 enabled: self.network.enabled,
                 bandwidth_down: limit(&self.network.bandwidth_down),
@@ -178,11 +188,16 @@ impl InstanceSpec {
     /// record as its default, and so differs only when the declaration sets
     /// it otherwise. A declaration that names no hypervisor keeps the one
     /// the VM was made on (`pinned` when the record does not say), so a
-    /// host whose default hypervisor changes restarts nothing.
+    /// host whose default hypervisor changes restarts nothing. Env files
+    /// that cannot be read now (no digest) count as unchanged: a guest is
+    /// not taken down for a boot that would fail; the next boot says why.
     pub fn changes_since(&self, applied: &AppliedDeclaration, pinned: HypervisorKind) -> Vec<String> {
         let ran_on = applied.hypervisor.unwrap_or(pinned);
         let recorded = AppliedDeclaration { hypervisor: Some(ran_on), ..applied.clone() };
-        let desired = self.restart_fields(self.hypervisor.unwrap_or(ran_on));
+        let mut desired = self.restart_fields(self.hypervisor.unwrap_or(ran_on));
+        if desired.env_files_digest.is_none() && desired.env_files == recorded.env_files {
+            desired.env_files_digest = recorded.env_files_digest.clone();
+        }
         let mut changed: Vec<String> = recorded.differing_fields(&desired).into_iter().map(str::to_string).collect();
         changed.sort();
         changed

@@ -257,6 +257,11 @@ fn every_error_message() {
         case("inline volume without path", "image = \"x\"\nvolumes = [{ source = \"/srv/a.raw\" }]\n"),
         case("bad volume paths", "image = \"x\"\n[[volumes]]\nsource = \"data.raw\"\npath = \"data\"\n[[volumes]]\nsource = \"/srv/b.raw\"\npath = \"/\"\n[[volumes]]\nsource = \"/srv/c.raw\"\npath = \"/srv/../etc\"\n"),
         case("volume reuse", "image = \"x\"\n[[volumes]]\nsource = \"/srv/a.raw\"\npath = \"/data\"\n[[volumes]]\nsource = \"/srv/a.raw\"\npath = \"/data/\"\n"),
+        case("env_files not a list", "image = \"x\"\nenv_files = \"/run/secrets/web.env\"\n"),
+        case(
+            "bad env_files paths",
+            "image = \"x\"\nenv_files = [\"web.env\", \"/run/secrets/../web.env\", \"/run/secrets/\", \"/run/a\\tb.env\", \"/run/secrets/web.env\", \"/run/secrets/web.env\"]\n",
+        ),
         Case { title: "invalid file name", file: "instances/Web_1.toml", limits: Limits::default(), text: "image = \"x\"\n" },
         Case { title: "invalid file name and syntax error", file: "instances/-web.toml", limits: Limits::default(), text: "image = \n" },
         case(
@@ -551,6 +556,76 @@ fn abbreviated(text: &str) -> String {
             None => format!("{l}\n"),
         })
         .collect()
+}
+
+/// An `[env]` value is never repeated in a message (they reach the
+/// daemon's log and `status`): only its name and position are.
+#[test]
+fn no_message_shows_an_env_value() {
+    let marker = "s3cr3t-marker";
+    let max = EXEC_STRING_MAX as usize;
+    let texts = [
+        format!("image = \"x\"\n[env]\nDB_PASSWORD = \"{marker}\\u0000\"\n"),
+        format!("image = \"x\"\n[env]\nDB_PASSWORD = \"{marker}{}\"\n", "x".repeat(max)),
+        format!(
+            "image = \"x\"\ncmd = [{}]\n[env]\nDB_PASSWORD = \"{marker}{}\"\n",
+            vec![format!("\"{}\"", "y".repeat(max)); 7].join(", "),
+            "x".repeat(max - 30)
+        ),
+    ];
+    for text in &texts {
+        let diagnostics = parse_instance(Path::new("instances/web.toml"), text, &Limits::default()).unwrap_err();
+        let shown = render(&diagnostics);
+        assert!(shown.contains("env.DB_PASSWORD = …:"), "{shown}");
+        assert!(!shown.contains(marker), "{shown}");
+    }
+}
+
+/// `load_instance` reads the env files for their digest (never keeping
+/// their values): the digest follows the variables, and is `None` while a
+/// file cannot be used.
+#[test]
+fn loading_a_declaration_takes_its_env_files_digest() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let env = tmp.path().join("web.env");
+    let decl = tmp.path().join("web.toml");
+    std::fs::write(&decl, format!("image = \"x\"\nenv_files = [\"{}\"]\n", env.display())).unwrap();
+    let digest = || load_instance(&decl, &Limits::default()).expect("valid").env_files_digest;
+    assert_eq!(digest(), None, "no file yet: nothing known, and still a valid declaration");
+    std::fs::write(&env, "TOKEN=one\n").unwrap();
+    std::fs::set_permissions(&env, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let one = digest().expect("readable");
+    std::fs::write(&env, "# rotated\nTOKEN = \"one\"\n").unwrap();
+    assert_eq!(digest().as_ref(), Some(&one), "the same variables");
+    std::fs::write(&env, "TOKEN=tok-value-2\n").unwrap();
+    let two = digest().expect("readable");
+    assert_ne!(one, two);
+    let spec = load_instance(&decl, &Limits::default()).unwrap();
+    assert!(!format!("{spec:?}").contains("tok-value-2"), "the values are not in the spec");
+    std::fs::write(&env, "TOKEN\n").unwrap();
+    assert_eq!(digest(), None, "malformed: nothing known");
+}
+
+/// A changed env file is a change (named `env_files`) to a guest whose
+/// record has another digest; a file that cannot be read now is not.
+#[test]
+fn a_changed_env_file_is_a_pending_change_and_an_unreadable_one_is_not() {
+    use crate::hypervisor::HypervisorKind::Qemu;
+    let spec = parse_instance(Path::new("instances/web.toml"), "image = \"x\"\nenv_files = [\"/run/secrets/web.env\"]\n", &Limits::default()).unwrap();
+    let with = |digest: Option<&str>| InstanceSpec { env_files_digest: digest.map(str::to_string), ..spec.clone() };
+    let applied = with(Some("sha256:aa")).applied_for(Qemu);
+    assert!(with(Some("sha256:aa")).changes_since(&applied, Qemu).is_empty());
+    assert_eq!(with(Some("sha256:bb")).changes_since(&applied, Qemu), vec!["env_files"]);
+    assert!(with(None).changes_since(&applied, Qemu).is_empty(), "unknown now: not a change");
+    // Another list of files is a change whatever can be read.
+    let other = InstanceSpec { env_files: vec!["/run/secrets/other.env".into()], ..with(None) };
+    assert_eq!(other.changes_since(&applied, Qemu), vec!["env_files"]);
+    // A record from before env_files (none, no digest) and a declaration without any: no change.
+    let plain = parse_instance(Path::new("instances/web.toml"), "image = \"x\"\n", &Limits::default()).unwrap();
+    let old: crate::store::AppliedDeclaration = serde_json::from_str("{\"image\": \"x\", \"hypervisor\": \"qemu\"}").unwrap();
+    assert!(plain.changes_since(&old, Qemu).is_empty());
+    assert!(!serde_json::to_string(&plain.applied_for(Qemu)).unwrap().contains("env_files"), "left out when empty");
 }
 
 /// Every message about the size of the input and about volume sources

@@ -6,6 +6,7 @@
 //! Every check reports into `Problems` and carries on with a stand-in value,
 //! so one run shows all of a file's problems.
 
+use super::env_file::is_env_name;
 use super::host::{kind_problem, VolumeHost};
 use super::limits::{Limits, EXEC_STRING_MAX, EXEC_STRING_OVERHEAD};
 use super::raw::{RawInstance, RawVolume};
@@ -64,6 +65,9 @@ struct Field {
     key: String,
     span: Option<Range<usize>>,
     default: String,
+    /// Shown as `key = …`: an `env` value may be a secret, and messages
+    /// end up in the daemon's log and `status`.
+    redacted: bool,
 }
 
 impl Field {
@@ -72,7 +76,13 @@ impl Field {
             key: key.into(),
             span: Some(raw.span()),
             default: String::new(),
+            redacted: false,
         }
+    }
+
+    /// [`Field::written`] for a value never to be repeated in a message.
+    fn secret<T>(key: impl Into<String>, raw: &Spanned<T>) -> Field {
+        Field { redacted: true, ..Field::written(key, raw) }
     }
 
     fn defaulted(key: impl Into<String>, shown: impl std::fmt::Display) -> Field {
@@ -80,11 +90,13 @@ impl Field {
             key: key.into(),
             span: None,
             default: shown.to_string(),
+            redacted: false,
         }
     }
 
     fn report(&self, p: &mut Problems<'_>, message: impl std::fmt::Display) {
         match &self.span {
+            Some(span) if self.redacted => p.at(span.clone(), format!("{} = …: {message}", self.key)),
             Some(span) => p.value(&self.key, span.clone(), message),
             None => p.file(format!(
                 "{} (default {}): {message}",
@@ -122,6 +134,7 @@ pub(crate) fn validate(
     let cmd = raw.cmd.as_ref().map(|args| argv(p, "cmd", &args.0, false));
     let workdir = raw.workdir.as_ref().map(|w| workdir(p, w));
     let env = env(p, &raw.env);
+    let env_files = env_files(p, &raw.env_files);
     exec_size(p, &raw, limits);
     let network = NetworkSpec {
         enabled: raw.network.enabled.unwrap_or(false),
@@ -194,6 +207,9 @@ pub(crate) fn validate(
         cmd,
         workdir,
         env,
+        env_files,
+        // Read only where the host's files are looked at (`load_instance`).
+        env_files_digest: None,
         network,
         disk_io,
         devices,
@@ -452,14 +468,6 @@ fn workdir(p: &mut Problems<'_>, raw: &Spanned<String>) -> String {
     dir.clone()
 }
 
-fn is_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 fn env(
     p: &mut Problems<'_>,
     raw: &BTreeMap<Spanned<String>, Spanned<String>>,
@@ -477,10 +485,10 @@ fn env(
                 ),
             );
         } else if value.get_ref().contains('\0') {
-            Field::written(format!("env.{}", key.get_ref()), value)
+            Field::secret(format!("env.{}", key.get_ref()), value)
                 .report(p, "must not contain a NUL character");
         } else if env_string_len(key, value) > EXEC_STRING_MAX {
-            Field::written(format!("env.{}", key.get_ref()), value).report(
+            Field::secret(format!("env.{}", key.get_ref()), value).report(
                 p,
                 format!(
                     "{}=… is {} bytes; the guest kernel passes at most {EXEC_STRING_MAX} bytes per environment string (MAX_ARG_STRLEN)",
@@ -493,6 +501,31 @@ fn env(
     raw.iter()
         .map(|(k, v)| (k.get_ref().clone(), v.get_ref().clone()))
         .collect()
+}
+
+/// `env_files`: absolute host paths, checked for shape only. Their content
+/// is not read here: validation is pure and runs where the files are not
+/// (the Nix build of a config dir, a user who may not read the secrets);
+/// the daemon reads them at every cold boot.
+fn env_files(p: &mut Problems<'_>, raw: &[Spanned<String>]) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for (i, file) in raw.iter().enumerate() {
+        let text = file.get_ref();
+        let field = Field::written(format!("env_files[{i}]"), file);
+        if !text.starts_with('/') {
+            field.report(p, "must be an absolute host path");
+        } else if has_control(text) {
+            field.report(p, "must not contain control characters");
+        } else if has_parent_part(text) {
+            field.report(p, "must not contain `..`: write the path it means");
+        } else if text.ends_with('/') {
+            field.report(p, "names a directory; an env file is a file of NAME=value lines");
+        } else if let Some(j) = out.iter().position(|f| f.as_os_str() == text.as_str()) {
+            field.report(p, format!("same file as env_files[{j}]"));
+        }
+        out.push(PathBuf::from(text));
+    }
+    out
 }
 
 /// The bytes of `NAME=value`, the string the app's `envp` holds.
@@ -512,7 +545,7 @@ fn exec_size(p: &mut Problems<'_>, raw: &RawInstance, limits: &Limits) {
         }
     }
     for (key, value) in &raw.env {
-        items.push((Field::written(format!("env.{}", key.get_ref()), value), env_string_len(key, value)));
+        items.push((Field::secret(format!("env.{}", key.get_ref()), value), env_string_len(key, value)));
     }
     items.sort_by_key(|(field, _)| field.span.as_ref().map_or(0, |s| s.start));
     let cost = |len: u64| len.saturating_add(EXEC_STRING_OVERHEAD);

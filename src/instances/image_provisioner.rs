@@ -109,8 +109,15 @@ pub fn guest_network(lease: &NetworkLease, settings: &NetworkSettings) -> Result
 }
 
 /// The guest's runtime config: the declaration overrides the image, with
-/// Docker's rule that a declared entrypoint drops the image's cmd.
-pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig, network: Option<NetworkConfig>) -> GuestConfig {
+/// Docker's rule that a declared entrypoint drops the image's cmd. The
+/// environment is the image's, then `file_env` (the declaration's env files,
+/// read by [`env_from_files`]) over it, then the declaration's `[env]`.
+pub fn guest_config(
+    spec: &InstanceSpec,
+    image: &ImageConfig,
+    file_env: &std::collections::BTreeMap<String, String>,
+    network: Option<NetworkConfig>,
+) -> GuestConfig {
     let entrypoint = spec.entrypoint.clone().unwrap_or_else(|| image.entrypoint.clone());
     let cmd = match (&spec.cmd, &spec.entrypoint) {
         (Some(cmd), _) => cmd.clone(),
@@ -122,6 +129,7 @@ pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig, network: Option<Ne
         .iter()
         .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
+    env.extend(file_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     GuestConfig {
         version: CONFIG_VERSION,
@@ -140,6 +148,36 @@ pub fn guest_config(spec: &InstanceSpec, image: &ImageConfig, network: Option<Ne
             .collect(),
         stop_grace_ms: None,
     }
+}
+
+/// The variables of the declaration's env files, read now: at every cold
+/// boot, so that a rotated secret reaches the next boot, and never kept
+/// (they go to the config disk only). What the app gets from the
+/// declaration, files included, must fit `limits.max_exec_size`. A file
+/// other users may read still works, with a warning in `hypeman.log`.
+fn env_from_files(
+    spec: &InstanceSpec,
+    limits: &crate::declaration::Limits,
+    guest: &GuestPaths,
+    name: &str,
+) -> Result<std::collections::BTreeMap<String, String>, ProvisionError> {
+    use crate::declaration::env_file;
+    if spec.env_files.is_empty() {
+        return Ok(Default::default());
+    }
+    let files = env_file::read_all(&spec.env_files, limits.max_exec_size.0)?;
+    for file in files.iter().filter(|f| f.world_readable) {
+        let line = format!(
+            "env file {} can be read by every user of the host: chmod o-r it (its secrets are not safe there)",
+            file.path.display()
+        );
+        super::event(guest, name, tracing::Level::WARN, &line);
+    }
+    let from_files = env_file::merged(&files);
+    let mut all = from_files.clone();
+    all.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env_file::check_exec_size(spec.entrypoint.as_deref(), spec.cmd.as_deref(), &all, limits.max_exec_size)?;
+    Ok(from_files)
 }
 
 /// Every volume source is still what the declaration was validated
@@ -196,14 +234,21 @@ fn prepare_overlay(guest: &GuestPaths, name: &str, size: u64) -> Result<(), Prov
     Ok(())
 }
 
-/// Writes the config disk: an erofs image holding `config.json`. A copy of
-/// the JSON beside the disk (written after it) lets an unchanged config skip
-/// the rebuild, which keeps `mkfs.erofs` off the restore path.
+/// Writes the config disk: an erofs image holding `config.json`. The
+/// JSON's SHA-256 beside the disk (written after it) lets an unchanged
+/// config skip the rebuild, which keeps `mkfs.erofs` off the restore path.
+/// A digest rather than a copy, so the environment (secrets from env files
+/// among it) is on the host once, in the disk the guest needs; a copy that
+/// older releases kept (`config.json`) is removed.
 pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), ProvisionError> {
+    use sha2::Digest;
     let err = disk_error("config disk", path);
     let json = config.to_json().map_err(|e| err(e.into()))?;
-    let copy = path.with_extension("json");
-    if path.exists() && std::fs::read(&copy).is_ok_and(|old| old == json) {
+    let digest = format!("sha256:{:x}\n", sha2::Sha256::digest(&json));
+    let recorded = path.with_extension("sha256");
+    let old_copy = path.with_extension("json");
+    durable::remove_file_if_exists(&old_copy).map_err(|e| err(e.into()))?;
+    if path.exists() && std::fs::read(&recorded).is_ok_and(|old| old == digest.as_bytes()) {
         return Ok(());
     }
     // A temp name, so a daemon killed while it builds leaves something the
@@ -225,7 +270,7 @@ pub fn write_config_disk(path: &Path, config: &GuestConfig) -> Result<(), Provis
         return Err(err(e));
     }
     durable::publish(&tmp, path).map_err(|e| err(e.into()))?;
-    durable::write_atomic(&copy, &json).map_err(|e| err(e.into()))?;
+    durable::write_atomic(&recorded, digest.as_bytes()).map_err(|e| err(e.into()))?;
     Ok(())
 }
 
@@ -241,6 +286,7 @@ impl Provisioner for ImageProvisioner {
         };
         let network = lease.map(|l| guest_network(l, &self.settings.network)).transpose()?;
         check_volumes(spec)?;
+        let file_env = env_from_files(spec, &self.settings.limits, guest, &meta.name)?;
         let kernel = self.settings.guest.kernel.clone().ok_or(ProvisionError::NoKernel)?;
         // Checked here rather than left to the VMM, whose message would be
         // buried in its log after the image work.
@@ -253,7 +299,7 @@ impl Provisioner for ImageProvisioner {
         let (paths, name, size) = (guest.clone(), meta.name.clone(), spec.overlay_size.bytes());
         // Init fits the app's stop window inside the host's grace.
         let grace_ms = u64::try_from(self.settings.reconcile.stop_grace.as_millis()).unwrap_or(u64::MAX);
-        let config = GuestConfig { stop_grace_ms: Some(grace_ms), ..guest_config(spec, &image.config, network) };
+        let config = GuestConfig { stop_grace_ms: Some(grace_ms), ..guest_config(spec, &image.config, &file_env, network) };
         let data_dir = self.settings.data_dir.clone();
         let init = self.init_binary.clone();
         let modules = self.settings.guest.modules_dir.clone();
@@ -429,6 +475,7 @@ mod tests {
         let merged = guest_config(
             &spec("image = \"nginx\"\ncmd = [\"nginx\", \"-T\"]\n[env]\nNGINX_VERSION = \"pinned\"\nEXTRA = \"1\"\n[[volumes]]\nsource = \"/var/lib/d.raw\"\npath = \"/data\"\nreadonly = true\n"),
             &image(),
+            &Default::default(),
             None,
         );
         insta::assert_json_snapshot!("config_disk_contents", merged);
@@ -443,7 +490,7 @@ mod tests {
         let id = ulid::Ulid::from_string("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
         let lease = crate::network::ipam::lease(&settings.subnet, id, "10.100.7.9".parse().unwrap());
         let network = guest_network(&lease, &settings).unwrap();
-        let merged = guest_config(&spec("image = \"nginx\"\n[network]\nenabled = true\n"), &image(), Some(network));
+        let merged = guest_config(&spec("image = \"nginx\"\n[network]\nenabled = true\n"), &image(), &Default::default(), Some(network));
         merged.validate().expect("the guest accepts it");
         insta::assert_json_snapshot!("config_disk_network", merged.network);
         let mut garbled = lease.clone();
@@ -451,12 +498,74 @@ mod tests {
         assert!(guest_network(&garbled, &settings).unwrap_err().to_string().contains("malformed"));
     }
 
+    /// image env < env files (a later one wins) < `[env]`; the values go to
+    /// the config disk's config only, and a file that cannot be used stops
+    /// the boot naming the file and line, never the value.
+    #[test]
+    fn env_files_sit_between_the_image_and_the_declaration() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&tmp.path().join("data")).unwrap();
+        let meta = store.create_guest("web", crate::declaration::spec::HypervisorKind::Qemu).unwrap();
+        let guest = store.guest_paths(meta.id);
+        let (a, b) = (tmp.path().join("a.env"), tmp.path().join("b.env"));
+        for (file, text) in [(&a, "NGINX_VERSION=from-a\nSHARED=a\nONLY_A=1\n"), (&b, "SHARED=b\nEXTRA=from-b\n")] {
+            std::fs::write(file, text).unwrap();
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let text = format!(
+            "image = \"nginx\"\nenv_files = [\"{}\", \"{}\"]\n[env]\nEXTRA = \"inline\"\n",
+            a.display(),
+            b.display()
+        );
+        let spec = spec(&text);
+        let file_env = env_from_files(&spec, &Limits::default(), &guest, "web").unwrap();
+        let merged = guest_config(&spec, &image(), &file_env, None);
+        let got: Vec<(&str, &str)> = merged.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("EXTRA", "inline"),
+                ("NGINX_VERSION", "from-a"),
+                ("ONLY_A", "1"),
+                ("PATH", "/usr/bin:/bin"),
+                ("SHARED", "b"),
+            ]
+        );
+        let log = std::fs::read_to_string(&guest.hypeman_log).unwrap_or_default();
+        assert!(!log.contains("env file"), "no warning for private files: {log}");
+
+        // Readable by all: used, and said.
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o644)).unwrap();
+        env_from_files(&spec, &Limits::default(), &guest, "web").unwrap();
+        let log = std::fs::read_to_string(&guest.hypeman_log).unwrap();
+        assert!(log.contains(&format!("env file {} can be read by every user of the host", a.display())), "{log}");
+        assert!(!log.contains("from-a"), "{log}");
+
+        std::fs::write(&b, "SHARED=b\nsecret-value-without-a-name\n").unwrap();
+        let err = env_from_files(&spec, &Limits::default(), &guest, "web").unwrap_err();
+        let shown = crate::error_chain(&err);
+        assert_eq!(shown, format!("{}:2: expected NAME=value (the line is not shown, it may hold a secret)", b.display()));
+        assert_eq!(crate::instances::InstanceError::Provision(err).kind(), crate::instances::ErrorKind::NeedsChange);
+
+        std::fs::remove_file(&b).unwrap();
+        let err = env_from_files(&spec, &Limits::default(), &guest, "web").unwrap_err();
+        assert!(crate::error_chain(&err).starts_with(&format!("env file {} cannot be read: No such file", b.display())), "{err}");
+        assert_eq!(crate::instances::InstanceError::Provision(err).kind(), crate::instances::ErrorKind::Transient);
+
+        // The app's strings with the files' must fit max_exec_size.
+        std::fs::write(&b, format!("BIG={}\n", "x".repeat(102_350))).unwrap();
+        let small = Limits { max_exec_size: crate::config_file::ByteSize(100 * 1024), ..Limits::default() };
+        let err = env_from_files(&spec, &small, &guest, "web").unwrap_err();
+        assert!(err.to_string().starts_with("entrypoint, cmd, env and env_files pass limits.max_exec_size (100KiB"), "{err}");
+    }
+
     #[test]
     fn a_declared_entrypoint_drops_the_image_cmd() {
-        let merged = guest_config(&spec("image = \"nginx\"\nentrypoint = [\"/bin/sh\"]\n"), &image(), None);
+        let merged = guest_config(&spec("image = \"nginx\"\nentrypoint = [\"/bin/sh\"]\n"), &image(), &Default::default(), None);
         assert_eq!(merged.entrypoint, vec!["/bin/sh"]);
         assert!(merged.cmd.is_empty());
-        let kept = guest_config(&spec("image = \"nginx\"\n"), &image(), None);
+        let kept = guest_config(&spec("image = \"nginx\"\n"), &image(), &Default::default(), None);
         assert_eq!(kept.cmd, image().cmd);
         assert_eq!(kept.workdir, "/srv");
     }
@@ -515,8 +624,11 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.erofs");
-        let config = guest_config(&spec("image = \"nginx\"\n"), &image(), None);
+        let config = guest_config(&spec("image = \"nginx\"\n"), &image(), &Default::default(), None);
         write_config_disk(&p, &config).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "the disk holds the env");
+        assert!(!p.with_extension("json").exists(), "no plaintext copy beside it");
         let out = dir.path().join("out");
         let status = Command::new("fsck.erofs").arg(format!("--extract={}", out.display())).arg(&p).status().unwrap();
         assert!(status.success());

@@ -180,6 +180,11 @@ fn provision_error_kind(e: &ProvisionError) -> ErrorKind {
         // for the declaration (or the file) to be put right.
         ProvisionError::Volume { missing: false, .. } => ErrorKind::NeedsChange,
         ProvisionError::Volume { missing: true, .. } => ErrorKind::Transient,
+        // A secret manager may write the file after the daemon starts; one
+        // that is there but unusable waits for it to change (its digest is
+        // part of the declaration as read, so a fixed file counts).
+        ProvisionError::EnvFile(e) if e.is_missing() => ErrorKind::Transient,
+        ProvisionError::EnvFile(_) => ErrorKind::NeedsChange,
         ProvisionError::Kernel { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NeedsChange,
         ProvisionError::Kernel { .. }
         | ProvisionError::Image { .. }

@@ -49,6 +49,9 @@ pub enum ProvisionError {
         problem: String,
         missing: bool,
     },
+    /// An env file the declaration names cannot be used as it is now.
+    #[error(transparent)]
+    EnvFile(#[from] crate::declaration::env_file::EnvFileError),
     #[error("[network] is enabled but the guest has no address lease")]
     NoLease,
     #[error("{0}")]

@@ -64,6 +64,15 @@ pub struct AppliedDeclaration {
     pub workdir: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The declared env files' paths; their values are never recorded.
+    /// Left out when empty, so records without any read as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_files: Vec<PathBuf>,
+    /// A digest of what the env files held (`declaration::env_file::digest`):
+    /// a changed file is seen as a change without its values being kept.
+    /// `None`: no env files, or they could not be read when this was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_files_digest: Option<String>,
     #[serde(default)]
     pub network: AppliedNetwork,
     #[serde(default)]
@@ -132,6 +141,8 @@ impl Default for AppliedDeclaration {
             cmd: None,
             workdir: None,
             env: BTreeMap::new(),
+            env_files: Vec::new(),
+            env_files_digest: None,
             network: AppliedNetwork::default(),
             disk_io: AppliedLimit::default(),
             devices: Vec::new(),
@@ -157,6 +168,8 @@ impl AppliedDeclaration {
             cmd,
             workdir,
             env,
+            env_files,
+            env_files_digest,
             network,
             disk_io,
             devices,
@@ -173,6 +186,7 @@ impl AppliedDeclaration {
             ("cmd", *cmd != other.cmd),
             ("workdir", *workdir != other.workdir),
             ("env", *env != other.env),
+            ("env_files", *env_files != other.env_files || *env_files_digest != other.env_files_digest),
             ("network", *network != other.network),
             ("disk_io", *disk_io != other.disk_io),
             ("devices", *devices != other.devices),
@@ -243,6 +257,8 @@ pub(crate) fn from_legacy(value: serde_json::Value) -> Result<AppliedDeclaration
         cmd: old.cmd,
         workdir: old.workdir,
         env: old.env,
+        env_files: Vec::new(),
+        env_files_digest: None,
         network: AppliedNetwork { enabled, bandwidth_down: limit(down), bandwidth_up: limit(up) },
         disk_io: limit(old.disk_io),
         devices: old.devices,
