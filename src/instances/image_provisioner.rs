@@ -310,6 +310,7 @@ impl Provisioner for ImageProvisioner {
             serial_log: guest.app_log.clone(),
             vsock: None,
             agent: Some(AgentChannel { socket: agent_socket }),
+            user: super::vmm_users::vmm_user(&self.settings, meta),
         })
     }
 

@@ -52,6 +52,9 @@ pub struct LaunchPaths {
     pub app_log: PathBuf,
 }
 
+/// `-sandbox` for a VMM that runs as its own user (issue 11).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The id of the virtio-mem device, for `qom-set` on its `requested-size`.
 pub const VIRTIO_MEM_ID: &str = "vm0";
 
@@ -123,6 +126,12 @@ pub fn argv(
         _ => push(&["-m", &boot_mem]),
     }
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    if config.user.is_some() {
+        // QEMU's seccomp filter. spawn=deny forbids fork/exec, so snapshots
+        // of such a VM go through a descriptor the daemon hands over
+        // (`fd:` migration), not through `exec:cat`.
+        push(&["-sandbox", SANDBOX]);
+    }
     push(&["-kernel", &config.kernel.display().to_string()]);
     if let Some(initrd) = &config.initrd {
         push(&["-initrd", &initrd.display().to_string()]);
@@ -264,6 +273,7 @@ mod tests {
             serial_log: "/g/logs/app.log".into(),
             vsock: None,
             agent: None,
+            user: None,
         }
     }
 
