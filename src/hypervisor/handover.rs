@@ -114,6 +114,7 @@ pub fn apply(grants: &[(PathBuf, Grant)]) -> Result<(), HandoverError> {
         if unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, grant.gid) } != 0 {
             return Err(err(std::io::Error::last_os_error()));
         }
+        // SAFETY: as above.
         if unsafe { libc::fchmod(file.as_raw_fd(), grant.mode) } != 0 {
             return Err(err(std::io::Error::last_os_error()));
         }
