@@ -45,7 +45,8 @@ fn the_vmm_runs_unprivileged_and_sandboxed_through_boot_standby_restore_and_adop
         eprintln!("skipped: spawning a VMM as another uid needs root");
         return;
     }
-    let extra = format!("[vmm]\nusers = \"per-instance\"\nuid_range = \"{UID_FIRST}-{}\"\ngroup = 69000\n", UID_FIRST + 9);
+    let users = std::env::var("MEASURE_USERS").unwrap_or("per-instance".into());
+    let extra = format!("[vmm]\nusers = \"{users}\"\nuid_range = \"{UID_FIRST}-{}\"\ngroup = 69000\n", UID_FIRST + 9);
     let settings = support::tcg_settings(&kernel_dir, &init, &extra);
     let mut w = World::new("qmp.sock", |tmp| (settings, support::busybox_image(tmp, &["sh", "sleep", "echo", "cat"])));
     // The data dir's parents must be searchable by the VMM, as /var/lib is.
@@ -59,12 +60,16 @@ fn the_vmm_runs_unprivileged_and_sandboxed_through_boot_standby_restore_and_adop
         serde_json::from_slice(&std::fs::read(w.guest_dir().join("metadata.json")).unwrap()).unwrap();
     assert_eq!(meta["vmm_uid"].as_u64(), Some(UID_FIRST as u64), "recorded in the metadata");
 
+    let t = std::time::Instant::now();
     w.declare("standby");
     w.wait("Standby");
+    eprintln!("declared standby → Standby: {} ms", t.elapsed().as_millis());
     assert!(!w.vmm_running(), "standby leaves no VMM");
     let before = w.counters().last().copied().unwrap();
+    let t = std::time::Instant::now();
     w.declare("running");
     w.wait("Running");
+    eprintln!("declared running → Running (restore): {} ms", t.elapsed().as_millis());
     let restored = assert_unprivileged(&w, "restore");
     assert_ne!(restored, booted, "a new VMM");
     w.wait_counter_above(before);
