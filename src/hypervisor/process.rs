@@ -98,6 +98,21 @@ pub fn spawn_detached_as(
     stderr_log: &Path,
     user: Option<&super::VmmUser>,
 ) -> Result<ProcessId, ProcessError> {
+    spawn_detached_with(binary, args, stdout_log, stderr_log, user, None)
+}
+
+/// [`spawn_detached_as`], `pass` (a descriptor and the number the child
+/// finds it at) given to the child, such as its TAP.
+pub fn spawn_detached_with(
+    binary: &Path,
+    args: &[String],
+    stdout_log: &Path,
+    stderr_log: &Path,
+    user: Option<&super::VmmUser>,
+    pass: Option<(std::os::fd::BorrowedFd<'_>, i32)>,
+) -> Result<ProcessId, ProcessError> {
+    use std::os::fd::AsRawFd;
+    let pass = pass.map(|(fd, at)| (fd.as_raw_fd(), at));
     let open_log = |log: &Path| {
         crate::durable::private_file()
             .create(true)
@@ -119,6 +134,18 @@ pub fn spawn_detached_as(
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some((fd, at)) = pass {
+                // dup2 clears close-on-exec on `at`; the same number needs
+                // it cleared by hand.
+                let ok = if fd == at {
+                    libc::fcntl(fd, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(fd, at) == at
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             if let Some((uid, gid, groups)) = &ids {
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0

@@ -123,6 +123,8 @@ pub enum QemuError {
     VersionParse(String),
     #[error("the socket has no parent directory")]
     NoGuestDir,
+    #[error("cannot attach to the VM's TAP for its VMM")]
+    Tap(#[source] crate::network::NetworkError),
     #[error("cannot hand the VM's files over to its VMM user")]
     Handover(#[source] super::handover::HandoverError),
 }
@@ -321,8 +323,18 @@ impl QemuBackend {
             let grants = super::handover::grants(config, &guest.guest_dir, user);
             super::handover::apply(&grants).map_err(|e| backend(op)(QemuError::Handover(e)))?;
         }
-        let id = process::spawn_detached_as(&self.binary, args, &guest.vmm_log, &guest.vmm_log, config.user.as_ref())
+        // Held until the child has its copy, then closed here.
+        let tap = match (&config.user, &config.net) {
+            (Some(_), Some(net)) => {
+                Some(crate::network::host::open_tap(&net.tap).map_err(|e| backend(op)(QemuError::Tap(e)))?)
+            }
+            _ => None,
+        };
+        use std::os::fd::AsFd;
+        let pass = tap.as_ref().map(|t| (t.as_fd(), argv::TAP_FD));
+        let id = process::spawn_detached_with(&self.binary, args, &guest.vmm_log, &guest.vmm_log, config.user.as_ref(), pass)
             .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: e.into_io() })?;
+        drop(tap);
         let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
