@@ -122,6 +122,31 @@ pub fn apply(grants: &[(PathBuf, Grant)]) -> Result<(), HandoverError> {
     Ok(())
 }
 
+/// A descriptor attached to the existing TAP `name`, for a VMM that may not
+/// open `/dev/net/tun` itself (`0600 root` on many hosts, this one too).
+/// The same request as `network::host` makes the TAP with (`TUNSETIFF`,
+/// tap, no packet info, vnet header); kept here because backends sit below
+/// `network`.
+pub fn attach_tap(name: &str) -> std::io::Result<std::fs::File> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{name:?} is not an interface name")));
+    }
+    let tun = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open("/dev/net/tun")?;
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // TUNSETIFF = _IOW('T', 202, int).
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // SAFETY: the fd is open for the call and `req` is the ifreq it reads.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(tun)
+}
+
 /// `/dev/kvm`'s group when the device exists and is not open to everyone:
 /// the VMM needs it among its groups to use KVM. Never the root group
 /// (gid 0, as here, where `/dev/kvm` is root:root): that would give a VMM

@@ -298,9 +298,8 @@ fn create_persistent_tap(name: &str) -> Result<(), NetworkError> {
 }
 
 /// A descriptor attached to the TAP `name` (made if missing, gone again
-/// with the descriptor unless made persistent), as a VMM holds one: the
-/// daemon hands it to a VMM that may not open `/dev/net/tun` itself.
-pub fn open_tap(name: &str) -> Result<std::fs::File, NetworkError> {
+/// with the descriptor unless made persistent), as a VMM holds one.
+fn open_tap(name: &str) -> Result<std::fs::File, NetworkError> {
     check_ifname(name)?;
     let err = |op: &'static str| {
         let tap = name.to_string();

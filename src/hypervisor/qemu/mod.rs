@@ -123,8 +123,12 @@ pub enum QemuError {
     VersionParse(String),
     #[error("the socket has no parent directory")]
     NoGuestDir,
-    #[error("cannot attach to the VM's TAP for its VMM")]
-    Tap(#[source] crate::network::NetworkError),
+    #[error("cannot attach to the TAP {tap} for the VMM")]
+    Tap {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot hand the VM's files over to its VMM user")]
     Handover(#[source] super::handover::HandoverError),
 }
@@ -326,7 +330,9 @@ impl QemuBackend {
         // Held until the child has its copy, then closed here.
         let tap = match (&config.user, &config.net) {
             (Some(_), Some(net)) => {
-                Some(crate::network::host::open_tap(&net.tap).map_err(|e| backend(op)(QemuError::Tap(e)))?)
+                let tap = super::handover::attach_tap(&net.tap)
+                    .map_err(|source| backend(op)(QemuError::Tap { tap: net.tap.clone(), source }))?;
+                Some(tap)
             }
             _ => None,
         };
