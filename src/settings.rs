@@ -48,6 +48,38 @@ pub struct QemuSettings {
     pub accel: Accel,
 }
 
+/// Whom VMMs run as (`[vmm]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmUsers {
+    /// As the daemon: root, with no sandbox (the behaviour before issue 11).
+    Root,
+    /// Each guest's VMM as its own uid from `uid_range` (gid the same
+    /// number), sandboxed: one VMM cannot reach another guest's files.
+    PerInstance,
+}
+
+/// `[vmm]`: `users`, `uid_range = "FIRST-LAST"`, `group` (the gid that may
+/// read shared image disks and traverse the data dir).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmmSettings {
+    pub users: VmmUsers,
+    pub uid_first: u32,
+    pub uid_last: u32,
+    pub group: u32,
+}
+
+/// Above the usual ranges of system (<1000), human (<60000) and
+/// systemd's dynamic users (61184–65519), below container subuid ranges
+/// (100000 and up, 65536 each).
+const DEFAULT_VMM_UIDS: (u32, u32) = (70000, 70999);
+const DEFAULT_VMM_GROUP: u32 = 69999;
+
+impl Default for VmmSettings {
+    fn default() -> Self {
+        VmmSettings { users: VmmUsers::Root, uid_first: DEFAULT_VMM_UIDS.0, uid_last: DEFAULT_VMM_UIDS.1, group: DEFAULT_VMM_GROUP }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloudHypervisorSettings {
     pub binary: PathBuf,
@@ -126,6 +158,7 @@ pub struct Settings {
     pub guest: GuestSettings,
     pub qemu: QemuSettings,
     pub cloud_hypervisor: CloudHypervisorSettings,
+    pub vmm: VmmSettings,
     pub network: NetworkSettings,
     pub limits: Limits,
     pub reconcile: ReconcileSettings,
@@ -210,6 +243,7 @@ impl Settings {
             cloud_hypervisor: CloudHypervisorSettings {
                 binary: PathBuf::from(DEFAULT_CH_BINARY),
             },
+            vmm: VmmSettings::default(),
             network: NetworkSettings::default(),
             limits: Limits::default(),
             reconcile: ReconcileSettings::default(),
@@ -406,6 +440,7 @@ impl Settings {
                 .as_ref()
                 .and_then(|i| resolve(&mut p, "guest.init", i)),
         };
+        let vmm = vmm(&mut p, &raw.vmm);
         let network = network(&mut p, &raw.network);
         let limits = limits(&mut p, &raw.limits);
         let reconcile = reconcile(&mut p, &raw.reconcile);
@@ -420,6 +455,7 @@ impl Settings {
             guest,
             qemu,
             cloud_hypervisor,
+            vmm,
             network,
             limits,
             reconcile,
@@ -493,6 +529,43 @@ fn is_host_port(s: &str) -> bool {
         }
     };
     port_ok && host_ok
+}
+
+/// `"FIRST-LAST"`, both uids above 0, FIRST ≤ LAST.
+pub fn parse_uid_range(text: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("expected \"FIRST-LAST\" uids above 0 (such as \"{}-{}\"), not {text:?}", DEFAULT_VMM_UIDS.0, DEFAULT_VMM_UIDS.1);
+    let (a, b) = text.split_once('-').ok_or_else(bad)?;
+    let first: u32 = a.trim().parse().map_err(|_| bad())?;
+    let last: u32 = b.trim().parse().map_err(|_| bad())?;
+    // u32::MAX is (uid_t)-1, "no change" to setuid/chown.
+    if first == 0 || last < first || last == u32::MAX {
+        return Err(bad());
+    }
+    Ok((first, last))
+}
+
+fn vmm(p: &mut Problems<'_>, raw: &RawVmm) -> VmmSettings {
+    let mut s = VmmSettings::default();
+    if let Some(u) = &raw.users {
+        match u.get_ref().as_str() {
+            "root" => s.users = VmmUsers::Root,
+            "per-instance" => s.users = VmmUsers::PerInstance,
+            _ => report(p, "vmm.users", u, "expected \"root\" or \"per-instance\""),
+        }
+    }
+    if let Some(r) = &raw.uid_range {
+        match parse_uid_range(r.get_ref()) {
+            Ok((first, last)) => (s.uid_first, s.uid_last) = (first, last),
+            Err(message) => report(p, "vmm.uid_range", r, message),
+        }
+    }
+    if let Some(g) = &raw.group {
+        match u32::try_from(*g.get_ref()) {
+            Ok(gid) if gid != 0 && gid != u32::MAX && !(s.uid_first..=s.uid_last).contains(&gid) => s.group = gid,
+            _ => p.value("vmm.group", g.span(), "expected a gid above 0 and outside uid_range (the VMMs' own gids)"),
+        }
+    }
+    s
 }
 
 fn network(p: &mut Problems<'_>, raw: &RawNetwork) -> NetworkSettings {
@@ -727,6 +800,8 @@ struct RawSettings {
     #[serde(default)]
     cloud_hypervisor: RawCloudHypervisor,
     #[serde(default)]
+    vmm: RawVmm,
+    #[serde(default)]
     network: RawNetwork,
     #[serde(default)]
     limits: RawLimits,
@@ -766,6 +841,14 @@ struct RawGuest {
 struct RawQemu {
     binary: Option<Spanned<String>>,
     accel: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVmm {
+    users: Option<Spanned<String>>,
+    uid_range: Option<Spanned<String>>,
+    group: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1094,6 +1177,18 @@ mod tests {
 
     /// One input per distinct message, rendered into one snapshot.
     #[test]
+    fn vmm_users_default_to_root_and_parse() {
+        assert_eq!(Settings::defaults().vmm, VmmSettings::default());
+        assert_eq!(VmmSettings::default().users, VmmUsers::Root);
+        let s = parse("[vmm]\nusers = \"per-instance\"\nuid_range = \"300000 - 300009\"\ngroup = 299999\n").unwrap();
+        assert_eq!(s.vmm, VmmSettings { users: VmmUsers::PerInstance, uid_first: 300000, uid_last: 300009, group: 299999 });
+        assert_eq!(parse_uid_range("5-5"), Ok((5, 5)));
+        for bad in ["", "5", "5-", "-5", "a-b", "0-5", "6-5", "1-4294967295", "1-2-3"] {
+            assert!(parse_uid_range(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn every_error_message() {
         let cases = [
             ("syntax error", "data_dir = /var/lib/hypeman\n"),
@@ -1131,6 +1226,10 @@ mod tests {
             ("bad log rotation", "[logs]\nmax_size = \"512KiB\"\nkeep = -1\n"),
             ("log rotation over the limits", "[logs]\nmax_size = \"1GB\"\nkeep = 101\n"),
             ("unknown key in [logs]", "[logs]\nmax_files = 3\n"),
+            ("unknown vmm users", "[vmm]\nusers = \"nobody\"\n"),
+            ("bad uid ranges", "[vmm]\nuid_range = \"0-10\"\ngroup = 0\n"),
+            ("reversed uid range", "[vmm]\nuid_range = \"200-100\"\n"),
+            ("vmm group inside the uid range", "[vmm]\nuid_range = \"100-200\"\ngroup = 150\n"),
             ("backoff max below initial", "[reconcile]\nbackoff_initial = \"10s\"\nbackoff_max = \"5s\"\n"),
             ("backoff initial above the default max", "[reconcile]\nbackoff_initial = \"10m\"\n"),
         ];

@@ -58,6 +58,7 @@ impl Guest {
             serial_log: self.dir.join("logs/app.log"),
             vsock: None,
             agent: None,
+            user: None,
         }
     }
 

@@ -63,6 +63,7 @@ impl Bench {
             serial_log: self.path("app.log"),
             vsock: Some(hypeman::hypervisor::VsockConfig { cid: 3, socket: self.path("vsock.sock") }),
             agent: None,
+            user: None,
         }
     }
 }

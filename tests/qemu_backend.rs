@@ -84,6 +84,7 @@ fn vm_config(work: &Path, kernel_dir: &Path, init: &Path, script: &str) -> VmCon
         serial_log: work.join("logs/app.log"),
         vsock: None,
         agent: None,
+        user: None,
     }
 }
 

@@ -159,6 +159,7 @@ fn vm_config(paths: &GuestPaths) -> VmConfig {
         serial_log: paths.app_log.clone(),
         vsock: None,
         agent: None,
+        user: None,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod cloud_hypervisor;
 pub mod fake;
 mod kind;
 pub mod launch;
+pub mod handover;
 pub mod process;
 pub mod qemu;
 
@@ -97,6 +98,24 @@ pub struct VmConfig {
     /// record, without the channel, until the guest next boots cold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentChannel>,
+    /// Whom the VMM runs as; absent: as the daemon (root), unsandboxed.
+    /// Part of the launch record, so a restore or an adopted VMM keeps the
+    /// uid it was started with; left out when absent, like `vsock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<VmmUser>,
+}
+
+/// The unprivileged identity of one guest's VMM (issue 11): spawned as
+/// `uid`/`gid` with `groups` as its only supplementary groups (the shared
+/// VMM group first, then `/dev/kvm`'s group when that is not open to all),
+/// and no capabilities. `data_dir` bounds what [`handover`] may change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub data_dir: PathBuf,
 }
 
 impl VmConfig {
@@ -339,6 +358,7 @@ pub(crate) mod conformance {
             serial_log: "/app.log".into(),
             vsock: None,
             agent: None,
+            user: None,
         }
     }
 

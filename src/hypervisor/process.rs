@@ -82,6 +82,37 @@ pub fn spawn_detached_split(
     stdout_log: &Path,
     stderr_log: &Path,
 ) -> Result<ProcessId, ProcessError> {
+    spawn_detached_as(binary, args, stdout_log, stderr_log, None)
+}
+
+/// [`spawn_detached_split`], the child becoming `user` (when given) before
+/// it execs: its supplementary groups replaced by the user's, then its
+/// gid, then its uid (in that order: after setuid it could change neither),
+/// and `no_new_privs` set, so nothing it execs gains privileges and its
+/// capabilities are gone. The logs are opened here, by the daemon, and
+/// handed over as stdout and stderr.
+pub fn spawn_detached_as(
+    binary: &Path,
+    args: &[String],
+    stdout_log: &Path,
+    stderr_log: &Path,
+    user: Option<&super::VmmUser>,
+) -> Result<ProcessId, ProcessError> {
+    spawn_detached_with(binary, args, stdout_log, stderr_log, user, None)
+}
+
+/// [`spawn_detached_as`], `pass` (a descriptor and the number the child
+/// finds it at) given to the child, such as its TAP.
+pub fn spawn_detached_with(
+    binary: &Path,
+    args: &[String],
+    stdout_log: &Path,
+    stderr_log: &Path,
+    user: Option<&super::VmmUser>,
+    pass: Option<(std::os::fd::BorrowedFd<'_>, i32)>,
+) -> Result<ProcessId, ProcessError> {
+    use std::os::fd::AsRawFd;
+    let pass = pass.map(|(fd, at)| (fd.as_raw_fd(), at));
     let open_log = |log: &Path| {
         crate::durable::private_file()
             .create(true)
@@ -95,11 +126,35 @@ pub fn spawn_detached_split(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    // SAFETY: setsid is async-signal-safe and touches no Rust state.
+    let ids = user.map(|u| (u.uid, u.gid, u.groups.clone()));
+    // SAFETY: setsid, setgroups, setgid, setuid and prctl are
+    // async-signal-safe and touch no Rust state; the group list was
+    // allocated before the fork.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some((fd, at)) = pass {
+                // dup2 clears close-on-exec on `at`; the same number needs
+                // it cleared by hand.
+                let ok = if fd == at {
+                    libc::fcntl(fd, libc::F_SETFD, 0) == 0
+                } else {
+                    libc::dup2(fd, at) == at
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                    || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -298,6 +353,28 @@ mod tests {
         assert!(wait_gone(id, Duration::from_secs(5)).await);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "before\nto-stdout\n", "appended, not truncated");
         assert_eq!(std::fs::read_to_string(&err).unwrap(), "to-stderr\n");
+    }
+
+    /// Run as root only (the daemon's case): the child has the uid, gid
+    /// and groups asked for and no capabilities.
+    #[tokio::test]
+    async fn a_child_spawned_as_a_user_has_its_ids_and_no_capabilities() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.log");
+        let user = super::super::VmmUser { uid: 70123, gid: 70123, groups: vec![69999], data_dir: dir.path().into() };
+        let script = "grep -E '^(Uid|Gid|Groups|CapEff|NoNewPrivs):' /proc/self/status".to_string();
+        let id = spawn_detached_as(Path::new("sh"), &["-c".into(), script], &out, &out, Some(&user)).unwrap();
+        assert!(wait_gone(id, Duration::from_secs(5)).await);
+        let status = std::fs::read_to_string(&out).unwrap();
+        let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "));
+        assert_eq!(field("Uid:").as_deref(), Some("70123 70123 70123 70123"), "{status}");
+        assert_eq!(field("Gid:").as_deref(), Some("70123 70123 70123 70123"), "{status}");
+        assert_eq!(field("Groups:").as_deref(), Some("69999"), "{status}");
+        assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
+        assert_eq!(field("NoNewPrivs:").as_deref(), Some("1"), "{status}");
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl Instances {
         let backend = self.backend(kind)?;
         meta.hypervisor = kind;
         self.ensure_lease(spec, meta).await?;
+        self.ensure_vmm_uid(meta).await?;
         let config = self.lending_turn(self.provisioner.prepare(spec, paths, meta)).await?;
         // The intent first, durably: a daemon killed once the VMM is spawned
         // finds it under the right backend's socket and knows what it was

@@ -82,6 +82,18 @@ impl ImageProvisioner {
         host.ensure_tap(tap, bridge).await
     }
 
+    /// [`Self::ensure_tap`], then the TAP handed to the VMM's uid: only
+    /// before a VMM starts, never while one holds the TAP. A root VMM
+    /// needs no owner (CAP_NET_ADMIN), and one left from per-instance
+    /// days does it no harm.
+    async fn ensure_tap_for(&self, tap: &str, user: Option<&crate::hypervisor::VmmUser>) -> Result<(), NetworkError> {
+        self.ensure_tap(tap).await?;
+        match user {
+            Some(u) => crate::network::host::set_tap_owner(tap, Some(u.uid)),
+            None => Ok(()),
+        }
+    }
+
     /// `tap_health`'s host side: how the TAP `tap` looks on the bridge,
     /// changing nothing. A bridge that is gone or down leaves every TAP
     /// off it, which `repair_network` (`ensure_tap`) puts right.
@@ -312,9 +324,10 @@ impl Provisioner for ImageProvisioner {
         })
         .await
         .map_err(|e| ProvisionError::Other(format!("provisioning task failed: {e}")))??;
+        let user = super::vmm_users::vmm_user(&self.settings, meta);
         let net = match lease {
             Some(lease) => {
-                self.settle(self.ensure_tap(&lease.tap).await)?;
+                self.settle(self.ensure_tap_for(&lease.tap, user.as_ref()).await)?;
                 Some(NetConfig {
                     tap: lease.tap.clone(),
                     mac: lease.mac.clone(),
@@ -356,6 +369,7 @@ impl Provisioner for ImageProvisioner {
             serial_log: guest.app_log.clone(),
             vsock: None,
             agent: Some(AgentChannel { socket: agent_socket }),
+            user,
         })
     }
 
@@ -367,7 +381,7 @@ impl Provisioner for ImageProvisioner {
                 .map_err(|e| ProvisionError::Disk { what: "agent socket", path: agent.socket.clone(), source: e.into() })?;
         }
         if let Some(net) = &config.net {
-            self.settle(self.ensure_tap(&net.tap).await)?;
+            self.settle(self.ensure_tap_for(&net.tap, config.user.as_ref()).await)?;
         }
         Ok(())
     }

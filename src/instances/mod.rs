@@ -19,6 +19,7 @@
 mod execute;
 pub mod image_provisioner;
 mod leases;
+mod vmm_users;
 mod memory;
 mod observe;
 pub mod overlay;
@@ -85,6 +86,10 @@ pub enum InstanceError {
     Network(#[from] crate::network::NetworkError),
     #[error("cannot hand out a network address while {0} guest record(s) cannot be read: they may hold addresses")]
     UnreadableLeases(usize),
+    #[error("cannot pick a VMM uid while {0} guest record(s) cannot be read: they may hold uids")]
+    UnreadableVmmUids(usize),
+    #[error("every VMM uid of uid_range {first}-{last} is taken; widen [vmm] uid_range")]
+    VmmUidsExhausted { first: u32, last: u32 },
     #[error("cannot prune caches while {0} guest record(s) cannot be read: their VMs may need any entry")]
     UnreadableGuests(usize),
     #[error("cannot prune caches: a launch record cannot be read")]
@@ -145,6 +150,8 @@ impl InstanceError {
             InstanceError::Store(_)
             | InstanceError::Network(_)
             | InstanceError::UnreadableLeases(_)
+            | InstanceError::UnreadableVmmUids(_)
+            | InstanceError::VmmUidsExhausted { .. }
             | InstanceError::UnreadableGuests(_)
             | InstanceError::UnreadableLaunch(_)
             | InstanceError::NoGuest(_)
@@ -202,6 +209,7 @@ pub struct Instances {
     settings: Arc<Settings>,
     provisioner: Arc<dyn Provisioner>,
     leases: leases::Leases,
+    vmm_uids: tokio::sync::Mutex<()>,
     blocking_slots: tokio::sync::Semaphore,
     turns: tokio::sync::Semaphore,
 }
@@ -231,6 +239,7 @@ impl Instances {
             settings,
             provisioner,
             leases: leases::Leases::default(),
+            vmm_uids: tokio::sync::Mutex::new(()),
             blocking_slots: tokio::sync::Semaphore::new(BLOCKING_AT_ONCE),
             turns: tokio::sync::Semaphore::new(TURNS),
         }

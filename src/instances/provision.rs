@@ -175,6 +175,7 @@ impl Provisioner for FakeProvisioner {
             serial_log: guest.app_log.clone(),
             vsock: None,
             agent: Some(crate::hypervisor::AgentChannel { socket: crate::agent::socket_path(&guest.dir) }),
+            user: None,
         })
     }
 

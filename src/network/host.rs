@@ -269,6 +269,25 @@ nix::ioctl_write_int_bad!(
     nix::request_code_write!(b'T', 203, std::mem::size_of::<libc::c_int>())
 );
 
+nix::ioctl_write_int_bad!(
+    tun_set_owner,
+    nix::request_code_write!(b'T', 204, std::mem::size_of::<libc::c_int>())
+);
+
+/// Gives the persistent TAP `name` to `uid` (`TUNSETOWNER`), so a VMM
+/// running as that uid may attach to it without CAP_NET_ADMIN; `None`
+/// takes any owner away (a root VMM needs none). Only while no VMM holds
+/// the TAP: attaching to it here would fail while one does.
+pub fn set_tap_owner(name: &str, uid: Option<u32>) -> Result<(), NetworkError> {
+    let tun = open_tap(name)?;
+    // (uid_t)-1 is "no owner" to the tun driver.
+    let owner = uid.unwrap_or(u32::MAX) as libc::c_int;
+    // SAFETY: the fd is attached to the TAP; the argument is a plain int.
+    unsafe { tun_set_owner(tun.as_raw_fd(), owner) }
+        .map_err(|e| NetworkError::Tap { op: "set the owner of", tap: name.to_string(), source: e.into() })?;
+    Ok(())
+}
+
 /// `ip tuntap add NAME mode tap vnet_hdr`, without the `ip`.
 fn create_persistent_tap(name: &str) -> Result<(), NetworkError> {
     let tun = open_tap(name)?;

@@ -57,6 +57,11 @@ pub struct Metadata {
     /// again, but no longer holds anything back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lost_answered: bool,
+    /// The uid this guest's VMM runs as (`[vmm] users = "per-instance"`),
+    /// recorded before its first VMM starts and kept until the guest is
+    /// removed, so a restore and an adopted VMM keep the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_uid: Option<u32>,
     /// RFC 3339; set by `Store::write_metadata` on every write.
     pub updated_at: String,
 }
@@ -115,6 +120,7 @@ impl Metadata {
             exited: None,
             lost: None,
             lost_answered: false,
+            vmm_uid: None,
             updated_at: now,
         }
     }

@@ -197,6 +197,7 @@ mod tests {
             serial_log: "/var/lib/hypeman/guests/G/logs/app.log".into(),
             vsock: Some(VsockConfig { cid: 3, socket: "/var/lib/hypeman/guests/G/vsock.sock".into() }),
             agent: None,
+            user: None,
         }
     }
 

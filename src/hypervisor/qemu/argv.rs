@@ -52,6 +52,12 @@ pub struct LaunchPaths {
     pub app_log: PathBuf,
 }
 
+/// The descriptor a per-instance VMM finds its TAP at.
+pub const TAP_FD: i32 = 3;
+
+/// `-sandbox` for a VMM that runs as its own user (issue 11).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The id of the virtio-mem device, for `qom-set` on its `requested-size`.
 pub const VIRTIO_MEM_ID: &str = "vm0";
 
@@ -123,6 +129,12 @@ pub fn argv(
         _ => push(&["-m", &boot_mem]),
     }
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    if config.user.is_some() {
+        // QEMU's seccomp filter. spawn=deny forbids fork/exec, so snapshots
+        // of such a VM go through a descriptor the daemon hands over
+        // (`fd:` migration), not through `exec:cat`.
+        push(&["-sandbox", SANDBOX]);
+    }
     push(&["-kernel", &config.kernel.display().to_string()]);
     if let Some(initrd) = &config.initrd {
         push(&["-initrd", &initrd.display().to_string()]);
@@ -187,13 +199,17 @@ pub fn argv(
         push(&["-device", &format!("{blk},drive={id},serial={id}", id = disk.id)]);
     }
     if let Some(net) = &config.net {
+        // A VMM that is not root may not open /dev/net/tun (0600 here): the
+        // daemon attaches to the TAP and hands the descriptor over as
+        // TAP_FD, the same number at every launch so a restore's argv is
+        // the same.
+        let tap = match config.user {
+            Some(_) => format!("fd={TAP_FD}"),
+            None => format!("ifname={},script=no,downscript=no", net.tap),
+        };
         push(&[
             "-netdev",
-            &format!(
-                "tap,id=net0,ifname={},script=no,downscript=no,vhost={}",
-                net.tap,
-                if vhost_net { "on" } else { "off" }
-            ),
+            &format!("tap,id=net0,{tap},vhost={}", if vhost_net { "on" } else { "off" }),
             "-device",
             &format!("{net_dev},netdev=net0,mac={}", net.mac),
         ]);
@@ -264,6 +280,7 @@ mod tests {
             serial_log: "/g/logs/app.log".into(),
             vsock: None,
             agent: None,
+            user: None,
         }
     }
 
@@ -307,6 +324,21 @@ mod tests {
     #[test]
     fn microvm_with_a_nic_under_tcg() {
         insta::assert_snapshot!(argv(&with_net(config()), &paths(), Accelerator::Tcg, Some(2_100_000), false, false).join("\n"));
+    }
+
+    /// A VMM with its own user: QEMU's seccomp sandbox, and the TAP as the
+    /// descriptor the daemon hands over rather than a name to open.
+    #[test]
+    fn a_vmm_user_gets_the_sandbox_and_its_tap_by_descriptor() {
+        let mut c = with_net(config());
+        c.user = Some(crate::hypervisor::VmmUser { uid: 70001, gid: 70001, groups: vec![69999], data_dir: "/d".into() });
+        let args = argv(&c, &paths(), Accelerator::Tcg, None, false, false);
+        let at = args.iter().position(|a| a == "-sandbox").expect("sandboxed");
+        assert_eq!(args[at + 1], "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+        let at = args.iter().position(|a| a == "-netdev").expect("a netdev");
+        assert_eq!(args[at + 1], "tap,id=net0,fd=3,vhost=off");
+        let root = argv(&with_net(config()), &paths(), Accelerator::Tcg, None, false, false);
+        assert!(!root.iter().any(|a| a == "-sandbox"), "a root VMM as before");
     }
 
     #[test]

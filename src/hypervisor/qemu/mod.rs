@@ -123,6 +123,14 @@ pub enum QemuError {
     VersionParse(String),
     #[error("the socket has no parent directory")]
     NoGuestDir,
+    #[error("cannot attach to the TAP {tap} for the VMM")]
+    Tap {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot hand the VM's files over to its VMM user")]
+    Handover(#[source] super::handover::HandoverError),
 }
 
 /// What a VM was launched with: persisted in the guest directory at create
@@ -210,6 +218,13 @@ pub fn parse_version(output: &str) -> Option<String> {
 /// Quotes `s` for `/bin/sh`, which runs QEMU's `exec:` migration URIs.
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The name a migration descriptor is handed to QEMU under (`getfd`).
+const MIGRATION_FD: &str = "migration";
+
+async fn self_send_fd(c: &mut QmpClient, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QemuError> {
+    Ok(c.send_fd(MIGRATION_FD, fd).await?)
 }
 
 fn backend(op: &'static str) -> impl Fn(QemuError) -> HypervisorError {
@@ -300,7 +315,7 @@ impl QemuBackend {
 
     /// Spawns QEMU with `args` and waits until its QMP socket answers.
     /// A QEMU that fails to come up is killed, so nothing is left behind.
-    async fn launch(&self, guest: &GuestVmm, args: &[String], op: &'static str) -> Result<(VmmHandle, QmpClient), HypervisorError> {
+    async fn launch(&self, guest: &GuestVmm, config: &VmConfig, args: &[String], op: &'static str) -> Result<(VmmHandle, QmpClient), HypervisorError> {
         match QmpClient::connect(&guest.socket, QMP_TIMEOUT).await {
             Err(e) if e.is_not_listening() => {}
             _ => return Err(HypervisorError::AlreadyRunning { socket: guest.socket.clone() }),
@@ -308,8 +323,24 @@ impl QemuBackend {
         let _ = std::fs::remove_file(&guest.socket);
         let version = self.version().await.ok();
         let log_start = process::log_end(&guest.vmm_log);
-        let id = process::spawn_detached(&self.binary, args, &guest.vmm_log)
+        if let Some(user) = &config.user {
+            let grants = super::handover::grants(config, &guest.guest_dir, user);
+            super::handover::apply(&grants).map_err(|e| backend(op)(QemuError::Handover(e)))?;
+        }
+        // Held until the child has its copy, then closed here.
+        let tap = match (&config.user, &config.net) {
+            (Some(_), Some(net)) => {
+                let tap = super::handover::attach_tap(&net.tap)
+                    .map_err(|source| backend(op)(QemuError::Tap { tap: net.tap.clone(), source }))?;
+                Some(tap)
+            }
+            _ => None,
+        };
+        use std::os::fd::AsFd;
+        let pass = tap.as_ref().map(|t| (t.as_fd(), argv::TAP_FD));
+        let id = process::spawn_detached_with(&self.binary, args, &guest.vmm_log, &guest.vmm_log, config.user.as_ref(), pass)
             .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: e.into_io() })?;
+        drop(tap);
         let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -358,9 +389,19 @@ impl QemuBackend {
         LaunchRecord::read(&guest_dir(socket)?.join(LAUNCH_FILE))
     }
 
-    async fn restore_into(&self, c: &mut QmpClient, vmm: &VmmHandle, dir: &Path) -> Result<(), HypervisorError> {
+    async fn restore_into(&self, c: &mut QmpClient, vmm: &VmmHandle, dir: &Path, sandboxed: bool) -> Result<(), HypervisorError> {
         let op = "restore";
-        let uri = format!("exec:cat {}", shell_quote(&dir.join(MEMORY_FILE).display().to_string()));
+        let memory = dir.join(MEMORY_FILE);
+        let uri = if sandboxed {
+            // A sandboxed QEMU can neither exec `cat` nor open the root-only
+            // snapshot: the daemon opens it and hands the descriptor over.
+            let file = std::fs::File::open(&memory).map_err(|source| backend(op)(QemuError::Read { path: memory.clone(), source }))?;
+            use std::os::fd::AsFd;
+            c.send_fd(MIGRATION_FD, file.as_fd()).await.map_err(|e| backend(op)(e.into()))?;
+            format!("fd:{MIGRATION_FD}")
+        } else {
+            format!("exec:cat {}", shell_quote(&memory.display().to_string()))
+        };
         self.call_on(c, vmm, op, "migrate-incoming", Some(json!({ "uri": uri }))).await?;
         self.wait_migration(c, vmm, op).await?;
         let (status, _) = self.status_on(c, vmm, op).await?;
@@ -458,7 +499,7 @@ impl Hypervisor for QemuBackend {
         let args = argv(config, &paths, self.accel, self.tsc_khz, self.vhost_net, false);
         let record = LaunchRecord { version: LAUNCH_VERSION, config: config.clone(), argv: args.clone() };
         record.write(&guest.guest_dir.join(LAUNCH_FILE)).map_err(backend(op))?;
-        let (handle, mut c) = self.launch(guest, &args, op).await?;
+        let (handle, mut c) = self.launch(guest, config, &args, op).await?;
         let checked = match self.status_on(&mut c, &handle, op).await {
             Ok((status, _)) if status == "prelaunch" => Ok(()),
             Ok((status, _)) => Err(backend(op)(QemuError::UnexpectedStatus { op, status })),
@@ -520,14 +561,23 @@ impl Hypervisor for QemuBackend {
         // Made here, 0600, for the `exec:` writer's `>` to open and fill:
         // the guest's RAM gets the mode asked for, not the shell's umask.
         let memory = dir.join(MEMORY_FILE);
-        crate::durable::private_file()
+        let file = crate::durable::private_file()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&memory)
             .map_err(|source| backend(op)(QemuError::Create { path: memory.clone(), source }))?;
-        // QEMU 7.2 has no `file:` URI; `exec:` runs through /bin/sh.
-        let uri = format!("exec:cat > {}", shell_quote(&memory.display().to_string()));
+        let uri = if record.config.user.is_some() {
+            // Sandboxed (spawn=deny) and unable to open the root-only
+            // snapshot dir: QEMU writes into the descriptor it is handed.
+            use std::os::fd::AsFd;
+            self_send_fd(&mut c, file.as_fd()).await.map_err(backend(op))?;
+            format!("fd:{MIGRATION_FD}")
+        } else {
+            // QEMU 7.2 has no `file:` URI; `exec:` runs through /bin/sh.
+            format!("exec:cat > {}", shell_quote(&memory.display().to_string()))
+        };
+        drop(file);
         let log = guest_dir(&vmm.socket).map_err(backend(op))?.join(VMM_LOG);
         let log_start = process::log_end(&log);
         self.call_on(&mut c, vmm, op, "migrate", Some(json!({ "uri": uri }))).await?;
@@ -571,9 +621,9 @@ impl Hypervisor for QemuBackend {
         let log = guest.guest_dir.join(VMM_LOG);
         let log_start = process::log_end(&log);
         let started = Instant::now();
-        let (handle, mut c) = self.launch(guest, &args, op).await?;
+        let (handle, mut c) = self.launch(guest, &record.config, &args, op).await?;
         let launched = started.elapsed();
-        if let Err(e) = self.restore_into(&mut c, &handle, dir).await {
+        if let Err(e) = self.restore_into(&mut c, &handle, dir, record.config.user.is_some()).await {
             // QEMU exits by itself when it cannot load the stream (`load of
             // migration failed: …` on its stderr): the same file fails the
             // same way on every try, so that is the snapshot's fault. A
