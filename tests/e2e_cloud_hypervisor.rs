@@ -60,19 +60,7 @@ fn world(env: &[(&str, &str)]) -> World {
         let audit = tmp.join("audit.log").display().to_string();
         let mut env: Vec<(&str, &str)> = env.to_vec();
         env.push(("FAKE_CH_AUDIT_LOG", &audit));
-        let binary = support::fake_ch::wrapper(tmp, &env);
-        for file in ["vmlinuz", "init"] {
-            std::fs::write(tmp.join(file), file).unwrap();
-        }
-        let settings = format!(
-            "default_hypervisor = \"cloud-hypervisor\"\n[cloud_hypervisor]\nbinary = \"{}\"\n\
-             [guest]\nkernel = \"{}\"\ninit = \"{}\"\n\
-             [reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
-             backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
-            binary.display(),
-            tmp.join("vmlinuz").display(),
-            tmp.join("init").display()
-        );
+        let settings = support::fake_ch::daemon_settings(tmp, &env);
         (settings, tiny_image(tmp))
     })
 }

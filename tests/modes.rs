@@ -203,19 +203,7 @@ fn under_umask_000_everything_the_daemon_and_its_vmm_make_is_private() {
     }
     let Some(user) = unprivileged_user() else { return };
     let mut w = World::new("ch.sock", |tmp| {
-        let binary = support::fake_ch::wrapper(tmp, &[]);
-        for file in ["vmlinuz", "init"] {
-            std::fs::write(tmp.join(file), file).unwrap();
-        }
-        let settings = format!(
-            "default_hypervisor = \"cloud-hypervisor\"\n[cloud_hypervisor]\nbinary = \"{}\"\n\
-             [guest]\nkernel = \"{}\"\ninit = \"{}\"\n\
-             [reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
-             backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
-            binary.display(),
-            tmp.join("vmlinuz").display(),
-            tmp.join("init").display()
-        );
+        let settings = support::fake_ch::daemon_settings(tmp, &[]);
         (settings, support::busybox_image(tmp, &["sh"]))
     });
     w.patience = Duration::from_secs(60);

@@ -512,12 +512,8 @@ fn env_files(p: &mut Problems<'_>, raw: &[Spanned<String>]) -> Vec<PathBuf> {
     for (i, file) in raw.iter().enumerate() {
         let text = file.get_ref();
         let field = Field::written(format!("env_files[{i}]"), file);
-        if !text.starts_with('/') {
-            field.report(p, "must be an absolute host path");
-        } else if has_control(text) {
-            field.report(p, "must not contain control characters");
-        } else if has_parent_part(text) {
-            field.report(p, "must not contain `..`: write the path it means");
+        if let Some(problem) = host_path_problem(text) {
+            field.report(p, problem);
         } else if text.ends_with('/') {
             field.report(p, "names a directory; an env file is a file of NAME=value lines");
         } else if let Some(j) = out.iter().position(|f| f.as_os_str() == text.as_str()) {
@@ -661,6 +657,20 @@ fn normalize_guest_path(s: &str) -> Option<String> {
 
 /// Whether a host path has a `..` part, which makes what it names depend
 /// on the symlinks along it rather than on how it reads.
+/// What is wrong with `text` as a host path a declaration names (a volume
+/// source, an env file), if anything: the rules both share.
+fn host_path_problem(text: &str) -> Option<&'static str> {
+    if !text.starts_with('/') {
+        Some("must be an absolute host path")
+    } else if has_control(text) {
+        Some("must not contain control characters")
+    } else if has_parent_part(text) {
+        Some("must not contain `..`: write the path it means")
+    } else {
+        None
+    }
+}
+
 fn has_parent_part(s: &str) -> bool {
     s.split('/').any(|part| part == "..")
 }
@@ -675,12 +685,8 @@ fn volume_source(
     host: &dyn VolumeHost,
 ) -> PathBuf {
     let declared = PathBuf::from(text);
-    if !text.starts_with('/') {
-        field.report(p, "must be an absolute host path");
-    } else if has_control(text) {
-        field.report(p, "must not contain control characters");
-    } else if has_parent_part(text) {
-        field.report(p, "must not contain `..`: write the path it means");
+    if let Some(problem) = host_path_problem(text) {
+        field.report(p, problem);
     } else {
         match host.inspect(&declared) {
             Ok(None) => {}

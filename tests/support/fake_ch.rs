@@ -69,6 +69,26 @@ pub fn wrapper(dir: &Path, env: &[(&str, &str)]) -> PathBuf {
 }
 
 /// Lines of a fake VMM's log that report a request the spec refuses.
+/// A `hypeman.toml` for the daemon driving the fake through a wrapper
+/// made in `dir` with `env`, with stand-in kernel and init files there and
+/// the short timers the daemon tests wait on.
+#[allow(dead_code)]
+pub fn daemon_settings(dir: &Path, env: &[(&str, &str)]) -> String {
+    let binary = wrapper(dir, env);
+    for file in ["vmlinuz", "init"] {
+        std::fs::write(dir.join(file), file).unwrap();
+    }
+    format!(
+        "default_hypervisor = \"cloud-hypervisor\"\n[cloud_hypervisor]\nbinary = \"{}\"\n\
+         [guest]\nkernel = \"{}\"\ninit = \"{}\"\n\
+         [reconcile]\nresync_interval = \"2s\"\nhealth_interval = \"200ms\"\n\
+         backoff_initial = \"200ms\"\nbackoff_max = \"2s\"\nstop_grace = \"3s\"\n",
+        binary.display(),
+        dir.join("vmlinuz").display(),
+        dir.join("init").display()
+    )
+}
+
 pub fn violations(vmm_log: &Path) -> Vec<String> {
     std::fs::read_to_string(vmm_log)
         .unwrap_or_default()
