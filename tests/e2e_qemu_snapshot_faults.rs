@@ -312,6 +312,7 @@ fn a_snapshot_qemu_refuses_is_kept_and_not_restored_in_a_loop() {
     w.declare("stopped");
     w.wait("Stopped");
     assert!(!snap.exists(), "declaring stopped discards it");
+    wait_until(30, "the discard in status", || last_error(&w.status()).contains("it was discarded"));
     let status = w.status();
     let error = last_error(&status);
     assert!(error.contains("what the guest had not written to its disks is lost"), "{status}");

@@ -487,13 +487,16 @@ impl Instances {
             "the standby snapshot cannot be restored ({why}); it was discarded, and what the guest had not written to its disks is lost"
         );
         self.event(meta, Level::WARN, &message);
-        let id = meta.id;
-        self.blocking(move |store| store.remove_snapshot(id)).await?;
+        // The loss is on record before the snapshot goes: a daemon killed
+        // in between finds the snapshot again and discards it again, never
+        // a snapshot gone without a word.
         meta.applied = None;
         meta.lost = Some(message.clone());
         meta.lost_answered = false;
         meta.last_error = Some(message);
         self.write_metadata(meta).await?;
+        let id = meta.id;
+        self.blocking(move |store| store.remove_snapshot(id)).await?;
         Ok(Outcome::SnapshotUnusable { why })
     }
 
