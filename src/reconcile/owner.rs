@@ -94,9 +94,6 @@ struct Memory {
     /// Since the VMM stopped answering, plus the stop grace.
     unanswered_until: Option<Instant>,
     steps_in_a_row: usize,
-    /// The reason last said for holding back, for an instance without a
-    /// readable record to keep it in (`last_error` is the record's).
-    blocked_said: Option<String>,
     view: OwnerView,
 }
 
@@ -114,7 +111,6 @@ impl Memory {
             press_again: None,
             unanswered_until: None,
             steps_in_a_row: 0,
-            blocked_said: None,
             view: OwnerView { name: name.to_string(), desired: None, state: None, last_step: None, error: None, steps: 0 },
         }
     }
@@ -334,16 +330,11 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             };
             // Once per new reason, not on every resync; in the guest's
             // `hypeman.log` too when it has one.
-            let said = match &obs.meta {
-                Some(meta) => meta.last_error.as_deref() == Some(message.as_str()),
-                None => mem.blocked_said.as_deref() == Some(message.as_str()),
-            };
-            if !said {
+            if obs.meta.as_ref().and_then(|m| m.last_error.as_deref()) != Some(message.as_str()) {
                 match &obs.meta {
                     Some(meta) => instances.event(meta, tracing::Level::WARN, &message),
                     None => tracing::warn!(instance = name, "{message}"),
                 }
-                mem.blocked_said = Some(message.clone());
                 let _ = instances.record_error(name, Some(message)).await;
             }
             return now + rest;
