@@ -427,6 +427,16 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
+
+/// Hex SHA-256 of a file's contents (snapshot markers, image root disks).
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use ulid::Ulid;
 
 use crate::durable;
@@ -243,10 +242,7 @@ fn record_files(dir: &Path) -> Result<Vec<SnapshotFile>, StoreError> {
 }
 
 fn sha256_of(path: &Path) -> Result<String, StoreError> {
-    let mut file = fs::File::open(path).map_err(StoreError::io("open", path))?;
-    let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher).map_err(StoreError::io("read", path))?;
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    durable::sha256_file(path).map_err(StoreError::io("read", path))
 }
 
 /// Replaces `snapshot-latest` with the (marked) `.partial`. Re-runnable from
