@@ -14,12 +14,26 @@ hypeman=$(pwd)/target/debug/hypeman
 demo=$(pwd)/target/demo
 kernel=$(pwd)/target/guest-kernel
 init=$(pwd)/target/x86_64-unknown-linux-gnu/release/hypeman-init
+# VMMs run as their own unprivileged users, who must be able to pass
+# through every directory above the data dir (as they can /var/lib). A
+# checkout under a private directory (a 0700 home or mktemp dir) keeps its
+# data dir in /var/tmp instead, which the demo says.
+data=$demo/data
+dir=$demo
+while [ "$dir" != / ]; do
+    dir=$(dirname "$dir")
+    if [ -d "$dir" ] && [ $(( $(stat -c %a "$dir" | sed 's/.*\(.\)$/\1/') & 1 )) -eq 0 ]; then
+        data=/var/tmp/hypeman-demo/data
+        echo "demo: $dir is private (mode $(stat -c %a "$dir")), so the data dir is $data"
+        break
+    fi
+done
 
 # Leave nothing of an earlier run: its daemon and VMs go first.
 pkill -f -- "--config-dir $demo/etc" 2>/dev/null || true
-pkill -f "$demo/data/guests/" 2>/dev/null || true
+pkill -f "$data/guests/" 2>/dev/null || true
 sleep 0.5
-rm -rf "$demo"
+rm -rf "$demo" "$data"
 mkdir -p "$demo/etc/instances" "$demo/rootfs/bin"
 
 echo "== building the example image (busybox) as an OCI layout"
@@ -43,7 +57,7 @@ TOML
 sed "s|oci:/var/lib/hypeman/examples/busybox:latest|oci:$demo/oci:busybox|" \
     examples/instances/hello.toml > "$demo/etc/instances/hello.toml"
 
-h() { "$hypeman" --config-dir "$demo/etc" --data-dir "$demo/data" "$@"; }
+h() { "$hypeman" --config-dir "$demo/etc" --data-dir "$data" "$@"; }
 set_state() {
     sed -i "s/^state = .*/state = \"$1\"/" "$demo/etc/instances/hello.toml"
 }
@@ -52,10 +66,10 @@ echo "== hypeman validate"
 h validate
 echo "== starting the daemon (log: $demo/daemon.log)"
 # Started directly (not through the function h) so $! is the daemon itself.
-"$hypeman" --config-dir "$demo/etc" --data-dir "$demo/data" daemon > "$demo/daemon.log" 2>&1 &
+"$hypeman" --config-dir "$demo/etc" --data-dir "$data" daemon > "$demo/daemon.log" 2>&1 &
 daemon=$!
 # On exit the daemon stops; VMs outlive it by design, so the demo ends them.
-trap 'kill $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; pkill -f "$demo/data/guests/" 2>/dev/null || true' EXIT
+trap 'kill $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; pkill -f "$data/guests/" 2>/dev/null || true' EXIT
 
 h wait hello --state Running --timeout 120s
 # The app's first line, however long the boot takes on a busy machine.
@@ -78,11 +92,11 @@ echo "== state = \"standby\""
 set_state standby
 h wait hello --state Standby --timeout 60s
 h status
-if pgrep -f "$demo/data/guests/.*/qmp.sock" >/dev/null; then
+if pgrep -f "$data/guests/.*/qmp.sock" >/dev/null; then
     echo "demo: a VMM is still running in standby" >&2; exit 1
 fi
 echo "no QEMU process is left; the snapshot is on disk:"
-du -sh "$demo"/data/guests/*/snapshots/snapshot-latest
+du -sh "$data"/guests/*/snapshots/snapshot-latest
 before=$(h logs hello --tail 50 | tr -d '\r' | grep '^hello [0-9]' | tail -n 1)
 echo "last line before standby: $before"
 

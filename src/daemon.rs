@@ -47,16 +47,21 @@ pub enum DaemonError {
     },
     #[error("another hypeman daemon already manages {data_dir}")]
     AlreadyRunning { data_dir: PathBuf },
+    #[error(
+        "VMMs run as their own users ([vmm] users = \"per-instance\"), but they cannot reach the data directory {data_dir}: {problem}; \
+         make it searchable (chmod o+x), move the data dir, or set [vmm] users = \"root\" in hypeman.toml"
+    )]
+    Unreachable { data_dir: PathBuf, problem: String },
 }
 
 /// One daemon per data dir: two would each start VMMs for the same
 /// instances. The lock is released when the daemon's process ends, however
 /// it ends.
-fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+fn lock_data_dir(data_dir: &std::path::Path, vmm: &crate::settings::VmmSettings) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
     let path = data_dir.join("daemon.lock");
     let io = |source| DaemonError::Lock { path: path.clone(), source };
     crate::durable::create_dir_all(data_dir).map_err(|e| DaemonError::DataDir { source: e })?;
-    tighten_data_dir(data_dir)?;
+    tighten_data_dir(data_dir, vmm)?;
     let file = crate::durable::private_file().create(true).truncate(false).write(true).open(&path).map_err(io)?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         if errno == nix::errno::Errno::EWOULDBLOCK {
@@ -67,18 +72,35 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs
     })
 }
 
-/// Makes a data dir that group or others can reach private (`0700`), with a
-/// warning naming both modes: whatever made it looser (a hand-made
-/// directory, an older hypeman under a loose umask) exposed every snapshot
-/// and control socket in it.
-fn tighten_data_dir(data_dir: &std::path::Path) -> Result<(), DaemonError> {
-    let old = crate::durable::tighten_dir(data_dir).map_err(|e| DaemonError::DataDir { source: e })?;
+/// Gives the data dir its mode: private (`0700`), or, while VMMs run as
+/// their own users, searchable by their shared group only (`0710`: they
+/// may pass through it to their own guest's directory, never list it; see
+/// `hypervisor::handover`). One looser than that is tightened with a
+/// warning naming both modes: whatever made it so (a hand-made directory,
+/// an older hypeman under a loose umask) exposed every snapshot and
+/// control socket in it.
+fn tighten_data_dir(data_dir: &std::path::Path, vmm: &crate::settings::VmmSettings) -> Result<(), DaemonError> {
+    let (mode, group) = match vmm.users {
+        crate::settings::VmmUsers::Root => (crate::durable::DIR_MODE, None),
+        crate::settings::VmmUsers::PerInstance => {
+            if let Some(problem) = crate::hypervisor::handover::unreachable(data_dir, false) {
+                return Err(DaemonError::Unreachable { data_dir: data_dir.to_path_buf(), problem });
+            }
+            (crate::hypervisor::handover::DIR_SEARCH, Some(vmm.group))
+        }
+    };
+    let old = match group {
+        None => crate::durable::tighten_dir(data_dir),
+        Some(_) => crate::durable::restrict_dir(data_dir, mode, group),
+    }
+    .map_err(|e| DaemonError::DataDir { source: e })?;
     if let Some(old) = old {
         tracing::warn!(
             data_dir = %data_dir.display(),
             old_mode = %format!("{old:04o}"),
-            new_mode = %format!("{:04o}", crate::durable::DIR_MODE),
-            "the data directory was open to other users; it is now private to its owner"
+            new_mode = %format!("{mode:04o}"),
+            "the data directory was open to other users; it is now private to its owner{}",
+            if group.is_some() { " (and searchable by the VMMs' group)" } else { "" }
         );
     }
     Ok(())
@@ -132,7 +154,7 @@ pub fn rotate_logs(store: &Store, max_bytes: u64, keep: usize) {
 
 pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
     let started = std::time::Instant::now();
-    let _lock = lock_data_dir(&cfg.settings.data_dir)?;
+    let _lock = lock_data_dir(&cfg.settings.data_dir, &cfg.settings.vmm)?;
     let store = Arc::new(Store::open_and_recover(&cfg.settings.data_dir)?);
     let dir = instances_dir(&cfg.config_dir);
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -195,12 +217,12 @@ mod tests {
     fn a_held_lock_is_seen_in_proc_locks_without_taking_it() {
         let tmp = tempfile::tempdir().unwrap();
         assert_eq!(is_running(tmp.path()), Some(false), "no lock file yet");
-        let held = lock_data_dir(tmp.path()).unwrap();
+        let held = lock_data_dir(tmp.path(), &crate::settings::VmmSettings::default()).unwrap();
         assert_eq!(is_running(tmp.path()), Some(true));
         assert_eq!(is_running(tmp.path()), Some(true), "looking does not take it");
         drop(held);
         assert_eq!(is_running(tmp.path()), Some(false), "released with its holder");
-        assert!(lock_data_dir(tmp.path()).is_ok());
+        assert!(lock_data_dir(tmp.path(), &crate::settings::VmmSettings::default()).is_ok());
     }
 
     #[test]

@@ -126,8 +126,24 @@ pub fn tighten_dir(path: &Path) -> Result<Option<u32>, DurableError> {
     if mode & 0o077 == 0 {
         return Ok(None);
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE)).map_err(DurableError::io("restrict", path))?;
-    Ok(Some(mode))
+    restrict_dir(path, DIR_MODE, None)
+}
+
+/// Gives the existing directory `path` exactly `mode` (and the group
+/// `group`, when given); returns the mode it had when that was looser than
+/// `mode` (a bit `mode` lacks), `None` otherwise. A directory narrower than
+/// `mode` is widened to it without a word: that is the setting asking.
+pub fn restrict_dir(path: &Path, mode: u32, group: Option<u32>) -> Result<Option<u32>, DurableError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(DurableError::io("inspect", path))?;
+    let old = meta.permissions().mode() & 0o7777;
+    if let Some(gid) = group.filter(|g| *g != meta.gid()) {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(DurableError::io("change the group of", path))?;
+    }
+    if old != mode {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(DurableError::io("restrict", path))?;
+    }
+    Ok((old & !mode & 0o777 != 0).then_some(old))
 }
 
 /// Suffix of every temp file [`temp_path`] names.
@@ -683,5 +699,24 @@ mod tests {
         assert_eq!(mode(&data), 0o500);
         let err = tighten_dir(&dir.path().join("gone")).unwrap_err();
         assert!(err.to_string().contains("gone"), "{err}");
+    }
+
+    /// A data dir shared with VMM users: exactly the mode and group asked
+    /// for, a looser one reported, a narrower one widened silently.
+    #[test]
+    fn a_directory_is_given_exactly_its_mode_and_group() {
+        use std::os::unix::fs::MetadataExt;
+        let meta = |p: &Path| fs::metadata(p).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir(&data).unwrap();
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o755)).unwrap();
+        let group = nix::unistd::getegid().as_raw();
+        assert_eq!(restrict_dir(&data, 0o710, Some(group)).unwrap(), Some(0o755), "others could enter");
+        assert_eq!((meta(&data).mode() & 0o7777, meta(&data).gid()), (0o710, group));
+        assert_eq!(restrict_dir(&data, 0o710, Some(group)).unwrap(), None);
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(restrict_dir(&data, 0o710, None).unwrap(), None, "narrower: widened, nothing to warn of");
+        assert_eq!(meta(&data).mode() & 0o7777, 0o710);
     }
 }

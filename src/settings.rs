@@ -54,7 +54,8 @@ pub enum VmmUsers {
     /// As the daemon: root, with no sandbox (the behaviour before issue 11).
     Root,
     /// Each guest's VMM as its own uid from `uid_range` (gid the same
-    /// number), sandboxed: one VMM cannot reach another guest's files.
+    /// number), sandboxed: one VMM cannot reach another guest's files. The
+    /// default.
     PerInstance,
 }
 
@@ -76,7 +77,7 @@ const DEFAULT_VMM_GROUP: u32 = 69999;
 
 impl Default for VmmSettings {
     fn default() -> Self {
-        VmmSettings { users: VmmUsers::Root, uid_first: DEFAULT_VMM_UIDS.0, uid_last: DEFAULT_VMM_UIDS.1, group: DEFAULT_VMM_GROUP }
+        VmmSettings { users: VmmUsers::PerInstance, uid_first: DEFAULT_VMM_UIDS.0, uid_last: DEFAULT_VMM_UIDS.1, group: DEFAULT_VMM_GROUP }
     }
 }
 
@@ -1177,9 +1178,10 @@ mod tests {
 
     /// One input per distinct message, rendered into one snapshot.
     #[test]
-    fn vmm_users_default_to_root_and_parse() {
+    fn vmm_users_default_to_per_instance_and_parse() {
         assert_eq!(Settings::defaults().vmm, VmmSettings::default());
-        assert_eq!(VmmSettings::default().users, VmmUsers::Root);
+        assert_eq!(VmmSettings::default().users, VmmUsers::PerInstance);
+        assert_eq!(parse("[vmm]\nusers = \"root\"\n").unwrap().vmm.users, VmmUsers::Root);
         let s = parse("[vmm]\nusers = \"per-instance\"\nuid_range = \"300000 - 300009\"\ngroup = 299999\n").unwrap();
         assert_eq!(s.vmm, VmmSettings { users: VmmUsers::PerInstance, uid_first: 300000, uid_last: 300009, group: 299999 });
         assert_eq!(parse_uid_range("5-5"), Ok((5, 5)));

@@ -60,7 +60,7 @@ fn validate_reads_the_config_dir_from_the_environment() -> Result<()> {
 
 #[test]
 fn validate_prints_one_located_line_per_problem_and_fails() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     let instances = tmp.path().join("instances");
     std::fs::create_dir(&instances)?;
     std::fs::write(instances.join("ok.toml"), "image = \"busybox\"\n")?;
@@ -89,7 +89,7 @@ fn validate_prints_one_located_line_per_problem_and_fails() -> Result<()> {
 
 #[test]
 fn validate_fails_on_a_missing_config_dir() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     let missing = tmp.path().join("nope");
     let (code, _, err) = run(hypeman().arg("validate").arg("--config-dir").arg(&missing))?;
     assert_eq!(code, 1);
@@ -110,7 +110,7 @@ fn validate_fails_on_a_missing_config_dir() -> Result<()> {
 
 #[test]
 fn status_json_on_an_empty_data_dir_is_an_empty_array() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     let data = tmp.path().join("data");
     let (code, out, err) = run(hypeman()
         .args(["status", "--json", "--config-dir"])
@@ -155,7 +155,7 @@ fn names_in(status_json: &str) -> Result<Vec<String>> {
 
 #[test]
 fn data_dir_flag_beats_environment_beats_settings_file() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     let config = three_data_dirs(tmp.path())?;
     let status = || {
         let mut cmd = hypeman();
@@ -183,7 +183,7 @@ fn data_dir_flag_beats_environment_beats_settings_file() -> Result<()> {
 
 #[test]
 fn a_guest_whose_backend_is_missing_is_stopped_with_the_reason_not_a_failure() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     let config = three_data_dirs(tmp.path())?;
     let (code, out, err) = run(hypeman()
         .args(["status", "from-file", "--json", "--config-dir"])
@@ -223,7 +223,7 @@ fn a_guest_whose_backend_is_missing_is_stopped_with_the_reason_not_a_failure() -
 
 #[test]
 fn unknown_names_and_invalid_settings_fail_with_one_message() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     let data = tmp.path().join("data");
     let (code, out, err) = run(hypeman()
         .args(["status", "nope", "--config-dir"])
@@ -250,7 +250,7 @@ fn unknown_names_and_invalid_settings_fail_with_one_message() -> Result<()> {
 
 #[test]
 fn wait_times_out_with_the_last_state() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     std::fs::create_dir(tmp.path().join("instances"))?;
     std::fs::write(
         tmp.path().join("instances/web.toml"),
@@ -296,7 +296,7 @@ fn image_cache_commands() -> Result<()> {
     if !support::gate::tools(&["umoci", "/bin/busybox"]) {
         return Ok(());
     }
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     let t = tmp.path();
     let layout = t.join("oci");
     let sh = |args: &[&str]| -> Result<()> {
@@ -363,7 +363,7 @@ fn image_cache_commands() -> Result<()> {
 /// refused with one clear line; SIGTERM ends the first with status 0.
 #[test]
 fn a_daemon_logs_plain_text_and_a_second_one_is_refused() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = support::tempdir();
     std::fs::create_dir(tmp.path().join("instances"))?;
     std::fs::write(tmp.path().join("instances/idle.toml"), "image = \"busybox\"\nstate = \"stopped\"\n")?;
     std::fs::write(tmp.path().join("hypeman.toml"), "default_hypervisor = \"qemu\"\n")?;

@@ -101,7 +101,7 @@ struct World {
 impl World {
     fn new(kernel_dir: &Path, init: &Path) -> World {
         let ns = Netns::new();
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = support::tempdir();
         let network = format!("[network]\nbridge = \"{BRIDGE}\"\nsubnet = \"10.77.0.0/24\"\ndns = [\"{GATEWAY}\"]\n");
         let (config, data) = support::tcg_config_dir(tmp.path(), kernel_dir, init, &network);
         let image = support::busybox_image(

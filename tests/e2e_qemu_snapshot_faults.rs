@@ -41,6 +41,14 @@ fn world(kernel_dir: &Path, init: &Path) -> (World, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(bin.join("cat"), std::fs::Permissions::from_mode(0o755)).unwrap();
     w.path_first = Some(bin);
+    // The gate holds `exec:cat`, the snapshot writer of a root VMM; a
+    // sandboxed one (the default) streams into a descriptor the daemon
+    // opened, which nothing on PATH can hold. Its restore failures take
+    // the same path as here (`a_snapshot_qemu_refuses…` in root mode;
+    // `tests/e2e_vmm_user.rs` for the sandboxed standby and restore).
+    let settings = w.config.join("hypeman.toml");
+    let text = std::fs::read_to_string(&settings).unwrap();
+    std::fs::write(&settings, format!("{text}[vmm]\nusers = \"root\"\n")).unwrap();
     (w, gate)
 }
 
@@ -141,7 +149,7 @@ fn a_full_data_dir_during_standby_costs_the_guest_nothing() {
     }
     // Declared before `w`, so dropped after it: `w`'s drop ends the daemon
     // and every QEMU, and only then can the data dir be unmounted.
-    let fs_root = tempfile::tempdir().unwrap();
+    let fs_root = support::tempdir();
     let fs = LoopFs::new(fs_root.path(), 420);
     let (mut w, cat_gate) = world(&kernel_dir, &init);
     w.data = fs.mount.clone();

@@ -36,7 +36,7 @@ async fn pull_from_a_real_registry_then_serve_from_cache() {
     if !support::gate::tools(support::registry::TOOLS) {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = support::tempdir();
     let mut registry = Registry::start(tmp.path());
     let layout = tmp.path().join("layout");
 

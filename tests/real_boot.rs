@@ -115,7 +115,7 @@ fn prerequisites() -> Option<(PathBuf, PathBuf)> {
 /// Builds the initrd and disks and boots them under QEMU TCG microvm, as in
 /// reference/this-machine.md §3, until the guest powers off (or 60 s pass).
 fn boot(kernel_dir: &Path, init: &Path, config: &GuestConfig, overlay_formatted: bool) -> Boot {
-    let work_dir = tempfile::tempdir().expect("tempdir");
+    let work_dir = support::tempdir();
     let work = work_dir.path();
     let modules_dir = kernel_dir.join("lib/modules");
     let initrd = cached_initrd(&work.join("data"), init, Some(&modules_dir)).expect("initrd");

@@ -39,7 +39,7 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = support::tempdir();
         let config_dir = tmp.path().join("etc");
         std::fs::create_dir_all(config_dir.join("instances")).unwrap();
         let mut settings = Settings::defaults();

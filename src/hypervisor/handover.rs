@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
+    #[error("the VMM's user cannot open {}: {problem}; make it readable by others, or set [vmm] users = \"root\" in hypeman.toml", path.display())]
+    Unreachable { path: PathBuf, problem: String },
     #[error("cannot hand {} over to the VMM's user", path.display())]
     Apply {
         path: PathBuf,
@@ -45,7 +47,7 @@ pub struct Grant {
 }
 
 /// Directories on the way: search only.
-const DIR_SEARCH: u32 = 0o710;
+pub const DIR_SEARCH: u32 = 0o710;
 /// The guest directory: the VMM makes its sockets in it; sticky.
 const GUEST_DIR: u32 = 0o1770;
 const FILE_READ: u32 = 0o640;
@@ -95,6 +97,46 @@ pub fn grants(config: &VmConfig, guest_dir: &Path, user: &VmmUser) -> Vec<(PathB
     }
     // BTreeMap order puts every directory before what is inside it.
     out.into_iter().collect()
+}
+
+/// Why a user with no access of its own cannot reach `path` (a directory
+/// on the way without search for others, or `path` itself not readable
+/// by others when `read`), or `None` when it can. Reads the modes only
+/// (ACLs are not consulted: a stricter answer, never a wrong "yes").
+pub fn unreachable(path: &Path, read: bool) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o7777);
+    for dir in path.ancestors().skip(1).filter(|a| !a.as_os_str().is_empty()) {
+        match mode(dir) {
+            Ok(m) if m & 0o001 == 0 => return Some(format!("{} is {m:04o}, which others cannot pass through", dir.display())),
+            Ok(_) => {}
+            Err(e) => return Some(format!("{}: {e}", dir.display())),
+        }
+    }
+    match mode(path) {
+        Ok(m) if read && m & 0o004 == 0 => Some(format!("it is {m:04o}, which others cannot read")),
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// The boot files outside the data dir (the kernel, an initrd kept
+/// elsewhere) must be readable by any user: a VMM gets them as descriptors
+/// it reopens through `/proc/self/fd`, which skips their directories but
+/// not the file's own mode. The first that is not is the error, before a
+/// VMM fails on it.
+pub fn check_outside(config: &VmConfig, user: &VmmUser) -> Result<(), HandoverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let files = std::iter::once(config.kernel.as_path()).chain(config.initrd.as_deref());
+    for file in files.filter(|f| !f.starts_with(&user.data_dir)) {
+        let problem = match std::fs::metadata(file) {
+            Ok(m) if m.permissions().mode() & 0o004 != 0 => continue,
+            Ok(m) => format!("it is {:04o}, which others cannot read", m.permissions().mode() & 0o7777),
+            Err(e) => e.to_string(),
+        };
+        return Err(HandoverError::Unreachable { path: file.to_path_buf(), problem });
+    }
+    Ok(())
 }
 
 /// Sets each grant's group (owner kept) and mode on the path's own
@@ -224,5 +266,35 @@ mod tests {
         let err = apply(&[(link.clone(), Grant { gid: me, mode: 0o666, create: false })]).unwrap_err();
         assert!(err.to_string().contains("link"), "{err}");
         assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o7777, 0o660, "the target is untouched");
+    }
+
+    /// A kernel under a private directory, or one only root may read, is
+    /// named with the reason before a VMM fails on it.
+    #[test]
+    fn a_file_others_cannot_reach_is_named_with_the_reason() {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        set(tmp.path(), 0o755);
+        let dir = tmp.path().join("kernels");
+        std::fs::create_dir(&dir).unwrap();
+        let kernel = dir.join("vmlinuz");
+        std::fs::write(&kernel, b"k").unwrap();
+        set(&dir, 0o755);
+        set(&kernel, 0o644);
+        assert_eq!(unreachable(&kernel, true), None);
+        set(&kernel, 0o600);
+        assert_eq!(unreachable(&kernel, true).as_deref(), Some("it is 0600, which others cannot read"));
+        assert_eq!(unreachable(&kernel, false), None, "passing through is all a data dir needs");
+        set(&kernel, 0o644);
+        set(&dir, 0o700);
+        let problem = unreachable(&kernel, true).unwrap();
+        assert_eq!(problem, format!("{} is 0700, which others cannot pass through", dir.display()));
+        let user = VmmUser { uid: 70001, gid: 70001, groups: vec![69999], data_dir: "/d".into() };
+        let config = VmConfig { kernel: kernel.clone(), ..crate::hypervisor::conformance::bare_config() };
+        check_outside(&config, &user).expect("a readable kernel in a private directory goes by descriptor");
+        set(&kernel, 0o600);
+        let err = check_outside(&config, &user).unwrap_err();
+        assert!(err.to_string().contains(&kernel.display().to_string()) && err.to_string().contains("users = \"root\""), "{err}");
     }
 }

@@ -98,21 +98,28 @@ pub fn spawn_detached_as(
     stderr_log: &Path,
     user: Option<&super::VmmUser>,
 ) -> Result<ProcessId, ProcessError> {
-    spawn_detached_with(binary, args, stdout_log, stderr_log, user, None)
+    spawn_detached_with(binary, args, stdout_log, stderr_log, user, &[])
 }
 
-/// [`spawn_detached_as`], `pass` (a descriptor and the number the child
-/// finds it at) given to the child, such as its TAP.
+/// Where the child's copies of passed descriptors are parked before they
+/// are moved to their numbers: above any number a child is given, so no
+/// move overwrites a descriptor still to be moved.
+const PARK_FD_FROM: i32 = 1024;
+
+/// [`spawn_detached_as`], `pass` (descriptors and the numbers the child
+/// finds them at) given to the child, such as its TAP and its volumes.
 pub fn spawn_detached_with(
     binary: &Path,
     args: &[String],
     stdout_log: &Path,
     stderr_log: &Path,
     user: Option<&super::VmmUser>,
-    pass: Option<(std::os::fd::BorrowedFd<'_>, i32)>,
+    pass: &[(std::os::fd::BorrowedFd<'_>, i32)],
 ) -> Result<ProcessId, ProcessError> {
     use std::os::fd::AsRawFd;
-    let pass = pass.map(|(fd, at)| (fd.as_raw_fd(), at));
+    let pass: Vec<(i32, i32)> = pass.iter().map(|(fd, at)| (fd.as_raw_fd(), *at)).collect();
+    // Filled in the child; allocated here, as nothing may allocate there.
+    let mut parked: Vec<i32> = vec![-1; pass.len()];
     let open_log = |log: &Path| {
         crate::durable::private_file()
             .create(true)
@@ -135,15 +142,18 @@ pub fn spawn_detached_with(
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some((fd, at)) = pass {
-                // dup2 clears close-on-exec on `at`; the same number needs
-                // it cleared by hand.
-                let ok = if fd == at {
-                    libc::fcntl(fd, libc::F_SETFD, 0) == 0
-                } else {
-                    libc::dup2(fd, at) == at
-                };
-                if !ok {
+            // Parked first (close-on-exec copies, numbered above every
+            // target), then moved: a descriptor whose own number is another's
+            // target is never overwritten before it is moved. dup2 clears
+            // close-on-exec on the target.
+            for (slot, (fd, _)) in parked.iter_mut().zip(&pass) {
+                *slot = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, PARK_FD_FROM);
+                if *slot < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (parked, (_, at)) in parked.iter().zip(&pass) {
+                if libc::dup2(*parked, *at) != *at {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -375,6 +385,26 @@ mod tests {
         assert_eq!(field("Groups:").as_deref(), Some("69999"), "{status}");
         assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
         assert_eq!(field("NoNewPrivs:").as_deref(), Some("1"), "{status}");
+    }
+
+    /// Descriptors reach the child at their numbers, even when each one's
+    /// own number is the other's target (moved naively, the first move
+    /// would overwrite the second descriptor).
+    #[tokio::test]
+    async fn passed_descriptors_arrive_at_their_numbers_even_when_crossed() {
+        use std::os::fd::{AsFd, AsRawFd};
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, out) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("out.log"));
+        std::fs::write(&a, "from-a\n").unwrap();
+        std::fs::write(&b, "from-b\n").unwrap();
+        let (fa, fb) = (std::fs::File::open(&a).unwrap(), std::fs::File::open(&b).unwrap());
+        let (na, nb) = (fa.as_raw_fd(), fb.as_raw_fd());
+        // `a` goes to `b`'s number and `b` to `a`'s.
+        let script = format!("cat /proc/self/fd/{nb}; cat /proc/self/fd/{na}");
+        let pass = [(fa.as_fd(), nb), (fb.as_fd(), na)];
+        let id = spawn_detached_with(Path::new("sh"), &["-c".into(), script], &out, &out, None, &pass).unwrap();
+        assert!(wait_gone(id, Duration::from_secs(5)).await);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "from-a\nfrom-b\n");
     }
 
     #[test]

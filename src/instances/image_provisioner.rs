@@ -324,7 +324,13 @@ impl Provisioner for ImageProvisioner {
         })
         .await
         .map_err(|e| ProvisionError::Other(format!("provisioning task failed: {e}")))??;
-        let user = super::vmm_users::vmm_user(&self.settings, meta);
+        // Passthrough devices stay with a root VMM: `/dev/vfio/N` is root's,
+        // and their DMA mappings pin all guest RAM (RLIMIT_MEMLOCK), which
+        // an unprivileged VMM is not granted.
+        let user = match spec.devices.is_empty() {
+            true => super::vmm_users::vmm_user(&self.settings, meta),
+            false => None,
+        };
         let net = match lease {
             Some(lease) => {
                 self.settle(self.ensure_tap_for(&lease.tap, user.as_ref()).await)?;

@@ -81,6 +81,7 @@ mod tests {
     #[test]
     fn root_mode_has_no_user_and_per_instance_the_recorded_uid() {
         let mut settings = Settings::defaults();
+        settings.vmm.users = VmmUsers::Root;
         let mut meta = Metadata::new(ulid::Ulid::new(), "web", crate::hypervisor::HypervisorKind::Qemu);
         meta.vmm_uid = Some(70003);
         assert_eq!(vmm_user(&settings, &meta), None);

@@ -45,7 +45,7 @@ impl World {
     /// gets that temp dir and returns the settings (`hypeman.toml`) and the
     /// image to declare.
     pub fn new(socket: &'static str, setup: impl FnOnce(&Path) -> (String, String)) -> World {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = super::tempdir();
         let config = tmp.path().join("etc");
         let data = tmp.path().join("data");
         std::fs::create_dir_all(config.join("instances")).unwrap();

@@ -17,6 +17,16 @@ pub mod upgrade;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// A temp dir for a test's config and data dirs that VMM users may pass
+/// through (`0711`): VMMs run as their own users by default, and the daemon
+/// refuses a data dir they cannot reach (a fresh temp dir is `0700`).
+pub fn tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod the temp dir");
+    tmp
+}
+
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -55,6 +55,69 @@ pub struct LaunchPaths {
 /// The descriptor a per-instance VMM finds its TAP at.
 pub const TAP_FD: i32 = 3;
 
+/// Where a per-instance VMM finds its kernel (and an initrd kept outside the
+/// data dir), opened by the daemon, when the file lies outside the data dir:
+/// QEMU reads `-kernel /proc/self/fd/N`, a path that reaches the file
+/// without passing through its directories (which may be private: a
+/// checkout under a `0700` home); only the file's own mode still counts.
+pub const KERNEL_FD: i32 = 4;
+pub const INITRD_FD: i32 = 5;
+
+/// The boot files of `config` a VMM that is not root gets by descriptor,
+/// with the number each is at.
+pub fn boot_files_by_descriptor(config: &VmConfig) -> Vec<(PathBuf, i32)> {
+    let Some(user) = &config.user else { return Vec::new() };
+    std::iter::once((config.kernel.clone(), KERNEL_FD))
+        .chain(config.initrd.clone().map(|i| (i, INITRD_FD)))
+        .filter(|(p, _)| !p.starts_with(&user.data_dir))
+        .collect()
+}
+
+/// The path QEMU is told for `file`: its descriptor's when it is passed one.
+fn boot_file(config: &VmConfig, file: &std::path::Path) -> String {
+    match boot_files_by_descriptor(config).into_iter().find(|(p, _)| p == file) {
+        Some((_, fd)) => format!("/proc/self/fd/{fd}"),
+        None => file.display().to_string(),
+    }
+}
+
+/// Where a per-instance VMM finds the descriptors of its disks outside the
+/// data dir (volumes): disk `i` read-write at `DISK_FD_BASE + 2i`, read-only
+/// at `+ 1`. Numbered by the disk's place, so a restore's argv is the same.
+pub const DISK_FD_BASE: i32 = 10;
+
+/// A disk a VMM that is not root gets as descriptors the daemon opened,
+/// rather than a path it would have to reach: everything outside the data
+/// dir (a volume's directories are the user's, and may well be private).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskFds {
+    /// The disk's place in `VmConfig::disks`.
+    pub index: usize,
+    /// Opened read-write at this number; `None` for a read-only disk.
+    pub read_write: Option<i32>,
+    /// Opened read-only at this number: QEMU dups the descriptor of the
+    /// set whose access mode matches each open it makes.
+    pub read_only: i32,
+    /// The fdset both are added to (`/dev/fdset/N` is the drive's file).
+    pub set: i32,
+}
+
+/// The disks of `config` passed by descriptor, and at which numbers; none
+/// for a root VMM.
+pub fn disks_by_descriptor(config: &VmConfig) -> Vec<DiskFds> {
+    let Some(user) = &config.user else { return Vec::new() };
+    config
+        .disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.path.starts_with(&user.data_dir))
+        .map(|(index, d)| {
+            let base = DISK_FD_BASE + 2 * index as i32;
+            DiskFds { index, read_write: (!d.readonly).then_some(base), read_only: base + 1, set: base }
+        })
+        .collect()
+}
+
 /// `-sandbox` for a VMM that runs as its own user (issue 11).
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
@@ -76,8 +139,12 @@ fn opt(value: &std::path::Path) -> String {
     value.display().to_string().replace(',', ",,")
 }
 
-fn drive(disk: &DiskConfig) -> String {
-    let mut s = format!("id={},file={},format=raw,if=none", disk.id, opt(&disk.path));
+fn drive(disk: &DiskConfig, fds: Option<&DiskFds>) -> String {
+    let file = match fds {
+        Some(f) => format!("/dev/fdset/{}", f.set),
+        None => opt(&disk.path),
+    };
+    let mut s = format!("id={},file={file},format=raw,if=none", disk.id);
     if disk.readonly {
         s.push_str(",readonly=on");
     } else {
@@ -135,9 +202,9 @@ pub fn argv(
         // (`fd:` migration), not through `exec:cat`.
         push(&["-sandbox", SANDBOX]);
     }
-    push(&["-kernel", &config.kernel.display().to_string()]);
+    push(&["-kernel", &boot_file(config, &config.kernel)]);
     if let Some(initrd) = &config.initrd {
-        push(&["-initrd", &initrd.display().to_string()]);
+        push(&["-initrd", &boot_file(config, initrd)]);
     }
     let mut cmdline = config.cmdline.clone();
     let mut arg = |s: String| {
@@ -194,8 +261,14 @@ pub fn argv(
         Machine::Microvm => ("virtio-blk-device", "virtio-net-device"),
         Machine::Q35 => ("virtio-blk-pci", "virtio-net-pci"),
     };
-    for disk in &config.disks {
-        push(&["-drive", &drive(disk)]);
+    let by_fd = disks_by_descriptor(config);
+    for f in &by_fd {
+        for fd in f.read_write.into_iter().chain([f.read_only]) {
+            push(&["-add-fd", &format!("fd={fd},set={}", f.set)]);
+        }
+    }
+    for (index, disk) in config.disks.iter().enumerate() {
+        push(&["-drive", &drive(disk, by_fd.iter().find(|f| f.index == index))]);
         push(&["-device", &format!("{blk},drive={id},serial={id}", id = disk.id)]);
     }
     if let Some(net) = &config.net {
@@ -339,6 +412,36 @@ mod tests {
         assert_eq!(args[at + 1], "tap,id=net0,fd=3,vhost=off");
         let root = argv(&with_net(config()), &paths(), Accelerator::Tcg, None, false, false);
         assert!(!root.iter().any(|a| a == "-sandbox"), "a root VMM as before");
+    }
+
+    /// A volume outside the data dir reaches a VMM that is not root as
+    /// descriptors in an fdset (its directories may be private); the
+    /// disks under the data dir keep their paths (granted by group).
+    #[test]
+    fn a_vmm_user_gets_its_volumes_by_descriptor() {
+        let mut c = config();
+        let disk = |id: &str, path: &str, readonly: bool| DiskConfig { id: id.into(), path: path.into(), readonly, limit: Default::default() };
+        c.disks = vec![disk("rootfs", "/d/images/x/rootfs.erofs", true), disk("vol0", "/srv/data.raw", false), disk("vol1", "/srv/ro.raw", true)];
+        c.user = Some(crate::hypervisor::VmmUser { uid: 70001, gid: 70001, groups: vec![69999], data_dir: "/d".into() });
+        assert_eq!(
+            disks_by_descriptor(&c),
+            vec![
+                DiskFds { index: 1, read_write: Some(12), read_only: 13, set: 12 },
+                DiskFds { index: 2, read_write: None, read_only: 15, set: 14 },
+            ]
+        );
+        let args = argv(&c, &paths(), Accelerator::Tcg, None, false, false);
+        let values = |flag: &str| args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect::<Vec<_>>();
+        assert_eq!(values("-add-fd"), ["fd=12,set=12", "fd=13,set=12", "fd=15,set=14"]);
+        let drives = values("-drive");
+        assert!(drives[0].starts_with("id=rootfs,file=/d/images/x/rootfs.erofs,"), "{drives:?}");
+        assert!(drives[1].starts_with("id=vol0,file=/dev/fdset/12,") && drives[1].contains("discard=unmap"), "{drives:?}");
+        assert!(drives[2].starts_with("id=vol1,file=/dev/fdset/14,") && drives[2].contains("readonly=on"), "{drives:?}");
+        let at = args.iter().position(|a| a == "-kernel").unwrap();
+        assert_eq!(args[at + 1], "/proc/self/fd/4", "the kernel lies outside the data dir");
+        c.user = None;
+        assert!(disks_by_descriptor(&c).is_empty(), "a root VMM opens every disk by path");
+        assert!(boot_files_by_descriptor(&c).is_empty());
     }
 
     #[test]

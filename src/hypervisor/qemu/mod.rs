@@ -131,6 +131,12 @@ pub enum QemuError {
     },
     #[error("cannot hand the VM's files over to its VMM user")]
     Handover(#[source] super::handover::HandoverError),
+    #[error("cannot open the disk {path} for the VMM")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What a VM was launched with: persisted in the guest directory at create
@@ -324,6 +330,7 @@ impl QemuBackend {
         let version = self.version().await.ok();
         let log_start = process::log_end(&guest.vmm_log);
         if let Some(user) = &config.user {
+            super::handover::check_outside(config, user).map_err(|e| backend(op)(QemuError::Handover(e)))?;
             let grants = super::handover::grants(config, &guest.guest_dir, user);
             super::handover::apply(&grants).map_err(|e| backend(op)(QemuError::Handover(e)))?;
         }
@@ -336,11 +343,18 @@ impl QemuBackend {
             }
             _ => None,
         };
+        let disks = open_disks_by_descriptor(config).map_err(backend(op))?;
         use std::os::fd::AsFd;
-        let pass = tap.as_ref().map(|t| (t.as_fd(), argv::TAP_FD));
-        let id = process::spawn_detached_with(&self.binary, args, &guest.vmm_log, &guest.vmm_log, config.user.as_ref(), pass)
+        let pass: Vec<_> = tap
+            .as_ref()
+            .map(|t| (t.as_fd(), argv::TAP_FD))
+            .into_iter()
+            .chain(disks.iter().map(|(file, at)| (file.as_fd(), *at)))
+            .collect();
+        let id = process::spawn_detached_with(&self.binary, args, &guest.vmm_log, &guest.vmm_log, config.user.as_ref(), &pass)
             .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: e.into_io() })?;
-        drop(tap);
+        drop(pass);
+        drop((tap, disks));
         let handle = VmmHandle { pid: id.pid, pid_start_time: id.start_time, socket: guest.socket.clone(), version };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -410,6 +424,33 @@ impl QemuBackend {
         }
         Ok(())
     }
+}
+
+/// Opens the boot files and disks a VMM that is not root gets by
+/// descriptor (see [`argv::boot_files_by_descriptor`] and
+/// [`argv::disks_by_descriptor`]), each at the number the command line
+/// names. Opened by the daemon, which may reach them; never created.
+fn open_disks_by_descriptor(config: &VmConfig) -> Result<Vec<(std::fs::File, i32)>, QemuError> {
+    let mut out = Vec::new();
+    for (path, at) in argv::boot_files_by_descriptor(config) {
+        let file = std::fs::File::open(&path).map_err(|source| QemuError::Disk { path: path.clone(), source })?;
+        out.push((file, at));
+    }
+    for f in argv::disks_by_descriptor(config) {
+        let path = &config.disks[f.index].path;
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)
+                .map_err(|source| QemuError::Disk { path: path.clone(), source })
+        };
+        if let Some(at) = f.read_write {
+            out.push((open(true)?, at));
+        }
+        out.push((open(false)?, f.read_only));
+    }
+    Ok(out)
 }
 
 #[async_trait]
