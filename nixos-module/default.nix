@@ -437,7 +437,10 @@ in
       }
       // lib.optionalAttrs (lib.hasPrefix "/var/lib/" cfg.dataDir) {
         StateDirectory = lib.removePrefix "/var/lib/" cfg.dataDir;
-        StateDirectoryMode = "0700";
+        # What the daemon sets at start too: 0710 to the VMMs' shared group
+        # while VMMs run as their own users (they pass through it to their
+        # guest's directory), 0700 with `[vmm] users = "root"`.
+        StateDirectoryMode = if ((cfg.settings.vmm or { }).users or "per-instance") == "root" then "0700" else "0710";
       };
     };
   };

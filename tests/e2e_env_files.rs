@@ -139,7 +139,11 @@ fn env_file_values_reach_the_app_and_nothing_else() {
     let disk = std::fs::read(dir.join("config.erofs")).unwrap();
     assert!(contains(&disk, FILE_MARKER), "the config disk carries the value to the guest (the search can find it)");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&dir.join("config.erofs")), 0o600, "the config disk");
+    // Readable by its own VMM's gid only (VMMs run as their own users).
+    use std::os::unix::fs::MetadataExt;
+    let config_gid = std::fs::metadata(dir.join("config.erofs")).unwrap().gid();
+    assert_eq!(mode(&dir.join("config.erofs")), 0o640, "the config disk");
+    assert!((70000..=70999).contains(&config_gid), "the config disk's group is its VMM's own, not {config_gid}");
     assert!(!dir.join("config.json").exists(), "no plaintext copy of the config");
     let meta = std::fs::read_to_string(dir.join("metadata.json")).unwrap();
     assert!(meta.contains(&*first.to_string_lossy()) && meta.contains("sha256:"), "the record keeps paths and a digest:\n{meta}");

@@ -359,8 +359,11 @@ fn a_daemon_killed_with_its_qemu_mid_snapshot_boots_nothing_in_its_place() {
     assert!(!w.vmm_running());
     assert_eq!(hypeman_log(&w).matches("create VM (from").count(), 1, "no VM booted in its place");
 
+    // It is Stopped already, so `wait` returns at once: the daemon must
+    // have answered the loss (its ForgetExit step) before the next edit,
+    // or it never sees the stopped declaration at all.
     w.declare("stopped");
-    w.wait("Stopped");
+    wait_until(30, "the loss answered", || hypeman_log(&w).contains("forget the last exit"));
     w.declare("standby");
     w.wait("Standby");
     assert_eq!(hypeman_log(&w).matches("create VM (from").count(), 2, "booted anew once asked");

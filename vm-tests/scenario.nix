@@ -87,6 +87,16 @@ in
           machine.wait_until_succeeds("hypeman logs counter | grep -q 'COUNTER 3'", timeout=120)
           assert len(vmm_pids()) == 1, f"expected one VMM, found {vmm_pids()}"
 
+      with subtest("the VMM runs as its own user, sandboxed (issue 11)"):
+          pid = vmm_pids()[0]
+          proc = machine.succeed(f"cat /proc/{pid}/status")
+          uid = int(re.search(r"^Uid:\s+(\d+)", proc, re.M).group(1))
+          assert 70000 <= uid <= 70999, f"VMM uid {uid}, expected one of [vmm] uid_range"
+          assert re.search(r"^Seccomp:\s+2", proc, re.M), f"no seccomp filter:\n{proc}"
+          assert re.search(r"^CapEff:\s+0+$", proc, re.M), f"the VMM has capabilities:\n{proc}"
+          mode = machine.succeed("stat -c '%a %g' /var/lib/hypeman").split()
+          assert mode == ["710", "69999"], f"data dir {mode}"
+
       with subtest("standby: a snapshot on disk and no VMM"):
           machine.succeed(STANDBY)
           machine.succeed("hypeman wait counter --state Standby --timeout 180s")

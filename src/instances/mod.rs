@@ -86,8 +86,6 @@ pub enum InstanceError {
     Network(#[from] crate::network::NetworkError),
     #[error("cannot hand out a network address while {0} guest record(s) cannot be read: they may hold addresses")]
     UnreadableLeases(usize),
-    #[error("cannot pick a VMM uid while {0} guest record(s) cannot be read: they may hold uids")]
-    UnreadableVmmUids(usize),
     #[error("every VMM uid of uid_range {first}-{last} is taken; widen [vmm] uid_range")]
     VmmUidsExhausted { first: u32, last: u32 },
     #[error("cannot prune caches while {0} guest record(s) cannot be read: their VMs may need any entry")]
@@ -150,7 +148,6 @@ impl InstanceError {
             InstanceError::Store(_)
             | InstanceError::Network(_)
             | InstanceError::UnreadableLeases(_)
-            | InstanceError::UnreadableVmmUids(_)
             | InstanceError::VmmUidsExhausted { .. }
             | InstanceError::UnreadableGuests(_)
             | InstanceError::UnreadableLaunch(_)

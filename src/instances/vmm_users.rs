@@ -38,6 +38,23 @@ pub fn vmm_user(settings: &Settings, meta: &Metadata) -> Option<VmmUser> {
     }
 }
 
+/// Uids a damaged record may hold, from what it leaves outside its
+/// record: the group of each guest directory in `dirs` (set to the VMM's
+/// gid, which is its uid, at every launch: `hypervisor::handover`) and the
+/// real uid of every live process (a VMM running now).
+fn uids_in_use_on_the_host(dirs: &[std::path::PathBuf]) -> BTreeSet<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let mut uids: BTreeSet<u32> = dirs.iter().filter_map(|d| std::fs::metadata(d).ok()).map(|m| m.gid()).collect();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        let pids = procs.flatten().filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()));
+        // The real uid from `status` (the directory's owner follows
+        // dumpability, which is not the uid).
+        let real_uid = |status: String| status.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse::<u32>().ok());
+        uids.extend(pids.filter_map(|p| std::fs::read_to_string(p.path().join("status")).ok()).filter_map(real_uid));
+    }
+    uids
+}
+
 impl Instances {
     /// Gives the guest its VMM uid when VMMs run per instance, recorded
     /// before returning.
@@ -51,10 +68,27 @@ impl Instances {
         }
         let _held = self.vmm_uids.lock().await;
         let listing = self.blocking(|store: &crate::store::Store| store.list()).await?;
+        let mut taken: BTreeSet<u32> = listing.guests.iter().filter(|g| g.id != meta.id).filter_map(|g| g.vmm_uid).collect();
         if !listing.unreadable.is_empty() {
-            return Err(InstanceError::UnreadableVmmUids(listing.unreadable.len()));
+            // A damaged record's uid is not lost with it: its guest directory
+            // carries it as its group from its first launch on, and a live
+            // VMM shows it as its uid. One damaged record must not keep every
+            // new guest from starting, as refusing all picks would.
+            let range = vmm.uid_first..=vmm.uid_last;
+            let dirs: Vec<std::path::PathBuf> = listing
+                .unreadable
+                .iter()
+                .filter_map(|u| u.id)
+                .map(|id| self.store.guest_paths(id).dir)
+                .collect();
+            let found = self.run_blocking(move || uids_in_use_on_the_host(&dirs)).await?;
+            taken.extend(found.into_iter().filter(|u| range.contains(u)));
+            tracing::warn!(
+                instance = %meta.name,
+                unreadable = listing.unreadable.len(),
+                "picking a VMM uid while some guest records cannot be read: their uids are taken from their directories' groups and the live VMMs"
+            );
         }
-        let taken: BTreeSet<u32> = listing.guests.iter().filter(|g| g.id != meta.id).filter_map(|g| g.vmm_uid).collect();
         let uid = pick_uid(vmm.uid_first, vmm.uid_last, meta.vmm_uid, &taken)
             .ok_or(InstanceError::VmmUidsExhausted { first: vmm.uid_first, last: vmm.uid_last })?;
         meta.vmm_uid = Some(uid);
@@ -90,5 +124,17 @@ mod tests {
         assert_eq!((user.uid, user.gid, user.groups[0]), (70003, 70003, settings.vmm.group));
         meta.vmm_uid = None;
         assert_eq!(vmm_user(&settings, &meta), None, "no uid recorded yet: nothing to run as");
+    }
+
+    /// What a damaged record leaves: its directory's group, and a live
+    /// process's real uid (this test's own).
+    #[test]
+    fn uids_are_found_in_guest_directories_and_live_processes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let gid = std::fs::metadata(dir.path()).unwrap().gid();
+        let found = uids_in_use_on_the_host(&[dir.path().to_path_buf(), dir.path().join("gone")]);
+        assert!(found.contains(&gid), "{found:?}");
+        assert!(found.contains(&nix::unistd::getuid().as_raw()), "{found:?}");
     }
 }
