@@ -23,7 +23,7 @@ struct Guest {
 
 impl Guest {
     fn new(env: &[(&str, &str)]) -> Guest {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = support::tempdir();
         let dir = tmp.path().join("g");
         std::fs::create_dir_all(dir.join("logs")).unwrap();
         let binary = support::fake_ch::wrapper(tmp.path(), env);
@@ -446,6 +446,83 @@ async fn networking_needs_v49() {
     let cfg = VmConfig { net: Some(net), ..g.config(0) };
     let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
     g.backend.shutdown_vmm(&h).await.unwrap();
+}
+
+/// A VMM of its own user (issue 11): spawned as it with `--seccomp true`,
+/// its TAP sent as a descriptor with `vm.add-net` and again with
+/// `vm.restore`, a kernel and a volume outside the data dir (in private
+/// directories, the volume root's `0600`) reopened through
+/// `/proc/self/fd`, the snapshot written by the VMM itself. Root only (the
+/// daemon's case: it makes TAPs and spawns as other users).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_of_its_own_user_gets_its_tap_kernel_and_volume_by_descriptor() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !support::gate::capability("root (TAPs, VMMs as other users)", nix::unistd::geteuid().is_root()) {
+        return;
+    }
+    let g = Guest::new(&[]);
+    let data_dir = g.dir.parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let private = tempfile::tempdir().unwrap();
+    let kernel = private.path().join("vmlinuz");
+    std::fs::write(&kernel, "kernel").unwrap();
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let volume = private.path().join("data.raw");
+    std::fs::write(&volume, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let tap = format!("hmt{}", std::process::id() % 1_000_000);
+    support::run_ok(std::process::Command::new("ip").args(["tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr"]));
+    struct Tap(String);
+    impl Drop for Tap {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let _tap = Tap(tap.clone());
+    let uid = 70_900;
+    let mut cfg = g.config(0);
+    cfg.kernel = kernel.clone();
+    cfg.disks.push(DiskConfig { id: "vol0".into(), path: volume.clone(), readonly: false, limit: IoLimit::default() });
+    cfg.net = Some(hypeman::hypervisor::NetConfig {
+        tap: tap.clone(),
+        mac: "02:00:00:00:00:09".into(),
+        limit_down: IoLimit::default(),
+        limit_up: IoLimit::default(),
+    });
+    cfg.user = Some(hypeman::hypervisor::VmmUser { uid, gid: uid, groups: vec![69_999], data_dir: data_dir.clone() });
+
+    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid)).unwrap();
+    let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.split_whitespace().next().unwrap_or("").to_string());
+    assert_eq!(field("Uid:").as_deref(), Some("70900"), "{status}");
+    assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", h.pid)).unwrap().replace('\0', " ");
+    assert!(cmdline.contains("--seccomp true"), "{cmdline}");
+    let log = g.vmm_log();
+    assert!(log.contains(&format!("PUT /api/v1/vm.add-net -> 204 fds=[{tap}]")), "the TAP went as a descriptor:\n{log}");
+    let vm = std::fs::metadata(&volume).unwrap();
+    assert_eq!((vm.gid(), vm.mode() & 0o777), (uid, 0o660), "the volume joined the VMM's own group, its owner kept");
+    g.backend.boot(&h).await.unwrap();
+    g.wait_counter_above(2);
+
+    g.backend.pause(&h).await.unwrap();
+    let snap = g.dir.join("snap");
+    std::fs::create_dir(&snap).unwrap();
+    std::fs::set_permissions(&snap, std::fs::Permissions::from_mode(0o700)).unwrap();
+    g.backend.snapshot(&h, &snap).await.unwrap();
+    let written = std::fs::metadata(snap.join("state.json")).unwrap();
+    assert_eq!(written.uid(), uid, "written by the VMM itself");
+    let last = *g.counters().last().unwrap();
+    g.backend.shutdown_vmm(&h).await.unwrap();
+
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    let log = g.vmm_log();
+    assert!(log.contains(&format!("PUT /api/v1/vm.restore -> 204 fds=[{tap}]")), "the TAP went with the restore:\n{log}");
+    g.backend.resume(&h2).await.unwrap();
+    g.wait_counter_above(last);
+    assert!(support::fake_ch::violations(&g.dir.join("logs/vmm.log")).is_empty(), "{}", g.vmm_log());
+    g.backend.power_off(&h2).await.unwrap();
+    assert!(process::wait_gone(h2.process_id(), Duration::from_secs(5)).await);
 }
 
 #[test]

@@ -165,10 +165,10 @@ async fn a_vm_lives_through_create_resize_snapshot_restore_and_shutdown() {
     // prefaults from then on and refuses snapshots meanwhile.
     let (server2, client2) = b.server("ch2.sock", Options { prefault: Duration::from_secs(3600), ..v(53) });
     let body = config::restore_config(&snap, Some(MemoryRestoreMode::OnDemand));
-    client2.restore(&body).await.unwrap();
+    client2.restore(&body, &[]).await.unwrap();
     let info = client2.info().await.unwrap();
     assert_eq!((info.state, info.memory_actual_size), (api::VmState::Paused, Some(512 << 20)));
-    assert!(client2.restore(&body).await.is_err(), "restore only into an empty VMM");
+    assert!(client2.restore(&body, &[]).await.is_err(), "restore only into an empty VMM");
     let snap2 = b.path("snap2");
     std::fs::create_dir(&snap2).unwrap();
     let busy = client2.snapshot(&snap2).await.unwrap_err();
@@ -227,10 +227,10 @@ async fn old_servers_get_no_restore_mode_and_the_fake_would_refuse_one() {
     let (server, client) = b.server("v49.sock", v(49));
     let dir = b.path("nothing");
     std::fs::create_dir(&dir).unwrap();
-    let e = client.restore(&config::restore_config(&dir, Some(MemoryRestoreMode::Copy))).await.unwrap_err();
+    let e = client.restore(&config::restore_config(&dir, Some(MemoryRestoreMode::Copy)), &[]).await.unwrap_err();
     assert_eq!(refused(&e), (400, vec!["Error from API".into(), "The VM could not be restored".into(), "unknown field `memory_restore_mode`".into()]));
     // What hypeman sends a v49 server: the bare source URL.
-    let e = client.restore(&config::restore_config(&dir, None)).await.unwrap_err();
+    let e = client.restore(&config::restore_config(&dir, None), &[]).await.unwrap_err();
     assert!(refused(&e).1[2].starts_with("Error reading config.json"), "{e}");
     assert_clean(&server);
 }
@@ -240,7 +240,7 @@ async fn on_demand_restore_without_userfaultfd_is_refused() {
     let b = Bench::new();
     let (server, client) = b.server("uffd.sock", Options { userfaultfd: false, ..v(53) });
     std::fs::create_dir(b.path("x")).unwrap();
-    let e = client.restore(&config::restore_config(&b.path("x"), Some(MemoryRestoreMode::OnDemand))).await.unwrap_err();
+    let e = client.restore(&config::restore_config(&b.path("x"), Some(MemoryRestoreMode::OnDemand)), &[]).await.unwrap_err();
     assert!(refused(&e).1[2].contains("userfaultfd"), "{e}");
     assert_eq!(server.with_vmm(|v| v.state()), None, "a refused restore leaves the VMM empty");
     assert_clean(&server);
@@ -693,7 +693,7 @@ async fn a_snapshot_right_after_an_on_demand_restore_waits_for_the_prefault() {
     let b = Bench::new();
     let snap = b.snapshot("snap").await;
     let (server, client) = b.server("wait.sock", Options { prefault: Duration::from_millis(500), ..v(53) });
-    client.restore(&config::restore_config(&snap, Some(MemoryRestoreMode::OnDemand))).await.unwrap();
+    client.restore(&config::restore_config(&snap, Some(MemoryRestoreMode::OnDemand)), &[]).await.unwrap();
     let t0 = Instant::now();
     let dir = b.path("again");
     std::fs::create_dir(&dir).unwrap();
@@ -713,7 +713,7 @@ async fn a_prefault_that_never_ends_fails_the_snapshot_clearly() {
     let b = Bench::new();
     let snap = b.snapshot("snap").await;
     let (server, client) = b.server("never.sock", Options { prefault: Duration::from_secs(3600), ..v(53) });
-    client.restore(&config::restore_config(&snap, Some(MemoryRestoreMode::OnDemand))).await.unwrap();
+    client.restore(&config::restore_config(&snap, Some(MemoryRestoreMode::OnDemand)), &[]).await.unwrap();
     let dir = b.path("again");
     std::fs::create_dir(&dir).unwrap();
     let t0 = Instant::now();

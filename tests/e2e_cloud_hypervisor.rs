@@ -57,12 +57,22 @@ fn world(env: &[(&str, &str)]) -> World {
         assert!(support::which(tool), "{tool} is not installed (see scripts/setup.sh)");
     }
     World::new("ch.sock", |tmp| {
-        let audit = tmp.join("audit.log").display().to_string();
+        let audit = shared_audit_log(tmp);
         let mut env: Vec<(&str, &str)> = env.to_vec();
         env.push(("FAKE_CH_AUDIT_LOG", &audit));
         let settings = support::fake_ch::daemon_settings(tmp, &env);
         (settings, tiny_image(tmp))
     })
+}
+
+/// The file every fake VMM appends its log lines to, made writable by
+/// anyone first: the VMMs run as their own users.
+fn shared_audit_log(tmp: &std::path::Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = tmp.join("audit.log");
+    std::fs::write(&path, "").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    path.display().to_string()
 }
 
 fn audit(w: &World) -> Vec<String> {
@@ -150,7 +160,7 @@ fn a_snapshot_from_another_version_cold_boots() {
     w.declare("standby");
     w.wait("Standby");
     w.stop_daemon();
-    let audit_log = w.tmp.path().join("audit.log").display().to_string();
+    let audit_log = shared_audit_log(w.tmp.path());
     support::fake_ch::wrapper(w.tmp.path(), &[("FAKE_CH_VERSION", "54.0.0"), ("FAKE_CH_AUDIT_LOG", &audit_log)]);
     w.start();
     w.declare("running");

@@ -152,16 +152,73 @@ pub fn apply(grants: &[(PathBuf, Grant)]) -> Result<(), HandoverError> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
             .map_err(err)?;
-        // SAFETY: plain syscalls on a descriptor this function owns.
-        if unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, grant.gid) } != 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: as above.
-        if unsafe { libc::fchmod(file.as_raw_fd(), grant.mode) } != 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
+        set_group_and_mode(&file, path, *grant)?;
     }
     Ok(())
+}
+
+/// `grant`'s group (owner kept) and mode on `file`'s own descriptor.
+fn set_group_and_mode(file: &std::fs::File, path: &Path, grant: Grant) -> Result<(), HandoverError> {
+    let err = |source| HandoverError::Apply { path: path.to_path_buf(), source };
+    // SAFETY: plain syscalls on a descriptor the caller holds open.
+    if unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, grant.gid) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fchmod(file.as_raw_fd(), grant.mode) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// A volume outside the data dir, for a VMM that reopens it through
+/// `/proc/self/fd` (Cloud Hypervisor takes disks by path only): the file
+/// joins the VMM's own group with read (and write) for the group; the
+/// owner and what others may do are kept. QEMU needs none of this: it is
+/// handed the descriptor itself.
+pub fn grant_volume(path: &Path, user: &VmmUser, write: bool) -> Result<(), HandoverError> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| HandoverError::Apply { path: path.to_path_buf(), source })?;
+    let mode = file.metadata().map_err(|source| HandoverError::Apply { path: path.to_path_buf(), source })?.permissions().mode() & 0o7777;
+    let group = if write { 0o060 } else { 0o040 };
+    set_group_and_mode(&file, path, Grant { gid: user.gid, mode: (mode & !0o070) | group, create: false })
+}
+
+/// The snapshot in `dir`, for a VMM of `user` to restore from: it reads the
+/// files by name, and a snapshot taken while VMMs ran as root is root's
+/// `0600`. The directory gets the VMM's gid with read and search
+/// (`0750`), every file in it read (`0640`). Nothing for a root VMM.
+pub fn open_snapshot(dir: &Path, user: Option<&VmmUser>) -> Result<(), HandoverError> {
+    let Some(user) = user else { return Ok(()) };
+    let err = |source| HandoverError::Apply { path: dir.to_path_buf(), source };
+    let mut grants = vec![(dir.to_path_buf(), Grant { gid: user.gid, mode: 0o750, create: false })];
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        if entry.file_type().map_err(err)?.is_file() {
+            grants.push((entry.path(), Grant { gid: user.gid, mode: FILE_READ, create: false }));
+        }
+    }
+    apply(&grants)
+}
+
+/// The empty directory `dir` a VMM of `user` writes its snapshot into
+/// (Cloud Hypervisor writes the files itself; they are then its uid's, in
+/// its own guest's directory): writable by the VMM's gid, and the
+/// directories between it and `guest_dir` searchable.
+pub fn writable_snapshot_dir(dir: &Path, guest_dir: &Path, user: &VmmUser) -> Result<(), HandoverError> {
+    let mut grants: Vec<(PathBuf, Grant)> = dir
+        .ancestors()
+        .skip(1)
+        .take_while(|a| a.starts_with(guest_dir) && *a != guest_dir)
+        .map(|a| (a.to_path_buf(), Grant { gid: user.gid, mode: DIR_SEARCH, create: false }))
+        .collect();
+    grants.reverse();
+    grants.push((dir.to_path_buf(), Grant { gid: user.gid, mode: 0o770, create: false }));
+    apply(&grants)
 }
 
 /// A descriptor attached to the existing TAP `name`, for a VMM that may not

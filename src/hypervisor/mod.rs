@@ -12,6 +12,7 @@ pub mod cloud_hypervisor;
 pub mod fake;
 mod kind;
 pub mod launch;
+pub mod fdpass;
 pub mod handover;
 pub mod process;
 pub mod qemu;

@@ -192,6 +192,20 @@ impl Drop for World {
 
 /// The scenario of the NixOS VM test, through the daemon binary: each
 /// backend passes the same steps. Prints the time of each phase.
+/// The VMM `pid` runs as its own user (the default, `[vmm] users =
+/// "per-instance"`), with no capabilities, and sandboxed: QEMU's seccomp
+/// filter is on (`Seccomp: 2`), Cloud Hypervisor was asked for its own.
+pub fn assert_own_user(pid: u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.split_whitespace().next().unwrap_or("").to_string());
+    let uid: u32 = field("Uid:").unwrap().parse().unwrap();
+    assert!((70000..=70999).contains(&uid), "VMM {pid} runs as uid {uid}:\n{status}");
+    assert_eq!(field("CapEff:").as_deref(), Some("0000000000000000"), "{status}");
+    let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().replace('\0', " ");
+    let sandboxed = field("Seccomp:").as_deref() == Some("2") || cmdline.contains("--seccomp true");
+    assert!(sandboxed, "VMM {pid} is not sandboxed: {cmdline}\n{status}");
+}
+
 pub fn lifecycle(w: &mut World) {
     w.start();
 
@@ -201,6 +215,7 @@ pub fn lifecycle(w: &mut World) {
     w.wait_counter_above(3);
     eprintln!("cold boot: file written → COUNTER 3 in {:.2}s", t.elapsed().as_secs_f64());
     let pid = w.status()["pid"].as_u64().expect("a live VMM");
+    assert_own_user(pid);
 
     // Standby: no VMM left, a complete snapshot on disk.
     let t = Instant::now();
@@ -222,6 +237,7 @@ pub fn lifecycle(w: &mut World) {
     let first_new = after.iter().skip_while(|&&c| c != last).nth(1).copied();
     assert_eq!(first_new, Some(last + 1), "the guest continued where it stopped: {:?}", &after[after.len().saturating_sub(10)..]);
     assert_ne!(w.status()["pid"].as_u64(), Some(pid), "a new VMM restored it");
+    assert_own_user(w.status()["pid"].as_u64().unwrap());
 
     // The daemon killed hard and restarted adopts the VMM: no second one.
     let pid = w.status()["pid"].as_u64().unwrap();

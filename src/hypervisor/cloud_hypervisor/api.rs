@@ -107,7 +107,9 @@ pub struct DiskConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
-    pub tap: String,
+    /// Absent for a NIC whose TAP comes as a descriptor (`vm.add-net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
     pub mac: String,
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +186,19 @@ pub struct RestoreConfig {
     /// Only v52 and later know this field; older servers get none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_restore_mode: Option<MemoryRestoreMode>,
+    /// NICs whose TAPs come with the request as descriptors, in order.
+    /// The server's `RestoreConfig` has had it since v37; the v53 OpenAPI
+    /// document does not list it (the fake knows it as a documented gap).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net_fds: Vec<RestoredNetConfig>,
+}
+
+/// One entry of `RestoreConfig::net_fds`: the NIC's id in the snapshot and
+/// how many of the request's descriptors are its.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoredNetConfig {
+    pub id: String,
+    pub num_fds: usize,
 }
 
 /// `GET vmm.ping`.

@@ -79,6 +79,17 @@ pub enum ApiError {
         humantime::format_duration(*waited)
     )]
     StillRestoring { endpoint: Endpoint, waited: Duration },
+    /// The request carrying descriptors, written by hand (reqwest cannot
+    /// send SCM_RIGHTS), failed on the wire.
+    #[error("{endpoint} with descriptors failed on {}", socket.display())]
+    Wire {
+        endpoint: Endpoint,
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{endpoint} got a reply that is not HTTP: {reply:?}")]
+    BadReply { endpoint: Endpoint, reply: String },
 }
 
 /// The root cause v53 gives while an on-demand restore prefaults (#8556);
@@ -198,6 +209,7 @@ pub enum Endpoint {
     VmInfo,
     VmResize,
     VmAddDisk,
+    VmAddNet,
     VmRemoveDevice,
     VmSnapshot,
     VmRestore,
@@ -218,6 +230,7 @@ impl Endpoint {
             Endpoint::VmInfo => "vm.info",
             Endpoint::VmResize => "vm.resize",
             Endpoint::VmAddDisk => "vm.add-disk",
+            Endpoint::VmAddNet => "vm.add-net",
             Endpoint::VmRemoveDevice => "vm.remove-device",
             Endpoint::VmSnapshot => "vm.snapshot",
             Endpoint::VmRestore => "vm.restore",
@@ -237,6 +250,7 @@ impl Endpoint {
             | Endpoint::VmDelete
             | Endpoint::VmResize
             | Endpoint::VmAddDisk
+            | Endpoint::VmAddNet
             | Endpoint::VmRemoveDevice
             | Endpoint::VmSnapshot
             | Endpoint::VmRestore => Method::PUT,
@@ -256,7 +270,7 @@ impl Endpoint {
             | Endpoint::VmmShutdown
             | Endpoint::VmShutdown
             | Endpoint::VmDelete => Duration::from_secs(30),
-            Endpoint::VmCreate | Endpoint::VmBoot | Endpoint::VmAddDisk => Duration::from_secs(120),
+            Endpoint::VmCreate | Endpoint::VmBoot | Endpoint::VmAddDisk | Endpoint::VmAddNet => Duration::from_secs(120),
             // Writing or reading all of guest memory.
             Endpoint::VmSnapshot | Endpoint::VmRestore => Duration::from_secs(600),
         }
@@ -436,6 +450,40 @@ impl ApiClient {
         self.send(endpoint, Some(bytes), endpoint.timeout()).await
     }
 
+    /// A PUT whose request carries descriptors as SCM_RIGHTS on its first
+    /// bytes, as the server takes them (micro-http receives with
+    /// `recvmsg`). Written and read by hand on one connection, closed
+    /// after the reply: the same request reqwest would send, with
+    /// `Content-Length` and `Connection: close`.
+    async fn put_json_with_fds<T: Serialize>(&self, endpoint: Endpoint, body: &T, fds: &[std::os::fd::RawFd]) -> Result<Reply, ApiError> {
+        let bytes = serde_json::to_vec(body).map_err(|source| ApiError::Encode { endpoint, source })?;
+        let mut request = format!(
+            "PUT /api/v1/{} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            endpoint.path(),
+            bytes.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&bytes);
+        let wire = |source| ApiError::Wire { endpoint, socket: self.socket.clone(), source };
+        let exchange = async {
+            let mut stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ApiError::Connect { socket: self.socket.clone(), source })?;
+            crate::hypervisor::fdpass::send_all(&stream, &request, fds).await.map_err(wire)?;
+            let mut raw = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut raw).await.map_err(wire)?;
+            parse_reply(endpoint, &raw)
+        };
+        let timeout = endpoint.timeout();
+        let reply = tokio::time::timeout(timeout, exchange).await.map_err(|_| ApiError::Timeout { endpoint, secs: timeout.as_secs() })??;
+        if reply.status.is_success() {
+            Ok(reply)
+        } else {
+            Err(ApiError::Refused { endpoint, status: reply.status.as_u16(), messages: error_messages(&reply.body) })
+        }
+    }
+
     fn decode<T: DeserializeOwned>(endpoint: Endpoint, reply: &Reply) -> Result<T, ApiError> {
         serde_json::from_slice(&reply.body).map_err(|source| ApiError::Decode {
             endpoint,
@@ -543,14 +591,55 @@ impl ApiClient {
         }
     }
 
-    pub async fn restore(&self, config: &api::RestoreConfig) -> Result<(), ApiError> {
-        self.put_json(Endpoint::VmRestore, config).await.map(|_| ())
+    /// Restores; the descriptors of `config.net_fds` (in order, as many as
+    /// their `num_fds` add up to) go with the request.
+    pub async fn restore(&self, config: &api::RestoreConfig, fds: &[std::os::fd::RawFd]) -> Result<(), ApiError> {
+        if fds.is_empty() {
+            return self.put_json(Endpoint::VmRestore, config).await.map(|_| ());
+        }
+        self.put_json_with_fds(Endpoint::VmRestore, config, fds).await.map(|_| ())
+    }
+
+    /// Adds a NIC backed by `fds` (a TAP the VMM may not open itself). To
+    /// a created VM, before its boot: it joins the config (204). `vm.create`
+    /// would drop descriptors sent with it, so this is how a VM gets one.
+    pub async fn add_net(&self, net: &api::NetConfig, fds: &[std::os::fd::RawFd]) -> Result<(), ApiError> {
+        self.put_json_with_fds(Endpoint::VmAddNet, net, fds).await.map(|_| ())
     }
 
     /// Ends the VMM process; it replies (200, empty) and then exits.
     pub async fn vmm_shutdown(&self) -> Result<(), ApiError> {
         self.put_empty(Endpoint::VmmShutdown).await
     }
+}
+
+/// A whole HTTP/1.1 reply read to the connection's end: its status and
+/// its body (`Content-Length` long when given, else what follows the
+/// headers).
+fn parse_reply(endpoint: Endpoint, raw: &[u8]) -> Result<Reply, ApiError> {
+    let bad = || ApiError::BadReply { endpoint, reply: String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned() };
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad())?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1."))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|code| code.parse::<u16>().ok())
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(bad)?;
+    let length = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.trim().parse::<usize>().map_err(|_| bad()))
+        .transpose()?;
+    let rest = &raw[split + 4..];
+    let body = match length {
+        Some(n) if n <= rest.len() => rest[..n].to_vec(),
+        Some(_) => return Err(bad()),
+        None => rest.to_vec(),
+    };
+    Ok(Reply { status, body })
 }
 
 /// The OS error under a reqwest error, rebuilt as an owned `io::Error`

@@ -25,8 +25,70 @@ use std::path::Path;
 /// limit is smooth rather than a burst once a second.
 const REFILL_MS: u64 = 100;
 
-/// What `vm.create` gets for `config`.
+/// The id of a VM's NIC (one at most).
+pub const NET_ID: &str = "net0";
+
+/// Where a VMM that is not root finds its TAP: the daemon attaches to it
+/// and sends the descriptor with `vm.add-net` or `vm.restore`.
+pub const TAP_FD_SENT: usize = 1;
+
+/// Where a VMM that is not root finds its kernel and initrd (when they lie
+/// outside the data dir) and its disks outside it (volumes): descriptors
+/// the daemon opened, inherited at these numbers, and named to the VMM as
+/// `/proc/self/fd/N`, a path that skips their directories. Disk `i` is at
+/// `DISK_FD_BASE + i`, so a restore (which reopens the snapshot's paths)
+/// finds them at the same numbers.
+pub const KERNEL_FD: i32 = 4;
+pub const INITRD_FD: i32 = 5;
+pub const DISK_FD_BASE: i32 = 10;
+
+/// A file a sandboxed VMM gets as an inherited descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassedFile {
+    pub path: std::path::PathBuf,
+    pub at: i32,
+    pub write: bool,
+}
+
+/// What `config`'s VMM inherits (nothing for a root VMM).
+pub fn passed_files(config: &VmConfig) -> Vec<PassedFile> {
+    let Some(user) = &config.user else { return Vec::new() };
+    let outside = |p: &Path| !p.starts_with(&user.data_dir);
+    let mut out: Vec<PassedFile> = std::iter::once((config.kernel.clone(), KERNEL_FD))
+        .chain(config.initrd.clone().map(|i| (i, INITRD_FD)))
+        .filter(|(p, _)| outside(p))
+        .map(|(path, at)| PassedFile { path, at, write: false })
+        .collect();
+    for (i, d) in config.disks.iter().enumerate().filter(|(_, d)| outside(&d.path)) {
+        out.push(PassedFile { path: d.path.clone(), at: DISK_FD_BASE + i as i32, write: !d.readonly });
+    }
+    out
+}
+
+/// The path the VMM is told for `path`: its descriptor's when passed one.
+fn path_for(passed: &[PassedFile], path: &Path) -> String {
+    match passed.iter().find(|f| f.path == path) {
+        Some(f) => format!("/proc/self/fd/{}", f.at),
+        None => path.display().to_string(),
+    }
+}
+
+/// The NIC of `config`, as `vm.create` names it (by TAP name) or, for a
+/// VMM that is not root, as `vm.add-net` does (the TAP as a descriptor).
+pub fn net_config(config: &VmConfig) -> Option<api::NetConfig> {
+    config.net.as_ref().map(|n| api::NetConfig {
+        tap: config.user.is_none().then(|| n.tap.clone()),
+        mac: n.mac.clone(),
+        id: NET_ID.to_string(),
+        rate_limiter_config: rate_limiter(&stricter(&n.limit_down, &n.limit_up)),
+    })
+}
+
+/// What `vm.create` gets for `config`. A VMM that is not root gets its NIC
+/// afterwards, by `vm.add-net` ([`net_config`]): `vm.create` drops
+/// descriptors sent with it.
 pub fn vm_config(config: &VmConfig) -> api::VmConfig {
+    let passed = passed_files(config);
     let hotplug = config.hotplug_memory_bytes;
     let mut cmdline = config.cmdline.clone();
     if hotplug > 0 {
@@ -38,8 +100,8 @@ pub fn vm_config(config: &VmConfig) -> api::VmConfig {
     }
     api::VmConfig {
         payload: api::PayloadConfig {
-            kernel: config.kernel.display().to_string(),
-            initramfs: config.initrd.as_ref().map(|p| p.display().to_string()),
+            kernel: path_for(&passed, &config.kernel),
+            initramfs: config.initrd.as_ref().map(|p| path_for(&passed, p)),
             cmdline: (!cmdline.is_empty()).then_some(cmdline),
         },
         cpus: api::CpusConfig { boot_vcpus: config.vcpus, max_vcpus: config.vcpus },
@@ -50,17 +112,12 @@ pub fn vm_config(config: &VmConfig) -> api::VmConfig {
             hotplugged_size: (hotplug > 0).then_some(hotplug),
             shared: true,
         },
-        disks: config.disks.iter().map(disk).collect(),
-        net: config
-            .net
+        disks: config
+            .disks
             .iter()
-            .map(|n| api::NetConfig {
-                tap: n.tap.clone(),
-                mac: n.mac.clone(),
-                id: "net0".to_string(),
-                rate_limiter_config: rate_limiter(&stricter(&n.limit_down, &n.limit_up)),
-            })
+            .map(|d| api::DiskConfig { path: path_for(&passed, &d.path), ..disk(d) })
             .collect(),
+        net: net_config(config).filter(|_| config.user.is_none()).into_iter().collect(),
         rng: api::RngConfig { src: "/dev/urandom".to_string() },
         serial: api::ConsoleConfig { mode: api::ConsoleMode::Tty, file: None },
         console: api::ConsoleConfig { mode: api::ConsoleMode::Off, file: None },
@@ -108,7 +165,17 @@ pub fn disk(d: &crate::hypervisor::DiskConfig) -> api::DiskConfig {
 
 /// `vm.restore` of the snapshot in `dir`, for a VMM of `version`.
 pub fn restore_config(dir: &Path, mode: Option<api::MemoryRestoreMode>) -> api::RestoreConfig {
-    api::RestoreConfig { source_url: super::client::file_url(dir), memory_restore_mode: mode }
+    api::RestoreConfig { source_url: super::client::file_url(dir), memory_restore_mode: mode, net_fds: Vec::new() }
+}
+
+/// [`restore_config`] for `config`'s VMM: one that is not root gets its
+/// TAP with the request ([`TAP_FD_SENT`] descriptor for the NIC).
+pub fn restore_config_for(config: &VmConfig, dir: &Path, mode: Option<api::MemoryRestoreMode>) -> api::RestoreConfig {
+    let mut body = restore_config(dir, mode);
+    if config.user.is_some() && config.net.is_some() {
+        body.net_fds.push(api::RestoredNetConfig { id: NET_ID.to_string(), num_fds: TAP_FD_SENT });
+    }
+    body
 }
 
 /// How a VMM of `version` should load a snapshot's memory:

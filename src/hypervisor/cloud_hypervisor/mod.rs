@@ -44,6 +44,7 @@ use crate::state::VmState;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,6 +114,20 @@ pub enum ChError {
     MemoryOutOfRange { requested: u64, min: u64, max: u64 },
     #[error("the socket has no parent directory")]
     NoGuestDir,
+    #[error("cannot hand the VM's files over to its VMM user")]
+    Handover(#[source] super::handover::HandoverError),
+    #[error("cannot open {} for the VMM", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot attach to the TAP {tap} for the VMM")]
+    Tap {
+        tap: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What a VM was launched with.
@@ -300,7 +315,8 @@ impl CloudHypervisorBackend {
     /// Makes room on the guest's socket and starts a VMM on it, waiting
     /// until it answers. Refuses while a VM lives there; a VMM left empty
     /// by an unfinished create or restore is ended first.
-    async fn launch(&self, guest: &GuestVmm, serial_log: &Path, op: &'static str) -> Result<(VmmHandle, ApiClient, ChVersion), HypervisorError> {
+    async fn launch(&self, guest: &GuestVmm, config: &VmConfig, op: &'static str) -> Result<(VmmHandle, ApiClient, ChVersion), HypervisorError> {
+        let serial_log = config.serial_log.as_path();
         let client = api_client(&guest.socket, op)?;
         match client.ping_within(PROBE_TIMEOUT).await {
             Err(e) if e.is_not_listening() => {
@@ -326,10 +342,37 @@ impl CloudHypervisorBackend {
                 let _ = std::fs::remove_file(&guest.socket);
             }
         }
-        let args = vec!["--api-socket".to_string(), format!("path={}", guest.socket.display())];
+        let mut args = vec!["--api-socket".to_string(), format!("path={}", guest.socket.display())];
         let log_start = process::log_end(&guest.vmm_log);
-        let id = process::spawn_detached_split(&self.binary, &args, serial_log, &guest.vmm_log)
+        let mut passed = Vec::new();
+        if let Some(user) = &config.user {
+            // Its own user, with its default seccomp filter (named, not
+            // left to the default, so a build that changed it cannot
+            // quietly run this VMM without one).
+            args.extend(["--seccomp".to_string(), "true".to_string()]);
+            let handover = |e| backend(op)(ChError::Handover(e));
+            super::handover::check_outside(config, user).map_err(handover)?;
+            super::handover::apply(&super::handover::grants(config, &guest.guest_dir, user)).map_err(handover)?;
+            for f in config::passed_files(config) {
+                if f.write || config.disks.iter().any(|d| d.path == f.path) {
+                    // A volume is reopened through /proc/self/fd, which
+                    // checks the file's own mode: it joins the VMM's group.
+                    super::handover::grant_volume(&f.path, user, f.write).map_err(handover)?;
+                }
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(f.write)
+                    .open(&f.path)
+                    .map_err(|source| backend(op)(ChError::Open { path: f.path.clone(), source }))?;
+                passed.push((file, f.at));
+            }
+        }
+        use std::os::fd::AsFd;
+        let pass: Vec<_> = passed.iter().map(|(f, at)| (f.as_fd(), *at)).collect();
+        let id = process::spawn_detached_with(&self.binary, &args, serial_log, &guest.vmm_log, config.user.as_ref(), &pass)
             .map_err(|e| HypervisorError::Spawn { binary: self.binary.clone(), source: e.into_io() })?;
+        drop(pass);
+        drop(passed);
         let deadline = Instant::now() + START_TIMEOUT;
         let ping = loop {
             if !process::is_alive(id) {
@@ -382,6 +425,17 @@ impl CloudHypervisorBackend {
         tracing::warn!(pid = vmm.pid, "the guest was still unplugging memory after {UNPLUG_TIMEOUT:?}");
     }
 
+    /// The TAP's descriptor for a VMM that is not root (attached by the
+    /// daemon, which may open /dev/net/tun); none otherwise.
+    fn tap_for(&self, config: &VmConfig, op: &'static str) -> Result<Option<std::fs::File>, HypervisorError> {
+        match (&config.user, &config.net) {
+            (Some(_), Some(net)) => super::handover::attach_tap(&net.tap)
+                .map(Some)
+                .map_err(|source| backend(op)(ChError::Tap { tap: net.tap.clone(), source })),
+            _ => Ok(None),
+        }
+    }
+
     /// Kills a VMM that failed half-way, so nothing is left behind.
     async fn discard(&self, vmm: &VmmHandle) {
         process::kill(vmm.process_id(), EXIT_TIMEOUT).await;
@@ -397,10 +451,13 @@ impl CloudHypervisorBackend {
         mode: impl Fn(ChVersion) -> Option<api::MemoryRestoreMode>,
     ) -> Result<(VmmHandle, Option<api::MemoryRestoreMode>), (HypervisorError, Option<api::MemoryRestoreMode>)> {
         let op = "restore";
-        let (handle, client, version) = self.launch(guest, &config.serial_log, op).await.map_err(|e| (e, None))?;
+        super::handover::open_snapshot(dir, config.user.as_ref()).map_err(|e| (backend(op)(ChError::Handover(e)), None))?;
+        let (handle, client, version) = self.launch(guest, config, op).await.map_err(|e| (e, None))?;
         let mode = mode(version);
         let restored = async {
-            client.restore(&config::restore_config(dir, mode)).await.map_err(|e| match e.refusal() {
+            let tap = self.tap_for(config, op)?;
+            let fds: Vec<_> = tap.iter().map(|t| t.as_raw_fd()).collect();
+            client.restore(&config::restore_config_for(config, dir, mode), &fds).await.map_err(|e| match e.refusal() {
                 // The server read the snapshot and will not have it (a file
                 // it cannot parse, one that does not match the state, no
                 // directory): the same files fail the same way every time.
@@ -488,7 +545,7 @@ impl Hypervisor for CloudHypervisorBackend {
         let record = LaunchRecord { version: LAUNCH_VERSION, config: config.clone() };
         launch::write(&guest.guest_dir.join(LAUNCH_FILE), &record).map_err(|e| backend(op)(e.into()))?;
         let _serial = self.exclusive(&guest.socket).await;
-        let (handle, client, version) = self.launch(guest, &config.serial_log, op).await?;
+        let (handle, client, version) = self.launch(guest, config, op).await?;
         if config.net.is_some() && !version.leaves_tap_addresses_alone() {
             self.discard(&handle).await;
             return Err(backend(op)(ChError::NetworkNeedsV49 { version: version.to_string() }));
@@ -496,6 +553,21 @@ impl Hypervisor for CloudHypervisorBackend {
         if let Err(e) = client.create(&config::vm_config(config)).await {
             self.discard(&handle).await;
             return Err(Self::api_error(&handle, op, e));
+        }
+        // A VMM that may not open /dev/net/tun gets its TAP as a
+        // descriptor, added to the created VM before it boots.
+        if let (Some(net), Some(_)) = (config::net_config(config), &config.user) {
+            let added = match self.tap_for(config, op) {
+                Ok(tap) => {
+                    let fds: Vec<_> = tap.iter().map(|t| t.as_raw_fd()).collect();
+                    client.add_net(&net, &fds).await.map_err(|e| Self::api_error(&handle, op, e))
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = added {
+                self.discard(&handle).await;
+                return Err(e);
+            }
         }
         tracing::info!(pid = handle.pid, %version, "Cloud Hypervisor created the VM");
         Ok(handle)
@@ -528,9 +600,8 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn snapshot(&self, vmm: &VmmHandle, dir: &Path) -> Result<SnapshotMeta, HypervisorError> {
         let op = "snapshot";
-        let record = guest_dir(&vmm.socket)
-            .and_then(|g| read_launch(&g.join(LAUNCH_FILE)))
-            .map_err(backend(op))?;
+        let guest = guest_dir(&vmm.socket).map_err(backend(op))?;
+        let record = read_launch(&guest.join(LAUNCH_FILE)).map_err(backend(op))?;
         let entries = std::fs::read_dir(dir).map_err(|source| backend(op)(ChError::SnapshotDir { dir: dir.to_path_buf(), source }))?;
         if entries.count() > 0 {
             return Err(backend(op)(ChError::NotEmpty { dir: dir.to_path_buf() }));
@@ -550,6 +621,10 @@ impl Hypervisor for CloudHypervisorBackend {
                 ping_version(&ping).map_err(backend(op))?
             }
         };
+        if let Some(user) = &record.config.user {
+            // The VMM writes the files itself, as its own user.
+            super::handover::writable_snapshot_dir(dir, guest, user).map_err(|e| backend(op)(ChError::Handover(e)))?;
+        }
         // A standby soon after an on-demand restore meets v53's prefault:
         // the snapshot waits it out (bounded), the VM staying paused.
         match client.snapshot_after_prefault(dir, self.prefault_wait).await {
@@ -634,9 +709,8 @@ impl Hypervisor for CloudHypervisorBackend {
 
     async fn resize_memory(&self, vmm: &VmmHandle, total_bytes: u64) -> Result<(), HypervisorError> {
         let op = "resize_memory";
-        let record = guest_dir(&vmm.socket)
-            .and_then(|g| read_launch(&g.join(LAUNCH_FILE)))
-            .map_err(backend(op))?;
+        let guest = guest_dir(&vmm.socket).map_err(backend(op))?;
+        let record = read_launch(&guest.join(LAUNCH_FILE)).map_err(backend(op))?;
         let config = &record.config;
         if config.hotplug_memory_bytes == 0 {
             return Err(HypervisorError::Unsupported { backend: HypervisorKind::CloudHypervisor, what: "memory resize without hotplug memory" });

@@ -166,21 +166,7 @@ impl QmpClient {
         let raw: RawFd = fd.as_raw_fd();
         let timeout = self.timeout;
         let stream: &UnixStream = self.writer.as_ref();
-        let send = async {
-            let mut sent = 0;
-            while sent < line.len() {
-                stream.writable().await.map_err(QmpError::Io)?;
-                let rest = &line.as_bytes()[sent..];
-                // The descriptor rides on the first byte's message only.
-                let with_fd = sent == 0;
-                match stream.try_io(tokio::io::Interest::WRITABLE, || send_with_fd(stream.as_raw_fd(), rest, with_fd.then_some(raw))) {
-                    Ok(n) => sent += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(QmpError::Io(e)),
-                }
-            }
-            Ok(())
-        };
+        let send = async { crate::hypervisor::fdpass::send_all(stream, line.as_bytes(), &[raw]).await.map_err(QmpError::Io) };
         tokio::time::timeout(timeout, send)
             .await
             .map_err(|_| QmpError::Timeout { what: "getfd".into(), timeout })??;
@@ -227,37 +213,6 @@ impl QmpClient {
             };
         }
     }
-}
-
-/// One `sendmsg` of `bytes`, with `fd` as SCM_RIGHTS when given.
-fn send_with_fd(socket: std::os::fd::RawFd, bytes: &[u8], fd: Option<std::os::fd::RawFd>) -> std::io::Result<usize> {
-    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer is CMSG_SPACE(sizeof(int)) long, so
-        // the first header and one int of data fit in it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, fd);
-        }
-    }
-    // SAFETY: every pointer in msg points into live buffers above.
-    let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
 }
 
 #[cfg(test)]

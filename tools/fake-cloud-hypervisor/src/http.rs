@@ -20,6 +20,9 @@ pub struct Request {
     /// Names lower-cased.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// What the descriptors sent with the request are: the TAP's interface
+    /// name, or why it is not a TAP. Filled by the server.
+    pub fds: Vec<Result<String, String>>,
 }
 
 impl Request {
@@ -81,7 +84,7 @@ pub fn read_request<R: Read, W: Write>(reader: &mut BufReader<R>, writer: &mut W
             .ok_or_else(|| ReadError::Malformed(format!("bad header {line:?}")))?;
         headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
     }
-    let mut request = Request { method: method.into(), path: target.into(), version: version.into(), headers, body: Vec::new() };
+    let mut request = Request { method: method.into(), path: target.into(), version: version.into(), headers, body: Vec::new(), fds: Vec::new() };
     if request.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
         // micro-http parses the header but never de-chunks the body.
         return Err(ReadError::Malformed("chunked transfer encoding is not supported".into()));

@@ -21,6 +21,7 @@
 //! - [`vsock`]: the hybrid vsock device, and behind it a guest agent that
 //!   answers hypeman's time requests, its clock behind after a restore.
 
+pub mod fds;
 pub mod http;
 pub mod openapi;
 pub mod server;

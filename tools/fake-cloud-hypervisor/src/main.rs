@@ -57,6 +57,12 @@ fn parse_args(args: &[String]) -> Result<Option<PathBuf>, String> {
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let value = match arg.as_str() {
+            // Its default is on; the fake has no filter to install, and
+            // takes the switch as the real binary does.
+            "--seccomp" => match it.next().map(String::as_str) {
+                Some("true" | "false" | "log") => continue,
+                other => return Err(format!("--seccomp {other:?}: expected true, false or log")),
+            },
             "--api-socket" => it.next().ok_or("--api-socket needs a value")?.clone(),
             a if a.starts_with("--api-socket=") => a["--api-socket=".len()..].to_string(),
             other => return Err(format!("unknown argument {other:?}")),

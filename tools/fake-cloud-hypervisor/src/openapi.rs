@@ -92,6 +92,8 @@ impl OpenApi {
         if root.pointer("/components/schemas").is_none() || root.get("paths").is_none() {
             return Err("not an OpenAPI document with paths and components.schemas".into());
         }
+        let mut root = root;
+        add_known_gaps(&mut root);
         Ok(OpenApi { root })
     }
 
@@ -228,6 +230,30 @@ impl OpenApi {
             }
         }
     }
+}
+
+/// Fields the real server takes that the v53.0 document does not list,
+/// each added only where the document leaves it out: `RestoreConfig`'s
+/// `net_fds` (the server's `RestoreConfig` has had it since v37, with
+/// `RestoredNetConfig { id, num_fds, fds }`; the TAPs come as SCM_RIGHTS).
+fn add_known_gaps(root: &mut Value) {
+    let Some(props) = root.pointer_mut("/components/schemas/RestoreConfig/properties").and_then(Value::as_object_mut) else {
+        return;
+    };
+    props.entry("net_fds").or_insert_with(|| {
+        serde_json::json!({
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "num_fds": {"type": "integer", "minimum": 0},
+                    "fds": {"type": "array", "items": {"type": "integer"}}
+                }
+            }
+        })
+    });
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ pub enum Ended {
 }
 
 /// Answers one request: routing, method, spec check, then the VMM.
-pub fn respond(shared: &Shared, spec: &OpenApi, request: &Request, log: &dyn Fn(&str)) -> (Response, After) {
+pub fn respond(shared: &Shared, spec: &OpenApi, request: &Request, fds: Vec<std::os::fd::OwnedFd>, log: &dyn Fn(&str)) -> (Response, After) {
     let Some(endpoint) = request.path.strip_prefix("/api/v1/") else {
         return (Response::bare(404), After::Continue);
     };
@@ -92,7 +92,7 @@ pub fn respond(shared: &Shared, spec: &OpenApi, request: &Request, log: &dyn Fn(
         chain.extend(problems);
         return (Response::json(400, &serde_json::json!(chain)), After::Continue);
     }
-    shared.vmm.lock().expect("poisoned").handle(endpoint, &request.body)
+    shared.vmm.lock().expect("poisoned").handle_with_fds(endpoint, &request.body, fds)
 }
 
 /// Serves `listener` until the VMM exits or `shared` is told to stop.
@@ -112,9 +112,9 @@ pub fn serve(listener: &UnixListener, shared: &Shared, spec: &OpenApi, log: &dyn
 fn serve_connection(stream: UnixStream, connection: u64, shared: &Shared, spec: &OpenApi, log: &dyn Fn(&str)) -> Option<Ended> {
     let _ = stream.set_read_timeout(Some(IDLE));
     let mut writer = stream.try_clone().ok()?;
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(crate::fds::FdStream::new(stream));
     loop {
-        let request = match http::read_request(&mut reader, &mut writer) {
+        let mut request = match http::read_request(&mut reader, &mut writer) {
             Ok(r) => r,
             Err(ReadError::Closed) | Err(ReadError::Io(_)) => return None,
             Err(ReadError::Malformed(why)) => {
@@ -124,8 +124,19 @@ fn serve_connection(stream: UnixStream, connection: u64, shared: &Shared, spec: 
                 return None;
             }
         };
-        let (response, after) = respond(shared, spec, &request, log);
-        log(&format!("{} {} -> {}", request.method, request.path, response.status));
+        // Descriptors that came with this request's bytes are its own.
+        let fds = reader.get_mut().take_fds();
+        request.fds = fds.iter().map(crate::fds::tap_name).collect();
+        let (response, after) = respond(shared, spec, &request, fds, log);
+        // The descriptors a request brought, by what they are (a TAP's name).
+        let brought = match request.fds.is_empty() {
+            true => String::new(),
+            false => {
+                let what: Vec<String> = request.fds.iter().map(|f| f.clone().unwrap_or_else(|e| e)).collect();
+                format!(" fds=[{}]", what.join(","))
+            }
+        };
+        log(&format!("{} {} -> {}{brought}", request.method, request.path, response.status));
         shared.exchanges.lock().expect("poisoned").push(Exchange { request, status: response.status, connection });
         let written = http::write_response(&mut writer, &response);
         if after == After::Exit {

@@ -169,6 +169,9 @@ struct Vm {
     /// Restored `OnDemand` on v53: snapshots are refused until then.
     prefault_until: Option<Instant>,
     next_disk: u32,
+    /// TAPs the VM got as descriptors (`vm.add-net`, `vm.restore`), held
+    /// as the real VMM holds them.
+    net_fds: Vec<std::os::fd::OwnedFd>,
     /// The vsock device's guest side, when the VM has one; held for as
     /// long as the VM lives (dropping it stops serving).
     _agent: Option<crate::vsock::GuestAgent>,
@@ -425,6 +428,13 @@ impl Vmm {
 
     /// Serves one request whose body already passed the spec check.
     pub fn handle(&mut self, endpoint: &str, body: &[u8]) -> (Response, After) {
+        self.handle_with_fds(endpoint, body, Vec::new())
+    }
+
+    /// [`handle`](Self::handle), with the descriptors that came with the
+    /// request. Only `vm.add-net` and `vm.restore` take them; the real
+    /// `vm.create` drops those of its NICs, and other endpoints ignore them.
+    pub fn handle_with_fds(&mut self, endpoint: &str, body: &[u8], fds: Vec<std::os::fd::OwnedFd>) -> (Response, After) {
         let now = Instant::now();
         let body: Value = if body.is_empty() {
             Value::Null
@@ -463,7 +473,8 @@ impl Vmm {
             "vm.add-disk" => self.add_disk(body).map(|r| (r, After::Continue)),
             "vm.remove-device" => self.remove_device(&body).map(|()| (Response::no_content(), After::Continue)),
             "vm.snapshot" => self.snapshot(&body, now).map(|()| (Response::no_content(), After::Continue)),
-            "vm.restore" => self.restore(&body, now).map(|()| (Response::no_content(), After::Continue)),
+            "vm.restore" => self.restore_with_fds(&body, fds, now).map(|()| (Response::no_content(), After::Continue)),
+            "vm.add-net" => self.add_net(body, fds).map(|()| (Response::no_content(), After::Continue)),
             "vm.send-migration" => self.restore_in_progress(now).and_then(|()| {
                 Err(Fail::Refused("fake-cloud-hypervisor does not emulate vm.send-migration".into()))
             }),
@@ -529,6 +540,7 @@ impl Vmm {
             serial: Serial::None,
             prefault_until: None,
             next_disk: 0,
+            net_fds: Vec::new(),
             _agent: agent,
         });
         Ok(())
@@ -688,6 +700,43 @@ impl Vmm {
             .map_err(|e| Fail::Refused(format!("Error writing memory-ranges: {e}")))
     }
 
+    /// `vm.add-net` to a created VM: the NIC joins its config (204), with
+    /// the descriptors sent as its TAP, each checked to be one. Hotplug
+    /// into a booted VM is not emulated.
+    fn add_net(&mut self, mut net: Value, fds: Vec<std::os::fd::OwnedFd>) -> Result<(), Fail> {
+        let vm = self.vm()?;
+        if vm.state != VmState::Created {
+            return Err(Fail::Refused("fake-cloud-hypervisor does not emulate NIC hotplug into a booted VM".into()));
+        }
+        if fds.is_empty() && net.get("tap").is_none() {
+            return Err(Fail::Refused("a NIC needs a tap name or descriptors".into()));
+        }
+        let names = fds.iter().map(crate::fds::tap_name).collect::<Result<Vec<_>, _>>().map_err(Fail::Refused)?;
+        // The server replaces whatever numbers the body named by those
+        // received (here: the names the descriptors are attached to).
+        net["fds"] = json!(names);
+        let nets = vm.config.as_object_mut().expect("a config object").entry("net").or_insert_with(|| json!([]));
+        nets.as_array_mut().ok_or_else(|| Fail::Refused("net is not a list".into()))?.push(net);
+        vm.net_fds.extend(fds);
+        Ok(())
+    }
+
+    /// `vm.restore`, with the TAPs of `net_fds` as descriptors: as many as
+    /// their `num_fds` add up to, or the request is bad (the server's
+    /// `attach_fds_to_cfgs`).
+    fn restore_with_fds(&mut self, body: &Value, fds: Vec<std::os::fd::OwnedFd>, now: Instant) -> Result<(), Fail> {
+        let wanted: u64 = body.get("net_fds").and_then(Value::as_array).into_iter().flatten().filter_map(|n| n.get("num_fds")?.as_u64()).sum();
+        if wanted != fds.len() as u64 {
+            return Err(Fail::BadRequest(format!("Number of expected FDs: {wanted}, received: {}", fds.len())));
+        }
+        fds.iter().map(crate::fds::tap_name).collect::<Result<Vec<_>, _>>().map_err(Fail::Refused)?;
+        self.restore(body, now)?;
+        if let Some(vm) = self.vm.as_mut() {
+            vm.net_fds = fds;
+        }
+        Ok(())
+    }
+
     fn restore(&mut self, body: &Value, now: Instant) -> Result<(), Fail> {
         let v = self.opts.version;
         for field in ["memory_restore_mode", "resume"] {
@@ -750,6 +799,7 @@ impl Vmm {
             // whether or not the VM is resumed.
             prefault_until: (on_demand && v.major >= 53 && !self.opts.prefault.is_zero()).then(|| now + self.opts.prefault),
             next_disk: 0,
+            net_fds: Vec::new(),
             _agent: agent,
         });
         Ok(())
