@@ -58,6 +58,9 @@ async fn run(n: usize, samples: usize, networked: bool) {
     settings.data_dir = tmp.path().join("data");
     settings.default_hypervisor = HypervisorKind::Qemu;
     settings.reconcile.debounce = Duration::ZERO;
+    // The fake starts no VMM processes: none to run as other users (and
+    // the temp dir above the data dir is private).
+    settings.vmm.users = hypeman::settings::VmmUsers::Root;
     let settings = Arc::new(settings);
     let fake = FakeHypervisor::new(HypervisorKind::Qemu);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -79,6 +82,9 @@ async fn run(n: usize, samples: usize, networked: bool) {
     }
     let startup = started.elapsed();
     let rss_up = rss_mib();
+    if !networked && n >= 100 {
+        status_side_by_side(n, &config_dir, &settings.data_dir).await;
+    }
 
     let store = Store::open(&settings.data_dir).unwrap();
     let mut lat = Vec::with_capacity(samples);
@@ -120,6 +126,70 @@ async fn run(n: usize, samples: usize, networked: bool) {
         lat.len(),
         rss_up,
         rss_up - rss_before,
+    );
+}
+
+/// `hypeman status --json` run as a user runs it, answered by the daemon
+/// over its API, next to the same command with the API socket moved away
+/// (the stored view: the CLI reads every record and probes every VMM
+/// socket itself), interleaved, medians; and the API request alone.
+async fn status_side_by_side(n: usize, config_dir: &Path, data_dir: &Path) {
+    let socket = hypeman::api::socket_path(data_dir);
+    let (config_dir, data_dir) = (config_dir.to_path_buf(), data_dir.to_path_buf());
+    let cli = move || {
+        let t0 = Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hypeman"))
+            .arg("--config-dir")
+            .arg(&config_dir)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(rows.len(), n);
+        (t0.elapsed(), String::from_utf8_lossy(&out.stderr).contains("stored view"))
+    };
+    let (mut api, mut stored, mut request, mut start) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..10 {
+        // The floor: the same binary starting and printing its version.
+        let t0 = Instant::now();
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hypeman")).arg("--version").output().await.unwrap();
+        assert!(out.status.success());
+        start.push(t0.elapsed());
+        let c = cli.clone();
+        let (t, fell_back) = tokio::task::spawn_blocking(c).await.unwrap();
+        assert!(!fell_back, "the daemon answered");
+        api.push(t);
+        let t0 = Instant::now();
+        let rows = hypeman::api::client::ask(socket.parent().unwrap(), hypeman::api::Op::Status { name: None }).await.unwrap().unwrap();
+        request.push(t0.elapsed());
+        assert_eq!(rows.as_array().map(Vec::len), Some(n));
+        if stored.len() < 5 {
+            let hidden = socket.with_extension("hidden");
+            std::fs::rename(&socket, &hidden).unwrap();
+            let c = cli.clone();
+            let (t, fell_back) = tokio::task::spawn_blocking(c).await.unwrap();
+            std::fs::rename(&hidden, &socket).unwrap();
+            assert!(fell_back, "the CLI looked for itself");
+            stored.push(t);
+        }
+    }
+    for v in [&mut api, &mut stored, &mut request, &mut start] {
+        v.sort();
+    }
+    let ms = |v: &[Duration]| percentile(v, 0.5).as_secs_f64() * 1e3;
+    println!(
+        "{n:>5} instances | `hypeman status --json`: via the API {:>7.1} ms (request alone {:>6.1} ms, `hypeman --version` {:>5.1} ms), stored view {:>7.1} ms: {:.1}x (medians of {}, {} and {})",
+        ms(&api),
+        ms(&request),
+        ms(&start),
+        ms(&stored),
+        ms(&stored) / ms(&api),
+        api.len(),
+        request.len(),
+        stored.len()
     );
 }
 

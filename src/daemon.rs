@@ -45,6 +45,8 @@ pub enum DaemonError {
         #[source]
         source: crate::durable::DurableError,
     },
+    #[error("cannot serve the local API")]
+    Api(#[from] crate::api::server::ServerError),
     #[error("another hypeman daemon already manages {data_dir}")]
     AlreadyRunning { data_dir: PathBuf },
     #[error(
@@ -169,6 +171,15 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
     }
     let mut reconciler = Reconciler::new(instances, dir.clone());
     reconciler.nudge_all().await;
+    // The local API, answered from the owners' looks (`api`). Bound under
+    // the data dir's lock: a socket file left there is a dead daemon's.
+    let socket = crate::api::socket_path(&cfg.settings.data_dir);
+    let listener = crate::api::server::bind(&socket)?;
+    let api = Arc::new(crate::api::server::Api {
+        directory: reconciler.directory(),
+        ctx: crate::cli::Context::for_daemon(&cfg.config_dir, store.clone(), cfg.settings.clone()),
+    });
+    let server = tokio::spawn(crate::api::server::serve(listener, api));
     tracing::info!(
         instances_dir = %dir.display(),
         data_dir = %cfg.settings.data_dir.display(),
@@ -202,6 +213,8 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
             }
         }
     }
+    server.abort();
+    let _ = std::fs::remove_file(&socket);
     tracing::info!("stopping; VMs keep running and will be adopted by the next daemon");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     reconciler.shutdown(STOP_TIMEOUT).await;

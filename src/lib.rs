@@ -9,6 +9,7 @@
 //! layer importing a higher one.
 
 pub mod agent;
+pub mod api;
 pub mod cli;
 pub mod config_file;
 pub mod daemon;

@@ -180,6 +180,8 @@ fn boot_standby_restore(w: &mut World, user: &str, sockets: &[&str]) {
     for socket in sockets {
         assert_denied(user, "connect", &guest.join(socket));
     }
+    // The daemon's API: root's alone.
+    assert_denied(user, "connect", &w.data.join("hypeman.sock"));
     for name in ["metadata.json", "config.erofs", "logs/app.log"] {
         assert_denied(user, "read", &guest.join(name));
     }

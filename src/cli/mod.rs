@@ -34,6 +34,9 @@ pub use plan::{plan_rows, PlanRow};
 pub use status::{status_all, status_of, InstanceStatus};
 pub use validate::validate;
 pub use wait::wait_for;
+pub(crate) use plan::rows_from_looks;
+pub(crate) use status::{status_from_look, status_from_looks};
+pub(crate) use view::resolve;
 
 use crate::declaration::spec::InstanceSpec;
 use crate::declaration::Diagnostic;
@@ -238,6 +241,8 @@ pub enum CliError {
     Provision(#[source] ProvisionError),
     #[error("the daemon failed")]
     Daemon(#[source] crate::daemon::DaemonError),
+    #[error(transparent)]
+    Api(#[from] crate::api::client::ClientError),
 }
 
 fn lines(diagnostics: &[Diagnostic]) -> String {
@@ -310,12 +315,42 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     if let Command::Image { command } = &cli.command {
         return image_command(&config_dir, &settings, command).await;
     }
+    let stdout = io::stdout();
+    // The daemon's own view when one answers, asked before anything is
+    // opened here; else the store's, looked at by this command (and said so).
+    if let Command::Status { name, json } = &cli.command {
+        let asked = crate::api::Op::Status { name: name.clone() };
+        // One status or a list, as asked: read as a list either way.
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Answer {
+            One(Box<InstanceStatus>),
+            All(Vec<InstanceStatus>),
+        }
+        if let Some(answer) = crate::api::client::ask_as::<Answer>(&settings.data_dir, asked).await? {
+            let mut out = io::BufWriter::new(stdout.lock());
+            match (answer, json) {
+                (Answer::One(one), true) => write_json(&mut out, &one)?,
+                (Answer::One(one), false) => status::write_table(&mut out, std::slice::from_ref(&*one)).map_err(CliError::Output)?,
+                (Answer::All(all), true) => write_json(&mut out, &all)?,
+                (Answer::All(all), false) => status::write_table(&mut out, &all).map_err(CliError::Output)?,
+            }
+            out.flush().map_err(CliError::Output)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    if let Command::Plan = &cli.command {
+        if let Some(rows) = crate::api::client::ask_as::<Vec<PlanRow>>(&settings.data_dir, crate::api::Op::Plan).await? {
+            plan::write_plan(&mut stdout.lock(), &rows).map_err(CliError::Output)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let backends = backends(&settings);
     let ctx = Context::open(&config_dir, settings, backends)?;
-    let stdout = io::stdout();
     match cli.command {
         Command::Status { name, json } => {
             let mut out = stdout.lock();
+            note_if_no_answer(&ctx);
             match name {
                 Some(query) => {
                     let status = status_of(&ctx, &query).await?;
@@ -362,6 +397,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             logs::logs(&ctx, &name, opts, &mut out, &mut io::stderr().lock(), stop).await?;
         }
         Command::Plan => {
+            note_if_no_answer(&ctx);
             let rows = plan_rows(&ctx).await?;
             if !rows.is_empty() {
                 note_if_no_daemon(&ctx);
@@ -389,6 +425,20 @@ async fn image_command(config_dir: &Path, settings: &Settings, command: &ImageCo
         ImageCommand::Prune => image::prune(&store, &image::image_users(config_dir, settings), &mut out)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Says on stderr that a daemon holds the data dir but does not answer on
+/// its API socket (one older than the API, or wedged): what follows is
+/// the stored view, the VMMs looked at by this command.
+fn note_if_no_answer(ctx: &Context) {
+    let data_dir = ctx.instances.store().data_dir();
+    if crate::daemon::is_running(data_dir) == Some(true) {
+        eprintln!(
+            "hypeman: the daemon on {} does not answer on {}; showing the stored view (VMMs probed by this command)",
+            data_dir.display(),
+            crate::api::socket_path(data_dir).display()
+        );
+    }
 }
 
 /// Says on stderr, beside a command's normal output, that no daemon runs
@@ -498,6 +548,13 @@ impl Context {
 
     pub fn instances(&self) -> &Instances {
         &self.instances
+    }
+
+    /// A context over the daemon's own store that never looks at a VMM
+    /// (no backends): the daemon's API renders its owners' looks with it.
+    pub fn for_daemon(config_dir: &Path, store: Arc<Store>, settings: Arc<Settings>) -> Context {
+        let none = Backends { cloud_hypervisor: None, qemu: None };
+        Context::new(config_dir, Instances::new(store, none, settings, Arc::new(ObserveOnly)))
     }
 
     fn store_error(&self, source: StoreError) -> CliError {

@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use tokio::time::Instant;
 
 /// One line of `hypeman plan`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PlanRow {
     pub name: String,
     pub state: VmState,
@@ -33,6 +33,26 @@ pub async fn plan_rows(ctx: &Context) -> Result<Vec<PlanRow>, CliError> {
         rows.push(row(&view, Instant::now()));
     }
     Ok(rows)
+}
+
+/// The daemon's plan: each owner's next step as it worded it at its last
+/// look, with the backoff holding it and the step it is taking now.
+pub(crate) fn rows_from_looks(ctx: &Context, looks: &[(String, Option<std::sync::Arc<crate::reconcile::Look>>)]) -> Vec<PlanRow> {
+    looks
+        .iter()
+        .map(|(name, look)| match look {
+            Some(look) => PlanRow {
+                name: name.clone(),
+                state: look.observation.state,
+                desired: look.desired.label().to_string(),
+                action: match &look.busy {
+                    Some(step) => format!("{step} (in progress)"),
+                    None => look.action.clone(),
+                },
+            },
+            None => row(&view::from_look(ctx, name, None), Instant::now()),
+        })
+        .collect()
 }
 
 fn row(view: &View, now: Instant) -> PlanRow {

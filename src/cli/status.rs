@@ -14,7 +14,7 @@ use std::io::{self, Write};
 
 /// One instance as `status --json` prints it. Exactly these keys, in this
 /// order; `null` where a value does not apply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct InstanceStatus {
     pub name: String,
     /// The guest's ULID; `null` until the daemon creates it.
@@ -41,7 +41,7 @@ pub struct InstanceStatus {
 }
 
 /// One volume as `status` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct VolumeStatus {
     /// The guest mount point.
     pub path: String,
@@ -66,14 +66,32 @@ pub async fn status_all(ctx: &Context) -> Result<Vec<InstanceStatus>, CliError> 
     let listing = ctx.instances.store().list().map_err(|e| ctx.store_error(e))?;
     for unreadable in &listing.unreadable {
         if let (None, Some(id)) = (&unreadable.name, unreadable.id) {
-            all.push(nameless(id, unreadable));
+            all.push(nameless(id, &crate::instances::error_chain(&unreadable.problem)));
         }
     }
     Ok(all)
 }
 
+/// The statuses the daemon's API gives: each owner's last look (`looks`,
+/// by name), rendered as `status` renders a look of its own, then the
+/// records too damaged to name.
+pub(crate) fn status_from_looks(
+    ctx: &Context,
+    looks: &[(String, Option<std::sync::Arc<crate::reconcile::Look>>)],
+    damaged: &[crate::reconcile::Nameless],
+) -> Vec<InstanceStatus> {
+    let mut all: Vec<InstanceStatus> = looks.iter().map(|(name, look)| from_view(ctx, &view::from_look(ctx, name, look.as_deref()))).collect();
+    all.extend(damaged.iter().map(|d| nameless(d.id, &d.problem)));
+    all
+}
+
+/// One status from the daemon's last look at `name`.
+pub(crate) fn status_from_look(ctx: &Context, name: &str, look: Option<&crate::reconcile::Look>) -> InstanceStatus {
+    from_view(ctx, &view::from_look(ctx, name, look))
+}
+
 /// The row of a guest record whose name cannot be read.
-fn nameless(id: ulid::Ulid, unreadable: &crate::store::Unreadable) -> InstanceStatus {
+fn nameless(id: ulid::Ulid, problem: &str) -> InstanceStatus {
     InstanceStatus {
         name: NAMELESS.to_string(),
         id: Some(id.to_string()),
@@ -84,8 +102,7 @@ fn nameless(id: ulid::Ulid, unreadable: &crate::store::Unreadable) -> InstanceSt
         pid: None,
         has_snapshot: false,
         last_error: Some(format!(
-            "{}; it may be the record of any instance not found otherwise, so none is created until it is repaired (README: Repairing a damaged record)",
-            crate::instances::error_chain(&unreadable.problem)
+            "{problem}; it may be the record of any instance not found otherwise, so none is created until it is repaired (README: Repairing a damaged record)"
         )),
         pending_change: None,
         volumes: Vec::new(),

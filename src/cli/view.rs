@@ -112,3 +112,23 @@ pub(crate) fn resolve(ctx: &Context, query: &str) -> Result<String, CliError> {
         Err(e) => Err(ctx.store_error(e)),
     }
 }
+
+/// The view the daemon's owner of `name` took last (`look`), or, before
+/// its first look, what the files say: the declaration and the record, in
+/// state `Unknown` with that reason. Looks at no VMM.
+pub(crate) fn from_look(ctx: &Context, name: &str, look: Option<&crate::reconcile::Look>) -> View {
+    match look {
+        Some(look) => View {
+            name: name.to_string(),
+            desired: look.desired.clone(),
+            observation: look.observation.clone(),
+            observe_error: look.observe_error.clone(),
+        },
+        None => {
+            let desired = declaration::desired::read(&ctx.instances_dir, name, &ctx.instances.settings().limits);
+            let meta = ctx.instances.store().find_by_name(name).ok().flatten();
+            let observation = Observation { meta, state: VmState::Unknown, ..Observation::nothing() };
+            View { name: name.to_string(), desired, observation, observe_error: Some("the daemon has not looked at it yet".into()) }
+        }
+    }
+}

@@ -21,8 +21,18 @@ pub async fn wait_for(
 ) -> Result<InstanceStatus, CliError> {
     let name = view::resolve(ctx, query)?;
     let deadline = Instant::now() + timeout;
+    let data_dir = ctx.instances.store().data_dir().to_path_buf();
     loop {
-        let status = status_by_name(ctx, &name).await;
+        // The daemon's view when one answers (it polls nothing itself);
+        // the stored view, looked at here, when none does.
+        let asked = crate::api::Op::Status { name: Some(name.clone()) };
+        let status = match crate::api::client::ask_as::<InstanceStatus>(&data_dir, asked).await {
+            Ok(Some(status)) => status,
+            Ok(None) => status_by_name(ctx, &name).await,
+            // A name the daemon does not know (yet): as the stored view.
+            Err(crate::api::client::ClientError::Refused { kind: crate::api::protocol::ErrorKind::NotFound, .. }) => status_by_name(ctx, &name).await,
+            Err(e) => return Err(e.into()),
+        };
         if status.state == want {
             return Ok(status);
         }

@@ -20,7 +20,7 @@ pub mod owner;
 pub mod plan;
 pub mod policy;
 
-pub use owner::{OwnerView, Request};
+pub use owner::{Look, OwnerView, Request};
 
 use crate::declaration::{self, DeclFile};
 use crate::instances::{error_chain, Instances};
@@ -35,10 +35,84 @@ use tokio::task::JoinHandle;
 /// How many requests may wait for one owner.
 const REQUEST_QUEUE: usize = 16;
 
+/// The live owners' request channels by name, shared with the tasks that
+/// ask them (the daemon's API): cheap to clone, updated by the reconciler
+/// as owners start and are let go.
+/// One owner as the directory lists it: its request channel, and the look
+/// it last published.
+type Listed = (mpsc::Sender<Request>, watch::Receiver<Option<Arc<Look>>>);
+
+#[derive(Clone, Default)]
+pub struct Directory {
+    nameless: Arc<std::sync::RwLock<Vec<Nameless>>>,
+    owners: Arc<std::sync::RwLock<std::collections::BTreeMap<String, Listed>>>,
+}
+
+/// How long an owner may take to answer before its published look is
+/// used: it answers between two steps, and a step (a snapshot of a large
+/// guest) can take many seconds.
+const LOOK_ANSWER: Duration = Duration::from_millis(50);
+
+impl Directory {
+    /// Every owner's last look, by name, sorted; `None` for an owner that
+    /// has not looked yet. All are asked at once; one deep in a step gives
+    /// the look it published before the step (marked `busy`).
+    pub async fn looks(&self) -> Vec<(String, Option<Arc<Look>>)> {
+        let owners: Vec<_> = self.owners.read().expect("poisoned").iter().map(|(n, o)| (n.clone(), o.clone())).collect();
+        let mut pending = Vec::with_capacity(owners.len());
+        for (name, (sender, published)) in owners {
+            let (reply, answer) = oneshot::channel();
+            let asked = sender.try_send(Request::Look(reply)).is_ok();
+            pending.push((name, asked.then_some(answer), published));
+        }
+        let deadline = tokio::time::Instant::now() + LOOK_ANSWER;
+        let mut out = Vec::with_capacity(pending.len());
+        for (name, answer, published) in pending {
+            let answered = match answer {
+                Some(a) => tokio::time::timeout_at(deadline, a).await.ok().and_then(Result::ok),
+                None => None,
+            };
+            let look = match answered {
+                Some(look) => look,
+                None => published.borrow().clone(),
+            };
+            out.push((name, look));
+        }
+        out
+    }
+
+    /// The last look of the owner of `name` (`None`: no owner, or none yet).
+    pub async fn look(&self, name: &str) -> Option<Arc<Look>> {
+        let (sender, published) = self.owners.read().expect("poisoned").get(name).cloned()?;
+        let (reply, answer) = oneshot::channel();
+        if sender.try_send(Request::Look(reply)).is_ok() {
+            if let Ok(Ok(look)) = tokio::time::timeout(LOOK_ANSWER, answer).await {
+                return look;
+            }
+        }
+        let look = published.borrow().clone();
+        look
+    }
+
+    /// The records too damaged to name, as of the last listing (every
+    /// resync).
+    pub fn nameless(&self) -> Vec<Nameless> {
+        self.nameless.read().expect("poisoned").clone()
+    }
+
+    /// Whether an owner runs for `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.owners.read().expect("poisoned").contains_key(name)
+    }
+}
+
 /// Owns the owners. Not `Clone`: the daemon's main loop holds it.
 pub struct Reconciler {
     ctx: Arc<Ctx>,
     owners: HashMap<String, OwnerHandle>,
+    /// Every live owner's request channel, by name, for those who ask
+    /// from outside the main loop (the daemon's API).
+    directory: Directory,
     /// Owners let go (their name was neither declared nor stored) whose
     /// task may still be finishing a step; the next owner of the name waits
     /// for it.
@@ -58,6 +132,7 @@ impl Reconciler {
         Reconciler {
             ctx: Arc::new(Ctx::new(instances, instances_dir)),
             owners: HashMap::new(),
+            directory: Directory::default(),
             retired: HashMap::new(),
             stop,
         }
@@ -77,8 +152,10 @@ impl Reconciler {
         };
         let nudge = Arc::new(tokio::sync::Notify::new());
         let (requests, request_rx) = mpsc::channel(REQUEST_QUEUE);
-        let inbox = Inbox { nudge: nudge.clone(), requests: request_rx, stop: self.stop.subscribe() };
+        let (published, looks) = watch::channel(None);
+        let inbox = Inbox { nudge: nudge.clone(), requests: request_rx, stop: self.stop.subscribe(), published };
         let task = tokio::spawn(owner::run(name.to_string(), self.ctx.clone(), inbox, previous));
+        self.directory.owners.write().expect("poisoned").insert(name.to_string(), (requests.clone(), looks));
         self.owners.insert(name.to_string(), OwnerHandle { nudge, requests, task });
     }
 
@@ -86,10 +163,11 @@ impl Reconciler {
     /// in the store. Owners of names that are neither are let go.
     pub async fn nudge_all(&mut self) {
         let ctx = self.ctx.clone();
-        let names = tokio::task::spawn_blocking(move || known_names(&ctx)).await.unwrap_or_else(|e| {
+        let (names, nameless) = tokio::task::spawn_blocking(move || known_names(&ctx)).await.unwrap_or_else(|e| {
             tracing::error!(error = %e, "listing the instances failed");
-            Vec::new()
+            (Vec::new(), Vec::new())
         });
+        *self.directory.nameless.write().expect("poisoned") = nameless;
         self.nudge_only(&names);
     }
 
@@ -98,6 +176,7 @@ impl Reconciler {
     fn nudge_only(&mut self, names: &[String]) {
         let gone: Vec<String> = self.owners.keys().filter(|n| names.binary_search(n).is_err()).cloned().collect();
         for name in gone {
+            self.directory.owners.write().expect("poisoned").remove(&name);
             if let Some(owner) = self.owners.remove(&name) {
                 // Dropping its request sender lets it go after its current step.
                 self.retired.insert(name, owner.task);
@@ -107,6 +186,11 @@ impl Reconciler {
         for name in names {
             self.nudge(name);
         }
+    }
+
+    /// The owners' request channels, for asking them from other tasks.
+    pub fn directory(&self) -> Directory {
+        self.directory.clone()
     }
 
     pub fn worker_count(&self) -> usize {
@@ -143,8 +227,9 @@ impl Reconciler {
 }
 
 /// Declared names (valid or not) and stored guests' names, sorted, unique.
-fn known_names(ctx: &Ctx) -> Vec<String> {
+fn known_names(ctx: &Ctx) -> (Vec<String>, Vec<Nameless>) {
     let mut names: Vec<String> = Vec::new();
+    let mut nameless = Vec::new();
     if let Ok(entries) = std::fs::read_dir(&ctx.instances_dir) {
         for entry in entries.flatten() {
             if let DeclFile::Instance(name) = declaration::instance_name(&entry.path()) {
@@ -153,12 +238,29 @@ fn known_names(ctx: &Ctx) -> Vec<String> {
         }
     }
     match ctx.instances.store().list() {
-        Ok(listing) => names.extend(listing.guests.into_iter().map(|m| m.name)),
+        Ok(listing) => {
+            names.extend(listing.guests.into_iter().map(|m| m.name));
+            nameless.extend(
+                listing
+                    .unreadable
+                    .iter()
+                    .filter(|u| u.name.is_none())
+                    .filter_map(|u| u.id.map(|id| Nameless { id, problem: error_chain(&u.problem) })),
+            );
+        }
         Err(e) => tracing::error!(error = %error_chain(&e), "cannot list guests"),
     }
     names.sort();
     names.dedup();
-    names
+    (names, nameless)
+}
+
+/// A guest record too damaged to say whose it is, as the last listing
+/// found it: it has no owner, so `status` lists it on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nameless {
+    pub id: ulid::Ulid,
+    pub problem: String,
 }
 
 #[cfg(test)]

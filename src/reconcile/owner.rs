@@ -54,6 +54,24 @@ impl Ctx {
 pub enum Request {
     /// What the owner knows of its instance right now.
     View(oneshot::Sender<OwnerView>),
+    /// Its last look, as `status` and `plan` show it (the daemon's API
+    /// answers from these: no second look at the VMM).
+    Look(oneshot::Sender<Option<Arc<Look>>>),
+}
+
+/// What an owner's last look found and what it made of it: the
+/// declaration, the observation, and the next step as `plan` words it,
+/// with the backoff that holds it when there is one.
+#[derive(Debug, Clone)]
+pub struct Look {
+    pub desired: Desired,
+    pub observation: Observation,
+    /// Why the state could not be observed (fully, or at all).
+    pub observe_error: Option<String>,
+    pub action: String,
+    pub at: std::time::SystemTime,
+    /// The step being taken as the look was published, when one was.
+    pub busy: Option<String>,
 }
 
 /// The owner's own view of its instance: what it saw last and did last.
@@ -95,6 +113,8 @@ struct Memory {
     unanswered_until: Option<Instant>,
     steps_in_a_row: usize,
     view: OwnerView,
+    look: Option<Arc<Look>>,
+    published: Option<watch::Sender<Option<Arc<Look>>>>,
 }
 
 impl Memory {
@@ -112,6 +132,8 @@ impl Memory {
             unanswered_until: None,
             steps_in_a_row: 0,
             view: OwnerView { name: name.to_string(), desired: None, state: None, last_step: None, error: None, steps: 0 },
+            look: None,
+            published: None,
         }
     }
 
@@ -196,6 +218,9 @@ pub struct Inbox {
     /// Closed when the reconciler lets the owner go.
     pub requests: mpsc::Receiver<Request>,
     pub stop: watch::Receiver<bool>,
+    /// Where the owner puts each look as it is taken, and the step it is
+    /// in: read when the owner is too deep in a step to answer at once.
+    pub published: watch::Sender<Option<Arc<Look>>>,
 }
 
 /// Runs the owner of `name` until it is stopped or let go (its request
@@ -208,6 +233,7 @@ pub async fn run(name: String, ctx: Arc<Ctx>, mut inbox: Inbox, previous: Option
     }
     let settings = ctx.instances.settings().reconcile.clone();
     let mut mem = Memory::new(&name);
+    mem.published = Some(inbox.published.clone());
     // Started because of a nudge: the first look is due now.
     let mut due = Instant::now();
     let mut nudged = true;
@@ -262,6 +288,9 @@ fn answer(request: Request, mem: &Memory) {
         Request::View(reply) => {
             let _ = reply.send(mem.view.clone());
         }
+        Request::Look(reply) => {
+            let _ = reply.send(mem.look.clone());
+        }
     }
 }
 
@@ -281,7 +310,19 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
         Err(e) => {
             mem.failures += 1;
             tracing::error!(instance = name, error = %error_chain(&e), "cannot observe the instance");
-            return Instant::now() + backoff(settings, mem.failures);
+            let wait = backoff(settings, mem.failures);
+            // The record as last seen; the state is what nobody knows now.
+            let meta = mem.look.as_ref().and_then(|l| l.observation.meta.clone());
+            mem.look = Some(Arc::new(Look {
+                desired,
+                observation: Observation { meta, state: VmState::Unknown, ..Observation::nothing() },
+                observe_error: Some(error_chain(&e)),
+                action: format!("cannot observe (looked at again in {})", seconds(wait)),
+                at: std::time::SystemTime::now(),
+                busy: None,
+            }));
+            publish(mem, None);
+            return Instant::now() + wait;
         }
     };
     if matches!(obs.state, VmState::Stopped | VmState::Standby) && obs.meta.as_ref().is_some_and(|m| m.vmm.is_none()) {
@@ -305,6 +346,19 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     mem.view.desired = Some(desired.label());
     mem.view.state = Some(obs.state);
     mem.view.last_step = Some(step.kind());
+    let held = match mem.hold {
+        Some(Hold::Until(t)) if t > now => format!(" (held: next attempt in {}, after: {})", seconds(t - now), mem.view.error.as_deref().unwrap_or("a failure")),
+        _ => String::new(),
+    };
+    mem.look = Some(Arc::new(Look {
+        desired: desired.clone(),
+        observation: obs.clone(),
+        observe_error: obs.blind.clone(),
+        action: format!("{step}{held}"),
+        at: std::time::SystemTime::now(),
+        busy: None,
+    }));
+    publish(mem, step.acts().then(|| step.to_string()));
     if let Some(ready) = mem.absent_wait(&desired, step.acts(), now) {
         return ready;
     }
@@ -395,6 +449,26 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             let _ = instances.record_error(name, Some(text)).await;
             until
         }
+    }
+}
+
+/// Puts the last look where readers find it without asking, marked with
+/// the step about to be taken (`busy`), if any.
+fn publish(mem: &Memory, busy: Option<String>) {
+    if let (Some(tx), Some(look)) = (&mem.published, &mem.look) {
+        let look = match busy {
+            Some(step) => Arc::new(Look { busy: Some(step), ..(**look).clone() }),
+            None => look.clone(),
+        };
+        tx.send_replace(Some(look));
+    }
+}
+
+/// A wait as a person reads it: `27s`, `1.5s`.
+fn seconds(d: Duration) -> String {
+    match d.as_secs() {
+        0..=9 => format!("{:.1}s", d.as_secs_f64()),
+        s => format!("{s}s"),
     }
 }
 
@@ -493,7 +567,7 @@ mod tests {
         let nudge = Arc::new(tokio::sync::Notify::new());
         let (_r, requests) = mpsc::channel(1);
         let (_s, stop) = watch::channel(false);
-        let owner = run("web".into(), ctx.clone(), Inbox { nudge, requests, stop }, None);
+        let owner = run("web".into(), ctx.clone(), Inbox { nudge, requests, stop, published: watch::channel(None).0 }, None);
         let mut mem = Memory::new("web");
         let look = tick("web", &ctx, &mut mem);
         let (owner_bytes, look_bytes) = (std::mem::size_of_val(&owner), std::mem::size_of_val(&look));

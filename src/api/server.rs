@@ -1,0 +1,123 @@
+//! The daemon's side of the API: the socket, one task per connection, and
+//! the answers, rendered from the owners' last looks exactly as the CLI
+//! renders a look of its own (`cli::status`, `cli::plan`).
+
+use super::protocol::{self, ErrorKind, Op, Reply};
+use crate::cli::{CliError, Context};
+use crate::reconcile::Directory;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// How long a client may take to send its request line.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot remove the stale API socket {}", path.display())]
+    Stale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Listens on `path` (`0600`). Called with the data dir's lock held, so a
+/// socket file already there is a dead daemon's: it is replaced.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::durable::remove_file_if_exists(path)
+        .map_err(|e| ServerError::Stale { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) })?;
+    let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind { path: path.to_path_buf(), source })?;
+    // Bound under the 0077 umask (0700 already); only the owner may write,
+    // which is what connecting takes.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| ServerError::Bind { path: path.to_path_buf(), source })?;
+    Ok(listener)
+}
+
+/// What the server answers from.
+pub struct Api {
+    pub directory: Directory,
+    pub ctx: Context,
+}
+
+/// Serves connections until the task is dropped, each in its own task.
+pub async fn serve(listener: UnixListener, api: Arc<Api>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let api = api.clone();
+                tokio::spawn(async move { connection(stream, &api).await });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the API socket failed to accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One request line, one reply line, closed.
+async fn connection(stream: UnixStream, api: &Api) {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let limit = protocol::MAX_REQUEST as u64 + 1;
+    let read = tokio::time::timeout(READ_TIMEOUT, BufReader::new(read.take(limit)).read_until(b'\n', &mut line)).await;
+    let reply = match read {
+        Err(_) => Reply::error(ErrorKind::BadRequest, format!("no request line within {}s", READ_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Reply::error(ErrorKind::BadRequest, format!("reading the request failed: {e}")),
+        Ok(Ok(_)) if line.len() > protocol::MAX_REQUEST => {
+            Reply::error(ErrorKind::BadRequest, format!("the request is longer than {} bytes", protocol::MAX_REQUEST))
+        }
+        Ok(Ok(_)) => match protocol::parse_request(&line) {
+            Ok(request) => answer(api, request.op).await,
+            Err(refusal) => refusal,
+        },
+    };
+    let mut out = serde_json::to_vec(&reply).unwrap_or_else(|_| br#"{"v":1,"ok":false,"error":"unencodable reply","kind":"internal"}"#.to_vec());
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+    let _ = write.shutdown().await;
+}
+
+/// The reply to `op`, from the owners' looks.
+pub async fn answer(api: &Api, op: Op) -> Reply {
+    let result = match op {
+        Op::Ping => Ok(serde_json::json!({ "daemon": env!("CARGO_PKG_VERSION"), "protocol": protocol::VERSION })),
+        Op::Status { name: None } => {
+            let looks = api.directory.looks().await;
+            Ok(serde_json::to_value(crate::cli::status_from_looks(&api.ctx, &looks, &api.directory.nameless())).unwrap_or_default())
+        }
+        Op::Status { name: Some(query) } => match crate::cli::resolve(&api.ctx, &query) {
+            Ok(name) => {
+                let look = api.directory.look(&name).await;
+                Ok(serde_json::to_value(crate::cli::status_from_look(&api.ctx, &name, look.as_deref())).unwrap_or_default())
+            }
+            Err(e) => Err(e),
+        },
+        Op::Plan => {
+            let looks = api.directory.looks().await;
+            Ok(serde_json::to_value(crate::cli::rows_from_looks(&api.ctx, &looks)).unwrap_or_default())
+        }
+    };
+    match result {
+        Ok(value) => Reply::ok(value),
+        Err(e) => {
+            let kind = match &e {
+                CliError::NotFound { .. } => ErrorKind::NotFound,
+                CliError::Lookup(_) => ErrorKind::Ambiguous,
+                _ => ErrorKind::Internal,
+            };
+            Reply::error(kind, crate::instances::error_chain(&e))
+        }
+    }
+}
