@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod exit;
 pub mod declaration;
 pub mod durable;
+pub mod events;
 pub mod hypervisor;
 pub mod images;
 pub mod logs;

@@ -104,3 +104,37 @@ fn status_plan_and_wait_ask_the_daemon_and_agree_with_the_stored_view() {
     w.stop_daemon();
     assert!(!socket.exists(), "removed at a clean exit");
 }
+
+/// `hypeman events` streams what happens as it happens: the same lines the
+/// instance's `hypeman.log` records, with timestamps; no daemon, no stream.
+#[test]
+fn events_stream_what_hypeman_log_records() {
+    let Some(mut w) = world() else { return };
+    let (_, stderr, ok) = cli(&w, &["events"]);
+    assert!(!ok && stderr.contains("events come from a running daemon"), "{stderr}");
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    let child = w.hypeman().args(["events", "counter", "--json"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    // Subscribed once its first line is in; the stream then says every step.
+    std::thread::sleep(Duration::from_millis(500));
+    w.declare("standby");
+    w.wait("Standby");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "interrupted is a clean end");
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(!events.is_empty(), "no events");
+    let log = std::fs::read_to_string(w.guest_dir().join("logs/hypeman.log")).unwrap();
+    for e in &events {
+        assert_eq!(e["instance"], "counter");
+        assert!(e["time"].as_str().unwrap().ends_with('Z'), "{e}");
+        let message = e["message"].as_str().unwrap();
+        assert!(log.contains(message), "{message:?} is not in hypeman.log:\n{log}");
+    }
+    let said: Vec<&str> = events.iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert!(said.iter().any(|m| m.contains("snapshot")), "the standby's steps were streamed: {said:?}");
+    w.stop_daemon();
+}

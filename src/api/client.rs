@@ -74,3 +74,51 @@ pub async fn ask_as<T: serde::de::DeserializeOwned>(data_dir: &Path, op: Op) -> 
         }
     }
 }
+
+/// A stream the daemon sends on one connection (`events`): its first line
+/// said yes, then one line per item.
+pub struct Stream {
+    socket: PathBuf,
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    _write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Stream {
+    /// The next item; `None` when the daemon closed the stream.
+    pub async fn next<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ClientError> {
+        let Some(line) = self.lines.next_line().await.map_err(|source| ClientError::Io { socket: self.socket.clone(), source })? else {
+            return Ok(None);
+        };
+        match serde_json::from_str::<TypedReply<T>>(&line).map_err(|e| ClientError::Reply(format!("{e}: {line:?}")))? {
+            TypedReply { ok: true, result: Some(item), .. } => Ok(Some(item)),
+            TypedReply { kind, error, .. } => Err(ClientError::Refused {
+                kind: kind.unwrap_or(ErrorKind::Internal),
+                message: error.unwrap_or_else(|| "the stream ended without a reason".into()),
+            }),
+        }
+    }
+}
+
+/// Opens the stream `op` asks for; `Ok(None)` when no daemon answers.
+pub async fn stream(data_dir: &Path, op: Op) -> Result<Option<Stream>, ClientError> {
+    let socket = super::socket_path(data_dir);
+    let io = |source| ClientError::Io { socket: socket.clone(), source };
+    let stream = match tokio::net::UnixStream::connect(&socket).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(&Request { v: VERSION, op }).map_err(|e| ClientError::Reply(e.to_string()))?;
+    line.push(b'\n');
+    write.write_all(&line).await.map_err(io)?;
+    let mut opened = Stream { socket: socket.clone(), lines: BufReader::new(read).lines(), _write: write };
+    // The first line says whether the stream is on.
+    let first = tokio::time::timeout(REPLY_TIMEOUT, opened.next::<serde_json::Value>())
+        .await
+        .map_err(|_| ClientError::Timeout { socket: socket.clone() })??;
+    match first {
+        Some(_) => Ok(Some(opened)),
+        None => Err(ClientError::Reply("the daemon closed the stream at once".into())),
+    }
+}

@@ -23,6 +23,12 @@ pub enum Op {
     },
     /// `plan`: every instance's next step as the daemon sees it.
     Plan,
+    /// A stream: every event from now on (of the instance `name` when
+    /// given), one reply line each, until the client closes.
+    Events {
+        #[serde(default)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

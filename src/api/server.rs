@@ -71,7 +71,8 @@ async fn connection(stream: UnixStream, api: &Api) {
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
     let limit = protocol::MAX_REQUEST as u64 + 1;
-    let read = tokio::time::timeout(READ_TIMEOUT, BufReader::new(read.take(limit)).read_until(b'\n', &mut line)).await;
+    let mut reader = BufReader::new(read.take(limit));
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
     let reply = match read {
         Err(_) => Reply::error(ErrorKind::BadRequest, format!("no request line within {}s", READ_TIMEOUT.as_secs())),
         Ok(Err(e)) => Reply::error(ErrorKind::BadRequest, format!("reading the request failed: {e}")),
@@ -79,6 +80,7 @@ async fn connection(stream: UnixStream, api: &Api) {
             Reply::error(ErrorKind::BadRequest, format!("the request is longer than {} bytes", protocol::MAX_REQUEST))
         }
         Ok(Ok(_)) => match protocol::parse_request(&line) {
+            Ok(protocol::Request { op: Op::Events { name }, .. }) => return stream_events(api, name, reader, write).await,
             Ok(request) => answer(api, request.op).await,
             Err(refusal) => refusal,
         },
@@ -87,6 +89,57 @@ async fn connection(stream: UnixStream, api: &Api) {
     out.push(b'\n');
     let _ = write.write_all(&out).await;
     let _ = write.shutdown().await;
+}
+
+/// Streams events (of `name`'s instance, when given) until the client
+/// goes: an `ok` line first, then one line per event. A client too slow to
+/// keep up is told how many it missed.
+async fn stream_events(
+    api: &Api,
+    name: Option<String>,
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+) {
+    let instance = match name.map(|q| crate::cli::resolve(&api.ctx, &q)).transpose() {
+        Ok(instance) => instance,
+        Err(e) => {
+            let kind = if matches!(e, CliError::NotFound { .. }) { ErrorKind::NotFound } else { ErrorKind::Internal };
+            let _ = send_line(&mut write, &Reply::error(kind, crate::instances::error_chain(&e))).await;
+            return;
+        }
+    };
+    let mut events = crate::events::subscribe();
+    if send_line(&mut write, &Reply::ok(serde_json::json!({ "streaming": "events", "instance": instance }))).await.is_err() {
+        return;
+    }
+    let mut scratch = [0u8; 256];
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            // The client sends nothing more: a read that ends is its leaving.
+            n = reader.read(&mut scratch) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            },
+        };
+        let reply = match event {
+            Ok(e) if instance.as_ref().is_some_and(|n| *n != e.instance) => continue,
+            Ok(e) => Reply::ok(serde_json::to_value(e).unwrap_or_default()),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                Reply::error(ErrorKind::Internal, format!("{missed} events were missed (this client fell behind)"))
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if send_line(&mut write, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send_line(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await
 }
 
 /// The reply to `op`, from the owners' looks.
@@ -108,6 +161,7 @@ pub async fn answer(api: &Api, op: Op) -> Reply {
             let looks = api.directory.looks().await;
             Ok(serde_json::to_value(crate::cli::rows_from_looks(&api.ctx, &looks)).unwrap_or_default())
         }
+        Op::Events { .. } => return Reply::error(ErrorKind::BadRequest, "events is a stream, served on its own connection"),
     };
     match result {
         Ok(value) => Reply::ok(value),

@@ -151,6 +151,17 @@ pub enum Command {
     /// One line each: `NAME  STATE -> DESIRED: STEP`. Only the next step is
     /// shown; later ones depend on how it turns out.
     Plan,
+    /// Stream the daemon's events as they happen: steps, errors, restarts,
+    /// what it found changed. The same lines as each `hypeman.log`.
+    ///
+    /// One line each: `TIME  NAME  LEVEL  MESSAGE`, or JSON objects with
+    /// --json; until interrupted. Needs a running daemon.
+    Events {
+        /// Only this instance's (a name, guest ID or unique ID prefix).
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the image cache.
     Image {
         #[command(subcommand)]
@@ -243,6 +254,8 @@ pub enum CliError {
     Daemon(#[source] crate::daemon::DaemonError),
     #[error(transparent)]
     Api(#[from] crate::api::client::ClientError),
+    #[error("no daemon answers on {}: events come from a running daemon (start `hypeman daemon`)", socket.display())]
+    NoDaemon { socket: PathBuf },
 }
 
 fn lines(diagnostics: &[Diagnostic]) -> String {
@@ -279,6 +292,7 @@ fn init_tracing(command: &Command) {
         | Command::Wait { .. }
         | Command::Logs { .. }
         | Command::Plan
+        | Command::Events { .. }
         | Command::Image { .. } => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -338,6 +352,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             out.flush().map_err(CliError::Output)?;
             return Ok(ExitCode::SUCCESS);
         }
+    }
+    if let Command::Events { name, json } = &cli.command {
+        let stop = shutdown_signal()?;
+        return events(&settings.data_dir, name.clone(), *json, stop).await;
     }
     if let Command::Plan = &cli.command {
         if let Some(rows) = crate::api::client::ask_as::<Vec<PlanRow>>(&settings.data_dir, crate::api::Op::Plan).await? {
@@ -405,7 +423,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             plan::write_plan(&mut stdout.lock(), &rows).map_err(CliError::Output)?;
         }
         // Returned above: they need no guest store.
-        Command::Validate | Command::Daemon | Command::Image { .. } => {}
+        Command::Validate | Command::Daemon | Command::Image { .. } | Command::Events { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -425,6 +443,33 @@ async fn image_command(config_dir: &Path, settings: &Settings, command: &ImageCo
         ImageCommand::Prune => image::prune(&store, &image::image_users(config_dir, settings), &mut out)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `hypeman events`: prints the daemon's event stream until `stop` or the
+/// daemon goes.
+async fn events(data_dir: &Path, name: Option<String>, json: bool, stop: impl std::future::Future<Output = ()>) -> Result<ExitCode, CliError> {
+    let mut stream = crate::api::client::stream(data_dir, crate::api::Op::Events { name }).await?.ok_or_else(|| {
+        CliError::NoDaemon { socket: crate::api::socket_path(data_dir) }
+    })?;
+    tokio::pin!(stop);
+    let stdout = io::stdout();
+    loop {
+        let event = tokio::select! {
+            _ = &mut stop => return Ok(ExitCode::SUCCESS),
+            e = stream.next::<crate::events::Event>() => e?,
+        };
+        let Some(event) = event else {
+            eprintln!("hypeman: the daemon closed the event stream (it stopped?)");
+            return Ok(ExitCode::FAILURE);
+        };
+        let mut out = stdout.lock();
+        match json {
+            true => writeln!(out, "{}", serde_json::to_string(&event).map_err(CliError::Json)?),
+            false => writeln!(out, "{}  {}  {:<5}  {}", event.time, event.instance, event.level, event.message),
+        }
+        .map_err(CliError::Output)?;
+        out.flush().map_err(CliError::Output)?;
+    }
 }
 
 /// Says on stderr that a daemon holds the data dir but does not answer on

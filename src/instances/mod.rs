@@ -373,6 +373,7 @@ impl Journal {
         if let Some(log) = &self.log {
             let _ = log.append(line);
         }
+        crate::events::publish(name, level, line);
     }
 }
 
