@@ -111,7 +111,7 @@ fn status_plan_and_wait_ask_the_daemon_and_agree_with_the_stored_view() {
 fn events_stream_what_hypeman_log_records() {
     let Some(mut w) = world() else { return };
     let (_, stderr, ok) = cli(&w, &["events"]);
-    assert!(!ok && stderr.contains("events come from a running daemon"), "{stderr}");
+    assert!(!ok && stderr.contains("events needs a running daemon"), "{stderr}");
     w.start();
     w.declare("running");
     w.wait("Running");
@@ -136,5 +136,47 @@ fn events_stream_what_hypeman_log_records() {
     }
     let said: Vec<&str> = events.iter().map(|e| e["message"].as_str().unwrap()).collect();
     assert!(said.iter().any(|m| m.contains("snapshot")), "the standby's steps were streamed: {said:?}");
+    w.stop_daemon();
+}
+
+/// `hypeman restart` boots the guest afresh through the daemon, leaving
+/// its declaration alone; one declared stopped is not booted, and says why.
+#[test]
+fn restart_boots_afresh_and_the_declaration_stays_the_truth() {
+    let Some(mut w) = world() else { return };
+    let (_, stderr, ok) = cli(&w, &["restart", "counter"]);
+    assert!(!ok && stderr.contains("restart needs a running daemon"), "{stderr}");
+    w.start();
+    w.declare("running");
+    w.wait("Running");
+    w.wait_counter_above(3);
+    let pid = w.status()["pid"].as_u64().unwrap();
+    let declaration = std::fs::read_to_string(w.config.join("instances/counter.toml")).unwrap();
+    let (out, stderr, ok) = cli(&w, &["restart", "counter"]);
+    assert!(ok, "{stderr}");
+    assert!(out.contains("will be shut down") && out.contains("declaration is unchanged"), "{out}");
+    let t0 = std::time::Instant::now();
+    while w.status()["pid"].as_u64().is_none_or(|p| p == pid) || w.status()["state"] != "Running" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never restarted: {}", w.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(w.guest_dir().join("logs/hypeman.log")).unwrap();
+    assert!(log.contains("a restart was asked for (hypeman restart)"), "{log}");
+    assert_eq!(std::fs::read_to_string(w.config.join("instances/counter.toml")).unwrap(), declaration, "the file is untouched");
+    // Booted afresh: its counter starts again.
+    let t0 = std::time::Instant::now();
+    while !w.counters().windows(2).any(|p| p[1] < p[0]) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the counter did not start over: {:?}", w.counters());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    w.declare("stopped");
+    w.wait("Stopped");
+    let (_, stderr, ok) = cli(&w, &["restart", "counter"]);
+    assert!(!ok && stderr.contains("is declared stopped"), "{stderr}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(w.status()["state"], "Stopped", "not booted against its declaration");
+    let (_, stderr, ok) = cli(&w, &["restart", "nosuch"]);
+    assert!(!ok && stderr.contains("no instance matches"), "{stderr}");
     w.stop_daemon();
 }

@@ -23,6 +23,9 @@ pub enum Op {
     },
     /// `plan`: every instance's next step as the daemon sees it.
     Plan,
+    /// `restart`: boot the instance `name` afresh, as declared (its
+    /// declaration is not changed). The result says what will happen.
+    Restart { name: String },
     /// A stream: every event from now on (of the instance `name` when
     /// given), one reply line each, until the client closes.
     Events {
@@ -52,6 +55,8 @@ pub enum ErrorKind {
     Ambiguous,
     /// The daemon failed to answer (a store it cannot read).
     Internal,
+    /// Not done, and why (a restart of an instance declared stopped).
+    Refused,
 }
 
 /// The one reply line.

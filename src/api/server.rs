@@ -162,6 +162,17 @@ pub async fn answer(api: &Api, op: Op) -> Reply {
             Ok(serde_json::to_value(crate::cli::rows_from_looks(&api.ctx, &looks)).unwrap_or_default())
         }
         Op::Events { .. } => return Reply::error(ErrorKind::BadRequest, "events is a stream, served on its own connection"),
+        Op::Restart { name: query } => {
+            let name = match crate::cli::resolve(&api.ctx, &query) {
+                Ok(name) => name,
+                Err(e) => return Reply::error(ErrorKind::NotFound, crate::instances::error_chain(&e)),
+            };
+            return match api.directory.restart(&name).await {
+                Some(Ok(what)) => Reply::ok(serde_json::json!({ "name": name, "message": what })),
+                Some(Err(why)) => Reply::error(ErrorKind::Refused, why),
+                None => Reply::error(ErrorKind::NotFound, format!("{name} is neither declared nor stored")),
+            };
+        }
     };
     match result {
         Ok(value) => Reply::ok(value),

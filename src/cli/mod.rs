@@ -151,6 +151,15 @@ pub enum Command {
     /// One line each: `NAME  STATE -> DESIRED: STEP`. Only the next step is
     /// shown; later ones depend on how it turns out.
     Plan,
+    /// Boot an instance afresh, as declared: a running guest is shut down
+    /// (gracefully, then as a stop would) and booted again; one held stopped
+    /// by its restart policy is booted. The declaration is not changed (and
+    /// an instance declared stopped or standby is not booted). Needs a
+    /// running daemon.
+    Restart {
+        /// An instance name, guest ID or unique ID prefix.
+        name: String,
+    },
     /// Stream the daemon's events as they happen: steps, errors, restarts,
     /// what it found changed. The same lines as each `hypeman.log`.
     ///
@@ -254,8 +263,8 @@ pub enum CliError {
     Daemon(#[source] crate::daemon::DaemonError),
     #[error(transparent)]
     Api(#[from] crate::api::client::ClientError),
-    #[error("no daemon answers on {}: events come from a running daemon (start `hypeman daemon`)", socket.display())]
-    NoDaemon { socket: PathBuf },
+    #[error("no daemon answers on {}: {what} needs a running daemon (start `hypeman daemon`)", socket.display())]
+    NoDaemonFor { what: &'static str, socket: PathBuf },
 }
 
 fn lines(diagnostics: &[Diagnostic]) -> String {
@@ -293,6 +302,7 @@ fn init_tracing(command: &Command) {
         | Command::Logs { .. }
         | Command::Plan
         | Command::Events { .. }
+        | Command::Restart { .. }
         | Command::Image { .. } => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -352,6 +362,18 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             out.flush().map_err(CliError::Output)?;
             return Ok(ExitCode::SUCCESS);
         }
+    }
+    if let Command::Restart { name } = &cli.command {
+        #[derive(serde::Deserialize)]
+        struct Restarting {
+            message: String,
+        }
+        let asked = crate::api::Op::Restart { name: name.clone() };
+        let answer = crate::api::client::ask_as::<Restarting>(&settings.data_dir, asked)
+            .await?
+            .ok_or_else(|| CliError::NoDaemonFor { what: "restart", socket: crate::api::socket_path(&settings.data_dir) })?;
+        writeln!(stdout.lock(), "{}", answer.message).map_err(CliError::Output)?;
+        return Ok(ExitCode::SUCCESS);
     }
     if let Command::Events { name, json } = &cli.command {
         let stop = shutdown_signal()?;
@@ -423,7 +445,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
             plan::write_plan(&mut stdout.lock(), &rows).map_err(CliError::Output)?;
         }
         // Returned above: they need no guest store.
-        Command::Validate | Command::Daemon | Command::Image { .. } | Command::Events { .. } => {}
+        Command::Validate | Command::Daemon | Command::Image { .. } | Command::Events { .. } | Command::Restart { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -449,7 +471,7 @@ async fn image_command(config_dir: &Path, settings: &Settings, command: &ImageCo
 /// daemon goes.
 async fn events(data_dir: &Path, name: Option<String>, json: bool, stop: impl std::future::Future<Output = ()>) -> Result<ExitCode, CliError> {
     let mut stream = crate::api::client::stream(data_dir, crate::api::Op::Events { name }).await?.ok_or_else(|| {
-        CliError::NoDaemon { socket: crate::api::socket_path(data_dir) }
+        CliError::NoDaemonFor { what: "events", socket: crate::api::socket_path(data_dir) }
     })?;
     tokio::pin!(stop);
     let stdout = io::stdout();

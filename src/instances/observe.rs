@@ -93,6 +93,7 @@ impl Observation {
             stopping: recall.stopping,
             press_again: recall.press_again,
             unanswered_until: recall.unanswered_until,
+            restart: recall.restart,
             unreadable_record: self.unreadable_record.clone(),
             lost: meta.filter(|m| !m.lost_answered).and_then(|m| m.lost.clone()),
             overlay_bytes: self.overlay_bytes,

@@ -74,6 +74,10 @@ pub struct Observed {
     /// The VMM stopped answering: a guest declared stopped has its VMM
     /// killed from then on (the grace a power button would have had).
     pub unanswered_until: Option<Instant>,
+    /// `hypeman restart` asked for a fresh boot, not yet done: a running
+    /// guest is shut down (gracefully) and booted again, one held stopped by
+    /// its restart policy is booted.
+    pub restart: bool,
     /// A guest record that cannot be read may be this instance's (see
     /// `Observation::unreadable_record`): why nothing may be done.
     pub unreadable_record: Option<String>,
@@ -93,6 +97,8 @@ pub struct Observed {
 /// [`Observation::observed`]: super::Observation::observed
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Recall {
+    /// `hypeman restart` asked, not yet done (see `Observed::restart`).
+    pub restart: bool,
     pub hold: Option<Hold>,
     pub stopping: Option<Instant>,
     pub press_again: Option<Instant>,
@@ -118,6 +124,7 @@ impl Observed {
             stopping: None,
             press_again: None,
             unanswered_until: None,
+            restart: false,
             unreadable_record: None,
             lost: None,
             overlay_bytes: None,

@@ -100,6 +100,15 @@ impl Directory {
         self.nameless.read().expect("poisoned").clone()
     }
 
+    /// Asks the owner of `name` to boot its guest afresh (see
+    /// `owner::Request::Restart`); `None` when no owner runs for it.
+    pub async fn restart(&self, name: &str) -> Option<Result<String, String>> {
+        let (sender, _) = self.owners.read().expect("poisoned").get(name).cloned()?;
+        let (reply, answer) = oneshot::channel();
+        sender.send(Request::Restart(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
     /// Whether an owner runs for `name`.
     pub fn has(&self, name: &str) -> bool {
         self.owners.read().expect("poisoned").contains_key(name)

@@ -57,6 +57,10 @@ pub enum Request {
     /// Its last look, as `status` and `plan` show it (the daemon's API
     /// answers from these: no second look at the VMM).
     Look(oneshot::Sender<Option<Arc<Look>>>),
+    /// `hypeman restart`: boot the guest afresh, as declared. Answered
+    /// with what will happen, or why nothing will (the declaration is the
+    /// source of truth: a guest declared stopped or standby is not booted).
+    Restart(oneshot::Sender<Result<String, String>>),
 }
 
 /// What an owner's last look found and what it made of it: the
@@ -115,6 +119,8 @@ struct Memory {
     view: OwnerView,
     look: Option<Arc<Look>>,
     published: Option<watch::Sender<Option<Arc<Look>>>>,
+    /// A restart was asked for and the guest has not been booted since.
+    restart: bool,
 }
 
 impl Memory {
@@ -134,6 +140,7 @@ impl Memory {
             view: OwnerView { name: name.to_string(), desired: None, state: None, last_step: None, error: None, steps: 0 },
             look: None,
             published: None,
+            restart: false,
         }
     }
 
@@ -246,7 +253,11 @@ pub async fn run(name: String, ctx: Arc<Ctx>, mut inbox: Inbox, previous: Option
             biased;
             _ = inbox.stop.changed() => return,
             request = inbox.requests.recv() => match request {
-                Some(request) => answer(request, &mem),
+                Some(request) => {
+                    if answer(request, &mut mem) {
+                        due = Instant::now();
+                    }
+                }
                 // Let go by the reconciler: finish quietly.
                 None => return,
             },
@@ -283,14 +294,53 @@ async fn wait_until(due: Instant) {
     }
 }
 
-fn answer(request: Request, mem: &Memory) {
+/// Answers `request`; whether the owner should look again at once.
+fn answer(request: Request, mem: &mut Memory) -> bool {
     match request {
+        Request::Restart(reply) => {
+            let decided = restart_decision(mem.look.as_deref(), &mem.view.name);
+            let act = decided.is_ok();
+            if act {
+                mem.restart = true;
+                // The user asked: no backoff or crash count holds it back.
+                mem.hold = None;
+                mem.hold_for = None;
+                mem.failures = 0;
+                mem.crashes = 0;
+            }
+            let _ = reply.send(decided);
+            return act;
+        }
         Request::View(reply) => {
             let _ = reply.send(mem.view.clone());
         }
         Request::Look(reply) => {
             let _ = reply.send(mem.look.clone());
         }
+    }
+    false
+}
+
+/// What a restart of `name` does, from the owner's last look, or why it
+/// does nothing.
+fn restart_decision(look: Option<&Look>, name: &str) -> Result<String, String> {
+    let Some(look) = look else {
+        return Err(format!("{name} has not been looked at yet; try again in a moment"));
+    };
+    match &look.desired {
+        Desired::Present(spec) if spec.state == DesiredState::Running => Ok(match look.observation.state {
+            VmState::Running | VmState::Paused | VmState::Created => {
+                format!("{name} will be shut down (gracefully, then as a stop would) and booted again; its declaration is unchanged")
+            }
+            VmState::Standby => format!("{name} will be restored from standby, shut down and booted afresh; its declaration is unchanged"),
+            _ => format!("{name} will be booted; its declaration is unchanged"),
+        }),
+        Desired::Present(spec) => Err(format!(
+            "{name} is declared {}: a restart boots only what is declared running (the declaration is the source of truth; set state = \"running\" to boot it)",
+            spec.state
+        )),
+        Desired::Absent => Err(format!("{name} has no declaration (it is being removed)")),
+        Desired::Invalid(why) => Err(format!("{name}'s declaration is invalid, so nothing is done with it: {why}")),
     }
 }
 
@@ -336,7 +386,13 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     };
     notice_surprises(name, instances, mem, &desired, &obs).await;
     let now = Instant::now();
+    // A restart asked under a declaration that no longer says running is
+    // dropped: the declaration decides.
+    if !matches!(&desired, Desired::Present(spec) if spec.state == DesiredState::Running) {
+        mem.restart = false;
+    }
     let recall = Recall {
+        restart: mem.restart,
         hold: mem.hold,
         stopping: mem.stopping,
         press_again: mem.press_again,
@@ -409,6 +465,10 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
     match Box::pin(instances.execute(name, &step, &obs)).await {
         Ok(outcome) => {
             mem.succeeded();
+            if step.kind() == StepKind::Create {
+                // Booted afresh: a restart asked for is done.
+                mem.restart = false;
+            }
             match outcome.check(step.kind(), obs.state) {
                 Ok(at) => mem.last_seen = Some(at),
                 Err(e) => {

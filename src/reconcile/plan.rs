@@ -121,6 +121,12 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
         Some(applied) if want != DesiredState::Stopped => restart_changes(spec, applied, pinned, observed.overlay_bytes),
         Some(_) | None => Vec::new(),
     };
+    // `hypeman restart`: a fresh boot of the guest as declared, by the
+    // same way down a changed declaration takes.
+    let changed = match observed.restart && want == DesiredState::Running {
+        true if changed.is_empty() => vec!["a restart was asked for (hypeman restart)".to_string()],
+        _ => changed,
+    };
     let stale = !changed.is_empty();
     // A guest that ended by itself stays down if the policy says so, until
     // the declaration changes or says otherwise.
@@ -163,7 +169,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
                 "the VMM does not answer; declaring the instance stopped (or deleting it) has it killed".into(),
             )
         }
-        (DesiredState::Running, Stopped) => match held {
+        (DesiredState::Running, Stopped) => match held.filter(|_| !observed.restart) {
             Some(end) => return Step::Blocked(format!("{end}; restart = \"{}\" leaves it stopped", spec.restart)),
             None => return Step::Create { spec: spec.clone() },
         },

@@ -82,6 +82,8 @@ fn walk(desired: &Desired, mut obs: Observed) -> Vec<StepKind> {
                 obs.lost = None;
                 obs.vmm = Some(vmm());
                 obs.recorded_vmm = Some(vmm());
+                // As the owner does: booted afresh, a restart asked is done.
+                obs.restart = false;
             }
             Step::Restore { .. } => {
                 obs.vmm = Some(vmm());
@@ -310,8 +312,23 @@ fn a_held_exit_is_visible_and_lifted_by_a_change_or_a_stop() {
     assert_eq!(walk(&changed, held.clone()), vec![Create, Boot]);
     // Declared stopped, the ending is forgotten; running again boots.
     assert_eq!(walk(&present(DesiredState::Stopped), held.clone()), vec![ForgetExit]);
-    let forgotten = Observed { exited: None, ..held };
+    let forgotten = Observed { exited: None, ..held.clone() };
     assert_eq!(walk(&running_with(RestartPolicy::Never), forgotten), vec![Create, Boot]);
+    // `hypeman restart` boots it without a change to the declaration.
+    let asked = Observed { restart: true, ..held };
+    assert_eq!(plan(&running_with(RestartPolicy::OnFailure), &asked, Instant::now()).kind(), Create);
+}
+
+/// `hypeman restart` of a running guest: down gracefully, as for a changed
+/// declaration, saying why; nothing for one declared standby or stopped.
+#[test]
+fn a_restart_asked_for_shuts_a_running_guest_down_and_nothing_else() {
+    let running = Observed { restart: true, vmm: Some(vmm()), applied: Some(applied()), ..observed(Running) };
+    match plan(&running_with(RestartPolicy::OnFailure), &running, Instant::now()) {
+        Step::PowerOff { booted: true, changed, .. } => assert_eq!(changed, ["a restart was asked for (hypeman restart)"]),
+        other => panic!("expected a graceful power off, got {other:?}"),
+    }
+    assert_ne!(plan(&present(DesiredState::Standby), &running, Instant::now()).kind(), PowerOff);
 }
 
 #[test]
@@ -562,8 +579,10 @@ mod props {
             unreadable in proptest::bool::weighted(0.05),
             lost in any::<bool>(),
             overlay_bytes in proptest::option::of(select(vec![512u64 << 20, 1 << 30, 2 << 30])),
+            restart in proptest::bool::weighted(0.1),
         ) -> Observed {
             Observed {
+                restart,
                 exists,
                 state,
                 hypervisor,
