@@ -51,17 +51,38 @@ pub fn binary() -> PathBuf {
     .clone()
 }
 
+/// `file` placed in `dir` under `name`, readable (and runnable) by anyone:
+/// VMMs run as their own users, who may not pass through the checkout's
+/// directories (a fresh clone in a `0700` temp dir). A hard link when it
+/// can be, a copy otherwise.
+fn reachable_copy(file: &Path, dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let at = dir.join(".fake-ch");
+    std::fs::create_dir_all(&at).unwrap();
+    std::fs::set_permissions(&at, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let to = at.join(name);
+    if !to.exists() && std::fs::hard_link(file, &to).is_err() {
+        std::fs::copy(file, &to).unwrap();
+    }
+    let mode = std::fs::metadata(&to).unwrap().permissions().mode() | 0o444;
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).unwrap();
+    to
+}
+
 /// Writes `dir/cloud-hypervisor`: a script that runs the fake with the
-/// spec and `env` set, so each test tunes its own VMMs.
+/// spec and `env` set, so each test tunes its own VMMs. The fake and its
+/// spec are placed in `dir` first, where a VMM's own user reaches them.
 pub fn wrapper(dir: &Path, env: &[(&str, &str)]) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let spec = reachable_copy(&spec_path(), dir, "openapi.yaml");
+    let fake = reachable_copy(&binary(), dir, "fake-cloud-hypervisor");
     let mut script = String::from("#!/bin/sh\n");
-    script.push_str(&format!("export FAKE_CH_OPENAPI={}\n", quote(&spec_path().display().to_string())));
+    script.push_str(&format!("export FAKE_CH_OPENAPI={}\n", quote(&spec.display().to_string())));
     for (k, v) in env {
         script.push_str(&format!("export {k}={}\n", quote(v)));
     }
-    script.push_str(&format!("exec {} \"$@\"\n", quote(&binary().display().to_string())));
+    script.push_str(&format!("exec {} \"$@\"\n", quote(&fake.display().to_string())));
     let path = dir.join("cloud-hypervisor");
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
