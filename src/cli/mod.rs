@@ -151,17 +151,20 @@ pub enum Command {
     /// One line each: `NAME  STATE -> DESIRED: STEP`. Only the next step is
     /// shown; later ones depend on how it turns out.
     Plan,
-    /// Boot an instance afresh, as declared: a running guest is shut down
-    /// (gracefully, then as a stop would) and booted again; one held stopped
-    /// by its restart policy is booted. The declaration is not changed (and
-    /// an instance declared stopped or standby is not booted). Needs a
-    /// running daemon.
+    /// Boot an instance afresh, as declared (needs a running daemon).
+    ///
+    /// A running guest is shut down (gracefully, then as a stop would) and
+    /// booted again; one held stopped by its restart policy is booted. The
+    /// declaration is not changed, and an instance declared stopped or
+    /// standby is not booted.
     Restart {
         /// An instance name, guest ID or unique ID prefix.
         name: String,
     },
-    /// Stream the daemon's events as they happen: steps, errors, restarts,
-    /// what it found changed. The same lines as each `hypeman.log`.
+    /// Stream the daemon's events as they happen (the lines of hypeman.log).
+    ///
+    /// Steps, errors, restarts, what the daemon found changed: the same
+    /// lines as each instance's `hypeman.log`.
     ///
     /// One line each: `TIME  NAME  LEVEL  MESSAGE`, or JSON objects with
     /// --json; until interrupted. Needs a running daemon.
