@@ -70,6 +70,7 @@ async fn run(n: usize, samples: usize, networked: bool) {
         backends: Backends { cloud_hypervisor: None, qemu: Some(Arc::new(fake.clone())) },
         provisioner: Arc::new(FakeProvisioner),
         handle_sighup: false,
+        api: Some(hypeman::cli::serve::hook(config_dir.clone(), settings.clone())),
     };
     let rss_before = rss_mib();
     let started = Instant::now();

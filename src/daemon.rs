@@ -26,7 +26,17 @@ pub struct DaemonConfig {
     /// Listen for SIGHUP (a full rescan). Off in tests that run several
     /// daemons in one process.
     pub handle_sighup: bool,
+    /// Starts the local API (`cli::serve::hook`) once the owners exist;
+    /// none: the daemon serves no API.
+    pub api: Option<ApiHook>,
 }
+
+/// What starts the local API: given the owners' directory and the store,
+/// it binds the socket and returns the serving task.
+pub type ApiHook = Box<
+    dyn FnOnce(crate::reconcile::Directory, Arc<Store>) -> Result<tokio::task::JoinHandle<()>, Box<dyn std::error::Error + Send + Sync>>
+        + Send,
+>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -46,7 +56,7 @@ pub enum DaemonError {
         source: crate::durable::DurableError,
     },
     #[error("cannot serve the local API")]
-    Api(#[from] crate::api::server::ServerError),
+    Api(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("another hypeman daemon already manages {data_dir}")]
     AlreadyRunning { data_dir: PathBuf },
     #[error(
@@ -171,15 +181,13 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
     }
     let mut reconciler = Reconciler::new(instances, dir.clone());
     reconciler.nudge_all().await;
-    // The local API, answered from the owners' looks (`api`). Bound under
-    // the data dir's lock: a socket file left there is a dead daemon's.
+    // The local API, answered from the owners' looks. Started under the
+    // data dir's lock: a socket file left there is a dead daemon's.
     let socket = crate::api::socket_path(&cfg.settings.data_dir);
-    let listener = crate::api::server::bind(&socket)?;
-    let api = Arc::new(crate::api::server::Api {
-        directory: reconciler.directory(),
-        ctx: crate::cli::Context::for_daemon(&cfg.config_dir, store.clone(), cfg.settings.clone()),
-    });
-    let server = tokio::spawn(crate::api::server::serve(listener, api));
+    let server = match cfg.api {
+        Some(hook) => Some(hook(reconciler.directory(), store.clone()).map_err(DaemonError::Api)?),
+        None => None,
+    };
     tracing::info!(
         instances_dir = %dir.display(),
         data_dir = %cfg.settings.data_dir.display(),
@@ -213,8 +221,10 @@ pub async fn run(cfg: DaemonConfig, shutdown: impl Future<Output = ()> + Send) -
             }
         }
     }
-    server.abort();
-    let _ = std::fs::remove_file(&socket);
+    if let Some(server) = server {
+        server.abort();
+        let _ = std::fs::remove_file(&socket);
+    }
     tracing::info!("stopping; VMs keep running and will be adopted by the next daemon");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     reconciler.shutdown(STOP_TIMEOUT).await;

@@ -63,6 +63,7 @@ impl Env {
             backends: self.backends(),
             provisioner: self.provisioner.clone(),
             handle_sighup: false,
+            api: None,
         };
         let task = tokio::spawn(async move {
             daemon::run(cfg, async {

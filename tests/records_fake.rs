@@ -73,6 +73,7 @@ impl Env {
             backends: self.backends(),
             provisioner: Arc::new(FakeProvisioner),
             handle_sighup: false,
+            api: None,
         };
         let task = tokio::spawn(async move {
             daemon::run(cfg, async {

@@ -1,4 +1,5 @@
-//! The daemon's local API: a unix socket in the data dir (`hypeman.sock`,
+//! The daemon's local API, its protocol and its client (the server is the
+//! CLI's `cli::serve`, handed to the daemon as a hook): a unix socket in the data dir (`hypeman.sock`,
 //! `0600`, root's) that `hypeman status`, `plan` and `wait` ask instead of
 //! looking at every VMM themselves. Answers come from the daemon's own
 //! view: each instance's owner task answers with its last look (a request
@@ -21,7 +22,6 @@
 
 pub mod client;
 pub mod protocol;
-pub mod server;
 
 pub use protocol::Op;
 

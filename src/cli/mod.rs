@@ -24,6 +24,7 @@ mod image;
 mod logs;
 mod plan;
 mod progress;
+pub mod serve;
 mod status;
 mod validate;
 mod view;
@@ -34,9 +35,6 @@ pub use plan::{plan_rows, PlanRow};
 pub use status::{status_all, status_of, InstanceStatus};
 pub use validate::validate;
 pub use wait::wait_for;
-pub(crate) use plan::rows_from_looks;
-pub(crate) use status::{status_from_look, status_from_looks};
-pub(crate) use view::resolve;
 
 use crate::declaration::spec::InstanceSpec;
 use crate::declaration::Diagnostic;
@@ -561,6 +559,7 @@ pub async fn run_daemon(config_dir: PathBuf, settings: Arc<Settings>) -> Result<
     let provisioner = crate::instances::image_provisioner::ImageProvisioner::new(settings.clone())
         .map_err(CliError::Provision)?;
     let cfg = crate::daemon::DaemonConfig {
+        api: Some(serve::hook(config_dir.clone(), settings.clone())),
         config_dir,
         backends: backends(&settings),
         settings,

@@ -1,9 +1,11 @@
-//! The daemon's side of the API: the socket, one task per connection, and
-//! the answers, rendered from the owners' last looks exactly as the CLI
-//! renders a look of its own (`cli::status`, `cli::plan`).
+//! The daemon's side of the local API (`crate::api`): the socket, one task
+//! per connection, and the answers, rendered from the owners' last looks
+//! exactly as the CLI renders a look of its own (`status`, `plan`). It
+//! lives with the CLI's renderings; the daemon is handed it as a hook
+//! (`daemon::ApiHook`), so the daemon does not depend on the CLI.
 
-use super::protocol::{self, ErrorKind, Op, Reply};
-use crate::cli::{CliError, Context};
+use crate::api::protocol::{self, ErrorKind, Op, Reply};
+use super::{CliError, Context};
 use crate::reconcile::Directory;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +44,17 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| ServerError::Bind { path: path.to_path_buf(), source })?;
     Ok(listener)
+}
+
+/// The daemon's API hook: binds `<data_dir>/hypeman.sock` and serves it
+/// from the owners' directory, with a context over the daemon's store
+/// that never looks at a VMM.
+pub fn hook(config_dir: PathBuf, settings: std::sync::Arc<crate::settings::Settings>) -> crate::daemon::ApiHook {
+    Box::new(move |directory, store| {
+        let listener = bind(&crate::api::socket_path(&settings.data_dir))?;
+        let api = Arc::new(Api { directory, ctx: Context::for_daemon(&config_dir, store, settings) });
+        Ok(tokio::spawn(serve(listener, api)))
+    })
 }
 
 /// What the server answers from.
@@ -100,7 +113,7 @@ async fn stream_events(
     mut reader: impl tokio::io::AsyncRead + Unpin,
     mut write: tokio::net::unix::OwnedWriteHalf,
 ) {
-    let instance = match name.map(|q| crate::cli::resolve(&api.ctx, &q)).transpose() {
+    let instance = match name.map(|q| super::view::resolve(&api.ctx, &q)).transpose() {
         Ok(instance) => instance,
         Err(e) => {
             let kind = if matches!(e, CliError::NotFound { .. }) { ErrorKind::NotFound } else { ErrorKind::Internal };
@@ -148,22 +161,22 @@ pub async fn answer(api: &Api, op: Op) -> Reply {
         Op::Ping => Ok(serde_json::json!({ "daemon": env!("CARGO_PKG_VERSION"), "protocol": protocol::VERSION })),
         Op::Status { name: None } => {
             let looks = api.directory.looks().await;
-            Ok(serde_json::to_value(crate::cli::status_from_looks(&api.ctx, &looks, &api.directory.nameless())).unwrap_or_default())
+            Ok(serde_json::to_value(super::status::status_from_looks(&api.ctx, &looks, &api.directory.nameless())).unwrap_or_default())
         }
-        Op::Status { name: Some(query) } => match crate::cli::resolve(&api.ctx, &query) {
+        Op::Status { name: Some(query) } => match super::view::resolve(&api.ctx, &query) {
             Ok(name) => {
                 let look = api.directory.look(&name).await;
-                Ok(serde_json::to_value(crate::cli::status_from_look(&api.ctx, &name, look.as_deref())).unwrap_or_default())
+                Ok(serde_json::to_value(super::status::status_from_look(&api.ctx, &name, look.as_deref())).unwrap_or_default())
             }
             Err(e) => Err(e),
         },
         Op::Plan => {
             let looks = api.directory.looks().await;
-            Ok(serde_json::to_value(crate::cli::rows_from_looks(&api.ctx, &looks)).unwrap_or_default())
+            Ok(serde_json::to_value(super::plan::rows_from_looks(&api.ctx, &looks)).unwrap_or_default())
         }
         Op::Events { .. } => return Reply::error(ErrorKind::BadRequest, "events is a stream, served on its own connection"),
         Op::Restart { name: query } => {
-            let name = match crate::cli::resolve(&api.ctx, &query) {
+            let name = match super::view::resolve(&api.ctx, &query) {
                 Ok(name) => name,
                 Err(e) => return Reply::error(ErrorKind::NotFound, crate::instances::error_chain(&e)),
             };
