@@ -525,6 +525,58 @@ async fn a_vmm_of_its_own_user_gets_its_tap_kernel_and_volume_by_descriptor() {
     assert!(process::wait_gone(h2.process_id(), Duration::from_secs(5)).await);
 }
 
+/// A snapshot of a VMM of its own user whose files became root's since
+/// (`0700` directories, `0600` files: copied back by root, or modes
+/// tightened): the restore hands the snapshot and the directories on its
+/// way from the guest dir to the VMM first, whatever its standby granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_made_roots_again_is_handed_back_before_a_restore() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !support::gate::capability("root (VMMs as other users)", nix::unistd::geteuid().is_root()) {
+        return;
+    }
+    let g = Guest::new(&[]);
+    let data_dir = g.dir.parent().unwrap().to_path_buf();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let uid = 70_901;
+    let mut cfg = g.config(0);
+    cfg.user = Some(hypeman::hypervisor::VmmUser { uid, gid: uid, groups: vec![69_999], data_dir });
+    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
+    g.backend.boot(&h).await.unwrap();
+    g.wait_counter_above(2);
+    g.backend.pause(&h).await.unwrap();
+    let snapshots = g.dir.join("snapshots");
+    let snap = snapshots.join("snapshot-latest");
+    std::fs::create_dir_all(&snap).unwrap();
+    g.backend.snapshot(&h, &snap).await.unwrap();
+    let last = *g.counters().last().unwrap();
+    g.backend.shutdown_vmm(&h).await.unwrap();
+    let roots = |path: &std::path::Path, mode: u32| {
+        std::os::unix::fs::chown(path, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    roots(&snapshots, 0o700);
+    roots(&snap, 0o700);
+    for f in std::fs::read_dir(&snap).unwrap() {
+        roots(&f.unwrap().path(), 0o600);
+    }
+
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h2.pid)).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains("70901")), "{status}");
+    g.backend.resume(&h2).await.unwrap();
+    g.wait_counter_above(last);
+    let mode = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o777)
+    };
+    assert_eq!(mode(&snapshots), (0, uid, 0o710), "the way to the snapshot: search only");
+    assert_eq!(mode(&snap), (0, uid, 0o750));
+    assert_eq!(mode(&snap.join("state.json")), (0, uid, 0o640), "read by the VMM's group, still root's");
+    g.backend.power_off(&h2).await.unwrap();
+    assert!(process::wait_gone(h2.process_id(), Duration::from_secs(5)).await);
+}
+
 #[test]
 fn the_wrapper_is_the_fake() {
     let dir = tempfile::tempdir().unwrap();
