@@ -30,6 +30,20 @@ impl Guest {
         Guest { backend: CloudHypervisorBackend::new(binary.clone()), binary, dir, _tmp: tmp }
     }
 
+    /// A guest whose VMM may run as its own user, and its data dir (the
+    /// temp dir, opened for others to pass through as `/var/lib` is);
+    /// `None` when the test cannot make one (not root: `needs` says why).
+    fn for_a_vmm_user(needs: &str) -> Option<(Guest, PathBuf)> {
+        use std::os::unix::fs::PermissionsExt;
+        if !support::gate::capability(needs, nix::unistd::geteuid().is_root()) {
+            return None;
+        }
+        let g = Guest::new(&[]);
+        let data_dir = g.dir.parent().unwrap().to_path_buf();
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        Some((g, data_dir))
+    }
+
     fn vmm(&self, recorded: Option<&VmmHandle>) -> GuestVmm {
         GuestVmm {
             guest_dir: self.dir.clone(),
@@ -457,12 +471,7 @@ async fn networking_needs_v49() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_of_its_own_user_gets_its_tap_kernel_and_volume_by_descriptor() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if !support::gate::capability("root (TAPs, VMMs as other users)", nix::unistd::geteuid().is_root()) {
-        return;
-    }
-    let g = Guest::new(&[]);
-    let data_dir = g.dir.parent().unwrap().to_path_buf();
-    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let Some((g, data_dir)) = Guest::for_a_vmm_user("root (TAPs, VMMs as other users)") else { return };
     let private = tempfile::tempdir().unwrap();
     let kernel = private.path().join("vmlinuz");
     std::fs::write(&kernel, "kernel").unwrap();
@@ -532,12 +541,7 @@ async fn a_vmm_of_its_own_user_gets_its_tap_kernel_and_volume_by_descriptor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_made_roots_again_is_handed_back_before_a_restore() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if !support::gate::capability("root (VMMs as other users)", nix::unistd::geteuid().is_root()) {
-        return;
-    }
-    let g = Guest::new(&[]);
-    let data_dir = g.dir.parent().unwrap().to_path_buf();
-    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let Some((g, data_dir)) = Guest::for_a_vmm_user("root (VMMs as other users)") else { return };
     let uid = 70_901;
     let mut cfg = g.config(0);
     cfg.user = Some(hypeman::hypervisor::VmmUser { uid, gid: uid, groups: vec![69_999], data_dir });
