@@ -30,6 +30,20 @@ impl Guest {
         Guest { backend: CloudHypervisorBackend::new(binary.clone()), binary, dir, _tmp: tmp }
     }
 
+    /// A guest whose VMM may run as its own user, and its data dir (the
+    /// temp dir, opened for others to pass through as `/var/lib` is);
+    /// `None` when the test cannot make one (not root: `needs` says why).
+    fn for_a_vmm_user(needs: &str) -> Option<(Guest, PathBuf)> {
+        use std::os::unix::fs::PermissionsExt;
+        if !support::gate::capability(needs, nix::unistd::geteuid().is_root()) {
+            return None;
+        }
+        let g = Guest::new(&[]);
+        let data_dir = g.dir.parent().unwrap().to_path_buf();
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        Some((g, data_dir))
+    }
+
     fn vmm(&self, recorded: Option<&VmmHandle>) -> GuestVmm {
         GuestVmm {
             guest_dir: self.dir.clone(),
@@ -457,12 +471,7 @@ async fn networking_needs_v49() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_of_its_own_user_gets_its_tap_kernel_and_volume_by_descriptor() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if !support::gate::capability("root (TAPs, VMMs as other users)", nix::unistd::geteuid().is_root()) {
-        return;
-    }
-    let g = Guest::new(&[]);
-    let data_dir = g.dir.parent().unwrap().to_path_buf();
-    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let Some((g, data_dir)) = Guest::for_a_vmm_user("root (TAPs, VMMs as other users)") else { return };
     let private = tempfile::tempdir().unwrap();
     let kernel = private.path().join("vmlinuz");
     std::fs::write(&kernel, "kernel").unwrap();
@@ -521,6 +530,53 @@ async fn a_vmm_of_its_own_user_gets_its_tap_kernel_and_volume_by_descriptor() {
     g.backend.resume(&h2).await.unwrap();
     g.wait_counter_above(last);
     assert!(support::fake_ch::violations(&g.dir.join("logs/vmm.log")).is_empty(), "{}", g.vmm_log());
+    g.backend.power_off(&h2).await.unwrap();
+    assert!(process::wait_gone(h2.process_id(), Duration::from_secs(5)).await);
+}
+
+/// A snapshot of a VMM of its own user whose files became root's since
+/// (`0700` directories, `0600` files: copied back by root, or modes
+/// tightened): the restore hands the snapshot and the directories on its
+/// way from the guest dir to the VMM first, whatever its standby granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_made_roots_again_is_handed_back_before_a_restore() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some((g, data_dir)) = Guest::for_a_vmm_user("root (VMMs as other users)") else { return };
+    let uid = 70_901;
+    let mut cfg = g.config(0);
+    cfg.user = Some(hypeman::hypervisor::VmmUser { uid, gid: uid, groups: vec![69_999], data_dir });
+    let h = g.backend.create(&g.vmm(None), &cfg).await.unwrap();
+    g.backend.boot(&h).await.unwrap();
+    g.wait_counter_above(2);
+    g.backend.pause(&h).await.unwrap();
+    let snapshots = g.dir.join("snapshots");
+    let snap = snapshots.join("snapshot-latest");
+    std::fs::create_dir_all(&snap).unwrap();
+    g.backend.snapshot(&h, &snap).await.unwrap();
+    let last = *g.counters().last().unwrap();
+    g.backend.shutdown_vmm(&h).await.unwrap();
+    let roots = |path: &std::path::Path, mode: u32| {
+        std::os::unix::fs::chown(path, Some(0), Some(0)).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    roots(&snapshots, 0o700);
+    roots(&snap, 0o700);
+    for f in std::fs::read_dir(&snap).unwrap() {
+        roots(&f.unwrap().path(), 0o600);
+    }
+
+    let h2 = g.backend.restore(&g.vmm(None), &cfg, &snap).await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h2.pid)).unwrap();
+    assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains("70901")), "{status}");
+    g.backend.resume(&h2).await.unwrap();
+    g.wait_counter_above(last);
+    let mode = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o777)
+    };
+    assert_eq!(mode(&snapshots), (0, uid, 0o710), "the way to the snapshot: search only");
+    assert_eq!(mode(&snap), (0, uid, 0o750));
+    assert_eq!(mode(&snap.join("state.json")), (0, uid, 0o640), "read by the VMM's group, still root's");
     g.backend.power_off(&h2).await.unwrap();
     assert!(process::wait_gone(h2.process_id(), Duration::from_secs(5)).await);
 }

@@ -189,13 +189,17 @@ pub fn grant_volume(path: &Path, user: &VmmUser, write: bool) -> Result<(), Hand
 }
 
 /// The snapshot in `dir`, for a VMM of `user` to restore from: it reads the
-/// files by name, and a snapshot taken while VMMs ran as root is root's
-/// `0600`. The directory gets the VMM's gid with read and search
-/// (`0750`), every file in it read (`0640`). Nothing for a root VMM.
-pub fn open_snapshot(dir: &Path, user: Option<&VmmUser>) -> Result<(), HandoverError> {
+/// files by name, and files written by root (a snapshot copied back, or
+/// one whose modes were tightened since) are root's `0600`. The
+/// directories between `guest_dir` and `dir` get search, the directory
+/// the VMM's gid with read and search (`0750`), every file in it read
+/// (`0640`): a restore never depends on what the snapshot's own standby
+/// granted. Nothing for a root VMM.
+pub fn open_snapshot(dir: &Path, guest_dir: &Path, user: Option<&VmmUser>) -> Result<(), HandoverError> {
     let Some(user) = user else { return Ok(()) };
     let err = |source| HandoverError::Apply { path: dir.to_path_buf(), source };
-    let mut grants = vec![(dir.to_path_buf(), Grant { gid: user.gid, mode: 0o750, create: false })];
+    let mut grants = on_the_way(dir, guest_dir, user);
+    grants.push((dir.to_path_buf(), Grant { gid: user.gid, mode: 0o750, create: false }));
     for entry in std::fs::read_dir(dir).map_err(err)? {
         let entry = entry.map_err(err)?;
         if entry.file_type().map_err(err)?.is_file() {
@@ -210,6 +214,14 @@ pub fn open_snapshot(dir: &Path, user: Option<&VmmUser>) -> Result<(), HandoverE
 /// its own guest's directory): writable by the VMM's gid, and the
 /// directories between it and `guest_dir` searchable.
 pub fn writable_snapshot_dir(dir: &Path, guest_dir: &Path, user: &VmmUser) -> Result<(), HandoverError> {
+    let mut grants = on_the_way(dir, guest_dir, user);
+    grants.push((dir.to_path_buf(), Grant { gid: user.gid, mode: 0o770, create: false }));
+    apply(&grants)
+}
+
+/// Search for the VMM's gid on the directories strictly between
+/// `guest_dir` (granted at launch) and `dir`, outermost first.
+fn on_the_way(dir: &Path, guest_dir: &Path, user: &VmmUser) -> Vec<(PathBuf, Grant)> {
     let mut grants: Vec<(PathBuf, Grant)> = dir
         .ancestors()
         .skip(1)
@@ -217,8 +229,7 @@ pub fn writable_snapshot_dir(dir: &Path, guest_dir: &Path, user: &VmmUser) -> Re
         .map(|a| (a.to_path_buf(), Grant { gid: user.gid, mode: DIR_SEARCH, create: false }))
         .collect();
     grants.reverse();
-    grants.push((dir.to_path_buf(), Grant { gid: user.gid, mode: 0o770, create: false }));
-    apply(&grants)
+    grants
 }
 
 /// A descriptor attached to the existing TAP `name`, for a VMM that may not

@@ -471,8 +471,22 @@ impl ApiClient {
                 .await
                 .map_err(|source| ApiError::Connect { socket: self.socket.clone(), source })?;
             crate::hypervisor::fdpass::send_all(&stream, &request, fds).await.map_err(wire)?;
+            // micro-http keeps every connection open whatever the request
+            // says (it answers `Connection: keep-alive` and closes only
+            // when the client hangs up), so the reply ends where its
+            // length says, never at the connection's end.
             let mut raw = Vec::new();
-            tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut raw).await.map_err(wire)?;
+            let mut chunk = [0u8; 4096];
+            loop {
+                if reply_length(&raw).is_some() {
+                    break;
+                }
+                let n = tokio::io::AsyncReadExt::read(&mut stream, &mut chunk).await.map_err(wire)?;
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&chunk[..n]);
+            }
             parse_reply(endpoint, &raw)
         };
         let timeout = endpoint.timeout();
@@ -613,9 +627,30 @@ impl ApiClient {
     }
 }
 
-/// A whole HTTP/1.1 reply read to the connection's end: its status and
-/// its body (`Content-Length` long when given, else what follows the
-/// headers).
+/// How many bytes of `raw` make one whole reply, once they have all
+/// arrived: the head, then `Content-Length` bytes of body, or none for a
+/// 204 or 304 (micro-http sends those without any length). `None` while
+/// more is due, and for a reply with a body but no length, which only the
+/// connection's end can close.
+fn reply_length(raw: &[u8]) -> Option<usize> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split_whitespace().nth(1)?;
+    if status == "204" || status == "304" {
+        return Some(split + 4);
+    }
+    let length = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())?;
+    let whole = split + 4 + length;
+    (raw.len() >= whole).then_some(whole)
+}
+
+/// A whole HTTP/1.1 reply: its status and its body (`Content-Length` long
+/// when given, none for a 204 or 304, else what follows the headers up to
+/// the connection's end).
 fn parse_reply(endpoint: Endpoint, raw: &[u8]) -> Result<Reply, ApiError> {
     let bad = || ApiError::BadReply { endpoint, reply: String::from_utf8_lossy(&raw[..raw.len().min(200)]).into_owned() };
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(bad)?;
@@ -635,6 +670,7 @@ fn parse_reply(endpoint: Endpoint, raw: &[u8]) -> Result<Reply, ApiError> {
         .transpose()?;
     let rest = &raw[split + 4..];
     let body = match length {
+        _ if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED => Vec::new(),
         Some(n) if n <= rest.len() => rest[..n].to_vec(),
         Some(_) => return Err(bad()),
         None => rest.to_vec(),
@@ -666,6 +702,70 @@ pub fn file_url(dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_is_whole_when_its_length_has_arrived() {
+        let ok = b"HTTP/1.1 204 No Content\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\n\r\n";
+        assert_eq!(reply_length(ok), Some(ok.len()), "a 204 ends with its head");
+        assert_eq!(reply_length(&ok[..ok.len() - 1]), None, "the head is not complete yet");
+        let refused = b"HTTP/1.1 400 \r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n[\"no tap\"]  ";
+        assert_eq!(reply_length(&refused[..refused.len() - 1]), None, "one byte of the body is still due");
+        assert_eq!(reply_length(refused), Some(refused.len()));
+        let mut more = refused.to_vec();
+        more.extend_from_slice(b"HTTP/1.1 204");
+        assert_eq!(reply_length(&more), Some(refused.len()), "what follows is not this reply's");
+        let unbounded = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{}";
+        assert_eq!(reply_length(unbounded), None, "no length: only the connection's end closes it");
+        let reply = parse_reply(Endpoint::VmAddNet, &more).unwrap();
+        assert_eq!((reply.status.as_u16(), reply.body.as_slice()), (400, &b"[\"no tap\"]  "[..]));
+    }
+
+    /// A request with descriptors against a server that, as micro-http,
+    /// keeps the connection open after its reply: the descriptors and the
+    /// whole body arrive with it, and the call returns on the reply, not
+    /// on the connection's end (which would never come).
+    #[tokio::test]
+    async fn descriptors_go_with_the_request_and_the_reply_ends_by_its_length() {
+        use fake_cloud_hypervisor::http;
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for reply in [http::Response::no_content(), http::Response::json(400, &serde_json::json!(["Error from API", "no TAP"]))] {
+                let (stream, _) = listener.accept().unwrap();
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = std::io::BufReader::new(fake_cloud_hypervisor::fds::FdStream::new(stream));
+                let request = http::read_request(&mut reader, &mut writer).unwrap();
+                let fds = reader.get_mut().take_fds();
+                let contents: Vec<String> = fds.into_iter().map(|fd| std::io::read_to_string(std::fs::File::from(fd)).unwrap()).collect();
+                http::write_response(&mut writer, &reply).unwrap();
+                // Held open until the client hangs up, as micro-http does.
+                let closed = matches!(http::read_request(&mut reader, &mut writer), Err(http::ReadError::Closed));
+                seen.push((request.path, request.body, contents, closed));
+            }
+            seen
+        });
+        let tap = dir.path().join("tap");
+        std::fs::write(&tap, "the tap").unwrap();
+        // One open file each: a shared one's offset would be read past.
+        let (first, second) = (std::fs::File::open(&tap).unwrap(), std::fs::File::open(&tap).unwrap());
+        let client = ApiClient::new(&socket).unwrap();
+        let net = api::NetConfig { tap: None, mac: "02:00:00:00:00:09".into(), id: "net0".into(), rate_limiter_config: None };
+        let t0 = std::time::Instant::now();
+        client.add_net(&net, &[first.as_raw_fd()]).await.unwrap();
+        let refused = client.add_net(&net, &[second.as_raw_fd()]).await.unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(5), "waited for the connection's end: {:?}", t0.elapsed());
+        assert!(matches!(&refused, ApiError::Refused { status: 400, messages, .. } if messages == &["Error from API", "no TAP"]), "{refused:?}");
+        let seen = server.join().unwrap();
+        for (path, body, contents, closed) in seen {
+            assert_eq!(path, "/api/v1/vm.add-net");
+            assert_eq!(serde_json::from_slice::<api::NetConfig>(&body).unwrap(), net, "the body arrived whole");
+            assert_eq!(contents, ["the tap"], "the descriptor is the file sent");
+            assert!(closed, "the client hung up after the reply");
+        }
+    }
 
     #[test]
     fn error_bodies_of_every_era_become_a_chain() {

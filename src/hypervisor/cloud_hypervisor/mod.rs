@@ -451,7 +451,7 @@ impl CloudHypervisorBackend {
         mode: impl Fn(ChVersion) -> Option<api::MemoryRestoreMode>,
     ) -> Result<(VmmHandle, Option<api::MemoryRestoreMode>), (HypervisorError, Option<api::MemoryRestoreMode>)> {
         let op = "restore";
-        super::handover::open_snapshot(dir, config.user.as_ref()).map_err(|e| (backend(op)(ChError::Handover(e)), None))?;
+        super::handover::open_snapshot(dir, &guest.guest_dir, config.user.as_ref()).map_err(|e| (backend(op)(ChError::Handover(e)), None))?;
         let (handle, client, version) = self.launch(guest, config, op).await.map_err(|e| (e, None))?;
         let mode = mode(version);
         let restored = async {

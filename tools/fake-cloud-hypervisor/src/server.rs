@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A client that connects and then says nothing is dropped after this.
+/// micro-http itself never drops one: a client still there this long after
+/// its reply is waiting for an end the real server never sends, which is
+/// reported (see `serve_connection`).
 const IDLE: Duration = Duration::from_secs(10);
 
 /// One request, the status it got, and the connection it came on.
@@ -113,9 +116,23 @@ fn serve_connection(stream: UnixStream, connection: u64, shared: &Shared, spec: 
     let _ = stream.set_read_timeout(Some(IDLE));
     let mut writer = stream.try_clone().ok()?;
     let mut reader = BufReader::new(crate::fds::FdStream::new(stream));
+    let mut answered = 0u64;
     loop {
         let mut request = match http::read_request(&mut reader, &mut writer) {
             Ok(r) => r,
+            Err(ReadError::Io(e)) if answered > 0 && matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                // Against the real server this client would wait forever:
+                // micro-http answers `Connection: keep-alive` and keeps the
+                // connection until the client hangs up, whatever the request
+                // said. Reading a reply to the connection's end is a bug.
+                let problem = format!(
+                    "connection {connection} was left open {}s after its reply: micro-http never closes a connection, so a client that reads a reply to the connection's end hangs",
+                    IDLE.as_secs()
+                );
+                log(&format!("SPEC VIOLATION {problem}"));
+                shared.violations.lock().expect("poisoned").push(problem);
+                return None;
+            }
             Err(ReadError::Closed) | Err(ReadError::Io(_)) => return None,
             Err(ReadError::Malformed(why)) => {
                 log(&format!("malformed request: {why}"));
@@ -139,6 +156,7 @@ fn serve_connection(stream: UnixStream, connection: u64, shared: &Shared, spec: 
         log(&format!("{} {} -> {}{brought}", request.method, request.path, response.status));
         shared.exchanges.lock().expect("poisoned").push(Exchange { request, status: response.status, connection });
         let written = http::write_response(&mut writer, &response);
+        answered += 1;
         if after == After::Exit {
             return Some(Ended::Exit);
         }
