@@ -554,6 +554,9 @@ impl Instances {
 /// apply a changed declaration: `hypeman.log` says which fields.
 fn why(step: &Step) -> String {
     match step {
+        Step::PowerOff { changed, .. } if changed.iter().any(|c| c == super::step::RESTART_ASKED) => {
+            format!(": {}; booting it afresh, as declared", super::step::RESTART_ASKED)
+        }
         Step::PowerOff { changed, .. } if !changed.is_empty() => {
             format!(": the declaration changed ({}); restarting to apply it", changed.join(", "))
         }

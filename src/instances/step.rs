@@ -91,6 +91,10 @@ pub struct Observed {
     pub overlay_bytes: Option<u64>,
 }
 
+/// What a power off says it is for when `hypeman restart` asked for it,
+/// in place of the changed fields of a declaration.
+pub const RESTART_ASKED: &str = "a restart was asked for (hypeman restart)";
+
 /// What an instance's owner remembers of its own recent doings, which no
 /// look at the instance can see: handed to [`Observation::observed`].
 ///

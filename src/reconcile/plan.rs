@@ -124,7 +124,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now: Instant) -> Step {
     // `hypeman restart`: a fresh boot of the guest as declared, by the
     // same way down a changed declaration takes.
     let changed = match observed.restart && want == DesiredState::Running {
-        true if changed.is_empty() => vec!["a restart was asked for (hypeman restart)".to_string()],
+        true if changed.is_empty() => vec![crate::instances::step::RESTART_ASKED.to_string()],
         _ => changed,
     };
     let stale = !changed.is_empty();
