@@ -1,6 +1,9 @@
 //! `hypeman logs`: the last lines of one of an instance's three logs, then
-//! (with `--follow`) what is appended, until a signal. Bytes are passed
-//! through as written; reading and following are `crate::logs`'s.
+//! (with `--follow`) what is appended, until a signal. Reading and
+//! following are `crate::logs`'s. Bytes are passed through as written,
+//! except the app log's line endings: the serial console ends lines with
+//! `\r\n` (the guest's tty adds the `\r`), which leaves a `\r` at the end
+//! of every line a user greps or pipes on, so it is printed as `\n`.
 
 use super::view;
 use super::{CliError, Context};
@@ -87,7 +90,12 @@ pub(crate) async fn logs(
         }
         Err(e) => return Err(failed(e)),
     };
-    if !emit(out, &bytes)? || !opts.follow {
+    let mut endings = LineEndings::new(which);
+    let tail_out = endings.filter(&bytes);
+    if !opts.follow {
+        return emit(out, &tail_out).map(drop);
+    }
+    if !emit(out, &tail_out)? {
         return Ok(());
     }
     let mut following = Some(meta.id);
@@ -99,7 +107,7 @@ pub(crate) async fn logs(
             () = &mut stop => return Ok(()),
             chunk = chunks.recv(), if following.is_some() => match chunk {
                 Some(Ok(bytes)) => {
-                    if !emit(out, &bytes)? {
+                    if !emit(out, &endings.filter(&bytes))? {
                         return Ok(());
                     }
                 }
@@ -119,12 +127,59 @@ pub(crate) async fn logs(
                     (_, Some(meta)) if following != Some(meta.id) => {
                         note(notes, &format!("{name} was created again (ID {}); following its {} log", meta.id, which.as_str()))?;
                         following = Some(meta.id);
+                        endings = LineEndings::new(which);
                         chunks = follow(path_of(meta.id), FollowStart::FromOffset(0));
                     }
                     (_, _) => {}
                 }
             }
         }
+    }
+}
+
+/// Rewrites the serial console's `\r\n` as `\n`, across chunk
+/// boundaries: a chunk's last `\r` is held back until the next chunk shows
+/// whether a `\n` follows it. A `\r` still held when the output ends (the
+/// first half of a line ending being written) is dropped. Any other `\r`
+/// (a progress bar redrawing its line) is kept. Only the app log is
+/// rewritten; the VMM's and hypeman's logs are passed through.
+#[derive(Debug)]
+pub(crate) struct LineEndings {
+    rewrite: bool,
+    held_cr: bool,
+}
+
+impl LineEndings {
+    pub(crate) fn new(which: LogSource) -> LineEndings {
+        let rewrite = match which {
+            LogSource::App => true,
+            LogSource::Vmm | LogSource::Hypeman => false,
+        };
+        LineEndings { rewrite, held_cr: false }
+    }
+
+    /// The bytes of `chunk` to print now.
+    pub(crate) fn filter(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if !self.rewrite {
+            return chunk.to_vec();
+        }
+        let mut out = Vec::with_capacity(chunk.len() + 1);
+        let mut rest = chunk;
+        if std::mem::take(&mut self.held_cr) && rest.first() != Some(&b'\n') {
+            out.push(b'\r');
+        }
+        if let Some((&b'\r', head)) = rest.split_last() {
+            self.held_cr = true;
+            rest = head;
+        }
+        let mut bytes = rest.iter().peekable();
+        while let Some(&b) = bytes.next() {
+            if b == b'\r' && bytes.peek() == Some(&&b'\n') {
+                continue;
+            }
+            out.push(b);
+        }
+        out
     }
 }
 

@@ -130,7 +130,8 @@ pub enum Command {
     },
     /// Print an instance's log.
     ///
-    /// Raw bytes, as written; with --follow, until interrupted.
+    /// Bytes as written, except that the app log's serial-console line
+    /// endings (\r\n) are printed as \n; with --follow, until interrupted.
     Logs {
         /// An instance name, guest ID or unique ID prefix.
         name: String,

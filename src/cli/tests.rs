@@ -542,7 +542,7 @@ async fn logs_prints_the_tail_then_follows() {
     )
     .await
     .expect("logs");
-    assert_eq!(out, b"two\r\nthree\r\n");
+    assert_eq!(out, b"two\nthree\n");
 
     let mut out = Vec::new();
     let appender = tokio::spawn(async move {
@@ -551,14 +551,40 @@ async fn logs_prints_the_tail_then_follows() {
             .append(true)
             .open(&app_log)
             .expect("open");
-        f.write_all(b"four\n").expect("append");
+        // A line ending written in two halves, and one as a plain \n.
+        f.write_all(b"four\r").expect("append");
+        f.flush().expect("flush");
+        std::thread::sleep(Duration::from_millis(400));
+        f.write_all(b"\nfive\n").expect("append");
     });
-    let stop = tokio::time::sleep(Duration::from_millis(800));
+    let stop = tokio::time::sleep(Duration::from_millis(1200));
     logs::logs(&w.ctx, "web", opts(LogSource::App, 1, true), &mut out, &mut io::sink(), stop)
         .await
         .expect("follow");
     appender.await.expect("join");
-    assert_eq!(out, b"three\r\nfour\n");
+    assert_eq!(String::from_utf8_lossy(&out), "three\nfour\nfive\n");
+}
+
+/// `hypeman logs web | grep 'x$'` works: the serial console's \r\n is
+/// printed as \n, wherever the chunks of a follow split it; other bytes of
+/// the app log, and every byte of the other logs, are kept.
+#[test]
+fn app_log_line_endings_are_plain_newlines() {
+    let run = |which: LogSource, chunks: &[&[u8]]| {
+        let mut endings = logs::LineEndings::new(which);
+        chunks.iter().flat_map(|c| endings.filter(c)).collect::<Vec<u8>>()
+    };
+    assert_eq!(run(LogSource::App, &[b"a\r\nb\r\n"]), b"a\nb\n");
+    assert_eq!(run(LogSource::App, &[b"a\r", b"\nb\r", b"\n"]), b"a\nb\n");
+    // A lone \r at the end is the first half of a line ending: dropped.
+    assert_eq!(run(LogSource::App, &[b"ready\r"]), b"ready");
+    // A progress bar's \r, and a \r that a later chunk shows was lone.
+    assert_eq!(run(LogSource::App, &[b"10%\r20%\r\n"]), b"10%\r20%\n");
+    assert_eq!(run(LogSource::App, &[b"10%\r", b"20%\n"]), b"10%\r20%\n");
+    assert_eq!(run(LogSource::App, &[b"\r", b"\r", b"\n"]), b"\r\n");
+    assert_eq!(run(LogSource::App, &[b"\xff\r\n\x00"]), b"\xff\n\x00");
+    assert_eq!(run(LogSource::Vmm, &[b"a\r\n", b"b\r"]), b"a\r\nb\r");
+    assert_eq!(run(LogSource::Hypeman, &[b"a\r\n"]), b"a\r\n");
 }
 
 fn opts(which: LogSource, tail: usize, follow: bool) -> logs::LogsOptions {
