@@ -47,13 +47,7 @@ impl ImageProvisioner {
     pub fn new(settings: Arc<Settings>) -> Result<ImageProvisioner, ProvisionError> {
         let images = ImageStore::open(&settings.data_dir, settings.image_store_options())
             .map_err(|e| ProvisionError::Other(format!("cannot open the image store: {}", super::error_chain(&e))))?;
-        let init_binary = match &settings.guest.init {
-            Some(p) => p.clone(),
-            None => std::env::current_exe()
-                .ok()
-                .and_then(|exe| exe.parent().map(|d| d.join("hypeman-init")))
-                .unwrap_or_else(|| PathBuf::from("hypeman-init")),
-        };
+        let init_binary = crate::system::init_binary(&settings.guest);
         Ok(ImageProvisioner { images: Arc::new(images), settings, init_binary, host: std::sync::Mutex::new(None) })
     }
 
@@ -303,6 +297,13 @@ impl Provisioner for ImageProvisioner {
         // Checked here rather than left to the VMM, whose message would be
         // buried in its log after the image work.
         std::fs::File::open(&kernel).map_err(|source| ProvisionError::Kernel { path: kernel.clone(), source })?;
+        // Before any image work: a dynamically linked init boots a guest
+        // that panics ("No working init found"), which then looks like the
+        // VMM's failure. Not-an-ELF is left to the kernel (test stand-ins).
+        match crate::system::check_init(&self.init_binary) {
+            Err(e @ crate::system::InitError::Dynamic { .. }) => return Err(ProvisionError::Init(e)),
+            Ok(()) | Err(crate::system::InitError::NotElf { .. } | crate::system::InitError::Read { .. }) => {}
+        }
         let image = self
             .images
             .ensure(&spec.image)
@@ -634,6 +635,27 @@ mod tests {
                 tmp.path().join("vmlinuz").display()
             )
         );
+        assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
+    }
+
+    /// A dynamically linked init (this test binary is one) is refused
+    /// before any disk work, naming the file and the static build.
+    #[tokio::test]
+    async fn a_dynamically_linked_init_is_refused_before_any_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut settings = Settings::defaults();
+        settings.data_dir = tmp.path().join("data");
+        settings.guest.kernel = Some(tmp.path().join("vmlinuz"));
+        std::fs::write(tmp.path().join("vmlinuz"), b"kernel").unwrap();
+        let dynamic = std::env::current_exe().unwrap();
+        settings.guest.init = Some(dynamic.clone());
+        let store = crate::store::Store::open(&settings.data_dir).unwrap();
+        let meta = store.create_guest("web", crate::declaration::spec::HypervisorKind::Qemu).unwrap();
+        let provisioner = ImageProvisioner::new(Arc::new(settings)).unwrap();
+        let err = provisioner.prepare(&spec("image = \"nginx\"\n"), &store.guest_paths(meta.id), &meta).await.unwrap_err();
+        let shown = crate::error_chain(&err);
+        assert!(shown.starts_with(&format!("the guest init {} is dynamically linked (", dynamic.display())), "{shown}");
+        assert!(shown.ends_with(&format!("build a static one with `{}`", crate::system::STATIC_INIT_BUILD)), "{shown}");
         assert!(!store.guest_paths(meta.id).overlay.exists(), "nothing was made");
     }
 

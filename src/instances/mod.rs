@@ -180,6 +180,9 @@ fn hypervisor_error_kind(e: &HypervisorError) -> ErrorKind {
 fn provision_error_kind(e: &ProvisionError) -> ErrorKind {
     match e {
         ProvisionError::NoKernel => ErrorKind::NeedsChange,
+        // Rebuilt in place, it is the same path: a change to it is not a
+        // declaration change, so it is retried rather than waited on.
+        ProvisionError::Init(_) => ErrorKind::Transient,
         // A missing disk image may be made yet; one of the wrong kind waits
         // for the declaration (or the file) to be put right.
         ProvisionError::Volume { missing: false, .. } => ErrorKind::NeedsChange,

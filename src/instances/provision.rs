@@ -38,6 +38,9 @@ pub enum ProvisionError {
         #[source]
         source: std::io::Error,
     },
+    /// The init binary cannot run as the guest's PID 1.
+    #[error(transparent)]
+    Init(crate::system::InitError),
     #[error("cannot set up the guest's network")]
     Network(#[from] crate::network::NetworkError),
     /// A volume source that cannot be attached as it is now; `missing`

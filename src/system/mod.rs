@@ -7,6 +7,7 @@
 //! unless a setting points there.
 
 mod cpio;
+mod elf;
 mod initrd;
 mod modules;
 mod tsc;
@@ -14,9 +15,23 @@ mod tsc;
 use std::path::PathBuf;
 
 pub use cpio::CpioWriter;
+pub use elf::{check_init, linkage, ElfError, InitError, Linkage, STATIC_INIT_BUILD};
 pub use initrd::{build_initrd, cached_initrd, cached_initrd_hash, initrd_hash, prune_initrds, Initrd};
 pub use modules::{kernel_release, ModuleTree, GUEST_MODULES};
 pub use tsc::{host_tsc_khz, tsc_khz_from_cpuinfo};
+
+/// The guest's PID 1 the daemon puts in the initrd: `[guest] init`, else
+/// `hypeman-init` next to the running executable (where a release installs
+/// it). `validate` checks the same file the daemon will use.
+pub fn init_binary(guest: &crate::settings::GuestSettings) -> PathBuf {
+    match &guest.init {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("hypeman-init")))
+            .unwrap_or_else(|| PathBuf::from("hypeman-init")),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
