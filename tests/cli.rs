@@ -109,6 +109,24 @@ fn validate_fails_on_a_missing_config_dir() -> Result<()> {
 }
 
 #[test]
+fn validate_fails_on_a_missing_instances_dir() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (code, out, err) = run(hypeman().arg("validate").arg("--config-dir").arg(tmp.path()))?;
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "{}/instances:1:1: does not exist: declarations are <config-dir>/instances/<name>.toml (create the directory, even if empty)\n",
+            tmp.path().display()
+        )
+    );
+    std::fs::create_dir(tmp.path().join("instances"))?;
+    let (code, out, _) = run(hypeman().arg("validate").arg("--config-dir").arg(tmp.path()))?;
+    assert_eq!((code, out.as_str()), (0, "ok: 0 instances\n"));
+    Ok(())
+}
+
+#[test]
 fn status_json_on_an_empty_data_dir_is_an_empty_array() -> Result<()> {
     let tmp = support::tempdir();
     let data = tmp.path().join("data");

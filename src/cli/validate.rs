@@ -37,10 +37,17 @@ pub fn validate(
             Settings::defaults().limits
         }
     };
-    let scan = scan_dir(
-        &crate::declaration::instances_dir(config_dir),
-        &limits,
-    );
+    let instances_dir = crate::declaration::instances_dir(config_dir);
+    // The daemon reads a missing instances/ as "nothing declared yet";
+    // here it would be a silent "ok: 0 instances" for a config dir that
+    // holds no declarations at all.
+    if config_dir.is_dir() && !instances_dir.exists() {
+        problems.push(Diagnostic::whole_file(
+            &instances_dir,
+            "does not exist: declarations are <config-dir>/instances/<name>.toml (create the directory, even if empty)",
+        ));
+    }
+    let scan = scan_dir(&instances_dir, &limits);
     problems.extend(scan.all_diagnostics());
     if problems.is_empty() {
         let n = scan.valid.len();
