@@ -190,10 +190,14 @@ fn a_full_data_dir_during_standby_costs_the_guest_nothing() {
     // Not quite 0: the filler's own extent blocks need room.
     let filler = fs.fill(1 << 20);
     std::fs::remove_file(&cat_gate).unwrap();
-    wait_until(60, "the full disk in status", || last_error(&w.status()).contains("No space left on device"));
-    let error = last_error(&w.status());
+    // From the log: `last_error` moves on to the first recheck (200 ms
+    // later) and may already say that when it is read.
+    let mid_write = "snapshot to standby failed: No space left on device for the snapshot in ";
+    wait_until(60, "the full disk in hypeman.log", || hypeman_log(&w).contains(mid_write));
+    let log = hypeman_log(&w);
+    let error = log.lines().find(|l| l.contains(mid_write)).unwrap().to_string();
     eprintln!("disk filled mid-write: {error}");
-    assert!(error.starts_with("snapshot to standby failed: No space left on device for the snapshot in "), "{error}");
+    assert!(last_error(&w.status()).contains("No space left on device"), "{}", w.status());
     assert!(error.contains("were written before the disk filled"), "{error}");
     assert!(!partial(&w).exists(), "the partial snapshot is removed");
     assert_keeps_running(&w, pid);

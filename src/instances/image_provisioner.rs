@@ -47,7 +47,7 @@ impl ImageProvisioner {
     pub fn new(settings: Arc<Settings>) -> Result<ImageProvisioner, ProvisionError> {
         let images = ImageStore::open(&settings.data_dir, settings.image_store_options())
             .map_err(|e| ProvisionError::Other(format!("cannot open the image store: {}", super::error_chain(&e))))?;
-        let init_binary = crate::system::init_binary(&settings.guest);
+        let init_binary = crate::system::init_binary(settings.guest.init.as_deref());
         Ok(ImageProvisioner { images: Arc::new(images), settings, init_binary, host: std::sync::Mutex::new(None) })
     }
 

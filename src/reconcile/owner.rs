@@ -507,6 +507,20 @@ async fn tick(name: &str, ctx: &Ctx, mem: &mut Memory) -> Instant {
             }
             mem.view.error = Some(text.clone());
             let _ = instances.record_error(name, Some(text)).await;
+            // What the failure left (a guest resumed, its error recorded) is
+            // what `status` shows until the next look, which the backoff may
+            // put far off: look once now, act on nothing.
+            if let Ok(after) = Box::pin(instances.observe(name)).await {
+                mem.look = Some(Arc::new(Look {
+                    desired: desired.clone(),
+                    observation: after.clone(),
+                    observe_error: after.blind.clone(),
+                    action: format!("{step} failed; {}", next.describe()),
+                    at: std::time::SystemTime::now(),
+                    busy: None,
+                }));
+                publish(mem, None);
+            }
             until
         }
     }

@@ -20,12 +20,13 @@ pub use initrd::{build_initrd, cached_initrd, cached_initrd_hash, initrd_hash, p
 pub use modules::{kernel_release, ModuleTree, GUEST_MODULES};
 pub use tsc::{host_tsc_khz, tsc_khz_from_cpuinfo};
 
-/// The guest's PID 1 the daemon puts in the initrd: `[guest] init`, else
+/// The guest's PID 1 the daemon puts in the initrd: `configured` (the
+/// settings' `[guest] init`), else
 /// `hypeman-init` next to the running executable (where a release installs
 /// it). `validate` checks the same file the daemon will use.
-pub fn init_binary(guest: &crate::settings::GuestSettings) -> PathBuf {
-    match &guest.init {
-        Some(p) => p.clone(),
+pub fn init_binary(configured: Option<&std::path::Path>) -> PathBuf {
+    match configured {
+        Some(p) => p.to_path_buf(),
         None => std::env::current_exe()
             .ok()
             .and_then(|exe| exe.parent().map(|d| d.join("hypeman-init")))
